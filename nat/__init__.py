@@ -1,0 +1,1 @@
+"""peerd nat package."""

@@ -1,0 +1,1 @@
+"""peerd: fault-tolerant peer-to-peer training daemon."""

@@ -1,0 +1,53 @@
+"""The small error taxonomy every layer of peerd uses.
+
+Callers catch these, never library-specific exceptions: a peer's garbage is a
+``ProtocolError``, a vanished peer is ``PeerLost`` (naming who), a user's bad
+input is ``ConfigError`` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class PeerdError(Exception):
+    """Base class of all errors peerd raises on purpose."""
+
+
+class ProtocolError(PeerdError):
+    """A peer sent malformed, oversized or unexpected input."""
+
+
+class AuthError(PeerdError):
+    """A peer failed to prove its identity or its membership (swarm key)."""
+
+
+class Timeout(PeerdError):
+    """A named deadline passed."""
+
+
+class ConfigError(PeerdError):
+    """The user's configuration is wrong; the message says what to change."""
+
+
+class RemoteError(PeerdError):
+    """A remote handler raised; carries the remote error's type name."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class PeerLost(PeerdError):
+    """One or more peers vanished (connection loss, heartbeat timeout, deadline).
+
+    ``peers`` holds the text form of every peer known to be gone.
+    """
+
+    def __init__(self, peers: Iterable[str], detail: str = "") -> None:
+        self.peers: tuple[str, ...] = tuple(sorted(set(peers)))
+        text = "peer(s) lost: " + ", ".join(self.peers)
+        if detail:
+            text += f" ({detail})"
+        super().__init__(text)
