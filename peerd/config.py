@@ -1,0 +1,50 @@
+"""Node configuration: defaults, parsing of addresses, validation with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peerd.errors import ConfigError
+from peerd.rpc import RpcLimits
+
+DEFAULT_PORT = 4747
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); ``ConfigError`` if bad."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ConfigError(f"{what} {text!r} must look like HOST:PORT, e.g. 127.0.0.1:4747")
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535 or not host:
+        raise ConfigError(f"{what} {text!r}: needs a host and a port between 0 and 65535")
+    return host, port
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs besides its identity and swarm key."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    data_dir: Path | None = None
+    max_pending_handshakes: int = 64
+    max_peers: int = 512
+    data_channels: int = 4
+    rpc: RpcLimits = field(default_factory=RpcLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_pending_handshakes < 1:
+            raise ConfigError("max_pending_handshakes must be at least 1")
+        if not 1 <= self.data_channels <= 64:
+            raise ConfigError("data_channels must be between 1 and 64")

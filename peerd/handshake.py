@@ -1,0 +1,217 @@
+"""Mutual authentication and swarm admission (sans-I/O).
+
+Runs on the first QUIC stream after TLS completes. The server's TLS
+certificate key is its identity key, so the client already knows whom it
+reached. Then::
+
+    C -> S  ClientHello(version, client key, nonce_c, x25519_c)
+    S -> C  ServerHello(nonce_s, x25519_s, observed address, sig_s(T), mac_s(T))
+    C -> S  ClientFinish(sig_c(T), mac_c(T))
+    S -> C  Accept()
+
+with transcript ``T = sha256(label | server cert key | client key | nonces |
+x25519 shares)``. The client's signature names the server's *certificate* key:
+a third party relaying the exchange presents its own certificate, so the
+relayed signature names the wrong server and is refused. ``mac`` is
+HMAC-SHA256 with the swarm key (compared in constant time) and proves
+membership. Fresh nonces on both sides make a replayed handshake fail. The
+X25519 exchange yields the session secret that keys the data plane.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nacl.bindings
+import nacl.public
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from peerd.errors import AuthError, ProtocolError
+from peerd.identity import Identity, PeerId, SwarmKey, verify_signature
+from peerd.wire import decode_untrusted, encode, message
+
+HANDSHAKE_VERSION = 1
+NONCE_BYTES = 32
+_LABEL = b"peerd-handshake-v1"
+
+Random = Callable[[int], bytes]
+
+
+@message(1)
+@dataclass(frozen=True)
+class ClientHello:
+    version: int
+    public_key: bytes
+    nonce: bytes
+    kx: bytes
+
+
+@message(2)
+@dataclass(frozen=True)
+class ServerHello:
+    version: int
+    nonce: bytes
+    kx: bytes
+    observed_host: str
+    observed_port: int
+    signature: bytes
+    membership: bytes
+
+
+@message(3)
+@dataclass(frozen=True)
+class ClientFinish:
+    signature: bytes
+    membership: bytes
+
+
+@message(4)
+@dataclass(frozen=True)
+class Accept:
+    version: int
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """What an authenticated connection knows about its peer."""
+
+    peer_id: PeerId
+    public_key: bytes
+    session_secret: bytes
+    observed_address: tuple[str, int] | None  # how the peer saw us (client side only)
+
+
+def _transcript(server_key: bytes, hello: ClientHello, nonce_s: bytes, kx_s: bytes) -> bytes:
+    h = hashlib.sha256(_LABEL)
+    for part in (server_key, hello.public_key, hello.nonce, nonce_s, hello.kx, kx_s):
+        h.update(len(part).to_bytes(2, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def _mac(swarm_key: SwarmKey, role: bytes, transcript: bytes) -> bytes:
+    return hmac.new(swarm_key.raw, role + transcript, hashlib.sha256).digest()
+
+
+def _session_secret(shared: bytes, transcript: bytes) -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=transcript, info=b"peerd session v1")
+    return hkdf.derive(shared)
+
+
+def _check_lengths(nonce: bytes, kx: bytes) -> None:
+    if len(nonce) != NONCE_BYTES or len(kx) != 32:
+        raise ProtocolError("handshake nonce or key share has the wrong length")
+
+
+def _shared(private: nacl.public.PrivateKey, kx: bytes) -> bytes:
+    try:
+        return nacl.bindings.crypto_scalarmult(bytes(private), kx)
+    except Exception as exc:  # low-order points are refused by libsodium
+        raise AuthError("invalid key share") from exc
+
+
+class ClientHandshake:
+    """Client side; ``server_key`` is the Ed25519 key from the server's certificate."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        swarm_key: SwarmKey,
+        server_key: bytes,
+        expected_peer: PeerId | None = None,
+        rand: Random = os.urandom,
+    ) -> None:
+        self._identity = identity
+        self._swarm = swarm_key
+        self._server_key = server_key
+        self._server_id = PeerId.from_public_key(server_key)
+        if expected_peer is not None and expected_peer != self._server_id:
+            raise AuthError(f"reached {self._server_id} but expected {expected_peer}")
+        self._kx = nacl.public.PrivateKey(rand(32))
+        self._hello = ClientHello(HANDSHAKE_VERSION, identity.public_key, rand(NONCE_BYTES),
+                                  bytes(self._kx.public_key))
+        self._pending: HandshakeResult | None = None
+
+    def hello(self) -> bytes:
+        return encode(self._hello)
+
+    def on_server_hello(self, body: bytes) -> bytes:
+        msg = decode_untrusted(body, expect=ServerHello)
+        if msg.version != HANDSHAKE_VERSION:
+            raise AuthError(f"peer speaks handshake v{msg.version}, we speak v{HANDSHAKE_VERSION}")
+        _check_lengths(msg.nonce, msg.kx)
+        t = _transcript(self._server_key, self._hello, msg.nonce, msg.kx)
+        if not verify_signature(self._server_key, b"server" + t, msg.signature):
+            raise AuthError("server signature does not verify")
+        if not hmac.compare_digest(msg.membership, _mac(self._swarm, b"server", t)):
+            raise AuthError("server does not hold our swarm key")
+        secret = _session_secret(_shared(self._kx, msg.kx), t)
+        observed = (msg.observed_host, msg.observed_port) if msg.observed_host else None
+        self._pending = HandshakeResult(self._server_id, self._server_key, secret, observed)
+        finish = ClientFinish(self._identity.sign(b"client" + t), _mac(self._swarm, b"client", t))
+        return encode(finish)
+
+    def on_accept(self, body: bytes) -> HandshakeResult:
+        decode_untrusted(body, expect=Accept)
+        if self._pending is None:
+            raise ProtocolError("accept before server hello")
+        return self._pending
+
+
+class ServerHandshake:
+    """Server side; ``observed`` is the client's address as the server saw it."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        swarm_key: SwarmKey,
+        observed: tuple[str, int] | None,
+        rand: Random = os.urandom,
+    ) -> None:
+        self._identity = identity
+        self._swarm = swarm_key
+        self._observed = observed
+        self._rand = rand
+        self._hello: ClientHello | None = None
+        self._transcript = b""
+        self._shared = b""
+
+    def on_client_hello(self, body: bytes) -> bytes:
+        if self._hello is not None:
+            raise ProtocolError("second client hello")
+        hello = decode_untrusted(body, expect=ClientHello)
+        if hello.version != HANDSHAKE_VERSION:
+            raise AuthError(f"peer speaks handshake v{hello.version}, we speak v{HANDSHAKE_VERSION}")
+        _check_lengths(hello.nonce, hello.kx)
+        if len(hello.public_key) != 32:
+            raise ProtocolError("client key has the wrong length")
+        kx = nacl.public.PrivateKey(self._rand(32))
+        nonce = self._rand(NONCE_BYTES)
+        kx_pub = bytes(kx.public_key)
+        t = _transcript(self._identity.public_key, hello, nonce, kx_pub)
+        self._hello, self._transcript = hello, t
+        self._shared = _shared(kx, hello.kx)
+        host, port = self._observed or ("", 0)
+        reply = ServerHello(HANDSHAKE_VERSION, nonce, kx_pub, host, port,
+                            self._identity.sign(b"server" + t), _mac(self._swarm, b"server", t))
+        return encode(reply)
+
+    def on_client_finish(self, body: bytes) -> tuple[bytes, HandshakeResult]:
+        if self._hello is None:
+            raise ProtocolError("client finish before client hello")
+        msg = decode_untrusted(body, expect=ClientFinish)
+        t = self._transcript
+        # Membership first: a stranger learns nothing from which check failed.
+        if not hmac.compare_digest(msg.membership, _mac(self._swarm, b"client", t)):
+            raise AuthError("client does not hold our swarm key")
+        if not verify_signature(self._hello.public_key, b"client" + t, msg.signature):
+            raise AuthError("client signature does not verify (replayed or relayed handshake)")
+        key = self._hello.public_key
+        result = HandshakeResult(PeerId.from_public_key(key), key,
+                                 _session_secret(self._shared, t), None)
+        return encode(Accept(HANDSHAKE_VERSION)), result

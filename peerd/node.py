@@ -1,0 +1,277 @@
+"""The in-process node: one UDP socket for QUIC, one TCP listener for data.
+
+``open_node`` is the entry point (an async context manager). A node dials and
+accepts authenticated sessions, serves RPC to admitted peers only, opens
+encrypted multi-connection data links, and reports ``statistics()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from aioquic.quic.configuration import QuicConfiguration
+
+from peerd.config import NodeConfig, format_address, parse_address
+from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError
+from peerd.identity import Identity, PeerId, SwarmKey
+from peerd.log import event
+from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
+from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
+from peerd.session import Session, client_session, server_session
+from peerd.tlscert import private_key_of, self_signed_certificate
+
+log = logging.getLogger("peerd.node")
+
+ALPN = "peerd/1"
+
+PeerCallback = Callable[[PeerId], None]
+
+
+@dataclass(frozen=True)
+class NodeStatistics:
+    peer_id: str
+    listen: tuple[str, ...]
+    peers: int
+    pending_handshakes: int
+    handshakes_ok: int
+    handshakes_failed: int
+    rpc_served: int
+    rpc_bad: int
+    quic_garbage_dropped: int
+    quic_pending_cap_dropped: int
+    observed_addresses: tuple[str, ...]
+
+
+class Node:
+    """A running node; create it with ``open_node``."""
+
+    def __init__(self, identity: Identity, swarm_key: SwarmKey, config: NodeConfig,
+                 nursery: trio.Nursery, udp: socket.socket) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.swarm_key = swarm_key
+        self.config = config
+        self._nursery = nursery
+        self._registry = RpcRegistry()
+        self._sessions: dict[PeerId, Session] = {}
+        self._slots: dict[PeerId, trio.CapacityLimiter] = {}
+        self._connected_cbs: list[PeerCallback] = []
+        self._lost_cbs: list[PeerCallback] = []
+        self._counters = {"handshakes_ok": 0, "handshakes_failed": 0, "rpc_served": 0,
+                          "rpc_bad": 0}
+        self.observed: dict[PeerId, tuple[str, int]] = {}
+        cert = self_signed_certificate(identity)
+        key = private_key_of(identity)
+
+        def server_config() -> QuicConfiguration:
+            return QuicConfiguration(is_client=False, alpn_protocols=[ALPN], certificate=cert,
+                                     private_key=key, idle_timeout=IDLE_TIMEOUT,
+                                     max_datagram_size=1350)
+
+        def client_config() -> QuicConfiguration:
+            # Server identity is checked by our handshake against the certificate
+            # key, not by a CA, so TLS chain verification is off on purpose.
+            return QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                     verify_mode=ssl.CERT_NONE, idle_timeout=IDLE_TIMEOUT,
+                                     max_datagram_size=1350)
+
+        self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
+                                     self._on_accept, config.max_pending_handshakes)
+
+    # ------------------------------------------------------------ addresses
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return self.endpoint.local_address
+
+    @property
+    def listen_addresses(self) -> list[str]:
+        return [format_address(self.listen_address)]
+
+    # ------------------------------------------------------------ sessions
+
+    def peers(self) -> list[PeerId]:
+        return sorted(p for p, s in self._sessions.items() if s.alive)
+
+    def session(self, peer: PeerId) -> Session:
+        s = self._sessions.get(peer)
+        if s is None or not s.alive:
+            raise PeerLost([peer.text], "not connected")
+        return s
+
+    def on_peer_connected(self, cb: PeerCallback) -> None:
+        self._connected_cbs.append(cb)
+
+    def on_peer_lost(self, cb: PeerCallback) -> None:
+        self._lost_cbs.append(cb)
+
+    async def connect(self, address: str | tuple[str, int],
+                      expect: PeerId | None = None) -> PeerId:
+        """Dial ``address``, authenticate both ways, return the peer's id."""
+        addr = parse_address(address) if isinstance(address, str) else address
+        if expect is not None and expect in self._sessions and self._sessions[expect].alive:
+            return expect
+        conn = self.endpoint.connect(addr)
+        try:
+            session = await client_session(conn, self.identity, self.swarm_key, expect)
+        except PeerdError:
+            self._counters["handshakes_failed"] += 1
+            conn.close()
+            raise
+        if session.peer == self.peer_id:
+            conn.close(0, "self connection")
+            raise AuthError(f"{format_address(addr)} is this node itself")
+        self._admit(session)
+        return session.peer
+
+    def _on_accept(self, conn: QuicConn) -> None:
+        self._nursery.start_soon(self._accept, conn)
+
+    async def _accept(self, conn: QuicConn) -> None:
+        try:
+            session = await server_session(conn, self.identity, self.swarm_key)
+        except PeerdError as exc:
+            self._counters["handshakes_failed"] += 1
+            event(log, "handshake.rejected", logging.DEBUG, addr=conn.addr_text, error=exc)
+            conn.close()
+            return
+        finally:
+            self.endpoint.pending -= 1
+        if len(self.peers()) >= self.config.max_peers:
+            conn.close(0, "peer limit reached")
+            return
+        self._admit(session)
+
+    def _admit(self, session: Session) -> None:
+        self._counters["handshakes_ok"] += 1
+        if session.observed is not None:
+            self.observed[session.peer] = session.observed
+        old = self._sessions.get(session.peer)
+        if old is not None and old.alive:
+            # Both sides dialled: keep the session whose dialler has the lower id,
+            # a rule both ends compute identically.
+            keep, drop = ((old, session) if old.client_id <= session.client_id
+                          else (session, old))
+            if keep is old:
+                self._nursery.start_soon(self._serve_session, drop)
+                return
+            self._sessions[session.peer] = session
+            self._nursery.start_soon(self._serve_session, session)
+            return
+        self._sessions[session.peer] = session
+        self._slots[session.peer] = trio.CapacityLimiter(self.config.rpc.max_concurrent_calls)
+        event(log, "peer.connected", peer=session.peer.short, addr=session.conn.addr_text)
+        self._nursery.start_soon(self._serve_session, session)
+        for cb in self._connected_cbs:
+            cb(session.peer)
+
+    async def _serve_session(self, session: Session) -> None:
+        slots = self._slots.setdefault(
+            session.peer, trio.CapacityLimiter(self.config.rpc.max_concurrent_calls))
+        async with trio.open_nursery() as nursery:
+            async for stream in session.conn.incoming:
+                nursery.start_soon(self._serve_stream, stream, session.peer, slots)
+        if self._sessions.get(session.peer) is session:
+            del self._sessions[session.peer]
+            event(log, "peer.lost", peer=session.peer.short, reason=session.conn.close_reason)
+            for cb in self._lost_cbs:
+                cb(session.peer)
+
+    async def _serve_stream(self, stream, peer: PeerId, slots: trio.CapacityLimiter) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await serve_stream(stream, peer, self._registry, self.config.rpc, slots)
+            self._counters["rpc_served"] += 1
+        except ProtocolError:
+            self._counters["rpc_bad"] += 1
+
+    def disconnect(self, peer: PeerId) -> None:
+        s = self._sessions.get(peer)
+        if s is not None:
+            s.conn.close(0, "disconnected")
+
+    # ------------------------------------------------------------ RPC
+
+    def register(self, method: str, handler: Handler) -> None:
+        self._registry.register(method, handler)
+
+    async def call(self, peer: PeerId, method: str, payload: bytes = b"",
+                   timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
+        session = self.session(peer)
+        stream = session.conn.open_stream()
+        return await call_on_stream(stream, peer, method, payload, timeout, self.config.rpc)
+
+    async def notify(self, peer: PeerId, method: str, payload: bytes = b"") -> None:
+        """One-way message: no answer, no remote error."""
+        session = self.session(peer)
+        stream = session.conn.open_stream()
+        await call_on_stream(stream, peer, method, payload, DEFAULT_CALL_TIMEOUT,
+                             self.config.rpc, oneway=True)
+
+    # ------------------------------------------------------------ stats
+
+    def statistics(self) -> NodeStatistics:
+        ep = self.endpoint
+        return NodeStatistics(
+            peer_id=self.peer_id.text,
+            listen=tuple(self.listen_addresses),
+            peers=len(self.peers()),
+            pending_handshakes=ep.pending,
+            handshakes_ok=self._counters["handshakes_ok"],
+            handshakes_failed=self._counters["handshakes_failed"],
+            rpc_served=self._counters["rpc_served"],
+            rpc_bad=self._counters["rpc_bad"],
+            quic_garbage_dropped=ep.counters["dropped_garbage"],
+            quic_pending_cap_dropped=ep.counters["dropped_pending_cap"],
+            observed_addresses=tuple(sorted({format_address(a) for a in self.observed.values()})),
+        )
+
+    async def _close(self) -> None:
+        for s in list(self._sessions.values()):
+            s.conn.close(0, "node shutting down")
+
+
+def _bind_udp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+@asynccontextmanager
+async def open_node(
+    swarm_key: SwarmKey,
+    identity: Identity | None = None,
+    listen: str | tuple[str, int] = ("127.0.0.1", 0),
+    bootstrap: tuple[str, ...] | list[str] = (),
+    config: NodeConfig | None = None,
+) -> AsyncIterator[Node]:
+    """Run a node for the duration of the ``async with`` block."""
+    cfg = config or NodeConfig()
+    addr = parse_address(listen, "listen address") if isinstance(listen, str) else listen
+    identity = identity or Identity.generate()
+    udp = _bind_udp(*addr)
+    try:
+        async with trio.open_nursery() as nursery:
+            node = Node(identity, swarm_key, cfg, nursery, udp)
+            nursery.start_soon(node.endpoint.serve)
+            for b in [*bootstrap, *(format_address(a) for a in cfg.bootstrap)]:
+                try:
+                    await node.connect(b)
+                except PeerdError as exc:
+                    event(log, "bootstrap.failed", logging.WARNING, addr=b, error=exc)
+            try:
+                yield node
+            finally:
+                await node._close()
+                nursery.cancel_scope.cancel()
+    finally:
+        udp.close()

@@ -1,0 +1,295 @@
+"""Sans-I/O record layer of the data plane: AES-256-GCM records over a byte stream.
+
+A record on the wire is::
+
+    u8 kind | u32 big-endian body length | ciphertext | 16-byte GCM tag
+
+where ``body length = len(plaintext) + 16``. The five header bytes are the
+AEAD's associated data, so a changed kind or length fails authentication.
+Nonces are implicit: ``u32 epoch | u64 record counter`` per direction, never
+sent, never reused (a replayed, reordered, dropped or injected record fails
+authentication at the receiver because its counter no longer matches). Every
+``rekey_interval`` records both sides move to the next key, derived by HKDF from
+the current one, without any message.
+
+Nothing here does I/O or reads a clock. Every failure on received bytes is a
+``ProtocolError``, and an opener that saw one stays failed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from peerd.errors import ProtocolError
+
+HEADER: Final = struct.Struct(">BI")
+TAG_SIZE: Final = 16
+KEY_SIZE: Final = 32
+DEFAULT_MAX_PLAINTEXT: Final = 1024 * 1024
+# Far below 2^32 so a single key never approaches any GCM usage bound; at 1 MiB
+# records this is a new key every 16 TiB, at tiny records every 16 M messages.
+DEFAULT_REKEY_INTERVAL: Final = 1 << 24
+_MAX_EPOCH: Final = (1 << 32) - 1
+_INFO_PREFIX: Final = b"peerd data v1 "
+_REKEY_INFO: Final = b"peerd data v1 rekey"
+# cryptography >= 46 can write ciphertext straight into a caller's buffer.
+_HAS_INTO: Final = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+
+
+class Direction(Enum):
+    """Which way a key protects bytes; the dialer of a connection is the initiator."""
+
+    INITIATOR_TO_RESPONDER = b"initiator->responder"
+    RESPONDER_TO_INITIATOR = b"responder->initiator"
+
+
+def _hkdf(secret: bytes, salt: bytes | None, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(secret)
+
+
+def derive_key(session_secret: bytes, token: bytes, direction: Direction) -> bytes:
+    """The first key of one direction of the connection opened with ``token``."""
+    if len(session_secret) < 16:
+        raise ValueError("session secret must be at least 16 bytes")
+    return _hkdf(session_secret, token, _INFO_PREFIX + direction.value)
+
+
+def next_key(key: bytes) -> bytes:
+    """The key that follows ``key`` after a rekey."""
+    return _hkdf(key, None, _REKEY_INFO)
+
+
+@dataclass(frozen=True)
+class RecordStats:
+    records: int
+    plaintext_bytes: int
+    rekeys: int
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: int
+    plaintext: bytes
+
+
+class _KeySchedule:
+    """Key, epoch and counter of one direction; shared by sealer and opener."""
+
+    def __init__(self, key: bytes, rekey_interval: int) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError("key must be 32 bytes")
+        if rekey_interval < 1:
+            raise ValueError("rekey_interval must be positive")
+        self._key = key
+        self._aead = AESGCM(key)
+        self._interval = rekey_interval
+        self.epoch = 0
+        self.counter = 0
+        self.records = 0
+        self.plaintext_bytes = 0
+
+    def next_nonce(self, plaintext_len: int) -> tuple[AESGCM, bytes]:
+        """The cipher and nonce for the next record; advances the counter."""
+        if self.counter >= self._interval:
+            if self.epoch >= _MAX_EPOCH:
+                raise ProtocolError("record key schedule exhausted")
+            self._key = next_key(self._key)
+            self._aead = AESGCM(self._key)
+            self.epoch += 1
+            self.counter = 0
+        nonce = self.epoch.to_bytes(4, "big") + self.counter.to_bytes(8, "big")
+        self.counter += 1
+        self.records += 1
+        self.plaintext_bytes += plaintext_len
+        return self._aead, nonce
+
+    def stats(self) -> RecordStats:
+        return RecordStats(self.records, self.plaintext_bytes, self.epoch)
+
+
+def record_size(plaintext_len: int) -> int:
+    """Bytes on the wire for a record carrying ``plaintext_len`` bytes."""
+    return HEADER.size + plaintext_len + TAG_SIZE
+
+
+class RecordSealer:
+    """Encrypts outgoing records of one direction."""
+
+    def __init__(
+        self,
+        key: bytes,
+        max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+    ) -> None:
+        self._keys = _KeySchedule(key, rekey_interval)
+        self.max_plaintext = max_plaintext
+
+    def seal_into(self, kind: int, plaintext: memoryview | bytes, out: memoryview) -> int:
+        """Write one whole record for ``plaintext`` at the start of ``out``.
+
+        Returns the record's size. ``out`` must hold ``record_size(len(plaintext))``
+        bytes and must not overlap ``plaintext``.
+        """
+        n = len(plaintext)
+        if not 0 <= kind <= 255:
+            raise ValueError("record kind must fit a byte")
+        if n > self.max_plaintext:
+            raise ValueError(f"record plaintext of {n} bytes exceeds {self.max_plaintext}")
+        total = record_size(n)
+        if len(out) < total:
+            raise ValueError("output buffer too small for record")
+        HEADER.pack_into(out, 0, kind, n + TAG_SIZE)
+        aad = bytes(out[: HEADER.size])
+        aead, nonce = self._keys.next_nonce(n)
+        if _HAS_INTO:
+            aead.encrypt_into(nonce, plaintext, aad, out[HEADER.size : total])
+        else:  # pragma: no cover - older cryptography
+            out[HEADER.size : total] = aead.encrypt(nonce, bytes(plaintext), aad)
+        return total
+
+    def seal(self, kind: int, plaintext: bytes | memoryview) -> bytes:
+        """One whole record as new bytes (for small control records)."""
+        out = bytearray(record_size(len(plaintext)))
+        self.seal_into(kind, plaintext, memoryview(out))
+        return bytes(out)
+
+    def statistics(self) -> RecordStats:
+        return self._keys.stats()
+
+
+class RecordOpener:
+    """Authenticates and decrypts incoming records of one direction.
+
+    Two ways in, never mixed within one record: ``receive_data`` takes arbitrary
+    chunks and returns whole records (it buffers at most one record); the fast
+    path ``parse_header`` + ``open_into`` lets a driver read the body into its
+    own buffer and decrypt straight into the final destination.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+        rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+    ) -> None:
+        self._keys = _KeySchedule(key, rekey_interval)
+        self.max_plaintext = max_plaintext
+        self._buf = bytearray()
+        self._need = HEADER.size  # bytes the current header or record needs in _buf
+        self._failed: ProtocolError | None = None
+
+    def _fail(self, why: str) -> ProtocolError:
+        self._failed = ProtocolError(why)
+        return self._failed
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise ProtocolError(f"record stream already failed: {self._failed}")
+
+    def parse_header(self, header: bytes | memoryview) -> tuple[int, int]:
+        """Validate a 5-byte header; returns ``(kind, plaintext length)``.
+
+        Refuses a length over ``max_plaintext`` before anything is allocated.
+        """
+        self._check()
+        if len(header) != HEADER.size:
+            raise self._fail("short record header")
+        kind, body = HEADER.unpack(header)
+        if body < TAG_SIZE:
+            raise self._fail(f"record body of {body} bytes is shorter than its tag")
+        if body - TAG_SIZE > self.max_plaintext:
+            raise self._fail(f"record of {body - TAG_SIZE} bytes exceeds {self.max_plaintext}")
+        return kind, body - TAG_SIZE
+
+    def open_into(
+        self, kind: int, body: memoryview | bytes | bytearray, out: memoryview | bytearray
+    ) -> None:
+        """Authenticate ``body`` (ciphertext + tag) and decrypt it into ``out``.
+
+        ``kind`` and ``len(body)`` must come from ``parse_header``; ``out`` must
+        be exactly ``len(body) - 16`` bytes. On failure ``out`` may hold garbage.
+        """
+        self._check()
+        n = len(body) - TAG_SIZE
+        if n < 0 or n > self.max_plaintext or len(out) != n:
+            raise ValueError("open_into buffers do not match the parsed header")
+        aad = HEADER.pack(kind, n + TAG_SIZE)
+        aead, nonce = self._keys.next_nonce(n)
+        try:
+            if _HAS_INTO:
+                aead.decrypt_into(nonce, body, aad, out)
+            else:  # pragma: no cover - older cryptography
+                out[:] = aead.decrypt(nonce, bytes(body), aad)
+        except InvalidTag:
+            raise self._fail("record failed authentication") from None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Record]:
+        """Consume a chunk of the stream; return every record it completed."""
+        self._check()
+        view = memoryview(data).cast("B")
+        out: list[Record] = []
+        pos = 0
+        while pos < len(view):
+            take = min(self._need - len(self._buf), len(view) - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            if len(self._buf) < self._need:
+                break
+            if self._need == HEADER.size:
+                _, n = self.parse_header(self._buf)
+                self._need = record_size(n)  # always more than a header: body >= tag
+                continue
+            kind = self._buf[0]
+            body = memoryview(self._buf)[HEADER.size :]
+            plain = bytearray(len(body) - TAG_SIZE)
+            self.open_into(kind, body, plain)
+            body.release()
+            out.append(Record(kind, bytes(plain)))
+            self._buf.clear()
+            self._need = HEADER.size
+        return out
+
+    def receive_eof(self) -> None:
+        """The stream ended; a partly received record means truncation."""
+        self._check()
+        if self._buf:
+            raise self._fail(f"stream truncated inside a record ({len(self._buf)} bytes)")
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def statistics(self) -> RecordStats:
+        return self._keys.stats()
+
+
+def _default_keys(
+    session_secret: bytes, token: bytes, initiator: bool
+) -> tuple[bytes, bytes]:
+    """(send key, receive key) for one end of a connection."""
+    i2r = derive_key(session_secret, token, Direction.INITIATOR_TO_RESPONDER)
+    r2i = derive_key(session_secret, token, Direction.RESPONDER_TO_INITIATOR)
+    return (i2r, r2i) if initiator else (r2i, i2r)
+
+
+def record_pair(
+    session_secret: bytes,
+    token: bytes,
+    initiator: bool,
+    max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
+    rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+) -> tuple[RecordSealer, RecordOpener]:
+    """Sealer and opener for one end (the dialer is the initiator)."""
+    send_key, recv_key = _default_keys(session_secret, token, initiator)
+    return (
+        RecordSealer(send_key, max_plaintext, rekey_interval),
+        RecordOpener(recv_key, max_plaintext, rekey_interval),
+    )
