@@ -186,7 +186,8 @@ class ServerHandshake:
             raise ProtocolError("second client hello")
         hello = decode_untrusted(body, expect=ClientHello)
         if hello.version != HANDSHAKE_VERSION:
-            raise AuthError(f"peer speaks handshake v{hello.version}, we speak v{HANDSHAKE_VERSION}")
+            raise AuthError(
+                f"peer speaks handshake v{hello.version}, we speak v{HANDSHAKE_VERSION}")
         _check_lengths(hello.nonce, hello.kx)
         if len(hello.public_key) != 32:
             raise ProtocolError("client key has the wrong length")

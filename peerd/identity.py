@@ -53,7 +53,7 @@ class PeerId:
             raise ValueError(f"peer id must have 53 characters, got {len(text)}: {text!r}")
         try:
             raw = base64.b32decode(body + "====")
-        except (ValueError, base64.binascii.Error) as exc:
+        except ValueError as exc:  # binascii.Error is a ValueError
             raise ValueError(f"peer id is not valid base32: {text!r}") from exc
         return cls(raw)
 

@@ -74,7 +74,8 @@ async def server_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey
             stream = await conn.incoming.receive()
             conn.accept_streams = False  # nothing but the handshake until admitted
             hs = ServerHandshake(identity, swarm_key, conn.addr)
-            await stream.send_frame(hs.on_client_hello(await stream.receive_frame(_HANDSHAKE_LIMITS)))
+            hello = await stream.receive_frame(_HANDSHAKE_LIMITS)
+            await stream.send_frame(hs.on_client_hello(hello))
             accept, result = hs.on_client_finish(await stream.receive_frame(_HANDSHAKE_LIMITS))
             await stream.send_frame(accept, end=True)
             stream.finish()

@@ -1,0 +1,249 @@
+"""Real sockets on loopback: sessions, admission, RPC semantics, hostile input."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+import peerd.session
+from peerd.config import NodeConfig
+from peerd.errors import AuthError, PeerdError, RemoteError, Timeout
+from peerd.handshake import ClientHandshake
+from peerd.identity import Identity, PeerId, SwarmKey
+from peerd.node import Node, open_node
+from peerd.rpc import RpcLimits
+from peerd.session import _wait_or_closed
+from peerd.tlscert import peer_certificate_key
+
+KEY = SwarmKey(b"s" * 32)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition that has no event of its own (remote-side counters)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def echo(peer: PeerId, payload: bytes) -> bytes:
+    return peer.raw + payload
+
+
+async def test_two_nodes_call_both_ways() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        a.register("echo", echo)
+        b.register("echo", echo)
+        assert await a.connect(b.listen_addresses[0]) == b.peer_id
+        assert await a.call(b.peer_id, "echo", b"x") == a.peer_id.raw + b"x"
+        assert await b.call(a.peer_id, "echo", b"y") == b.peer_id.raw + b"y"
+        assert a.statistics().observed_addresses == (a.listen_addresses[0],)
+
+
+async def test_five_node_mesh() -> None:
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = [await stack.enter_async_context(open_node(KEY)) for _ in range(5)]
+        for n in nodes:
+            n.register("echo", echo)
+        for i, n in enumerate(nodes):
+            for m in nodes[i + 1 :]:
+                await n.connect(m.listen_address)
+        for n in nodes:
+            assert {p for p in n.peers()} == {m.peer_id for m in nodes if m is not n}
+            for m in nodes:
+                if m is not n:
+                    assert await n.call(m.peer_id, "echo", b"!") == n.peer_id.raw + b"!"
+
+
+async def test_simultaneous_dial_keeps_one_session() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        b.register("echo", echo)
+        a.register("echo", echo)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.connect, b.listen_address)
+            nursery.start_soon(b.connect, a.listen_address)
+        assert await a.call(b.peer_id, "echo", b"1") == a.peer_id.raw + b"1"
+        assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
+
+
+async def test_wrong_swarm_key_rejected_both_ways_and_no_handler_runs() -> None:
+    ran: list[PeerId] = []
+
+    async def spy(peer: PeerId, payload: bytes) -> bytes:
+        ran.append(peer)
+        return b""
+
+    async with open_node(KEY) as member, open_node(SwarmKey(b"w" * 32)) as stranger:
+        member.register("spy", spy)
+        stranger.register("spy", spy)
+        with pytest.raises(AuthError):
+            await stranger.connect(member.listen_address)
+        with pytest.raises(AuthError):
+            await member.connect(stranger.listen_address)
+        assert member.peers() == [] and stranger.peers() == []
+        await wait_until(lambda: member.statistics().handshakes_failed == 2)
+        assert ran == []
+
+
+async def test_expect_peer_id_mismatch() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        with pytest.raises(AuthError, match="expected"):
+            await a.connect(b.listen_address, expect=Identity.generate().peer_id)
+
+
+async def test_replayed_handshake_rejected_over_network() -> None:
+    async with open_node(KEY) as server, open_node(KEY) as attacker:
+        victim = Identity.generate()
+
+        async def manual(hello: bytes | None, finish: bytes | None) -> tuple[bytes, bytes]:
+            conn = attacker.endpoint.connect(server.listen_address)
+            await _wait_or_closed(conn)
+            hs = ClientHandshake(victim, KEY, peer_certificate_key(conn.quic))
+            stream = conn.open_stream()
+            hello = hello or hs.hello()
+            await stream.send_frame(hello)
+            server_hello = await stream.receive_frame()
+            finish = finish or hs.on_server_hello(server_hello)
+            await stream.send_frame(finish)
+            await stream.receive_frame()  # Accept, or PeerLost when refused
+            return hello, finish
+
+        hello, finish = await manual(None, None)  # the victim's genuine handshake
+        with trio.fail_after(5), pytest.raises(PeerdError):
+            await manual(hello, finish)  # the attacker replays it
+        assert server.statistics().handshakes_failed == 1
+
+
+async def test_rpc_errors_deadlines_cancellation_limits() -> None:
+    cancelled = trio.Event()
+    started = trio.Event()
+
+    async def slow(peer: PeerId, payload: bytes) -> bytes:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+        return b""  # pragma: no cover
+
+    async def bad(peer: PeerId, payload: bytes) -> bytes:
+        raise AuthError("you may not")
+
+    async def crash(peer: PeerId, payload: bytes) -> bytes:
+        raise KeyError("internal detail")
+
+    cfg = NodeConfig(rpc=RpcLimits(max_message=1024, max_concurrent_calls=2))
+    async with open_node(KEY, config=cfg) as a, open_node(KEY, config=cfg) as b:
+        for name, h in [("slow", slow), ("bad", bad), ("crash", crash), ("echo", echo)]:
+            b.register(name, h)
+        await a.connect(b.listen_address)
+        with pytest.raises(RemoteError) as err:
+            await a.call(b.peer_id, "bad")
+        assert err.value.kind == "AuthError" and "may not" in err.value.message
+        with pytest.raises(RemoteError) as err:
+            await a.call(b.peer_id, "crash")
+        assert err.value.kind == "InternalError" and "internal detail" not in str(err.value)
+        with pytest.raises(RemoteError) as err:
+            await a.call(b.peer_id, "nope")
+        assert err.value.kind == "NoSuchMethod"
+        with pytest.raises(Timeout):
+            await a.call(b.peer_id, "slow", timeout=0.3)
+        with trio.fail_after(5):
+            await cancelled.wait()  # the caller's timeout cancelled the remote handler
+        with pytest.raises(PeerdError, match="exceeds"):
+            await a.call(b.peer_id, "echo", b"x" * 2000)
+        # Two slow calls fill the per-peer slots; the third is refused as Busy.
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                started = trio.Event()
+                nursery.start_soon(lambda: a.call(b.peer_id, "slow", timeout=2))
+                await started.wait()
+            with pytest.raises(RemoteError) as err:
+                await a.call(b.peer_id, "echo", b"z")
+            assert err.value.kind == "Busy"
+            nursery.cancel_scope.cancel()
+        # Slots free up once the resets reach b and cancel its handlers.
+        with trio.fail_after(5):
+            while True:
+                try:
+                    assert await a.call(b.peer_id, "echo", b"ok") == a.peer_id.raw + b"ok"
+                    break
+                except RemoteError as exc:
+                    assert exc.kind == "Busy"
+                    await trio.sleep(0.01)
+
+
+async def test_udp_garbage_leaves_node_serving() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        b.register("echo", echo)
+        await a.connect(b.listen_address)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rng = os.urandom
+            for i in range(300):
+                first = bytes([0xC0 | (i % 64)]) if i % 2 else bytes([i % 64])
+                size = 1200 if i % 3 == 0 else 1 + i
+                sock.sendto(first + rng(size), b.listen_address)
+            sock.sendto(b"", b.listen_address)
+        finally:
+            sock.close()
+        with trio.fail_after(10):
+            for _ in range(20):
+                assert await a.call(b.peer_id, "echo", b"still") == a.peer_id.raw + b"still"
+        stats = b.statistics()
+        assert stats.quic_garbage_dropped > 0 or stats.handshakes_failed >= 0
+        assert stats.peers == 1
+
+
+async def test_pending_handshake_cap_and_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peerd.session, "HANDSHAKE_TIMEOUT", 0.5)
+    cfg = NodeConfig(max_pending_handshakes=2)
+    async with open_node(KEY, config=cfg) as server, open_node(KEY) as client:
+        # Three connections complete TLS but never start our handshake.
+        stalled = [client.endpoint.connect(server.listen_address) for _ in range(3)]
+        with trio.fail_after(5):
+            for conn in stalled[:2]:
+                await conn.handshake_done.wait()
+        assert server.statistics().pending_handshakes == 2
+        assert server.statistics().quic_pending_cap_dropped > 0
+        stalled[2].close()  # stop its Initial retransmissions: it would be admitted later
+        with trio.fail_after(10):
+            for conn in stalled[:2]:
+                await conn.closed_event.wait()  # evicted at the handshake deadline
+        assert server.statistics().pending_handshakes == 0
+        with trio.fail_after(5):
+            assert await client.connect(server.listen_address) == server.peer_id
+
+
+async def test_peer_lost_callback_on_close() -> None:
+    lost: list[PeerId] = []
+    gone = trio.Event()
+    async with open_node(KEY) as a:
+        def on_lost(p: PeerId) -> None:
+            lost.append(p)
+            gone.set()
+        a.on_peer_lost(on_lost)
+        async with open_node(KEY) as b:
+            await a.connect(b.listen_address)
+        with trio.fail_after(10):
+            await gone.wait()
+        assert lost == [b.peer_id]
+
+
+async def test_aioquic_private_accessors_still_work() -> None:
+    """peerd reads two private aioquic attributes in one place each; pin them."""
+    from peerd.quic import stream_backlog
+
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        conn = a.endpoint.connect(b.listen_address)
+        with trio.fail_after(5):
+            await _wait_or_closed(conn)
+        assert peer_certificate_key(conn.quic) == b.identity.public_key
+        stream = conn.open_stream()
+        conn.quic.send_stream_data(stream.stream_id, b"x" * 5000)
+        assert stream_backlog(conn.quic, stream.stream_id) == 5000
+        conn.close()
