@@ -1,0 +1,1 @@
+"""Runnable training examples (tiny GPT, tiny MoE) for the outer-loop optimizers."""
