@@ -157,7 +157,7 @@ class SwarmKey:
 def _write_secret(path: Path, text: str, what: str) -> None:
     path = Path(path)
     if path.exists():
-        raise ConfigError(f"{path} already exists; refusing to overwrite a {what} "
+        raise ConfigError(f"{path} already exists; refusing to overwrite an existing {what} "
                           "(choose another --out path or delete the old file yourself)")
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL closes the race between the exists() check and the write.
