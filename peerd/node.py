@@ -18,6 +18,8 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 
 from peerd.config import NodeConfig, format_address, parse_address
+from peerd.datalink import DataLink
+from peerd.dataplane import DataOpenRequest, DataPlane
 from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.log import event
@@ -25,10 +27,12 @@ from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
 from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
 from peerd.session import Session, client_session, server_session
 from peerd.tlscert import private_key_of, self_signed_certificate
+from peerd.wire import encode
 
 log = logging.getLogger("peerd.node")
 
 ALPN = "peerd/1"
+DATA_OPEN_METHOD = "peerd.data.open"
 
 PeerCallback = Callable[[PeerId], None]
 
@@ -46,6 +50,7 @@ class NodeStatistics:
     quic_garbage_dropped: int
     quic_pending_cap_dropped: int
     observed_addresses: tuple[str, ...]
+    data_port: int
 
 
 class Node:
@@ -83,6 +88,9 @@ class Node:
 
         self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
                                      self._on_accept, config.max_pending_handshakes)
+        self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0])
+        self.register(DATA_OPEN_METHOD, self._handle_data_open)
+        self.on_peer_lost(self.data.peer_lost)
 
     # ------------------------------------------------------------ addresses
 
@@ -200,6 +208,9 @@ class Node:
     def register(self, method: str, handler: Handler) -> None:
         self._registry.register(method, handler)
 
+    def unregister(self, method: str) -> None:
+        self._registry.unregister(method)
+
     async def call(self, peer: PeerId, method: str, payload: bytes = b"",
                    timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
         session = self.session(peer)
@@ -212,6 +223,31 @@ class Node:
         stream = session.conn.open_stream()
         await call_on_stream(stream, peer, method, payload, DEFAULT_CALL_TIMEOUT,
                              self.config.rpc, oneway=True)
+
+    # ------------------------------------------------------------ data plane
+
+    async def _handle_data_open(self, peer: PeerId, payload: bytes) -> bytes:
+        return await self.data.handle_open(self.session(peer), payload)
+
+    async def open_data_channels(self, peer: PeerId, n: int | None = None,
+                                 purpose: str = "user") -> DataLink:
+        """Open ``n`` encrypted TCP connections to ``peer`` as one striped link.
+
+        The peer receives the same link from ``accept_data_channels(us, purpose)``.
+        """
+        n = n or self.config.data_channels
+        session = self.session(peer)
+        reply = await self.call(peer, DATA_OPEN_METHOD, encode(DataOpenRequest(n, purpose)))
+        return await self.data.open_link(session, reply, n)
+
+    async def accept_data_channels(self, peer: PeerId, purpose: str = "user") -> DataLink:
+        """The link ``peer`` opened to us for ``purpose`` (waits for it)."""
+        return await self.data.inbound(peer, purpose, self.session(peer).conn.closed_event)
+
+    async def data_out(self, peer: PeerId, purpose: str = "fabric") -> DataLink:
+        """A cached outbound link for bulk sends, reopened after a failure."""
+        return await self.data.outbound(
+            peer, purpose, lambda: self.open_data_channels(peer, purpose=purpose))
 
     # ------------------------------------------------------------ stats
 
@@ -229,11 +265,14 @@ class Node:
             quic_garbage_dropped=ep.counters["dropped_garbage"],
             quic_pending_cap_dropped=ep.counters["dropped_pending_cap"],
             observed_addresses=tuple(sorted({format_address(a) for a in self.observed.values()})),
+            data_port=self.data.port,
         )
 
     async def _close(self) -> None:
         for s in list(self._sessions.values()):
             s.conn.close(0, "node shutting down")
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self.data.aclose()
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:
@@ -263,6 +302,7 @@ async def open_node(
         async with trio.open_nursery() as nursery:
             node = Node(identity, swarm_key, cfg, nursery, udp)
             nursery.start_soon(node.endpoint.serve)
+            await node.data.start(node.listen_address[1])
             for b in [*bootstrap, *(format_address(a) for a in cfg.bootstrap)]:
                 try:
                     await node.connect(b)

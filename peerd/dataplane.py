@@ -1,0 +1,194 @@
+"""The node's data plane: a TCP listener and encrypted links per peer.
+
+A node sends bulk bytes to a peer on its *outbound* link (opened lazily:
+ask the peer for single-use tokens over the authenticated session, then dial
+N TCP connections) and receives on the *inbound* link that the peer opened.
+Splitting by direction means neither side has to win a race to open the one
+shared link; ``open_data_channels`` also gives a caller a link usable both
+ways (the peer sees it as its inbound link).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from peerd.datachan import DataConfig, DataListener, dial_data_channel
+from peerd.datalink import DataLink, LinkStats
+from peerd.dataproto import TokenTable
+from peerd.datastream import DataChannel
+from peerd.errors import PeerLost, ProtocolError
+from peerd.identity import PeerId
+from peerd.log import event
+from peerd.session import Session
+from peerd.wire import decode_untrusted, encode, message
+
+log = logging.getLogger("peerd.dataplane")
+
+OpenLink = Callable[[], Awaitable[DataLink]]
+LinkKey = tuple[PeerId, str]  # (peer, purpose): the fabric's links and users' are apart
+
+TOKEN_TTL = 30.0
+MAX_CHANNELS = 64
+
+
+@message(30)
+@dataclass(frozen=True)
+class DataOpenRequest:
+    channels: int
+    purpose: str
+
+
+@message(31)
+@dataclass(frozen=True)
+class DataOpenReply:
+    port: int
+    tokens: tuple[bytes, ...]
+
+
+@dataclass
+class _Inbound:
+    expected: int
+    channels: list[DataChannel]
+
+
+class DataPlane:
+    """Owns the listener, the token table and every data link of a node."""
+
+    def __init__(self, me: PeerId, nursery: trio.Nursery, host: str,
+                 config: DataConfig | None = None) -> None:
+        self._me = me
+        self._nursery = nursery
+        self._tokens = TokenTable()
+        self._config = config or DataConfig()
+        self._listener = DataListener(self._tokens, self._on_channel, host=host,
+                                      config=self._config)
+        self._host = host
+        self._out: dict[LinkKey, DataLink] = {}
+        self._out_locks: dict[LinkKey, trio.Lock] = {}
+        self._in: dict[LinkKey, DataLink] = {}
+        # Channels arrive tagged only with their peer, so a peer has at most one
+        # link being opened towards us at a time (its outbound lock ensures it).
+        self._in_pending: dict[PeerId, tuple[str, _Inbound]] = {}
+        self._in_changed = trio.Event()
+        self.port = 0
+
+    async def start(self, port: int) -> int:
+        """Listen on ``port`` (the QUIC port, so one number names both); fall
+        back to any free port when it is taken."""
+        try:
+            self._listener = DataListener(self._tokens, self._on_channel, host=self._host,
+                                          port=port, config=self._config)
+            self.port = await self._nursery.start(self._listener.serve)
+        except OSError:
+            self._listener = DataListener(self._tokens, self._on_channel, host=self._host,
+                                          config=self._config)
+            self.port = await self._nursery.start(self._listener.serve)
+        return self.port
+
+    # ------------------------------------------------------------ serving side
+
+    async def handle_open(self, session: Session, payload: bytes) -> bytes:
+        req = decode_untrusted(payload, expect=DataOpenRequest)
+        if not 1 <= req.channels <= MAX_CHANNELS or len(req.purpose) > 64:
+            raise ProtocolError(f"data link of {req.channels} channels refused")
+        now = trio.current_time()
+        tokens = tuple(self._tokens.issue(session.peer.text, session.secret, TOKEN_TTL, now)
+                       for _ in range(req.channels))
+        self._in_pending[session.peer] = (req.purpose, _Inbound(req.channels, []))
+        return encode(DataOpenReply(self.port, tokens))
+
+    def _on_channel(self, peer_text: str, channel: DataChannel) -> None:
+        peer = PeerId.parse(peer_text)
+        entry = self._in_pending.get(peer)
+        if entry is None:
+            self._nursery.start_soon(channel.aclose)
+            return
+        purpose, pending = entry
+        pending.channels.append(channel)
+        if len(pending.channels) < pending.expected:
+            return
+        del self._in_pending[peer]
+        link = DataLink(peer_text, pending.channels)
+        old = self._in.get((peer, purpose))
+        self._in[(peer, purpose)] = link
+        self._nursery.start_soon(link.run)
+        if old is not None:
+            self._nursery.start_soon(old.aclose)
+        self._in_changed.set()
+        self._in_changed = trio.Event()
+        event(log, "data.inbound_link", peer=peer.short, channels=len(link._channels))
+
+    # ------------------------------------------------------------ dialling side
+
+    async def open_link(self, session: Session, call_open: bytes, channels: int) -> DataLink:
+        """Dial ``channels`` connections with tokens from ``call_open`` (the
+        peer's ``DataOpenReply``) and run them as one link."""
+        reply = decode_untrusted(call_open, expect=DataOpenReply)
+        if len(reply.tokens) != channels or not 0 < reply.port < 65536:
+            raise ProtocolError("peer answered a data-open request with a bad reply")
+        host = session.conn.addr[0]
+        chans: list[DataChannel] = []
+        try:
+            for token in reply.tokens:
+                chans.append(await dial_data_channel(host, reply.port, token, session.secret,
+                                                     session.peer.text, self._config))
+        except BaseException:
+            for c in chans:
+                c.abort()
+            raise
+        link = DataLink(session.peer.text, chans)
+        self._nursery.start_soon(link.run)
+        return link
+
+    async def outbound(self, peer: PeerId, purpose: str, opener: OpenLink) -> DataLink:
+        """The live outbound link to ``peer``, opening one if needed."""
+        key = (peer, purpose)
+        lock = self._out_locks.setdefault(key, trio.Lock())
+        async with lock:
+            link = self._out.get(key)
+            if link is None or link.statistics().failed:
+                link = await opener()
+                self._out[key] = link
+            return link
+
+    async def inbound(self, peer: PeerId, purpose: str, session_closed: trio.Event) -> DataLink:
+        """The live inbound link from ``peer``; waits for the peer to open one,
+        raising ``PeerLost`` if its session ends first."""
+        while True:
+            link = self._in.get((peer, purpose))
+            if link is not None and not link.statistics().failed:
+                return link
+            if session_closed.is_set():
+                raise PeerLost([peer.text], "session closed")
+            changed = self._in_changed
+            async with trio.open_nursery() as nursery:
+                async def watch() -> None:
+                    await session_closed.wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(watch)
+                await changed.wait()
+                nursery.cancel_scope.cancel()
+
+    def discard(self, prefix: bytes) -> None:
+        for link in self._in.values():
+            link.discard(prefix)
+
+    def peer_lost(self, peer: PeerId) -> None:
+        for table in (self._out, self._in):
+            for key in [k for k in table if k[0] == peer]:
+                self._nursery.start_soon(table.pop(key).aclose)
+        self._in_pending.pop(peer, None)
+
+    def link_statistics(self) -> dict[str, LinkStats]:
+        out = {f"out:{p.short}:{u}": link.statistics() for (p, u), link in self._out.items()}
+        out.update({f"in:{p.short}:{u}": link.statistics() for (p, u), link in self._in.items()})
+        return out
+
+    async def aclose(self) -> None:
+        for link in [*self._out.values(), *self._in.values()]:
+            await link.aclose()
+

@@ -1,0 +1,66 @@
+"""``collectives.fabric.Fabric`` over a real node: QUIC RPC and TCP data links."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from collectives.fabric import Handler
+from peerd.errors import PeerLost, ProtocolError
+from peerd.identity import PeerId
+from peerd.node import Node
+
+_PREFIX = "c."  # collective methods live in their own namespace on the node
+_PURPOSE = "fabric"
+
+
+def _peer(text: str) -> PeerId:
+    try:
+        return PeerId.parse(text)
+    except ValueError:
+        raise PeerLost([text], "not a peer id") from None
+
+
+class NodeFabric:
+    """One node's control and data links, as the collectives engine sees them."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    @property
+    def me(self) -> str:
+        return self._node.peer_id.text
+
+    async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
+        return await self._node.call(_peer(peer), _PREFIX + method, payload, timeout)
+
+    def register(self, method: str, handler: Handler) -> None:
+        self._node.register(_PREFIX + method, _adapt(handler))
+
+    def unregister(self, method: str) -> None:
+        self._node.unregister(_PREFIX + method)
+
+    async def send_data(self, peer: str, key: bytes, data: memoryview | bytes) -> None:
+        pid = _peer(peer)
+        link = await self._node.data_out(pid, _PURPOSE)
+        await link.send(key, data)
+
+    async def recv_data(self, peer: str, key: bytes) -> memoryview | bytes:
+        pid = _peer(peer)
+        link = await self._node.accept_data_channels(pid, _PURPOSE)
+        try:
+            return memoryview(await link.receive(key))
+        except RuntimeError as exc:  # the same key received twice: a peer's fault
+            raise ProtocolError(str(exc)) from None
+
+    def drop_data(self, prefix: bytes) -> None:
+        self._node.data.discard(prefix)
+
+    def peers(self) -> set[str]:
+        return {p.text for p in self._node.peers()}
+
+
+def _adapt(handler: Handler) -> Callable[[PeerId, bytes], Awaitable[bytes]]:
+    async def on_call(peer: PeerId, payload: bytes) -> bytes:
+        return await handler(peer.text, payload)
+
+    return on_call

@@ -1,0 +1,67 @@
+"""Data links between real nodes: 1 GiB with checksums, garbage on the TCP port."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import numpy as np
+import trio
+
+from peerd.identity import SwarmKey
+from peerd.node import open_node
+
+KEY = SwarmKey(b"d" * 32)
+MIB = 1024 * 1024
+
+
+async def test_one_gib_over_four_channels_with_checksums() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 4)
+        inbound = await b.accept_data_channels(a.peer_id)
+        rng = np.random.default_rng(7)
+        block = rng.integers(0, 256, size=64 * MIB, dtype=np.uint8)
+        sent: list[bytes] = []
+        received: list[bytes] = []
+
+        async def send_all() -> None:
+            for i in range(16):
+                block[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)  # each distinct
+                sent.append(blake3.blake3(block).digest())
+                await out.send(f"blk{i}".encode(), block)
+
+        async def receive_all() -> None:
+            buf = np.empty(64 * MIB, np.uint8)
+            for i in range(16):
+                await inbound.receive_into(f"blk{i}".encode(), buf)
+                received.append(blake3.blake3(buf).digest())
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all)
+                nursery.start_soon(receive_all)
+        assert len(received) == 16 and received == sent
+        assert len(set(sent)) == 16
+        assert out.statistics().payload_bytes_sent == 16 * 64 * MIB
+
+
+async def test_tcp_garbage_leaves_data_port_serving() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        await a.connect(b.listen_address)
+        port = b.statistics().data_port
+        for payload in [b"", os.urandom(16), os.urandom(4096), b"PEERD" + b"\xff" * 200,
+                        b"\x00" * 100_000]:
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            try:
+                if payload:
+                    await sock.send(payload)
+            finally:
+                sock.close()
+        link = await a.open_data_channels(b.peer_id, 2)
+        inbound = await b.accept_data_channels(a.peer_id)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.send, b"after", b"still serving")
+                assert bytes(await inbound.receive(b"after")) == b"still serving"
