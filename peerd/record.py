@@ -194,7 +194,7 @@ class RecordOpener:
         if self._failed is not None:
             raise ProtocolError(f"record stream already failed: {self._failed}")
 
-    def parse_header(self, header: bytes | memoryview) -> tuple[int, int]:
+    def parse_header(self, header: bytes | bytearray | memoryview) -> tuple[int, int]:
         """Validate a 5-byte header; returns ``(kind, plaintext length)``.
 
         Refuses a length over ``max_plaintext`` before anything is allocated.
