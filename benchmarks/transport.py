@@ -1,0 +1,176 @@
+"""Data-plane throughput on loopback: encrypted DataLink vs plain TCP vs raw AES-GCM.
+
+One run measures, on 127.0.0.1 and in one trio process (sender and receiver
+share the machine's cores, so every byte pays both ends' costs):
+
+* the encrypted ``DataLink`` (token preamble, key confirmation, AES-256-GCM
+  records) with 1, 2 and 4 TCP connections;
+* plain TCP through the very same ``DataLink``/``DataChannel`` code with the
+  same connection counts and socket buffers, minus the crypto (plaintext
+  channels, a benchmark-only mode);
+* raw AES-256-GCM seal + open on the same record sizes (one core);
+* QUIC streams: see ``measure_quic_stream`` (hook for the control plane).
+
+The last line is ``ratio encrypted/plain TCP (4 conns): X.XX``.
+Usage: ``python benchmarks/transport.py [--mib-per-conn-count 1024] [--repeat 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import trio
+
+from peerd.datachan import DataConfig, DataListener, dial_data_channel
+from peerd.dataproto import TokenTable
+from peerd.datalink import LinkConfig, open_data_link
+from peerd.datastream import DataChannel, SocketTransport, tune_socket
+from peerd.record import RecordOpener, RecordSealer, record_size
+
+MESSAGE = 64 * 1024 * 1024
+
+
+async def _plain_channels(n: int, cfg: DataConfig) -> tuple[list[DataChannel], list[DataChannel]]:
+    """n connected plaintext channel pairs, tuned exactly like the real ones."""
+    lsock = trio.socket.socket()
+    tune_socket(lsock, cfg.socket_buffer)
+    await lsock.bind(("127.0.0.1", 0))
+    lsock.listen(n)
+    port = lsock.getsockname()[1]
+    a: list[DataChannel] = []
+    b: list[DataChannel] = []
+    for _ in range(n):
+        s = trio.socket.socket()
+        tune_socket(s, cfg.socket_buffer)
+        await s.connect(("127.0.0.1", port))
+        c, _ = await lsock.accept()
+        a.append(DataChannel(SocketTransport(s), None, None, "B", max_record=cfg.max_record))
+        b.append(DataChannel(SocketTransport(c), None, None, "A", max_record=cfg.max_record))
+    lsock.close()
+    return a, b
+
+
+async def _secure_channels(
+    n: int, cfg: DataConfig, nursery: trio.Nursery
+) -> tuple[list[DataChannel], list[DataChannel]]:
+    secret = os.urandom(32)
+    table = TokenTable()
+    accepted: list[DataChannel] = []
+    ready = trio.Event()
+
+    def on_channel(peer: str, chan: DataChannel) -> None:
+        accepted.append(chan)
+        if len(accepted) == n:
+            ready.set()
+
+    listener = DataListener(table, on_channel, config=cfg)
+    port = await nursery.start(listener.serve)
+    dialed = []
+    for _ in range(n):
+        token = table.issue("A", secret, 30.0, trio.current_time())
+        dialed.append(await dial_data_channel("127.0.0.1", port, token, secret, "B", cfg))
+    await ready.wait()
+    return dialed, accepted
+
+
+async def _measure_link(
+    tx_chans: list[DataChannel], rx_chans: list[DataChannel], total: int, link_cfg: LinkConfig
+) -> float:
+    """Gbit/s of ``total`` bytes sent as 64 MiB messages, received in place."""
+    payload = bytearray(os.urandom(1024)) * (MESSAGE // 1024)
+    out = bytearray(MESSAGE)
+    count = max(1, total // MESSAGE)
+    async with open_data_link("B", tx_chans, link_cfg) as tx, \
+            open_data_link("A", rx_chans, link_cfg) as rx:
+
+        async def sender() -> None:
+            for i in range(count):
+                await tx.send(b"m%d" % i, payload)
+
+        async def receiver() -> None:
+            for i in range(count):
+                await rx.receive_into(b"m%d" % i, out)
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            nursery.start_soon(receiver)
+        elapsed = time.perf_counter() - start
+    if out != payload:
+        raise SystemExit("payload corrupted in transit")
+    return count * MESSAGE * 8 / elapsed / 1e9
+
+
+async def measure_tcp(conns: int, secure: bool, total: int, cfg: DataConfig,
+                      link_cfg: LinkConfig) -> tuple[float, tuple[int, int]]:
+    async with trio.open_nursery() as nursery:
+        if secure:
+            a, b = await _secure_channels(conns, cfg, nursery)
+        else:
+            a, b = await _plain_channels(conns, cfg)
+        granted = (a[0].statistics().sndbuf, a[0].statistics().rcvbuf)
+        rate = await _measure_link(a, b, total, link_cfg)
+        nursery.cancel_scope.cancel()
+    return rate, granted
+
+
+def measure_aes(record: int, total: int) -> float:
+    """Gbit/s of seal + open of ``record``-byte records on one core."""
+    key = os.urandom(32)
+    sealer, opener = RecordSealer(key, record), RecordOpener(key, record)
+    plain = memoryview(bytearray(os.urandom(record)))
+    wire = memoryview(bytearray(record_size(record)))
+    back = memoryview(bytearray(record))
+    reps = max(1, total // record)
+    start = time.perf_counter()
+    for _ in range(reps):
+        sealer.seal_into(3, plain, wire)
+        kind, n = opener.parse_header(wire[:5])
+        opener.open_into(kind, wire[5:], back)
+    return reps * record * 8 / (time.perf_counter() - start) / 1e9
+
+
+async def measure_quic_stream(total: int) -> float | None:
+    """QUIC-STREAM HOOK: the control-plane engineer adds a measurement of bulk
+    bytes over one aioquic stream between two peerd nodes here (Gbit/s).
+    Returns None while it is not implemented."""
+    return None
+
+
+async def main(args: argparse.Namespace) -> None:
+    total = args.mib * 1024 * 1024
+    cfg = DataConfig(max_record=args.record_kib * 1024, socket_buffer=args.sockbuf_mib << 20)
+    link_cfg = LinkConfig()
+    print(f"loopback, {total >> 20} MiB per measurement in {MESSAGE >> 20} MiB messages, "
+          f"records {args.record_kib} KiB, cpus {os.cpu_count()}")
+    aes = max(measure_aes(cfg.max_record, min(total, 512 << 20)) for _ in range(args.repeat))
+    print(f"raw AES-256-GCM seal+open, one core: {aes:6.2f} Gbit/s")
+    results: dict[tuple[int, bool], float] = {}
+    for conns in (1, 2, 4):
+        for secure in (False, True):
+            best = 0.0
+            for _ in range(args.repeat):
+                rate, granted = await measure_tcp(conns, secure, total, cfg, link_cfg)
+                best = max(best, rate)
+            results[(conns, secure)] = best
+            name = "encrypted DataLink" if secure else "plain TCP         "
+            print(f"{name} {conns} conn(s): {best:6.2f} Gbit/s "
+                  f"(SO_SNDBUF/SO_RCVBUF granted {granted[0]}/{granted[1]})")
+    quic = await measure_quic_stream(min(total, 64 << 20))
+    print("QUIC stream: " + ("not measured (hook in measure_quic_stream)" if quic is None
+                             else f"{quic:6.2f} Gbit/s"))
+    for conns in (1, 2):
+        ratio = results[(conns, True)] / results[(conns, False)]
+        print(f"ratio encrypted/plain TCP ({conns} conns): {ratio:.2f}")
+    print(f"ratio encrypted/plain TCP (4 conns): {results[(4, True)] / results[(4, False)]:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=1024, help="MiB per measurement")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per figure (best kept)")
+    parser.add_argument("--record-kib", type=int, default=1024)
+    parser.add_argument("--sockbuf-mib", type=int, default=8)
+    trio.run(main, parser.parse_args())

@@ -1,0 +1,266 @@
+"""Opening data channels: the dialer's preamble, the listener, key confirmation.
+
+The dialer sends ``MAGIC | version | token`` and, in the same write, a CONFIRM
+record sealed with its initiator->responder key. The listener takes the token
+from its ``TokenTable`` (unknown, expired or reused: close at once and count
+it), answers with its own CONFIRM record and checks the dialer's. Each side
+therefore proves it holds the session secret before any message flows, and the
+listener spends at most ``DATA_HANDSHAKE_TIMEOUT`` and one small buffer on a
+stranger. Everything after that is ``peerd.datastream.DataChannel``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from peerd.dataproto import (
+    CONFIRM_TEXT,
+    PREAMBLE_SIZE,
+    Kind,
+    TokenTable,
+    encode_preamble,
+    parse_preamble,
+)
+from peerd.datastream import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_SOCKET_BUFFER,
+    ChannelStats,
+    DataChannel,
+    SocketTransport,
+    Transport,
+    recv_exactly,
+    tune_socket,
+)
+from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
+from peerd.log import event
+from peerd.record import DEFAULT_MAX_PLAINTEXT, DEFAULT_REKEY_INTERVAL, record_pair
+
+__all__ = [
+    "DATA_HANDSHAKE_TIMEOUT", "ChannelStats", "DataChannel", "DataConfig", "DataListener",
+    "ListenerStats", "dial_data_channel",
+]
+
+DATA_HANDSHAKE_TIMEOUT: Final = 10.0
+DEFAULT_MAX_PENDING: Final = 64
+ACCEPT_BACKOFF: Final = 0.1
+_log = logging.getLogger("peerd.datachan")
+_CONFIRM_LIMIT: Final = 256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Knobs shared by both ends of a data channel (both must agree on records)."""
+
+    max_record: int = DEFAULT_MAX_PLAINTEXT
+    max_message: int = DEFAULT_MAX_MESSAGE
+    socket_buffer: int = DEFAULT_SOCKET_BUFFER
+    rekey_interval: int = DEFAULT_REKEY_INTERVAL
+
+
+async def _confirm(
+    transport: Transport, token: bytes, secret: bytes, initiator: bool, peer: str,
+    config: DataConfig, preamble: bytes = b"",
+) -> DataChannel:
+    """Exchange CONFIRM records; returns the keyed channel."""
+    sealer, opener = record_pair(
+        secret, token, initiator, config.max_record, config.rekey_interval
+    )
+    await transport.send_all(preamble + sealer.seal(Kind.CONFIRM, CONFIRM_TEXT))
+    hdr = memoryview(bytearray(5))
+    await recv_exactly(transport, hdr)
+    kind, n = opener.parse_header(hdr)
+    if kind != Kind.CONFIRM or n > _CONFIRM_LIMIT:
+        raise ProtocolError("expected a key confirmation record")
+    body = memoryview(bytearray(n + 16))
+    await recv_exactly(transport, body)
+    plain = bytearray(n)
+    opener.open_into(kind, body, memoryview(plain))
+    if plain != CONFIRM_TEXT:
+        raise ProtocolError("wrong key confirmation text")
+    return DataChannel(
+        transport, sealer, opener, peer, token, config.max_record, config.max_message
+    )
+
+
+async def dial_data_channel(
+    host: str, port: int, token: bytes, session_secret: bytes, peer: str,
+    config: DataConfig = DataConfig(),
+) -> DataChannel:
+    """Connect to a peer's ``DataListener`` and prove the keys for ``token``.
+
+    Raises ``PeerLost`` if the address cannot be reached, ``AuthError`` if the
+    listener refuses the token or fails to confirm the keys, ``Timeout`` after
+    ``DATA_HANDSHAKE_TIMEOUT``.
+    """
+    sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET)
+    transport = SocketTransport(sock)
+    try:
+        with trio.fail_after(DATA_HANDSHAKE_TIMEOUT):
+            tune_socket(sock, config.socket_buffer)
+            try:
+                await sock.connect((host, port))
+            except OSError as exc:
+                raise PeerLost([peer], f"data dial to {host}:{port} failed: {exc}") from None
+            return await _confirm(
+                transport, token, session_secret, True, peer, config, encode_preamble(token)
+            )
+    except trio.TooSlowError:
+        sock.close()
+        raise Timeout(f"data channel handshake with {peer} took over "
+                      f"{DATA_HANDSHAKE_TIMEOUT} s") from None
+    except (EOFError, OSError, ProtocolError) as exc:
+        sock.close()
+        raise AuthError(f"data listener of {peer} refused or failed the handshake: "
+                        f"{exc!r}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+@dataclass
+class _Counters:
+    accepted: int = 0
+    refused_busy: int = 0
+    bad_preamble: int = 0
+    bad_token: int = 0
+    bad_confirm: int = 0
+    timeouts: int = 0
+    aborted: int = 0
+    callback_errors: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True)
+class ListenerStats:
+    accepted: int
+    refused_busy: int
+    bad_preamble: int
+    bad_token: int
+    bad_confirm: int
+    timeouts: int
+    aborted: int
+    callback_errors: int
+    pending: int
+
+
+class DataListener:
+    """Accepts data connections that present a token from ``tokens``.
+
+    ``on_channel(peer, channel)`` is called for each authenticated channel and
+    takes ownership of it (it must eventually ``aclose`` it). Strangers cost a
+    bounded handshake: at most ``max_pending`` at once (more are closed on
+    accept), each for at most ``DATA_HANDSHAKE_TIMEOUT``.
+    """
+
+    def __init__(
+        self,
+        tokens: TokenTable,
+        on_channel: Callable[[str, DataChannel], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        config: DataConfig = DataConfig(),
+    ) -> None:
+        self._tokens = tokens
+        self._on_channel = on_channel
+        self._host = host
+        self._want_port = port
+        self._max_pending = max_pending
+        self._config = config
+        self._c = _Counters()
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound port through ``task_status``, serve until cancelled."""
+        family = trio.socket.AF_INET6 if ":" in self._host else trio.socket.AF_INET
+        lsock = trio.socket.socket(family)
+        with lsock:
+            lsock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            tune_socket(lsock, self._config.socket_buffer)  # inherited by accepted sockets
+            await lsock.bind((self._host, self._want_port))
+            lsock.listen(128)
+            self.port = lsock.getsockname()[1]
+            task_status.started(self.port)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        conn, _ = await lsock.accept()
+                    except OSError as exc:
+                        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                             errno.ENOMEM, errno.ECONNABORTED):
+                            raise
+                        await trio.sleep(ACCEPT_BACKOFF)
+                        continue
+                    if self._c.pending >= self._max_pending:
+                        self._c.refused_busy += 1
+                        conn.close()
+                        continue
+                    self._c.pending += 1
+                    nursery.start_soon(self._admit, conn)
+
+    async def _admit(self, conn: trio.socket.SocketType) -> None:
+        transport = SocketTransport(conn)
+        channel: DataChannel | None = None
+        reason = ""
+        try:
+            with trio.move_on_after(DATA_HANDSHAKE_TIMEOUT):
+                channel = await self._handshake(transport)
+            if channel is None and not reason:
+                self._c.timeouts += 1
+                reason = "timeout"
+        except _Refused as exc:
+            reason = exc.reason
+        except ProtocolError:
+            self._c.bad_confirm += 1
+            reason = "bad_confirm"
+        except (EOFError, OSError):
+            self._c.aborted += 1
+            reason = "aborted"
+        finally:
+            self._c.pending -= 1
+            if channel is None:
+                conn.close()
+        if channel is None:
+            event(_log, "data_conn_refused", logging.DEBUG, reason=reason)
+            return
+        self._c.accepted += 1
+        try:
+            self._on_channel(channel.peer, channel)
+        except Exception as exc:
+            self._c.callback_errors += 1
+            event(_log, "data_on_channel_failed", logging.WARNING, error=repr(exc))
+            channel.abort()
+
+    async def _handshake(self, transport: Transport) -> DataChannel:
+        pre = memoryview(bytearray(PREAMBLE_SIZE))
+        await recv_exactly(transport, pre)
+        try:
+            token = parse_preamble(pre)
+        except ProtocolError:
+            self._c.bad_preamble += 1
+            raise _Refused("bad_preamble") from None
+        grant = self._tokens.take(token, trio.current_time())
+        if grant is None:
+            self._c.bad_token += 1
+            raise _Refused("bad_token")
+        peer, secret = grant
+        return await _confirm(transport, token, secret, False, peer, self._config)
+
+    def statistics(self) -> ListenerStats:
+        c = self._c
+        return ListenerStats(
+            c.accepted, c.refused_busy, c.bad_preamble, c.bad_token, c.bad_confirm,
+            c.timeouts, c.aborted, c.callback_errors, c.pending,
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

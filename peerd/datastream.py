@@ -1,0 +1,366 @@
+"""Trio driver of one keyed data connection: framed messages over sealed records.
+
+A message is one HEAD record (caller's header + payload length) followed by
+PAYLOAD records of at most ``max_record`` bytes each; CLOSE ends the stream
+cleanly. The driver reads each record body into its own buffer and decrypts it
+straight into the caller's destination, so a payload is touched once by the
+kernel and once by AES on each side. Large records are sealed/opened on worker
+threads (OpenSSL releases the GIL), which lets crypto overlap with socket I/O
+of the other channels.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+
+from peerd.dataproto import Kind, encode_head, parse_head
+from peerd.errors import PeerLost, ProtocolError
+from peerd.record import HEADER, TAG_SIZE, RecordOpener, RecordSealer, record_size
+
+DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
+DEFAULT_MAX_MESSAGE: Final = 1 << 30
+# Below this many bytes a thread hop costs more than the AES it would offload.
+OFFLOAD_MIN: Final = 64 * 1024
+KEEPALIVE_IDLE: Final = 60
+_HEAD_SLACK: Final = record_size(0xFFFF + 10)
+
+_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_crypto")
+
+
+def _crypto_limiter() -> trio.CapacityLimiter:
+    try:
+        return _limiter.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        _limiter.set(lim)
+        return lim
+
+
+async def _run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
+
+
+class Transport(Protocol):
+    """What a channel needs from a byte stream (a TCP socket, or memory in tests)."""
+
+    async def send_all(self, data: memoryview | bytes) -> None: ...
+    async def recv_into(self, view: memoryview) -> int: ...
+    def close(self) -> None: ...
+    def buffer_sizes(self) -> tuple[int, int]: ...
+
+
+def tune_socket(sock: trio.socket.SocketType, buffer_size: int) -> None:
+    """Options every data socket gets; call before connect/listen so the TCP
+    window scale is negotiated for the large buffers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+class SocketTransport:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def send_all(self, data: memoryview | bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def recv_into(self, view: memoryview) -> int:
+        return await self.sock.recv_into(view)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def buffer_sizes(self) -> tuple[int, int]:
+        """(SO_SNDBUF, SO_RCVBUF) as granted by the kernel."""
+        return (
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        )
+
+
+async def recv_exactly(transport: Transport, view: memoryview) -> None:
+    """Fill ``view``; a stream that ends first raises ``EOFError``."""
+    got = 0
+    while got < len(view):
+        n = await transport.recv_into(view[got:])
+        if n == 0:
+            raise EOFError(got)
+        got += n
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    bytes_sent: int
+    bytes_received: int
+    records_sent: int
+    records_received: int
+    rekeys_sent: int
+    rekeys_received: int
+    messages_sent: int
+    messages_received: int
+    sndbuf: int
+    rcvbuf: int
+
+
+def as_bytes_view(buf: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (bytes, bytearray, numpy)."""
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("payload buffers must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class DataChannel:
+    """One authenticated, encrypted data connection to ``peer``.
+
+    ``send`` may be called from several tasks (they queue); receiving is for
+    one task at a time. Every connection failure surfaces as ``PeerLost``,
+    every malformed or unauthentic byte as ``ProtocolError``. A channel built
+    with ``sealer=opener=None`` sends plaintext: benchmarks only, never reachable
+    from dial/listen.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        sealer: RecordSealer | None,
+        opener: RecordOpener | None,
+        peer: str,
+        token: bytes = b"",
+        max_record: int = 1024 * 1024,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.peer = peer
+        self.token = token
+        self._t = transport
+        self._sealer = sealer
+        self._opener = opener
+        self._max_record = max_record
+        self._max_message = max_message
+        self._send_lock = trio.StrictFIFOLock()
+        self._wbuf = memoryview(bytearray(record_size(max_record) + _HEAD_SLACK))
+        self._rbuf = memoryview(bytearray(record_size(max_record)))
+        self._hdr = memoryview(bytearray(HEADER.size))
+        self._pending = 0  # plaintext length of a payload record read but not yet opened
+        self._payload_left = 0
+        self._closed = False
+        self._sent = [0, 0, 0]  # bytes, records, messages
+        self._recv = [0, 0, 0]
+        try:
+            self._bufs = transport.buffer_sizes()
+        except OSError:
+            self._bufs = (0, 0)
+
+    @property
+    def max_record(self) -> int:
+        return self._max_record
+
+    # ------------------------------------------------------------ sending
+
+    def _lost(self, exc: BaseException, what: str) -> PeerLost:
+        return PeerLost([self.peer], f"data channel {what}: {exc!r}")
+
+    def _seal(self, kind: int, plain: memoryview, at: int) -> int:
+        if self._sealer is None:
+            HEADER.pack_into(self._wbuf, at, kind, len(plain))
+            return HEADER.size
+        return self._sealer.seal_into(kind, plain, self._wbuf[at:])
+
+    async def _write(self, data: memoryview) -> None:
+        try:
+            await self._t.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._lost(exc, "send failed") from None
+        self._sent[0] += len(data)
+
+    async def send(self, header: bytes, payload: Any = b"") -> None:
+        """Send one message; returns once every byte is handed to the kernel,
+        so the caller may reuse ``payload`` afterwards."""
+        view = as_bytes_view(payload)
+        if len(view) > self._max_message:
+            raise ValueError(f"payload of {len(view)} bytes exceeds {self._max_message}")
+        head = memoryview(encode_head(header, len(view)))
+        async with self._send_lock:
+            if self._closed:
+                raise PeerLost([self.peer], "data channel closed")
+            pos = self._seal(Kind.HEAD, head, 0)
+            if self._sealer is None:
+                self._wbuf[pos : pos + len(head)] = head
+                pos += len(head)
+            off = 0
+            while off < len(view):
+                n = min(self._max_record, len(view) - off)
+                chunk = view[off : off + n]
+                if pos + record_size(n) > len(self._wbuf):
+                    await self._write(self._wbuf[:pos])
+                    pos = 0
+                if self._sealer is None:
+                    pos += self._seal(Kind.PAYLOAD, chunk, pos)
+                    await self._write(self._wbuf[:pos])
+                    await self._write(chunk)
+                    pos = 0
+                elif n >= OFFLOAD_MIN:
+                    pos += await _run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
+                else:
+                    pos += self._seal(Kind.PAYLOAD, chunk, pos)
+                off += n
+                self._sent[1] += 1
+            if pos:
+                await self._write(self._wbuf[:pos])
+            self._sent[1] += 1
+            self._sent[2] += 1
+
+    # ------------------------------------------------------------ receiving
+
+    async def _read_header(self) -> tuple[int, int]:
+        try:
+            await recv_exactly(self._t, self._hdr)
+        except EOFError as exc:
+            what = "ended without close" if exc.args[0] == 0 else "truncated inside a header"
+            raise PeerLost([self.peer], f"data channel {what}") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._lost(exc, "receive failed") from None
+        self._recv[1] += 1
+        self._recv[0] += HEADER.size
+        if self._opener is not None:
+            return self._opener.parse_header(self._hdr)
+        kind, n = HEADER.unpack(self._hdr)
+        if n > self._max_record:
+            raise ProtocolError("oversized plaintext record")
+        return kind, n
+
+    async def _read_body(self, n: int) -> memoryview:
+        body = self._rbuf[: n + (TAG_SIZE if self._opener is not None else 0)]
+        await self._fill(body)
+        return body
+
+    async def _fill(self, view: memoryview) -> None:
+        try:
+            await recv_exactly(self._t, view)
+        except EOFError:
+            raise PeerLost([self.peer], "data channel truncated inside a record") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._lost(exc, "receive failed") from None
+        self._recv[0] += len(view)
+
+    def _open(self, kind: int, body: memoryview, out: memoryview) -> None:
+        assert self._opener is not None
+        self._opener.open_into(kind, body, out)
+
+    async def _read_small(self, kind: int, n: int) -> bytes:
+        body = await self._read_body(n)
+        if self._opener is None:
+            return bytes(body)
+        out = bytearray(n)
+        self._open(kind, body, memoryview(out))
+        return bytes(out)
+
+    async def receive_head(self) -> tuple[bytes, int]:
+        """Wait for the next message; returns ``(header, payload length)``.
+        Its payload must then be drained with ``next_payload_record`` and
+        ``read_payload_into`` before the next call."""
+        if self._payload_left:
+            raise RuntimeError("previous message payload not drained")
+        kind, n = await self._read_header()
+        if kind == Kind.CLOSE:
+            await self._read_small(kind, n)
+            raise PeerLost([self.peer], "data channel closed by peer")
+        if kind != Kind.HEAD or n > _HEAD_SLACK:
+            raise ProtocolError(f"expected a message head, got record kind {kind}")
+        header, plen = parse_head(await self._read_small(kind, n), self._max_message)
+        self._payload_left = plen
+        self._recv[2] += 1
+        return header, plen
+
+    async def next_payload_record(self) -> int:
+        """Read the next payload record of the current message; returns its
+        plaintext length, to be placed with ``read_payload_into``."""
+        if self._pending or not self._payload_left:
+            raise RuntimeError("no payload record expected")
+        kind, n = await self._read_header()
+        if kind != Kind.PAYLOAD or not 0 < n <= self._payload_left:
+            raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) inside a payload")
+        if self._opener is not None:
+            await self._read_body(n)
+        self._pending = n
+        return n
+
+    async def read_payload_into(self, out: memoryview) -> None:
+        """Authenticate and decrypt the record from ``next_payload_record``
+        into ``out`` (exactly its length)."""
+        n = self._pending
+        if len(out) != n or not n:
+            raise ValueError("destination does not match the pending record")
+        if self._opener is None:
+            await self._fill(out)
+        elif n >= OFFLOAD_MIN:
+            await _run_crypto(self._open, Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+        else:
+            self._open(Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+        self._pending = 0
+        self._payload_left -= n
+
+    async def receive(self) -> tuple[bytes, bytearray]:
+        """The next whole message as ``(header, payload)``."""
+        header, plen = await self.receive_head()
+        payload = bytearray(plen)
+        view = memoryview(payload)
+        off = 0
+        while off < plen:
+            n = await self.next_payload_record()
+            await self.read_payload_into(view[off : off + n])
+            off += n
+        return header, payload
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Send a CLOSE record if no send is in flight, then close the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._send_lock.locked():
+                with trio.move_on_after(1.0) as scope:
+                    scope.shield = True
+                    pos = self._seal(Kind.CLOSE, memoryview(b""), 0)
+                    await self._t.send_all(self._wbuf[:pos])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._t.close()
+
+    def abort(self) -> None:
+        """Close at once, without a CLOSE record (the peer sees a failure)."""
+        self._closed = True
+        self._t.close()
+
+    def statistics(self) -> ChannelStats:
+        s = self._sealer.statistics() if self._sealer else None
+        o = self._opener.statistics() if self._opener else None
+        return ChannelStats(
+            bytes_sent=self._sent[0],
+            bytes_received=self._recv[0],
+            records_sent=self._sent[1],
+            records_received=self._recv[1],
+            rekeys_sent=s.rekeys if s else 0,
+            rekeys_received=o.rekeys if o else 0,
+            messages_sent=self._sent[2],
+            messages_received=self._recv[2],
+            sndbuf=self._bufs[0],
+            rcvbuf=self._bufs[1],
+        )
