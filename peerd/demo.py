@@ -32,7 +32,7 @@ async def _demo(peers: int, megabytes: int) -> int:
         print(f"mesh: every peer authenticated {peers - 1} others "
               f"(mutual Ed25519 + swarm-key proof)")
         payload = np.random.default_rng(0).integers(0, 256, megabytes << 20, dtype=np.uint8)
-        digest = blake3.blake3(memoryview(payload)).hexdigest()[:16]
+        digest = blake3.blake3(payload.data).hexdigest()[:16]
         for i, node in enumerate(nodes):
             dst = nodes[(i + 1) % peers]
             link = await node.open_data_channels(dst.peer_id, 4)
