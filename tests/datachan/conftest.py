@@ -1,0 +1,59 @@
+"""Loopback helpers: a listener plus dialed, authenticated channel pairs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from peerd.datachan import DataConfig, DataListener, dial_data_channel
+from peerd.dataproto import TokenTable
+from peerd.datastream import DataChannel
+
+
+@dataclass
+class Rig:
+    listener: DataListener
+    tokens: TokenTable
+    secret: bytes
+    port: int
+    accepted: trio.MemoryReceiveChannel[tuple[str, DataChannel]]
+    config: DataConfig
+    opened: list[DataChannel] = field(default_factory=list)
+
+    def token(self, peer: str = "dialer") -> bytes:
+        return self.tokens.issue(peer, self.secret, 30.0, trio.current_time())
+
+    async def pair(self) -> tuple[DataChannel, DataChannel]:
+        """(dialer's channel, listener's channel) of one fresh connection."""
+        dialed = await dial_data_channel(
+            "127.0.0.1", self.port, self.token(), self.secret, "listener", self.config)
+        peer, accepted = await self.accepted.receive()
+        assert peer == "dialer"
+        self.opened += [dialed, accepted]
+        return dialed, accepted
+
+    async def pairs(self, n: int) -> tuple[list[DataChannel], list[DataChannel]]:
+        got = [await self.pair() for _ in range(n)]
+        return [a for a, _ in got], [b for _, b in got]
+
+
+@asynccontextmanager
+async def open_rig(config: DataConfig | None = None, max_pending: int = 64) -> AsyncIterator[Rig]:
+    config = config or DataConfig()
+    send, recv = trio.open_memory_channel[tuple[str, DataChannel]](64)
+    tokens = TokenTable()
+    listener = DataListener(tokens, lambda p, c: send.send_nowait((p, c)),
+                            max_pending=max_pending, config=config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(listener.serve)
+        rig = Rig(listener, tokens, os.urandom(32), port, recv, config)
+        try:
+            yield rig
+        finally:
+            for chan in rig.opened:
+                chan.abort()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,143 @@
+"""DataChannel and DataListener over real loopback sockets."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from peerd.datachan import DATA_HANDSHAKE_TIMEOUT, DataConfig, dial_data_channel
+from peerd.dataproto import MAGIC, PREAMBLE_SIZE, TOKEN_SIZE, encode_preamble
+from peerd.errors import AuthError, PeerLost, ProtocolError
+
+from .conftest import open_rig
+
+
+async def test_messages_roundtrip_and_statistics() -> None:
+    async with open_rig(DataConfig(max_record=4096)) as rig:
+        a, b = await rig.pair()
+        payload = os.urandom(50_000)  # 13 records
+        await a.send(b"first", payload)
+        await a.send(b"", b"")
+        await b.send(b"back", memoryview(payload)[:10])
+        assert await b.receive() == (b"first", bytearray(payload))
+        assert await b.receive() == (b"", bytearray())
+        assert await a.receive() == (b"back", bytearray(payload[:10]))
+        sa, sb = a.statistics(), b.statistics()
+        assert sa.messages_sent == 2 and sb.messages_received == 2
+        assert sa.records_sent == sb.records_received == 1 + 13 + 1  # heads + 4 KiB records
+        assert sa.sndbuf > 0 and sb.rcvbuf > 0
+        assert a.token == b.token and len(a.token) == TOKEN_SIZE
+
+
+async def test_numpy_payload_without_copy_semantics() -> None:
+    np = pytest.importorskip("numpy")
+    async with open_rig() as rig:
+        a, b = await rig.pair()
+        arr = np.arange(300_000, dtype=np.float32).reshape(600, 500)
+        await a.send(b"t", arr)
+        _, got = await b.receive()
+        assert np.array_equal(np.frombuffer(got, np.float32).reshape(600, 500), arr)
+        with pytest.raises(ValueError):
+            await a.send(b"t", arr[:, ::2])  # not contiguous
+
+
+async def test_close_is_reported_as_peer_lost() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pair()
+        await a.aclose()
+        with pytest.raises(PeerLost, match="closed by peer"):
+            await b.receive()
+        a2, b2 = await rig.pair()
+        a2.abort()  # no CLOSE record: looks like a crash or a truncation
+        with pytest.raises(PeerLost):
+            await b2.receive()
+
+
+async def _raw(port: int, data: bytes, close: bool = True) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    if data:
+        await sock.send(data)
+    if close:
+        sock.close()
+    return sock
+
+
+async def _wait_for(cond: Callable[[], bool], what: str) -> None:
+    """Poll another task's counter (the listener exposes no event), bounded in time."""
+    with trio.fail_after(5):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_garbage_and_bad_tokens_leave_listener_serving() -> None:
+    async with open_rig() as rig:
+        st = rig.listener.statistics
+        for junk in (b"", os.urandom(7), os.urandom(PREAMBLE_SIZE), b"\0" * 100_000,
+                     MAGIC + b"\x09" + b"x" * TOKEN_SIZE):
+            await _raw(rig.port, junk)
+        await _wait_for(lambda: st().bad_preamble + st().aborted >= 5, "garbage counted")
+        # Unknown token: the dialer is refused.
+        with pytest.raises(AuthError):
+            await dial_data_channel("127.0.0.1", rig.port, os.urandom(TOKEN_SIZE), rig.secret, "x")
+        # Reused token: the first use works, the second is refused.
+        tok = rig.token()
+        first = await dial_data_channel("127.0.0.1", rig.port, tok, rig.secret, "listener")
+        rig.opened.append(first)
+        await rig.accepted.receive()
+        with pytest.raises(AuthError):
+            await dial_data_channel("127.0.0.1", rig.port, tok, rig.secret, "listener")
+        # Right token, wrong secret: the listener's confirmation does not authenticate.
+        with pytest.raises(AuthError):
+            await dial_data_channel("127.0.0.1", rig.port, rig.token(), os.urandom(32), "x")
+        # Valid preamble, then an oversized record length instead of a confirmation.
+        await _raw(rig.port, encode_preamble(rig.token()) + struct.pack(">BI", 1, 2**32 - 1))
+        await _wait_for(lambda: st().bad_token >= 2 and st().bad_confirm >= 2, "counted")
+        a, b = await rig.pair()
+        await a.send(b"ok", b"still serving")
+        assert await b.receive() == (b"ok", bytearray(b"still serving"))
+        assert st().accepted == 2 and st().pending == 0
+
+
+async def test_pending_cap_refuses_extra_strangers() -> None:
+    async with open_rig(max_pending=2) as rig:
+        st = rig.listener.statistics
+        idle = [await _raw(rig.port, b"", close=False) for _ in range(2)]
+        await _wait_for(lambda: st().pending == 2, "two pending")
+        extra = await _raw(rig.port, b"", close=False)
+        await _wait_for(lambda: st().refused_busy == 1, "third refused")
+        with trio.fail_after(5):
+            assert await extra.recv(10) == b""  # closed by the listener at once
+        for s in [*idle, extra]:
+            s.close()
+        await _wait_for(lambda: st().pending == 0, "stalled ones gone")
+        a, b = await rig.pair()
+        await b.send(b"h", b"p")
+        assert await a.receive() == (b"h", bytearray(b"p"))
+
+
+async def test_half_open_handshake_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_rig() as rig:
+        st = rig.listener.statistics
+        sock = await _raw(rig.port, encode_preamble(rig.token())[:20], close=False)
+        start = trio.current_time()
+        with trio.fail_after(DATA_HANDSHAKE_TIMEOUT * 2):
+            assert await sock.recv(10) == b""  # listener gave up on us
+        assert trio.current_time() - start >= DATA_HANDSHAKE_TIMEOUT - 0.01
+        assert st().timeouts == 1
+        sock.close()
+
+
+async def test_tampered_record_is_protocol_error() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pair()
+        # Write a well-formed header with a forged body straight onto a's socket.
+        forged = struct.pack(">BI", 2, 16 + 20) + os.urandom(36)
+        await a._t.send_all(forged)
+        with pytest.raises(ProtocolError):
+            await b.receive()

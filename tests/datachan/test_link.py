@@ -1,0 +1,178 @@
+"""DataLink over real loopback channels: striping, routing, buffering, failure."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import numpy as np
+import pytest
+import trio
+
+from peerd.datachan import DataConfig
+from peerd.datalink import DataLink, LinkConfig, open_data_link
+from peerd.errors import PeerLost, ProtocolError
+
+from .conftest import open_rig
+
+MIB = 1024 * 1024
+
+
+async def test_mixed_sizes_any_order() -> None:
+    cfg = LinkConfig(part_size=256 * 1024, min_part=16 * 1024)
+    async with open_rig(DataConfig(max_record=64 * 1024)) as rig:
+        a, b = await rig.pairs(4)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg) as rx:
+            sizes = [0, 1, 1000, 70_000, 3 * MIB + 7]
+            payloads = {f"k{n}".encode(): os.urandom(n) for n in sizes}
+            for key, data in payloads.items():  # all sent before anyone asks: buffered
+                await tx.send(key, data)
+            for key in reversed(list(payloads)):
+                assert await rx.receive(key) == payloads[key]
+            assert rx.statistics().buffered_bytes == 0
+            assert rx.statistics().pending_keys == 0
+            # Receiver first, into a numpy buffer, and back the other way.
+            out = np.empty(MIB // 4, np.float32)
+            src = np.random.default_rng(1).random(MIB // 4, dtype=np.float32)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rx.receive_into, b"np", out)
+                await trio.sleep(0)
+                await tx.send(b"np", src)
+            assert np.array_equal(out, src)
+            await rx.send(b"back", b"reply")
+            assert await tx.receive(b"back") == b"reply"
+            per = tx.statistics().per_channel
+            assert sum(1 for c in per if c.messages_sent > 0) == 4  # striped over all
+
+
+async def test_one_gib_four_channels_checksummed() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(4)
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            block = np.random.default_rng(3).integers(0, 256, 64 * MIB, dtype=np.uint8)
+            sent: list[bytes] = []
+            got: list[bytes] = []
+
+            async def send_all() -> None:
+                for i in range(16):
+                    block[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)
+                    sent.append(blake3.blake3(block.data).digest())
+                    await tx.send(b"blk%d" % i, block)
+
+            async def receive_all() -> None:
+                out = np.empty(64 * MIB, np.uint8)
+                for i in range(16):
+                    await rx.receive_into(b"blk%d" % i, out)
+                    got.append(blake3.blake3(out.data).digest())
+
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_all)
+                    nursery.start_soon(receive_all)
+            assert got == sent and len(set(sent)) == 16
+            assert rx.statistics().payload_bytes_received == 1024 * MIB
+
+
+async def test_backpressure_bounded_buffer() -> None:
+    cfg = LinkConfig(max_buffered=2 * MIB, part_size=MIB, min_part=64 * 1024)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg) as rx:
+            data = [os.urandom(MIB + i) for i in range(6)]
+
+            async def sender() -> None:
+                for i, d in enumerate(data):
+                    await tx.send(b"%d" % i, d)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                with trio.fail_after(10):
+                    while rx.statistics().pending_keys < 2:
+                        await trio.sleep(0.01)  # let the receiver fill its budget
+                assert rx.statistics().buffered_bytes <= 2 * MIB + 1
+                for i, d in enumerate(data):
+                    assert await rx.receive(b"%d" % i) == d
+                    assert rx.statistics().buffered_bytes <= 2 * MIB + 5
+
+
+async def test_discard_drops_unclaimed_keys() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            await tx.send(b"r1/x", b"old" * 1000)
+            await tx.send(b"r2/x", b"new")
+            assert await rx.receive(b"r2/x") == b"new"
+            assert rx.discard(b"r1/") == 1
+            await tx.send(b"r1/y", b"late")  # stripes of a discarded prefix are ignored
+            await tx.send(b"r3", b"next")
+            assert await rx.receive(b"r3") == b"next"
+            assert rx.statistics().pending_keys == 0 and rx.statistics().buffered_bytes == 0
+
+
+async def test_size_mismatch_raises_protocol_error_and_link_survives() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            async with trio.open_nursery() as nursery:
+                async def wrong() -> None:
+                    with pytest.raises(ProtocolError):
+                        await rx.receive_into(b"k", bytearray(10))
+                nursery.start_soon(wrong)
+                await trio.sleep(0)
+                await tx.send(b"k", b"x" * 300_000)
+            await tx.send(b"after", b"fine")
+            assert await rx.receive(b"after") == b"fine"
+
+
+async def test_peer_closing_mid_transfer_raises_peer_lost_promptly() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(4)
+        rx = DataLink("dialer", b)
+        tx = DataLink("listener", a)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rx.run)
+            await nursery.start(tx.run)
+            big = np.zeros(256 * MIB, np.uint8)
+            first = trio.Event()
+
+            async def killer() -> None:
+                await first.wait()
+                a[2].abort()  # one connection of the sender dies mid-transfer
+
+            async def sender() -> None:
+                first.set()
+                with pytest.raises(PeerLost):
+                    await tx.send(b"big", big)
+
+            nursery.start_soon(killer)
+            nursery.start_soon(sender)
+            with trio.fail_after(5), pytest.raises(PeerLost) as info:
+                await rx.receive(b"big")
+            assert info.value.peers == ("dialer",)
+            with pytest.raises(PeerLost):  # and every later call too
+                await rx.receive(b"other")
+            with pytest.raises(PeerLost):
+                await tx.send(b"other", b"x")
+            assert rx.statistics().failed and tx.statistics().failed
+
+
+async def test_malformed_part_header_fails_link() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("d", b) as rx:
+            await a[0].send(b"\x05not-a-part", b"zz")
+            with trio.fail_after(5), pytest.raises(PeerLost):
+                await rx.receive(b"k")
+
+
+async def test_cancelled_receive_leaves_link_usable() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            out = bytearray(5 * MIB)
+            with trio.move_on_after(0.05):
+                await rx.receive_into(b"never", out)
+            await tx.send(b"never", os.urandom(5 * MIB))  # lands in scratch, not in out
+            await tx.send(b"next", b"ok")
+            assert await rx.receive(b"next") == b"ok"
+            assert out == bytearray(5 * MIB)
