@@ -1,0 +1,123 @@
+"""Flat, in-place access to the caller's numpy arrays and torch CPU tensors.
+
+The engine reduces a flat 1-D view that shares memory with the caller's
+array, so writing the result back is a copy into that memory, never a new
+object. bf16 has no numpy dtype: its bits are handled as ``uint16`` and
+converted to and from fp32 here (round to nearest even, NaN kept NaN), which
+matches torch bit for bit on every non-NaN value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from collectives.chunking import Span
+from peerd.errors import ConfigError
+
+
+class Kind(enum.Enum):
+    F32 = "float32"
+    F16 = "float16"
+    BF16 = "bfloat16"
+
+    @property
+    def itemsize(self) -> int:
+        return 4 if self is Kind.F32 else 2
+
+    @property
+    def storage(self) -> np.dtype[Any]:
+        """The numpy dtype holding this kind's bits."""
+        return np.dtype({Kind.F32: np.float32, Kind.F16: np.float16, Kind.BF16: np.uint16}[self])
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), round to nearest even; NaN stays a quiet NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    bits = rounded.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return bits
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Flat:
+    """A flat view of the caller's memory plus its element kind."""
+
+    data: np.ndarray  # 1-D, shares memory with the caller's array
+    kind: Kind
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def fp32(self, span: Span) -> np.ndarray:
+        """Elements of ``span`` as fp32: a view for fp32 input, else a converted copy."""
+        part = self.data[span.lo : span.hi]
+        if self.kind is Kind.F32:
+            return part
+        if self.kind is Kind.F16:
+            return part.astype(np.float32)
+        return bf16_bits_to_f32(part)
+
+    def store(self, span: Span, values: np.ndarray) -> None:
+        """Write fp32 ``values`` into ``span``, converting to this kind."""
+        part = self.data[span.lo : span.hi]
+        if self.kind is Kind.BF16:
+            part[...] = f32_to_bf16_bits(values)
+        else:
+            np.copyto(part, values, casting="unsafe")
+
+
+_TORCH_KINDS = {"torch.float32": Kind.F32, "torch.float16": Kind.F16, "torch.bfloat16": Kind.BF16}
+_NUMPY_KINDS = {np.dtype(np.float32): Kind.F32, np.dtype(np.float16): Kind.F16}
+
+
+def flatten(array: Any) -> Flat:
+    """A ``Flat`` sharing memory with ``array`` (numpy array or torch CPU tensor).
+
+    Raises ``ConfigError`` for anything that cannot be reduced in place: other
+    dtypes, non-contiguous or read-only memory, tensors off the CPU.
+    """
+    if isinstance(array, np.ndarray):
+        kind = _NUMPY_KINDS.get(array.dtype)
+        if kind is None:
+            raise ConfigError(
+                f"all_reduce needs float32 or float16 numpy arrays, got {array.dtype}"
+            )
+        if not array.flags.c_contiguous:
+            raise ConfigError("all_reduce reduces in place: pass a C-contiguous array")
+        if not array.flags.writeable:
+            raise ConfigError("all_reduce reduces in place: the array is read-only")
+        return Flat(array.reshape(-1), kind)
+    mod = type(array).__module__
+    if mod.startswith("torch"):
+        kind = _TORCH_KINDS.get(str(array.dtype))
+        if kind is None:
+            raise ConfigError(
+                f"all_reduce needs float32/float16/bfloat16 tensors, got {array.dtype}"
+            )
+        if array.device.type != "cpu":
+            raise ConfigError("all_reduce needs CPU tensors; copy the tensor to CPU first")
+        if not array.is_contiguous():
+            raise ConfigError("all_reduce reduces in place: pass a contiguous tensor")
+        flat = array.detach().reshape(-1)
+        if kind is Kind.BF16:
+            import torch
+
+            return Flat(flat.view(torch.int16).numpy().view(np.uint16), kind)
+        return Flat(flat.numpy(), kind)
+    raise ConfigError(f"all_reduce takes numpy arrays or torch tensors, not {type(array).__name__}")

@@ -1,0 +1,482 @@
+"""Membership driver of one run over a ``Fabric`` (trio).
+
+The driver registers the run's control
+handlers, heartbeats every member, detects failures (silence past
+``HEARTBEAT_TIMEOUT``, a dropped connection, a peer's abort or heartbeat
+report), measures links (RTT from heartbeats, bandwidth from a one-off data
+probe) and agrees round views with the other members (``collectives.view``).
+Collectives themselves live in ``collectives.run``; this module owns who is in
+the run and who is gone.
+
+Rounds: members call ``update_view()`` together at a round boundary (joins
+take effect there); ``all_reduce(retry=True)`` re-forms the view among the
+survivors after a failure, without admitting joiners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from collectives import messages as m
+from collectives.api import View
+from collectives.fabric import Fabric
+from collectives.membership import Membership, NotMember, Pending, Retry, Timing
+from collectives.topology import LinkEstimate
+from collectives.view import Decision, Ready, initial_view
+from peerd.errors import ConfigError, PeerLost, ProtocolError, RemoteError, Timeout
+from peerd.log import event
+from peerd.wire import decode_untrusted, encode
+
+log = logging.getLogger("collectives.driver")
+
+PHASE_TIMEOUT = 30.0  # base deadline of one all-reduce phase, plus size / MIN_BANDWIDTH
+MIN_BANDWIDTH = 1.25e6  # bytes/s (10 Mbit/s): the slowest link a phase deadline allows for
+CALL_TIMEOUT = 10.0  # control RPCs other than view agreement
+PROBE_BYTES = 1 << 20  # bandwidth probe size per peer pair
+
+
+class Evicted(PeerLost):
+    """This peer is not in the run's current view (declared gone, or left); ``join()`` again."""
+
+    def __init__(self, me: str, detail: str = "") -> None:
+        super().__init__([me], detail or "this peer is not a member of the view")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    timing: Timing = field(default_factory=Timing)
+    phase_timeout: float = PHASE_TIMEOUT
+    min_bandwidth: float = MIN_BANDWIDTH
+    sub_chunk_bytes: int = 1 << 20  # pipelining unit (fp32 bytes of a sub-chunk)
+    call_timeout: float = CALL_TIMEOUT
+    probe_bytes: int = PROBE_BYTES
+    max_attempts: int = 8
+    join_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    revision: int | None
+    members: tuple[str, ...]
+    suspects: tuple[str, ...]
+    view_changes: int
+    peers_lost: int
+    all_reduces: int
+    failed_attempts: int
+    bytes_sent: int
+    bytes_received: int
+
+
+def view_digest(decision: Decision) -> str:
+    """Short hash of a view, so data of two different views can never mix."""
+    text = f"{decision.revision}|{'|'.join(decision.members)}".encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+class MembershipDriver:
+    """Membership, failure detection and round views of one run on one node."""
+
+    def __init__(self, fabric: Fabric, run: str, config: EngineConfig | None = None) -> None:
+        self.fabric = fabric
+        self.run = run
+        self.me = fabric.me
+        self.config = config or EngineConfig()
+        self.core = Membership(self.me, self.config.timing)
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()  # replaced whenever the view or the suspects change
+        self._reform_lock = trio.Lock()
+        self._rtt: dict[str, float] = {}
+        self._bandwidth: dict[str, float] = {}
+        self._probing: set[str] = set()
+        self._seen_connected: set[str] = set()
+        self._on_lost: list[Callable[[frozenset[str]], None]] = []
+        self._probe_seq = 0
+        self.view_changes = 0
+        self.peers_lost = 0
+        self.counters: dict[str, int] = {"all_reduces": 0, "failed": 0, "sent": 0, "received": 0}
+
+    # ------------------------------------------------------------------ public
+
+    def current_view(self) -> View | None:
+        """The installed view if this peer is a member of it, else ``None``."""
+        d = self.core.view
+        if d is None or self.me not in d.members:
+            return None
+        return View(self.run, d.revision, d.members, self.me)
+
+    def view(self) -> View:
+        v = self.current_view()
+        if v is None:
+            raise Evicted(self.me) if self.core.view else ConfigError("join the run first")
+        return v
+
+    def statistics(self) -> EngineStats:
+        d = self.core.view
+        c = self.counters
+        return EngineStats(
+            d.revision if d else None,
+            d.members if d else (),
+            tuple(sorted(self.core.suspects)),
+            self.view_changes,
+            self.peers_lost,
+            c["all_reduces"],
+            c["failed"],
+            c["sent"],
+            c["received"],
+        )
+
+    async def update_view(self) -> View:
+        """Round boundary: agree the next view with every member (joiners admitted)."""
+        await self._change_view(admit=True, after=None)
+        return self.view()
+
+    async def join(self, timeout: float | None = None) -> View:
+        """Ask the run's members to admit this peer; returns once a view includes it."""
+        with trio.fail_after(timeout if timeout is not None else self.config.join_timeout):
+            while self.current_view() is None:
+                changed = self._changed
+                for peer in sorted(self.fabric.peers()):
+                    self._spawn(self._send_join, peer)
+                with trio.move_on_after(self.config.timing.heartbeat_interval):
+                    await changed.wait()
+        return self.view()
+
+    async def leave(self) -> None:
+        """Tell the members this peer leaves; they drop it at once."""
+        d = self.core.view
+        if d is None or not self.core.is_member:
+            return
+        msg = encode(m.Leave(self.run, d.revision))
+        async with trio.open_nursery() as nursery:
+            for peer in self.core.others():
+                nursery.start_soon(self._quiet_call, peer, "leave", msg)
+        self._install(Decision(d.revision + 1, tuple(p for p in d.members if p != self.me)))
+
+    # ------------------------------------------------------------ for the ops
+
+    def on_lost(self, callback: Callable[[frozenset[str]], None]) -> None:
+        self._on_lost.append(callback)
+
+    def changed(self) -> trio.Event:
+        return self._changed
+
+    def lost(self, peers: set[str] | frozenset[str], reason: str) -> frozenset[str]:
+        """Record peers as gone: abort collectives using them, tell the other members."""
+        new = self.core.suspect(peers)
+        if not new:
+            return new
+        self.peers_lost += len(new)
+        event(log, "collectives.peer_lost", me=self.me, run=self.run, peers=sorted(new), why=reason)
+        for callback in list(self._on_lost):
+            callback(new)
+        d = self.core.view
+        assert d is not None
+        msg = encode(m.Abort(self.run, d.revision, tuple(sorted(new)), reason[:1000]))
+        for peer in self.core.others():
+            if peer not in self.core.suspects:
+                self._spawn(self._quiet_call, peer, "abort", msg)
+        self._poll_round()
+        self._notify()
+        return new
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._spawn(fn, *args)
+
+    async def reform(self, after: int) -> None:
+        """Form a view among survivors after revision ``after`` failed (no joiners)."""
+        await self._change_view(admit=False, after=after)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _method(self, name: str) -> str:
+        return f"collectives/{self.run}/{name}"
+
+    def _start(self, nursery: trio.Nursery, members: tuple[str, ...] | None) -> None:
+        self._nursery = nursery
+        if members is not None:
+            if self.me not in members:
+                raise ConfigError(f"initial members of run {self.run!r} must include this peer")
+            self._install(initial_view(members))
+        handlers = {
+            "hb": self._on_heartbeat,
+            "join": self._on_join,
+            "ready": self._on_ready,
+            "commit": self._on_commit,
+            "abort": self._on_abort,
+            "leave": self._on_leave,
+            "probe": self._on_probe,
+        }
+        for name, handler in handlers.items():
+            self.fabric.register(self._method(name), handler)
+        nursery.start_soon(self._heartbeat_loop)
+
+    def _stop(self) -> None:
+        for name in ("hb", "join", "ready", "commit", "abort", "leave", "probe"):
+            self.fabric.unregister(self._method(name))
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _install(self, decision: Decision) -> None:
+        before = self.core.view
+        self.core.install(decision, trio.current_time())
+        self._sync(before)
+
+    def _sync(self, before: Decision | None) -> None:
+        """React to a view change made by the core; if this peer decided it,
+        push the view to the peers it admitted (they sent no ready)."""
+        now_view = self.core.view
+        if now_view is before or now_view is None:
+            return
+        self.view_changes += 1
+        event(log, "collectives.view", me=self.me, run=self.run, revision=now_view.revision,
+              members=now_view.members)
+        self._notify()
+        if self.core.last_decided is now_view:
+            old = set(before.members) if before else set()
+            msg = encode(m.ViewCommit(self.run, now_view.revision, now_view.members))
+            for peer in now_view.members:
+                if peer not in old and peer != self.me:
+                    self._spawn(self._quiet_call, peer, "commit", msg)
+
+    # ------------------------------------------------------------ heartbeats
+
+    async def _heartbeat_loop(self) -> None:
+        timing = self.config.timing
+        while True:
+            if self.core.is_member:
+                now = trio.current_time()
+                # Only a peer seen connected before can be "disconnected": at
+                # start-up members may not have connected yet.
+                connected = self.fabric.peers()
+                self._seen_connected |= connected
+                gone = {p for p in self.core.others() if p in self._seen_connected - connected}
+                if gone:
+                    self.lost(gone, "disconnected")
+                expired = self.core.expired(now)
+                if expired:
+                    self.lost(expired, f"silent for over {timing.heartbeat_timeout}s")
+                for peer in self.core.others():
+                    if peer not in self.core.suspects:
+                        self._spawn(self._heartbeat, peer)
+                        if peer not in self._bandwidth and peer not in self._probing:
+                            self._probing.add(peer)
+                            self._spawn(self._probe, peer)
+            await trio.sleep(timing.heartbeat_interval)
+
+    async def _heartbeat(self, peer: str) -> None:
+        d = self.core.view
+        assert d is not None
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)))
+        start = trio.current_time()
+        try:
+            await self.fabric.call(
+                peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
+            )
+        except PeerLost:
+            self.lost({peer}, "heartbeat: connection lost")
+            return
+        except (Timeout, RemoteError):
+            return  # silence is judged by the timeout, not by one late reply
+        now = trio.current_time()
+        self.core.heard(peer, now)
+        rtt = now - start
+        self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
+
+    async def _probe(self, peer: str) -> None:
+        """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
+        self._probe_seq += 1
+        key = f"probe/{self.run}/{self._probe_seq}".encode()
+        n = self.config.probe_bytes
+        try:
+            start = trio.current_time()
+            await self.fabric.send_data(peer, key, bytes(n))
+            await self.fabric.call(
+                peer,
+                self._method("probe"),
+                encode(m.Probe(self.run, key, n)),
+                self.config.call_timeout,
+            )
+            elapsed = trio.current_time() - start - self._rtt.get(peer, 0.0)
+            self._bandwidth[peer] = n / max(elapsed, 1e-6)
+        except (PeerLost, Timeout, RemoteError):
+            pass
+        finally:
+            self._probing.discard(peer)
+
+    async def _quiet_call(self, peer: str, name: str, payload: bytes) -> None:
+        with contextlib.suppress(PeerLost, Timeout, RemoteError):
+            await self.fabric.call(peer, self._method(name), payload, self.config.call_timeout)
+
+    def _decode(self, payload: bytes, cls: type[Any]) -> Any:
+        msg = decode_untrusted(payload, expect=cls)
+        if msg.run != self.run:
+            raise ProtocolError(f"message for run {msg.run!r} on run {self.run!r}")
+        return msg
+
+    def _ack(self) -> bytes:
+        return encode(m.Ack(self.run, self.core.view.revision if self.core.view else 0))
+
+    async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
+        msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
+        self.core.heard(peer, trio.current_time())
+        d = self.core.view
+        if d is not None and msg.revision == d.revision and peer in d.members:
+            reported = set(msg.suspects) - {self.me}
+            if reported:
+                self.lost(reported, f"reported by {peer}")
+        return self._ack()
+
+    async def _on_abort(self, peer: str, payload: bytes) -> bytes:
+        msg: m.Abort = self._decode(payload, m.Abort)
+        d = self.core.view
+        if d is not None and msg.revision == d.revision and peer in d.members:
+            # Someone naming this peer as gone cannot talk to it: treat them alike.
+            gone = (set(msg.lost) - {self.me}) | ({peer} if self.me in msg.lost else set())
+            self.lost(gone, f"{peer}: {msg.reason}")
+        return self._ack()
+
+    async def _on_leave(self, peer: str, payload: bytes) -> bytes:
+        self._decode(payload, m.Leave)
+        self.lost({peer}, "left the run")
+        return self._ack()
+
+    async def _on_probe(self, peer: str, payload: bytes) -> bytes:
+        msg: m.Probe = self._decode(payload, m.Probe)
+        with trio.fail_after(self.config.call_timeout):
+            data = await self.fabric.recv_data(peer, msg.key)
+        if len(data) != msg.nbytes:
+            raise ProtocolError("probe size mismatch")
+        return self._ack()
+
+    # ------------------------------------------------------------ joining
+
+    async def _send_join(self, peer: str) -> None:
+        try:
+            reply = await self.fabric.call(
+                peer,
+                self._method("join"),
+                encode(m.JoinRequest(self.run)),
+                self.config.timing.heartbeat_interval * 2,
+            )
+        except (PeerLost, Timeout, RemoteError):
+            return
+        msg = decode_untrusted(reply)
+        if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
+            self._install(Decision(msg.revision, msg.members))
+
+    async def _on_join(self, peer: str, payload: bytes) -> bytes:
+        self._decode(payload, m.JoinRequest)
+        d = self.core.view
+        if d is None or not self.core.is_member:
+            return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY, "not a member"))
+        self.core.join_request(peer, trio.current_time())
+        return encode(m.ViewCommit(self.run, d.revision, d.members))
+
+    async def _on_commit(self, peer: str, payload: bytes) -> bytes:
+        msg: m.ViewCommit = self._decode(payload, m.ViewCommit)
+        if self.me in msg.members:
+            self._install(Decision(msg.revision, msg.members))
+        return self._ack()
+
+    # ------------------------------------------------------------ view agreement
+
+    def _ready(self, admit: bool) -> m.ViewReady:
+        d = self.core.view
+        assert d is not None
+        links = tuple(
+            m.LinkReport(p, self._bandwidth[p], self._rtt.get(p, 0.0) / 2)
+            for p in self.core.others()
+            if p in self._bandwidth
+        )
+        return m.ViewReady(
+            self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links
+        )
+
+    def _poll_round(self) -> None:
+        before = self.core.view
+        self.core.poll(trio.current_time())
+        self._sync(before)
+
+    async def _offer(self, peer: str, msg: m.ViewReady) -> bytes:
+        ready = Ready(
+            peer,
+            msg.revision,
+            msg.members,
+            frozenset(msg.suspects),
+            msg.admit,
+            {r.peer: LinkEstimate(r.bandwidth, r.latency) for r in msg.links},
+        )
+        before = self.core.view
+        outcome = self.core.offer(ready, trio.current_time())
+        self._sync(before)
+        if isinstance(outcome, Pending):
+            deadline = self.core.deadline() or trio.current_time()
+            with trio.move_on_at(deadline):
+                while self.core.view is not None and self.core.view.revision <= outcome.revision:
+                    await self._changed.wait()
+            answer = self.core.answer(peer, outcome.revision)
+            if answer is None:
+                self._poll_round()
+                answer = self.core.answer(peer, outcome.revision)
+            outcome = answer if answer is not None else Retry("no decision before the deadline")
+        if isinstance(outcome, Decision):
+            return encode(m.ViewCommit(self.run, outcome.revision, outcome.members))
+        reason = (
+            m.RefuseReason.NOT_MEMBER if isinstance(outcome, NotMember) else m.RefuseReason.RETRY
+        )
+        return encode(m.ViewRefused(self.run, reason, outcome.detail))
+
+    async def _on_ready(self, peer: str, payload: bytes) -> bytes:
+        return await self._offer(peer, self._decode(payload, m.ViewReady))
+
+    async def _change_view(self, *, admit: bool, after: int | None) -> None:
+        async with self._reform_lock:
+            d = self.core.view
+            if d is None or not self.core.is_member:
+                raise Evicted(self.me)
+            if after is not None and d.revision > after:
+                return  # another task already re-formed the view past the failed one
+            start = d.revision
+            timeout = self.config.timing.view_timeout + self.config.call_timeout
+            for _ in range(4 * self.config.max_attempts):
+                coord = self.core.coordinator()
+                assert coord is not None  # this peer is never its own suspect
+                payload = encode(self._ready(admit))
+                try:
+                    if coord == self.me:
+                        reply = await self._offer(self.me, self._ready(admit))
+                    else:
+                        reply = await self.fabric.call(
+                            coord, self._method("ready"), payload, timeout
+                        )
+                except (PeerLost, Timeout):
+                    self.lost({coord}, "coordinator unreachable")
+                    continue
+                except RemoteError:
+                    await trio.sleep(self.config.timing.heartbeat_interval)
+                    continue
+                msg = decode_untrusted(reply)
+                if isinstance(msg, m.ViewCommit) and msg.run == self.run:
+                    if self.me not in msg.members:
+                        raise Evicted(self.me, f"not in revision {msg.revision}")
+                    self._install(Decision(msg.revision, msg.members))
+                    if self.core.view is not None and self.core.view.revision > start:
+                        return
+                elif isinstance(msg, m.ViewRefused) and msg.reason == m.RefuseReason.NOT_MEMBER:
+                    raise Evicted(self.me, msg.detail)
+                else:
+                    await trio.sleep(self.config.timing.heartbeat_interval)
+            raise Timeout(f"run {self.run}: no view agreed after revision {start}")

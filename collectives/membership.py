@@ -1,0 +1,173 @@
+"""Per-run membership state machine (sans-I/O).
+
+Holds the installed view, who is suspected of being gone, when each peer was
+last heard from, pending joiners, and, when this peer coordinates, the readies
+collected for the next view. Every method takes ``now``; the trio driver in
+``collectives.run`` owns timers and messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collectives.view import Decision, Ready, coordinator_of, decide_view
+
+HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats to each member
+HEARTBEAT_TIMEOUT = 5.0  # silence after which a member is considered gone
+VIEW_TIMEOUT = 60.0  # how long a coordinator waits for all members to be ready
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    view_timeout: float = VIEW_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Ready recorded; the answer comes when the view passes ``revision``."""
+
+    revision: int
+
+
+@dataclass(frozen=True)
+class NotMember:
+    detail: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    detail: str
+
+
+Outcome = Decision | Pending | NotMember | Retry
+
+
+class Membership:
+    def __init__(self, me: str, timing: Timing = Timing()) -> None:
+        self.me = me
+        self.timing = timing
+        self.view: Decision | None = None
+        self.suspects: set[str] = set()
+        self._last_seen: dict[str, float] = {}
+        self._joiners: dict[str, float] = {}
+        self._readies: dict[str, Ready] = {}
+        self._round_started: float | None = None
+        self.last_decided: Decision | None = None  # the last view this peer decided
+
+    # -------------------------------------------------------------- view
+
+    def install(self, decision: Decision, now: float) -> bool:
+        """Adopt a decided view if it is newer than ours; returns whether it was."""
+        if self.view is not None and decision.revision <= self.view.revision:
+            return False
+        self.view = decision
+        members = set(decision.members)
+        self._readies.clear()
+        self._round_started = None
+        self.suspects &= members
+        for m in members - self._last_seen.keys():
+            self._last_seen[m] = now  # a grace period for newcomers
+        for gone in set(self._last_seen) - members - self._joiners.keys():
+            del self._last_seen[gone]
+        for j in members & self._joiners.keys():
+            del self._joiners[j]
+        return True
+
+    @property
+    def is_member(self) -> bool:
+        return self.view is not None and self.me in self.view.members
+
+    def others(self) -> tuple[str, ...]:
+        return tuple(m for m in (self.view.members if self.view else ()) if m != self.me)
+
+    # -------------------------------------------------------------- liveness
+
+    def heard(self, peer: str, now: float) -> None:
+        if peer in self._last_seen:
+            self._last_seen[peer] = max(self._last_seen[peer], now)
+
+    def suspect(self, peers: set[str] | frozenset[str]) -> frozenset[str]:
+        """Mark members of the view as gone; returns those newly suspected."""
+        members = set(self.view.members) if self.view else set()
+        new = frozenset((set(peers) & members) - self.suspects - {self.me})
+        self.suspects |= new
+        return new
+
+    def expired(self, now: float) -> frozenset[str]:
+        """Members not yet suspected that have been silent past the heartbeat timeout."""
+        limit = self.timing.heartbeat_timeout
+        return frozenset(
+            m
+            for m in self.others()
+            if m not in self.suspects and now - self._last_seen.get(m, now) > limit
+        )
+
+    # -------------------------------------------------------------- joiners
+
+    def join_request(self, peer: str, now: float) -> None:
+        if self.view is not None and peer in self.view.members:
+            return
+        self._joiners[peer] = now
+        self._last_seen[peer] = now
+
+    def joiners(self, now: float) -> frozenset[str]:
+        """Joiners heard from within the heartbeat timeout."""
+        limit = self.timing.heartbeat_timeout
+        return frozenset(j for j, t in self._joiners.items() if now - t <= limit)
+
+    # -------------------------------------------------------------- agreement
+
+    def coordinator(self) -> str | None:
+        return coordinator_of(self.view.members, self.suspects) if self.view else None
+
+    def offer(self, ready: Ready, now: float) -> Outcome:
+        """A member's ``Ready`` reached this peer (possibly from itself)."""
+        if self.view is None:
+            return Retry("no view installed yet")
+        self.suspect(ready.suspects - {self.me})
+        if ready.revision > self.view.revision and self.me in ready.members:
+            # The sender saw a view decided while this peer missed the commit.
+            self.install(Decision(ready.revision, ready.members), now)
+        if ready.peer not in self.view.members:
+            return NotMember(f"{ready.peer} is not in revision {self.view.revision}")
+        if ready.revision < self.view.revision and not self._readies:
+            return self.view  # the sender missed the commit of our current view
+        if self.coordinator() != self.me:
+            return Retry(f"{self.me} is not the coordinator of revision {self.view.revision}")
+        self._readies[ready.peer] = ready
+        if self._round_started is None:
+            self._round_started = now
+        return self.poll(now) or Pending(self.view.revision)
+
+    def deadline(self) -> float | None:
+        if self._round_started is None:
+            return None
+        return self._round_started + self.timing.view_timeout
+
+    def poll(self, now: float) -> Decision | None:
+        """Decide the next view if everyone expected is ready or the deadline passed."""
+        if self.view is None or not self._readies:
+            return None
+        deadline = self.deadline()
+        decision = decide_view(
+            self.view.revision,
+            self.view.members,
+            self._readies,
+            self.suspects,
+            self.joiners(now),
+            deadline is not None and now >= deadline,
+        )
+        if decision is not None:
+            self.install(decision, now)
+            self.last_decided = decision
+        return decision
+
+    def answer(self, peer: str, after: int) -> Decision | NotMember | None:
+        """The reply to a pending ready once the view moved past ``after``."""
+        if self.view is None or self.view.revision <= after:
+            return None
+        if peer in self.view.members:
+            return self.view
+        return NotMember(f"{peer} is not in revision {self.view.revision}")

@@ -1,0 +1,184 @@
+"""Control messages of the collectives engine (wire type ids 200-299).
+
+They travel as payloads of ``Fabric.call``; every one is validated on decode
+(``peerd.wire.decode_untrusted`` turns a failed ``__post_init__`` into a
+``ProtocolError``), so sizes and values from peers are bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from peerd.wire import message
+
+PROTOCOL_VERSION = 1
+MAX_MEMBERS = 4096
+MAX_ID = 256
+
+
+def _check_ids(ids: tuple[str, ...], what: str) -> None:
+    if len(ids) > MAX_MEMBERS:
+        raise ValueError(f"{what}: more than {MAX_MEMBERS} peers")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{what}: duplicate peer ids")
+    for p in ids:
+        if not 0 < len(p) <= MAX_ID:
+            raise ValueError(f"{what}: bad peer id length")
+
+
+def _check_run(run: str, revision: int = 0) -> None:
+    if not 0 < len(run) <= MAX_ID:
+        raise ValueError("bad run name length")
+    if revision < 0:
+        raise ValueError("negative revision")
+
+
+@message(200)
+@dataclass(frozen=True)
+class Heartbeat:
+    """'I am alive', plus whom the sender believes gone in its current view."""
+
+    run: str
+    revision: int
+    suspects: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+        _check_ids(self.suspects, "suspects")
+
+
+@message(201)
+@dataclass(frozen=True)
+class Ack:
+    run: str
+    revision: int
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+
+
+@message(202)
+@dataclass(frozen=True)
+class JoinRequest:
+    """Sent by a joiner to every connected peer, repeatedly until admitted."""
+
+    run: str
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_run(self.run)
+
+
+@message(203)
+@dataclass(frozen=True)
+class ViewCommit:
+    """A decided view: the reply to a ``ViewReady``/``JoinRequest``, or pushed to joiners."""
+
+    run: str
+    revision: int
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+        _check_ids(self.members, "members")
+
+
+@message(204)
+@dataclass(frozen=True)
+class LinkReport:
+    """The sender's measurement of its link to ``peer``."""
+
+    peer: str
+    bandwidth: float  # bytes per second
+    latency: float  # seconds, one way
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.peer) <= MAX_ID:
+            raise ValueError("bad peer id length")
+        for v in (self.bandwidth, self.latency):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError("link figures must be finite and >= 0")
+
+
+@message(205)
+@dataclass(frozen=True)
+class ViewReady:
+    """A member is at a round boundary and asks the coordinator for the next view."""
+
+    run: str
+    revision: int
+    members: tuple[str, ...]  # the sender's current view
+    suspects: tuple[str, ...]
+    admit: bool  # may joiners be admitted (explicit boundary) or not (failure retry)
+    links: tuple[LinkReport, ...]
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+        _check_ids(self.members, "members")
+        _check_ids(self.suspects, "suspects")
+        if len(self.links) > MAX_MEMBERS:
+            raise ValueError("too many link reports")
+
+
+class RefuseReason(enum.IntEnum):
+    NOT_MEMBER = 1  # the asker is not in the decided view: it was evicted
+    RETRY = 2  # the receiver cannot decide now (not coordinator, no view yet)
+
+
+@message(206)
+@dataclass(frozen=True)
+class ViewRefused:
+    run: str
+    reason: RefuseReason
+    detail: str
+
+    def __post_init__(self) -> None:
+        _check_run(self.run)
+        if len(self.detail) > 1024:
+            raise ValueError("detail too long")
+
+
+@message(207)
+@dataclass(frozen=True)
+class Abort:
+    """Collectives of ``revision`` that involve ``lost`` must stop: they are gone."""
+
+    run: str
+    revision: int
+    lost: tuple[str, ...]
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+        _check_ids(self.lost, "lost")
+        if len(self.reason) > 1024:
+            raise ValueError("reason too long")
+
+
+@message(208)
+@dataclass(frozen=True)
+class Leave:
+    run: str
+    revision: int
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+
+
+@message(209)
+@dataclass(frozen=True)
+class Probe:
+    """Receive ``nbytes`` sent under ``key`` as data, then reply (bandwidth probe)."""
+
+    run: str
+    key: bytes
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _check_run(self.run)
+        if not 0 < len(self.key) <= 512:
+            raise ValueError("bad probe key")
+        if not 0 < self.nbytes <= 64 * 1024 * 1024:
+            raise ValueError("bad probe size")

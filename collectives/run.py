@@ -1,0 +1,246 @@
+"""The per-run collectives engine: fault-tolerant ring all-reduce over a ``Fabric``.
+
+``open_engine(fabric, run, members=...)`` yields an ``Engine``: the membership
+driver (``collectives.driver``: heartbeats, failure detection, round views)
+plus the collectives. An all-reduce:
+
+1. runs the pipelined ring (``collectives.allreduce``) on the current view,
+   into a scratch buffer; the caller's array is untouched so far;
+2. exchanges a one-byte status with every member: a peer commits only when it
+   has the whole result and no live member reports a failure, so survivors
+   either all commit the same bytes or all raise ``PeerLost`` (a peer that
+   vanishes after the ring completed cannot make the others disagree);
+3. copies the result into the caller's array.
+
+On ``PeerLost`` with ``retry=True`` the survivors agree a new view (without
+joiners) and run again; the result names exactly the peers whose inputs it
+holds, and an average divides by their count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
+from collectives.api import AllReduceResult, Quant, ReduceOp
+from collectives.arrays import flatten
+from collectives.chunking import layout
+from collectives.driver import EngineConfig, Evicted, MembershipDriver, view_digest
+from collectives.fabric import Fabric
+from collectives.quant import codec_for
+from collectives.view import Decision
+from peerd.errors import ConfigError, PeerLost
+
+__all__ = ["Engine", "EngineConfig", "Evicted", "open_engine"]
+
+_OK = b"\x01"
+_FAILED = b"\x00"
+
+
+def parse_op(op: ReduceOp | str) -> ReduceOp:
+    if isinstance(op, ReduceOp):
+        return op
+    try:
+        return ReduceOp[str(op).upper()]
+    except KeyError:
+        raise ConfigError(f"unknown reduce op {op!r}: use 'sum' or 'avg'") from None
+
+
+@dataclass
+class _Op:
+    members: frozenset[str]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    lost: set[str] = field(default_factory=set)
+    in_status: bool = False  # past the ring: losing a peer no longer aborts
+
+
+class Engine(MembershipDriver):
+    """Membership and round views of one run, plus its collectives."""
+
+    def __init__(self, fabric: Fabric, run: str, config: EngineConfig | None = None) -> None:
+        super().__init__(fabric, run, config)
+        self._active: dict[str, _Op] = {}
+        self._seq: dict[tuple[int, str], int] = {}
+        self.on_lost(self._abort_ops)
+
+    def _abort_ops(self, peers: frozenset[str]) -> None:
+        for op in self._active.values():
+            hit = op.members & peers
+            if hit and not op.in_status:
+                op.lost |= hit
+                op.scope.cancel()
+
+    async def all_reduce(
+        self,
+        array: Any,
+        op: ReduceOp | str = ReduceOp.AVG,
+        *,
+        tag: str = "default",
+        quant: Quant = Quant.NONE,
+        retry: bool = True,
+    ) -> AllReduceResult:
+        """Reduce ``array`` (numpy or torch CPU; fp32, fp16 or bf16) in place over the view.
+
+        Every member must call this with the same ``tag``, shape, dtype, op
+        and quant. Concurrent calls need distinct tags. Raises ``PeerLost``
+        naming the lost peers (``retry=False``, or retries exhausted) and
+        ``Evicted`` if this peer was dropped; the array is then unchanged.
+        """
+        reduce_op = parse_op(op)
+        flat = flatten(array)
+        codec = codec_for(Quant(quant), flat.kind)
+        if tag in self._active:
+            raise ConfigError(f"an all-reduce with tag {tag!r} is already running")
+        start = trio.current_time()
+        self.counters["all_reduces"] += 1
+        total = Counters()
+        attempts = 0
+        while True:
+            attempts += 1
+            d = self.core.view
+            if d is None or self.me not in d.members:
+                raise Evicted(self.me) if d is not None else ConfigError("join the run first")
+            counters = Counters()
+            try:
+                await self._attempt(d, flat, codec, reduce_op, tag, counters)
+            except PeerLost as exc:
+                self.counters["failed"] += 1
+                if isinstance(exc, Evicted) or not retry or attempts >= self.config.max_attempts:
+                    raise
+                await self.reform(after=d.revision)
+                continue
+            finally:
+                total.sent += counters.sent
+                total.received += counters.received
+                self.counters["sent"] += counters.sent
+                self.counters["received"] += counters.received
+            return AllReduceResult(
+                d.members,
+                d.revision,
+                total.sent,
+                total.received,
+                trio.current_time() - start,
+                attempts,
+            )
+
+    async def _attempt(
+        self, d: Decision, flat: Any, codec: Any, op: ReduceOp, tag: str, counters: Counters
+    ) -> None:
+        seq = self._seq.get((d.revision, tag), 0)
+        self._seq = {k: v for k, v in self._seq.items() if k[0] >= d.revision}
+        self._seq[(d.revision, tag)] = seq + 1
+        prefix = f"ar/{self.run}/{d.revision}.{view_digest(d)}/{tag}/{seq}/".encode()
+        members = frozenset(d.members)
+        gone = members & self.core.suspects
+        if gone:
+            self._send_status(d, prefix, _FAILED + ",".join(sorted(gone)).encode())
+            raise PeerLost(gone, "already known to be gone")
+        lay = layout(
+            flat.size, len(d.members), max(1, self.config.sub_chunk_bytes // 4), codec.wire_size
+        )
+        phase = self.config.phase_timeout + lay.total / self.config.min_bandwidth
+        now = trio.current_time()
+        job = RingJob(
+            d.members,
+            d.members.index(self.me),
+            flat,
+            codec,
+            lay,
+            op is ReduceOp.AVG,
+            prefix,
+            now + phase,
+            now + 2 * phase,
+        )
+        state = _Op(members)
+        self._active[tag] = state
+        try:
+            gathered = None
+            with state.scope:
+                try:
+                    gathered = await ring_all_reduce(self.fabric, job, counters)
+                except PeerLost as exc:
+                    state.lost |= set(exc.peers) & members
+                    self.lost(set(exc.peers) & members, str(exc))
+            if gathered is None:
+                lost = state.lost or (members - {self.me})
+                self._send_status(d, prefix, _FAILED + ",".join(sorted(lost)).encode())
+                raise PeerLost(lost, f"all-reduce {tag!r} aborted in revision {d.revision}")
+            state.in_status = True
+            self._send_status(d, prefix, _OK)
+            await self._await_status(d, prefix, now + 3 * phase)
+            commit(job, gathered)
+        finally:
+            del self._active[tag]
+            self.fabric.drop_data(prefix)
+
+    def _send_status(self, d: Decision, prefix: bytes, status: bytes) -> None:
+        for peer in d.members:
+            if peer != self.me and peer not in self.core.suspects:
+                self.spawn(self._status_to, peer, prefix + b"st", status)
+
+    async def _status_to(self, peer: str, key: bytes, status: bytes) -> None:
+        with trio.move_on_after(self.config.phase_timeout):
+            with suppress(PeerLost):
+                await self.fabric.send_data(peer, key, status)
+
+    async def _await_status(self, d: Decision, prefix: bytes, deadline: float) -> None:
+        """Wait for every live member's status; raise ``PeerLost`` if any reports failure."""
+        reports: dict[str, bytes] = {}
+
+        async def one(peer: str) -> None:
+            with trio.move_on_at(deadline) as timer:
+                async with trio.open_nursery() as nursery:
+
+                    async def watch() -> None:
+                        while peer not in self.core.suspects:
+                            await self.changed().wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch)
+                    try:
+                        reports[peer] = bytes(await self.fabric.recv_data(peer, prefix + b"st"))
+                    except PeerLost:
+                        self.lost({peer}, "lost while exchanging all-reduce status")
+                    nursery.cancel_scope.cancel()
+            if timer.cancelled_caught:
+                self.lost({peer}, "all-reduce status deadline passed")
+
+        async with trio.open_nursery() as nursery:
+            for peer in d.members:
+                if peer != self.me:
+                    nursery.start_soon(one, peer)
+        failed = {p: r for p, r in reports.items() if r != _OK}
+        if failed:
+            named: set[str] = set()
+            for report in failed.values():
+                named |= set(report[1:].decode("utf-8", "replace").split(","))
+            named &= set(d.members) - {self.me}
+            raise PeerLost(named or failed.keys(), f"reported by {', '.join(sorted(failed))}")
+
+
+@asynccontextmanager
+async def open_engine(
+    fabric: Fabric,
+    run: str,
+    *,
+    members: tuple[str, ...] | list[str] | None = None,
+    config: EngineConfig | None = None,
+) -> AsyncIterator[Engine]:
+    """Run the engine of ``run`` on ``fabric`` for the duration of the block.
+
+    Peers started with the same ``members`` share revision 0 at once (ring
+    sorted by id); a peer started without ``members`` calls ``join()``.
+    """
+    engine = Engine(fabric, run, config)
+    async with trio.open_nursery() as nursery:
+        engine._start(nursery, tuple(members) if members is not None else None)
+        try:
+            yield engine
+        finally:
+            engine._stop()
+            nursery.cancel_scope.cancel()
