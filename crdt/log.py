@@ -18,6 +18,16 @@ class LogEntry:
     blob: bytes
 
 
+@dataclass(frozen=True)
+class Missing:
+    """One chunk of what a peer lacks; ``upto`` is the last seq sent per author,
+    so ``remote | upto`` asks for the next chunk."""
+
+    blobs: list[bytes]
+    more: bool
+    upto: dict[bytes, int]
+
+
 class DeltaLog:
     __slots__ = ("_by_author", "_contiguous", "_max", "total_bytes")
 
@@ -59,10 +69,11 @@ class DeltaLog:
 
     def missing_for(
         self, remote: Mapping[bytes, int], max_bytes: int, order: Iterable[bytes] | None = None
-    ) -> tuple[list[bytes], bool]:
-        """Blobs the holder of ``remote`` lacks, at most ``max_bytes`` of them
-        (but at least one), in ``order`` of authors; and whether more remain."""
+    ) -> Missing:
+        """Blobs the holder of ``remote`` lacks, at most ``max_bytes`` of them (but
+        at least one), authors taken in ``order``, each author's in seq order."""
         out: list[bytes] = []
+        upto: dict[bytes, int] = {}
         size = 0
         for author in self.authors() if order is None else order:
             entries = self._by_author.get(author)
@@ -71,10 +82,11 @@ class DeltaLog:
             for seq in self._seqs_after(entries, author, remote.get(author, 0)):
                 entry = entries[seq]
                 if out and size + len(entry.blob) > max_bytes:
-                    return out, True
+                    return Missing(out, True, upto)
                 out.append(entry.blob)
+                upto[author] = seq
                 size += len(entry.blob)
-        return out, False
+        return Missing(out, False, upto)
 
     def _seqs_after(self, entries: dict[int, LogEntry], author: bytes, after: int) -> list[int]:
         # Walking the range is cheap when the log is dense; a sparse log (e.g. one
@@ -93,4 +105,4 @@ class DeltaLog:
         return [entries[s].blob for s in sorted(entries) if s > after]
 
 
-__all__ = ["DeltaLog", "LogEntry"]
+__all__ = ["DeltaLog", "LogEntry", "Missing"]
