@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sysconfig
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,20 @@ def _is_held_out(rel: str) -> bool:
     return zlib.crc32(rel.encode()) % HELD_OUT_MOD == 0
 
 
-@functools.lru_cache(maxsize=4)
+_LOAD_LOCK = threading.Lock()
+
+
 def load_corpus(
     train_bytes: int = DEFAULT_TRAIN_BYTES, eval_bytes: int = DEFAULT_EVAL_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held_out) uint8 tensors, each capped at the given size."""
+    """(train, held_out) uint8 tensors, each capped at the given size (cached; callers
+    must not modify them)."""
+    with _LOAD_LOCK:  # member threads share one read of the corpus
+        return _load(train_bytes, eval_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(train_bytes: int, eval_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = Path(sysconfig.get_paths()["stdlib"])
     parts: dict[bool, list[bytes]] = {False: [], True: []}
     sizes = {False: 0, True: 0}

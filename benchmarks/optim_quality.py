@@ -1,0 +1,92 @@
+"""Outer-optimizer quality vs bytes: 4 peers train the tiny GPT on the same
+token budget with DDP (gradient all-reduce every step), DiLoCo, Streaming
+DiLoCo, SparseLoCo, and SPES on the tiny MoE. Prints held-out loss and total
+bytes communicated (sent + received, all peers, including shared-state sync)
+per method. LAST line: DiLoCo's bytes reduction over DDP and its loss ratio.
+
+The members run as threads on a ``LocalGroup``; ``make_collectives`` is the
+one place to swap in another ``Collective`` (daemon clients, in-process nodes).
+
+    python benchmarks/optim_quality.py [--steps 300] [--peers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
+
+from collectives.api import Collective  # noqa: E402
+from collectives.local import LocalGroup  # noqa: E402
+from examples.data import load_corpus  # noqa: E402
+from examples.train_diloco import TrainConfig, WorkerResult, train_worker  # noqa: E402
+from optim.harness import run_threads  # noqa: E402
+
+MakeCollectives = Callable[[int], Sequence[Collective]]
+
+
+def local_collectives(n: int) -> list[Collective]:
+    group = LocalGroup(n)
+    return [group.member(i) for i in range(n)]
+
+
+def run(cfg: TrainConfig, peers: int, make: MakeCollectives) -> list[WorkerResult]:
+    members = make(peers)
+    return run_threads(peers, lambda i: train_worker(members[i], cfg, worker=i))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--sync-every", type=int, default=50)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    base = TrainConfig(steps=args.steps, sync_every=args.sync_every)
+    load_corpus(base.train_bytes, base.eval_bytes)
+    h = args.sync_every
+    runs = {
+        "ddp": replace(base, method="ddp"),
+        "diloco": replace(base, method="diloco"),
+        "streaming": replace(base, method="streaming",
+                             outer={"fragments": 2, "overlap": 1, "alpha": 0.5}),
+        "sparseloco": replace(base, method="sparseloco", outer={"outer_lr": 1.0}),
+        "ddp-moe": replace(base, method="ddp", use_moe=True),
+        "spes-moe": replace(base, method="spes", outer={"merge_interval": h}),
+    }
+    results: dict[str, list[WorkerResult]] = {}
+    print(f"{args.peers} peers, {args.steps} steps x batch {base.batch_size} x "
+          f"{base.model.seq_len} tokens per peer, H={h}")
+    print(f"{'method':<12}{'held-out loss':>14}{'total bytes':>16}{'rounds':>8}{'secs':>8}")
+    for name, cfg in runs.items():
+        t0 = time.monotonic()
+        res = run(cfg, args.peers, local_collectives)
+        results[name] = res
+        loss = sum(r.held_out_loss for r in res) / len(res)
+        total = sum(r.bytes_sent + r.bytes_received for r in res)
+        print(f"{name:<12}{loss:>14.4f}{total:>16,d}{res[0].rounds:>8d}"
+              f"{time.monotonic() - t0:>8.1f}", flush=True)
+
+    def loss(k: str) -> float:
+        return sum(r.held_out_loss for r in results[k]) / len(results[k])
+
+    def total(k: str) -> int:
+        return sum(r.bytes_sent + r.bytes_received for r in results[k])
+
+    print(f"sparseloco vs diloco: {total('diloco') / max(1, total('sparseloco')):.1f}x fewer "
+          f"bytes, loss ratio {loss('sparseloco') / loss('diloco'):.4f}")
+    print(f"spes vs ddp on the MoE: {total('ddp-moe') / max(1, total('spes-moe')):.1f}x fewer "
+          f"bytes, loss ratio {loss('spes-moe') / loss('ddp-moe'):.4f}")
+    print(f"diloco vs ddp: {total('ddp') / max(1, total('diloco')):.1f}x fewer bytes, "
+          f"loss ratio {loss('diloco') / loss('ddp'):.4f}")
+
+
+if __name__ == "__main__":
+    main()
