@@ -50,6 +50,9 @@ class MemNetwork:
         self._mail: dict[tuple[str, str, bytes], bytes] = {}
         self._changed = trio.Event()
         self.bytes_sent: dict[tuple[str, str], int] = {}
+        # Test hook: called as on_send(src, dst, key) when a send starts, so a
+        # test can inject a fault at a precise protocol phase.
+        self.on_send: Callable[[str, str, bytes], None] | None = None
 
     # ------------------------------------------------------------ topology
 
@@ -180,6 +183,8 @@ class MemFabric:
 
     async def send_data(self, peer: str, key: bytes, data: memoryview | bytes) -> None:
         copy = bytes(data)
+        if self._net.on_send is not None:
+            self._net.on_send(self._me, peer, bytes(key))
         await self._net._traverse(self._me, peer, len(copy))
         slot = (self._me, peer, bytes(key))
         if slot in self._net._mail:

@@ -3,8 +3,9 @@
 All-reduce time on a ring is set by its slowest hop, so the order maximises
 the bottleneck bandwidth: a greedy nearest-neighbour tour (always step to the
 unvisited peer with the fastest link, then the lowest latency, then the lowest
-id) is built from every starting peer, and the tour with the best
-(bottleneck bandwidth, -total latency) wins. Ties and missing measurements
+id) is built from every starting peer, improved by 2-opt segment reversals
+(the greedy tour's closing hop is often slow), and the tour with the best
+(hop bandwidths slowest first, -total latency) wins, the id-sorted ring included. Ties and missing measurements
 resolve by peer id, so every peer computing this from the same data gets the
 same ring; with no measurements at all the ring is sorted by id.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 UNKNOWN_BANDWIDTH = 0.0  # an unmeasured link is assumed to be the worst
 UNKNOWN_LATENCY = 0.0  # ... but its latency is not held against it
+TWO_OPT_MAX_PEERS = 32  # above this the greedy tours are used as they are (cost)
+TWO_OPT_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -73,16 +76,43 @@ def _greedy(start: str, members: list[str], links: Links) -> tuple[str, ...]:
     return tuple(tour)
 
 
+def _score(tour: tuple[str, ...], links: Links) -> tuple[tuple[float, ...], float]:
+    """Larger is better: hop bandwidths slowest first (max-min), then low latency."""
+    hops = sorted(
+        edge(links, tour[i], tour[(i + 1) % len(tour)]).bandwidth for i in range(len(tour))
+    )
+    return tuple(hops), -total_latency(tour, links)
+
+
+def _two_opt(tour: tuple[str, ...], links: Links) -> tuple[str, ...]:
+    """Reverse segments while that improves the score (bounded passes)."""
+    best, best_score = tour, _score(tour, links)
+    for _ in range(TWO_OPT_PASSES):
+        improved = False
+        for i in range(1, len(best) - 1):
+            for j in range(i + 1, len(best)):
+                cand = best[:i] + best[i : j + 1][::-1] + best[j + 1 :]
+                score = _score(cand, links)
+                if score > best_score:
+                    best, best_score, improved = cand, score, True
+        if not improved:
+            break
+    return best
+
+
 def order_ring(members: Iterable[str], links: Links) -> tuple[str, ...]:
     """A ring over ``members`` (duplicates removed) that maximises the bottleneck link."""
     peers = sorted(set(members))
     if len(peers) < 3:
         return tuple(peers)
     best: tuple[str, ...] | None = None
-    best_key: tuple[float, float] | None = None
-    for start in peers:
-        tour = canonical(_greedy(start, peers, links))
-        key = (bottleneck(tour, links), -total_latency(tour, links))
+    best_key: tuple[tuple[float, ...], float] | None = None
+    # The id-sorted ring is a candidate too, so measurements never make it worse.
+    tours = [tuple(peers)] + [_greedy(s, peers, links) for s in peers]
+    if len(peers) <= TWO_OPT_MAX_PEERS:
+        tours = [_two_opt(t, links) for t in tours]
+    for tour in map(canonical, tours):
+        key = _score(tour, links)
         if (
             best_key is None
             or key > best_key

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectives import messages as m
+from peerd.errors import ProtocolError
+from peerd.wire import decode_untrusted, encode, registered_types
+
+SAMPLES = [
+    m.Heartbeat("r", 3, ("a", "b")),
+    m.Ack("r", 0),
+    m.JoinRequest("r"),
+    m.ViewCommit("r", 9, ("b", "a", "c")),
+    m.ViewReady("r", 2, ("a", "b"), ("c",), True, (m.LinkReport("b", 1e6, 0.01),)),
+    m.ViewRefused("r", m.RefuseReason.NOT_MEMBER, "gone"),
+    m.Abort("r", 1, ("c",), "deadline"),
+    m.Leave("r", 4),
+    m.Probe("r", b"k", 10),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda x: type(x).__name__)
+def test_roundtrip(msg: object) -> None:
+    assert decode_untrusted(encode(msg)) == msg
+
+
+def test_type_ids_in_our_range() -> None:
+    ours = {i for i, cls in registered_types().items() if cls.__module__ == m.__name__}
+    assert len(ours) == 10 and all(200 <= i < 300 for i in ours)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: m.ViewCommit("r", -1, ("a",)),
+        lambda: m.ViewCommit("r", 1, ("a", "a")),
+        lambda: m.ViewCommit("", 1, ("a",)),
+        lambda: m.Heartbeat("r", 0, ("",)),
+        lambda: m.LinkReport("a", float("nan"), 0.0),
+        lambda: m.LinkReport("a", 1.0, -1.0),
+        lambda: m.Probe("r", b"", 3),
+        lambda: m.Probe("r", b"k", 10**9),
+    ],
+)
+def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_invalid_values_from_the_wire_are_protocol_errors() -> None:
+    body = bytearray(encode(m.ViewCommit("r", 1, ("a", "b"))))
+    body[body.rindex(b"b")] = ord("a")  # duplicate member id
+    with pytest.raises(ProtocolError):
+        decode_untrusted(bytes(body))
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=200)
+def test_garbage_raises_only_protocol_error(data: bytes) -> None:
+    try:
+        decode_untrusted(data)
+    except ProtocolError:
+        pass

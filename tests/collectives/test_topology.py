@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectives.topology import LinkEstimate, bottleneck, canonical, order_ring
+
+GBIT = 125e6
+
+
+def full(members: list[str], bw: float, lat: float = 0.01) -> dict[tuple[str, str], LinkEstimate]:
+    return {(a, b): LinkEstimate(bw, lat) for a in members for b in members if a != b}
+
+
+def test_no_measurements_gives_sorted_ring() -> None:
+    assert order_ring(["d", "b", "a", "c"], {}) == ("a", "b", "c", "d")
+    assert order_ring(["b", "a"], {}) == ("a", "b")
+    assert order_ring(["a", "a"], {}) == ("a",)
+
+
+def test_two_clusters_are_crossed_only_twice() -> None:
+    east, west = ["a", "c", "e"], ["b", "d", "f"]
+    members = east + west
+    links = full(members, 0.01 * GBIT)
+    links.update(full(east, GBIT))
+    links.update(full(west, GBIT))
+    links[("a", "b")] = links[("b", "a")] = LinkEstimate(0.5 * GBIT, 0.05)
+    links[("e", "f")] = links[("f", "e")] = LinkEstimate(0.5 * GBIT, 0.05)
+    ring = order_ring(members, links)
+    crossings = sum(
+        (ring[i] in east) != (ring[(i + 1) % len(ring)] in east) for i in range(len(ring))
+    )
+    assert crossings == 2
+    assert bottleneck(ring, links) == 0.5 * GBIT
+    assert bottleneck(tuple(sorted(members)), links) == 0.01 * GBIT
+
+
+def test_one_slow_link_is_avoided() -> None:
+    members = ["a", "b", "c", "d"]
+    links = full(members, GBIT)
+    links[("a", "b")] = LinkEstimate(1e5, 0.2)  # only one direction measured slow
+    ring = order_ring(members, links)
+    pairs = {frozenset((ring[i], ring[(i + 1) % 4])) for i in range(4)}
+    assert frozenset(("a", "b")) not in pairs
+
+
+def test_canonical_is_rotation_and_reflection_invariant() -> None:
+    ring = ("c", "a", "d", "b")
+    variants = {ring[i:] + ring[:i] for i in range(4)}
+    variants |= {tuple(reversed(v)) for v in variants}
+    assert len({canonical(v) for v in variants}) == 1
+
+
+@st.composite
+def matrices(draw: st.DrawFn) -> tuple[list[str], dict[tuple[str, str], LinkEstimate]]:
+    n = draw(st.integers(1, 7))
+    members = [f"p{i}" for i in range(n)]
+    links = {}
+    for a, b in itertools.permutations(members, 2):
+        if draw(st.booleans()):
+            links[(a, b)] = LinkEstimate(draw(st.sampled_from([1e5, 1e6, 1e7, 1e8])), 0.01)
+    return members, links
+
+
+@given(matrices(), st.randoms())
+@settings(max_examples=100)
+def test_ring_is_a_deterministic_permutation_no_worse_than_sorted(case, rnd) -> None:  # type: ignore[no-untyped-def]
+    members, links = case
+    ring = order_ring(members, links)
+    assert sorted(ring) == members
+    shuffled = list(members)
+    rnd.shuffle(shuffled)
+    assert order_ring(shuffled, dict(reversed(list(links.items())))) == ring
+    assert bottleneck(ring, links) >= bottleneck(tuple(members), links)

@@ -1,0 +1,192 @@
+"""View agreement: pure decisions, checked exhaustively on small swarms."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from collectives.membership import Membership, NotMember, Pending, Retry, Timing
+from collectives.view import Decision, Ready, coordinator_of, decide_view, initial_view
+
+MEMBERS = ("a", "b", "c", "d")
+JOINERS = ("x", "y")
+
+
+def subsets(items: tuple[str, ...]) -> list[frozenset[str]]:
+    return [
+        frozenset(c) for r in range(len(items) + 1) for c in itertools.combinations(items, r)
+    ]
+
+
+def test_coordinator_is_lowest_unsuspected() -> None:
+    assert coordinator_of(MEMBERS) == "a"
+    assert coordinator_of(MEMBERS, {"a"}) == "b"
+    assert coordinator_of(MEMBERS, {"a", "b", "c"}) == "d"
+    assert coordinator_of(MEMBERS, set(MEMBERS)) is None
+    assert coordinator_of(("b", "a")) == "a"  # independent of ring order
+
+
+def test_decide_view_exhaustively() -> None:
+    checked = 0
+    for ready_set in subsets(MEMBERS + ("z",)):  # z: a ready peer that is not a member
+        for suspects in subsets(MEMBERS):
+            for joiners in subsets(JOINERS):
+                for admit_all in (True, False):
+                    for passed in (False, True):
+                        readies = {
+                            p: Ready(p, 3, MEMBERS, admit=admit_all or p != min(ready_set))
+                            for p in ready_set
+                        }
+                        got = decide_view(3, MEMBERS, readies, suspects, joiners, passed)
+                        expected = set(MEMBERS) - suspects
+                        ready = ready_set & set(MEMBERS)
+                        chosen = ready & expected
+                        if (not passed and not expected <= ready) or not chosen:
+                            assert got is None
+                            continue
+                        assert got is not None
+                        admit = all(readies[p].admit for p in ready)
+                        want = chosen | (set(joiners) if admit else set())
+                        assert got.revision == 4
+                        assert sorted(got.members) == sorted(want)
+                        assert "z" not in got.members
+                        checked += 1
+    assert checked > 1000
+
+
+def test_initial_view_is_sorted_revision_zero() -> None:
+    assert initial_view(["c", "a", "b"]) == Decision(0, ("a", "b", "c"))
+
+
+# ---------------------------------------------------------------- Membership core
+
+T = Timing(heartbeat_interval=1.0, heartbeat_timeout=5.0, view_timeout=20.0)
+
+
+def core(me: str, members: tuple[str, ...] = MEMBERS, revision: int = 0) -> Membership:
+    m = Membership(me, T)
+    m.install(Decision(revision, members), now=0.0)
+    return m
+
+
+def ready(peer: str, revision: int = 0, **kw: object) -> Ready:
+    return Ready(peer, revision, kw.pop("members", MEMBERS), **kw)  # type: ignore[arg-type]
+
+
+def test_coordinator_decides_when_everyone_is_ready() -> None:
+    c = core("a")
+    for p in ("b", "c", "d"):
+        assert c.offer(ready(p), 1.0) == Pending(0)
+    decision = c.offer(ready("a"), 2.0)
+    assert isinstance(decision, Decision)
+    assert decision.revision == 1 and sorted(decision.members) == list(MEMBERS)
+    assert c.view == decision and c.last_decided == decision
+    assert c.answer("b", 0) == decision
+    assert c.answer("b", 1) is None
+
+
+def test_missing_member_is_dropped_at_the_deadline() -> None:
+    c = core("a")
+    c.offer(ready("a"), 1.0)
+    c.offer(ready("b"), 2.0)
+    assert c.poll(20.9) is None
+    assert c.deadline() == 21.0
+    decision = c.poll(21.0)
+    assert decision is not None and sorted(decision.members) == ["a", "b"]
+    assert isinstance(c.answer("c", 0), NotMember)
+
+
+def test_suspects_travel_with_readies_and_move_the_coordinator() -> None:
+    c = core("b")
+    assert isinstance(c.offer(ready("c"), 1.0), Retry)  # a is alive as far as b knows
+    out = c.offer(ready("d", suspects=frozenset({"a"})), 1.0)
+    assert out == Pending(0) and c.coordinator() == "b"
+    c.offer(ready("c"), 1.5)
+    decision = c.offer(ready("b"), 2.0)
+    assert isinstance(decision, Decision) and sorted(decision.members) == ["b", "c", "d"]
+
+
+def test_late_ready_gets_the_view_it_missed() -> None:
+    c = core("a", revision=5)
+    assert c.offer(ready("b", revision=4), 1.0) == c.view
+    assert isinstance(c.offer(ready("q", revision=4), 1.0), NotMember)
+
+
+def test_coordinator_adopts_a_newer_view_it_missed() -> None:
+    c = core("a", revision=2)
+    newer = ("a", "b", "c")
+    out = c.offer(ready("b", revision=3, members=newer), 1.0)
+    assert c.view == Decision(3, newer)
+    assert out == Pending(3)
+
+
+def test_no_view_means_retry() -> None:
+    assert isinstance(Membership("a", T).offer(ready("b"), 0.0), Retry)
+
+
+def test_joiners_only_at_explicit_boundaries() -> None:
+    for admit, want in ((True, {"a", "b", "x"}), (False, {"a", "b"})):
+        c = core("a", members=("a", "b"))
+        c.join_request("x", 0.5)
+        c.offer(ready("b", members=("a", "b"), admit=admit), 1.0)
+        d = c.offer(ready("a", members=("a", "b"), admit=admit), 1.0)
+        assert isinstance(d, Decision) and set(d.members) == want
+
+
+def test_stale_joiner_is_not_admitted() -> None:
+    c = core("a", members=("a", "b"))
+    c.join_request("x", 0.0)
+    assert c.joiners(5.0) == {"x"}
+    assert c.joiners(5.5) == frozenset()
+    c.offer(ready("b", members=("a", "b")), 6.0)
+    d = c.offer(ready("a", members=("a", "b")), 6.0)
+    assert isinstance(d, Decision) and set(d.members) == {"a", "b"}
+
+
+def test_liveness_expiry_and_suspicion() -> None:
+    c = core("a")
+    c.heard("b", 3.0)
+    c.heard("c", 4.0)
+    assert c.expired(5.0) == frozenset()
+    assert c.expired(8.5) == {"b", "d"}  # d never heard: its grace began at install
+    assert c.suspect({"b", "a", "zz"}) == {"b"}  # never self, never a non-member
+    assert c.expired(8.5) == {"d"}
+    assert c.suspect({"b"}) == frozenset()
+    c.install(Decision(1, ("a", "c", "d")), 9.0)
+    assert c.suspects == set()
+
+
+def test_install_ignores_older_views() -> None:
+    c = core("a", revision=3)
+    assert not c.install(Decision(3, ("a",)), 1.0)
+    assert not c.install(Decision(2, ("a",)), 1.0)
+    assert c.install(Decision(4, ("a", "b")), 1.0)
+    assert c.is_member and c.others() == ("b",)
+
+
+@pytest.mark.parametrize("dead", [set(), {"a"}, {"a", "b"}, {"c"}, {"b", "d"}])
+def test_survivors_converge_on_one_view(dead: set[str]) -> None:
+    """Simulate the ready protocol among cores: survivors end in the same view."""
+    cores = {p: core(p) for p in MEMBERS if p not in dead}
+    for c in cores.values():
+        c.suspect(dead)
+    pending: dict[str, int] = {}
+    for p, c in cores.items():
+        coord = c.coordinator()
+        assert coord is not None and coord in cores
+        out = cores[coord].offer(ready(p, suspects=frozenset(c.suspects)), 1.0)
+        if isinstance(out, Pending):
+            pending[p] = out.revision
+        else:
+            assert isinstance(out, Decision)
+            c.install(out, 1.0)
+    coord = min(cores)
+    for p, after in pending.items():
+        ans = cores[coord].answer(p, after)
+        assert isinstance(ans, Decision)
+        cores[p].install(ans, 1.0)
+    views = {c.view for c in cores.values()}
+    assert len(views) == 1
+    (v,) = views
+    assert v is not None and v.revision == 1 and sorted(v.members) == sorted(cores)
