@@ -61,6 +61,8 @@ class DataConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     rekey_interval: int = DEFAULT_REKEY_INTERVAL
+    # Seal/open large records on worker threads; None: only with 4+ cores.
+    crypto_threads: bool | None = None
 
 
 async def _confirm(
@@ -84,7 +86,8 @@ async def _confirm(
     if plain != CONFIRM_TEXT:
         raise ProtocolError("wrong key confirmation text")
     return DataChannel(
-        transport, sealer, opener, peer, token, config.max_record, config.max_message
+        transport, sealer, opener, peer, token, config.max_record, config.max_message,
+        config.crypto_threads,
     )
 
 

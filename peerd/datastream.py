@@ -27,6 +27,10 @@ DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1 << 30
 # Below this many bytes a thread hop costs more than the AES it would offload.
 OFFLOAD_MIN: Final = 64 * 1024
+# Worker threads only pay off when a core is free to run them: measured on a
+# busy 2-core machine, the hand-off and cross-core cache traffic cost more CPU
+# than they saved, so by default only machines with 4+ cores offload.
+AUTO_OFFLOAD: Final = (os.cpu_count() or 1) >= 4
 KEEPALIVE_IDLE: Final = 60
 _HEAD_SLACK: Final = record_size(0xFFFF + 10)
 
@@ -143,8 +147,11 @@ class DataChannel:
         token: bytes = b"",
         max_record: int = 1024 * 1024,
         max_message: int = DEFAULT_MAX_MESSAGE,
+        offload: bool | None = None,
     ) -> None:
         self.peer = peer
+        self._offload_min = OFFLOAD_MIN if (AUTO_OFFLOAD if offload is None else offload) \
+            else 1 << 62
         self.token = token
         self._t = transport
         self._sealer = sealer
@@ -158,6 +165,7 @@ class DataChannel:
         self._pending = 0  # plaintext length of a payload record read but not yet opened
         self._payload_left = 0
         self._closed = False
+        self._rx_raw = 0  # every byte taken from the transport, for cancel safety
         self._sent = [0, 0, 0]  # bytes, records, messages
         self._recv = [0, 0, 0]
         try:
@@ -197,38 +205,54 @@ class DataChannel:
         async with self._send_lock:
             if self._closed:
                 raise PeerLost([self.peer], "data channel closed")
-            pos = self._seal(Kind.HEAD, head, 0)
-            if self._sealer is None:
-                self._wbuf[pos : pos + len(head)] = head
-                pos += len(head)
-            off = 0
-            while off < len(view):
-                n = min(self._max_record, len(view) - off)
-                chunk = view[off : off + n]
-                if pos + record_size(n) > len(self._wbuf):
-                    await self._write(self._wbuf[:pos])
-                    pos = 0
-                if self._sealer is None:
-                    pos += self._seal(Kind.PAYLOAD, chunk, pos)
-                    await self._write(self._wbuf[:pos])
-                    await self._write(chunk)
-                    pos = 0
-                elif n >= OFFLOAD_MIN:
-                    pos += await _run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
-                else:
-                    pos += self._seal(Kind.PAYLOAD, chunk, pos)
-                off += n
-                self._sent[1] += 1
-            if pos:
+            try:
+                await self._send_locked(head, view)
+            except BaseException:  # a half-written message cannot be resumed
+                self.abort()
+                raise
+
+    async def _send_locked(self, head: memoryview, view: memoryview) -> None:
+        pos = self._seal(Kind.HEAD, head, 0)
+        if self._sealer is None:
+            self._wbuf[pos : pos + len(head)] = head
+            pos += len(head)
+        off = 0
+        while off < len(view):
+            n = min(self._max_record, len(view) - off)
+            chunk = view[off : off + n]
+            if pos + record_size(n) > len(self._wbuf):
                 await self._write(self._wbuf[:pos])
+                pos = 0
+            if self._sealer is None:
+                pos += self._seal(Kind.PAYLOAD, chunk, pos)
+                await self._write(self._wbuf[:pos])
+                await self._write(chunk)
+                pos = 0
+            elif n >= self._offload_min:
+                pos += await _run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
+            else:
+                pos += self._seal(Kind.PAYLOAD, chunk, pos)
+            off += n
             self._sent[1] += 1
-            self._sent[2] += 1
+        if pos:
+            await self._write(self._wbuf[:pos])
+        self._sent[1] += 1
+        self._sent[2] += 1
 
     # ------------------------------------------------------------ receiving
 
+    async def _recv_exact(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = await self._t.recv_into(view[got:])
+            if n == 0:
+                raise EOFError(got)
+            got += n
+            self._rx_raw += n
+
     async def _read_header(self) -> tuple[int, int]:
         try:
-            await recv_exactly(self._t, self._hdr)
+            await self._recv_exact(self._hdr)
         except EOFError as exc:
             what = "ended without close" if exc.args[0] == 0 else "truncated inside a header"
             raise PeerLost([self.peer], f"data channel {what}") from None
@@ -250,7 +274,7 @@ class DataChannel:
 
     async def _fill(self, view: memoryview) -> None:
         try:
-            await recv_exactly(self._t, view)
+            await self._recv_exact(view)
         except EOFError:
             raise PeerLost([self.peer], "data channel truncated inside a record") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -275,13 +299,22 @@ class DataChannel:
         ``read_payload_into`` before the next call."""
         if self._payload_left:
             raise RuntimeError("previous message payload not drained")
-        kind, n = await self._read_header()
-        if kind == Kind.CLOSE:
-            await self._read_small(kind, n)
-            raise PeerLost([self.peer], "data channel closed by peer")
-        if kind != Kind.HEAD or n > _HEAD_SLACK:
-            raise ProtocolError(f"expected a message head, got record kind {kind}")
-        header, plen = parse_head(await self._read_small(kind, n), self._max_message)
+        start = self._rx_raw
+        try:
+            kind, n = await self._read_header()
+            if kind == Kind.CLOSE:
+                await self._read_small(kind, n)
+                raise PeerLost([self.peer], "data channel closed by peer")
+            if kind != Kind.HEAD or n > _HEAD_SLACK:
+                raise ProtocolError(f"expected a message head, got record kind {kind}")
+            header, plen = parse_head(await self._read_small(kind, n), self._max_message)
+        except trio.Cancelled:
+            if self._rx_raw != start:  # cancelled mid-record: the stream is out of step
+                self.abort()
+            raise
+        except BaseException:
+            self.abort()
+            raise
         self._payload_left = plen
         self._recv[2] += 1
         return header, plen
@@ -291,11 +324,15 @@ class DataChannel:
         plaintext length, to be placed with ``read_payload_into``."""
         if self._pending or not self._payload_left:
             raise RuntimeError("no payload record expected")
-        kind, n = await self._read_header()
-        if kind != Kind.PAYLOAD or not 0 < n <= self._payload_left:
-            raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) inside a payload")
-        if self._opener is not None:
-            await self._read_body(n)
+        try:
+            kind, n = await self._read_header()
+            if kind != Kind.PAYLOAD or not 0 < n <= self._payload_left:
+                raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) in a payload")
+            if self._opener is not None:
+                await self._read_body(n)
+        except BaseException:  # mid-message: nothing after this can be trusted
+            self.abort()
+            raise
         self._pending = n
         return n
 
@@ -305,12 +342,16 @@ class DataChannel:
         n = self._pending
         if len(out) != n or not n:
             raise ValueError("destination does not match the pending record")
-        if self._opener is None:
-            await self._fill(out)
-        elif n >= OFFLOAD_MIN:
-            await _run_crypto(self._open, Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
-        else:
-            self._open(Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+        try:
+            if self._opener is None:
+                await self._fill(out)
+            elif n >= self._offload_min:
+                await _run_crypto(self._open, Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+            else:
+                self._open(Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+        except BaseException:
+            self.abort()
+            raise
         self._pending = 0
         self._payload_left -= n
 

@@ -141,3 +141,17 @@ async def test_tampered_record_is_protocol_error() -> None:
         await a._t.send_all(forged)
         with pytest.raises(ProtocolError):
             await b.receive()
+
+
+async def test_cancel_mid_message_aborts_but_clean_boundary_does_not() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pair()
+        with trio.move_on_after(0.01):
+            await b.receive()  # nothing sent: cancelled at a message boundary
+        await a.send(b"h", b"x" * 100_000)
+        assert await b.receive_head() == (b"h", 100_000)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await b.next_payload_record()  # cancelled inside a message
+        with pytest.raises(PeerLost):
+            await b.receive()
