@@ -1,0 +1,253 @@
+"""``Client``: the training process's handle on its local daemon.
+
+Satisfies ``collectives.api.Collective`` (``view``, ``all_reduce``,
+``all_reduce_async``, ``all_gather``, ``sync_state``) for the run chosen at
+connect time, or per call with ``run=``; adds status, peers, DHT, CRDT store
+and point-to-point ``send``/``recv``. Tensors go through shared memory
+(``arrays.py``); results are written back in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from collectives.api import (
+    AllReduceResult,
+    Quant,
+    ReduceOp,
+    SyncResult,
+    SyncStrategy,
+    View,
+)
+from peerd.client.arrays import SegmentPool, Staged
+from peerd.client.conn import Connection, wait
+from peerd.daemon import protocol as p
+from peerd.daemon.shm import Segment
+from peerd.errors import ConfigError
+
+DEFAULT_TIMEOUT = 30.0  # control calls: status, peers, DHT, store
+COLLECTIVE_TIMEOUT = 3600.0  # a round may wait long for stragglers to join
+DEFAULT_RUN = "default"
+
+
+def _op_name(op: ReduceOp | str) -> str:
+    if isinstance(op, ReduceOp):
+        return op.name.lower()
+    if op.lower() in ("avg", "sum"):
+        return op.lower()
+    raise ConfigError(f"reduce op {op!r} is not 'avg' or 'sum'")
+
+
+class ReduceHandle:
+    """An all-reduce in flight; ``wait()`` writes the result into the array."""
+
+    def __init__(self, fut: Future[Any], staged: Staged, timeout: float | None) -> None:
+        self._fut = fut
+        self._staged = staged
+        self._timeout = timeout
+        self._result: AllReduceResult | None = None
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def wait(self, timeout: float | None = None) -> AllReduceResult:
+        if self._result is not None:
+            return self._result
+        try:
+            reply = wait(self._fut, timeout if timeout is not None else self._timeout)
+        except BaseException:
+            if self._fut.done():
+                self._staged.done()
+            else:  # the daemon may still write into the segment: free it later
+                self._fut.add_done_callback(lambda _f: self._staged.done())
+            raise
+        try:
+            self._staged.copy_back()
+        finally:
+            self._staged.done()
+        self._result = AllReduceResult(reply.participants, reply.revision, reply.bytes_sent,
+                                       reply.bytes_received, reply.seconds, reply.attempts)
+        return self._result
+
+
+class Client:
+    """Blocking client of one local daemon; thread-safe. Use ``peerd.connect()``."""
+
+    def __init__(self, conn: Connection, run: str = DEFAULT_RUN,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._conn = conn
+        self.run = run
+        self.timeout = timeout
+        self._segment_ids = itertools.count(1)  # client ids > 0, daemon gifts < 0
+        self._pool = SegmentPool(self._register, self._release)
+        hello = conn.call(lambda r: p.Hello(r, p.CONTROL_VERSION), timeout)
+        self.peer_id: str = hello.peer_id
+        self.features: tuple[str, ...] = hello.features
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, make: Any, timeout: float | None = None) -> Any:
+        return self._conn.call(make, self.timeout if timeout is None else timeout)
+
+    def _register(self, seg: Segment) -> int:
+        seg_id = next(self._segment_ids)
+        fd = seg.take_fd()
+        try:
+            self._conn.call(lambda r: p.RegisterSegment(r, seg_id, seg.size), self.timeout,
+                            (fd,))
+        finally:
+            os.close(fd)
+        return seg_id
+
+    def _release(self, seg_id: int) -> None:
+        if self._conn.alive:
+            self._conn.request(lambda r: p.ReleaseSegment(r, seg_id))
+
+    def _gifted(self, refs: Sequence[p.TensorRef]) -> list[np.ndarray]:
+        """Views of daemon-made results; each gift is unmapped with its last view."""
+        out = [self._conn.gifts.array(ref) for ref in refs]
+        for seg_id in {ref.segment for ref in refs}:
+            self._conn.gifts.release(seg_id)
+        return out
+
+    # ------------------------------------------------------------ node
+
+    def status(self) -> p.StatusReply:
+        return self._call(lambda r: p.StatusRequest(r))
+
+    def peers(self) -> tuple[p.PeerInfo, ...]:
+        return self._call(lambda r: p.PeersRequest(r)).peers
+
+    def connect_peer(self, address: str) -> str:
+        """Dial ``address`` from the daemon; returns the peer id."""
+        return self._call(lambda r: p.ConnectRequest(r, address)).peer_id
+
+    def echo(self, array: Any, mode: int = 0) -> bytes:
+        """Diagnostic: hand ``array`` to the daemon and back (see ``EchoRequest``)."""
+        staged = Staged(self._pool, array)
+        try:
+            reply = self._call(lambda r: p.EchoRequest(r, staged.ref, mode))
+            staged.copy_back()
+        finally:
+            staged.done()
+        return reply.digest
+
+    # ------------------------------------------------------------ shared arrays
+
+    def empty(self, shape: int | Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+        """A numpy array in memory the daemon already maps: collectives on it (or on
+        ``torch.from_numpy`` of it) copy nothing."""
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        return self._pool.new_shared(dims, np.dtype(dtype))
+
+    def share(self, array: Any) -> np.ndarray:
+        """A shared copy of ``array`` (see ``empty``)."""
+        src = np.asarray(array)
+        out = self.empty(src.shape, src.dtype)
+        out[...] = src
+        return out
+
+    # ------------------------------------------------------------ Collective
+
+    def view(self, *, run: str | None = None) -> View:
+        reply = self._call(lambda r: p.ViewRequest(r, run or self.run))
+        return View(reply.run, reply.revision, reply.members, reply.me)
+
+    def all_reduce_async(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
+                         tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,
+                         run: str | None = None,
+                         timeout: float | None = COLLECTIVE_TIMEOUT) -> ReduceHandle:
+        """Start an all-reduce; ``wait()`` returns the result and updates ``array``."""
+        name = _op_name(op)
+        staged = Staged(self._pool, array)
+        try:
+            fut = self._conn.request(lambda r: p.AllReduceRequest(
+                r, run or self.run, staged.ref, name, tag, int(Quant(quant)), retry))
+        except BaseException:
+            staged.done()
+            raise
+        return ReduceHandle(fut, staged, timeout)
+
+    def all_reduce(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
+                   tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,
+                   run: str | None = None,
+                   timeout: float | None = COLLECTIVE_TIMEOUT) -> AllReduceResult:
+        return self.all_reduce_async(array, op, tag=tag, quant=quant, retry=retry, run=run,
+                                     timeout=timeout).wait()
+
+    def all_gather(self, array: Any, *, tag: str = "gather",
+                   run: str | None = None) -> tuple[Sequence[Any], tuple[str, ...]]:
+        staged = Staged(self._pool, array)
+        try:
+            reply = self._call(lambda r: p.AllGatherRequest(r, run or self.run, staged.ref, tag),
+                               COLLECTIVE_TIMEOUT)
+        finally:
+            staged.done()
+        return self._gifted(reply.tensors), reply.peers
+
+    def sync_state(self, state: Mapping[str, Any], revision: int, *,
+                   strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
+                   run: str | None = None) -> SyncResult:
+        names = tuple(state)
+        staged = [Staged(self._pool, state[n]) for n in names]
+        try:
+            reply = self._call(lambda r: p.SyncStateRequest(
+                r, run or self.run, names, tuple(s.ref for s in staged), revision,
+                int(SyncStrategy(strategy))), COLLECTIVE_TIMEOUT)
+            for s in staged:
+                s.copy_back()
+        finally:
+            for s in staged:
+                s.done()
+        return SyncResult(reply.revision, reply.participants, reply.tensors_received,
+                          reply.bytes_received, reply.bytes_sent)
+
+    def send(self, peer: str, array: Any, *, tag: str = "p2p", run: str | None = None) -> None:
+        """Point-to-point send to a member of the run's view (custom collectives)."""
+        staged = Staged(self._pool, array)
+        try:
+            self._call(lambda r: p.SendRequest(r, run or self.run, peer, staged.ref, tag),
+                       COLLECTIVE_TIMEOUT)
+        finally:
+            staged.done()
+
+    def recv(self, peer: str, *, tag: str = "p2p", run: str | None = None) -> np.ndarray:
+        reply = self._call(lambda r: p.RecvRequest(r, run or self.run, peer, tag),
+                           COLLECTIVE_TIMEOUT)
+        return self._gifted(reply.tensors)[0]
+
+    # ------------------------------------------------------------ DHT and store
+
+    def dht_get(self, key: bytes | str) -> dict[bytes | None, Any]:
+        k = key.encode() if isinstance(key, str) else key
+        return dict(self._call(lambda r: p.DhtGetRequest(r, k)).values)
+
+    def dht_put(self, key: bytes | str, value: Any, ttl: float = 3600.0) -> int:
+        """Store ``value`` under ``key``; returns how many nodes accepted it."""
+        k = key.encode() if isinstance(key, str) else key
+        return self._call(lambda r: p.DhtPutRequest(r, k, value, ttl)).stored_at
+
+    def store_get(self, doc: str, key: str = "") -> Any:
+        """One key of a CRDT map document, or the whole document for ``key=""``."""
+        return self._call(lambda r: p.StoreGetRequest(r, doc, key)).value
+
+    def store_set(self, doc: str, key: str, value: Any) -> None:
+        self._call(lambda r: p.StoreSetRequest(r, doc, key, value))
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        self._conn.close()
+        self._pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
