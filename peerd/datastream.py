@@ -297,6 +297,8 @@ class DataChannel:
         """Wait for the next message; returns ``(header, payload length)``.
         Its payload must then be drained with ``next_payload_record`` and
         ``read_payload_into`` before the next call."""
+        if self._closed:
+            raise PeerLost([self.peer], "data channel closed")
         if self._payload_left:
             raise RuntimeError("previous message payload not drained")
         start = self._rx_raw
@@ -322,6 +324,8 @@ class DataChannel:
     async def next_payload_record(self) -> int:
         """Read the next payload record of the current message; returns its
         plaintext length, to be placed with ``read_payload_into``."""
+        if self._closed:
+            raise PeerLost([self.peer], "data channel closed")
         if self._pending or not self._payload_left:
             raise RuntimeError("no payload record expected")
         try:
