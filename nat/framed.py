@@ -10,7 +10,8 @@ from typing import Any
 
 import trio
 
-from peerd.wire import FrameDecoder, Limits, decode_untrusted, encode_frame
+from peerd.errors import ProtocolError
+from peerd.wire import FRAME_HEADER, FrameDecoder, Limits, decode_untrusted, encode_frame
 
 SIGNAL_LIMITS = Limits(max_frame=64 * 1024, max_items=256, max_str=1024, max_bin=4096)
 READ_CHUNK = 65536
@@ -40,3 +41,22 @@ class FramedStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def _receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise trio.EndOfChannel
+        buf += chunk
+    return bytes(buf)
+
+
+async def receive_one(stream: trio.abc.Stream, limits: Limits = SIGNAL_LIMITS) -> Any:
+    """Read exactly one frame and nothing more, so the stream can change
+    hands afterwards (e.g. a relay circuit that becomes a raw byte pipe)."""
+    (n,) = FRAME_HEADER.unpack(await _receive_exactly(stream, FRAME_HEADER.size))
+    if n > limits.max_frame:
+        raise ProtocolError(f"frame of {n} bytes exceeds limit {limits.max_frame}")
+    return decode_untrusted(await _receive_exactly(stream, n), limits)

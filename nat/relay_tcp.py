@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import trio
 
-from nat.framed import FramedStream
+from nat.framed import FramedStream, receive_one
 from nat.relay import Forward, Opened, Relay, RelayLimits
 from peerd.errors import ProtocolError, RemoteError
-from peerd.wire import message
+from peerd.wire import encode_frame, message
 
 RELAY_VERSION = 1
 JOIN_TIMEOUT = 10.0  # how long a first peer may wait for its partner
@@ -78,7 +78,7 @@ class TcpRelay:
         framed = FramedStream(stream)
         try:
             with trio.fail_after(JOIN_TIMEOUT):
-                join = await framed.receive()
+                join = await receive_one(stream)
             if not isinstance(join, RelayJoin):
                 raise ProtocolError("expected RelayJoin")
             await self._pair(join, framed)
@@ -148,16 +148,15 @@ class TcpRelay:
         scope.cancel()
 
 
-async def open_circuit(host: str, port: int, session: bytes, peer: str) -> FramedStream:
+async def open_circuit(host: str, port: int, session: bytes, peer: str) -> trio.SocketStream:
     """Connect to a relay and wait until the partner joins the same session.
 
-    Returns the stream, ready to carry bytes to the partner; raises
-    ``RemoteError`` when the relay refuses."""
+    Returns the raw stream, positioned right after the relay's status: every
+    later byte is the partner's. Raises ``RemoteError`` when the relay refuses."""
     stream = await trio.open_tcp_stream(host, port)
-    framed = FramedStream(stream)
     try:
-        await framed.send(RelayJoin(RELAY_VERSION, session, peer))
-        status = await framed.receive()
+        await stream.send_all(encode_frame(RelayJoin(RELAY_VERSION, session, peer)))
+        status = await receive_one(stream)
         if not isinstance(status, RelayStatus):
             raise ProtocolError("expected RelayStatus")
         if not status.ok:
@@ -165,4 +164,4 @@ async def open_circuit(host: str, port: int, session: bytes, peer: str) -> Frame
     except BaseException:
         await stream.aclose()
         raise
-    return framed
+    return stream

@@ -203,10 +203,13 @@ class Lab:
                  "rate", rate, "burst", "256kb", "latency", "50ms")
 
     def drop_percent(self, ns: str, percent: int) -> None:
-        """Drop ``percent``% of all packets entering namespace ``ns`` (nft numgen)."""
+        """Drop ``percent``% of the packets entering namespace ``ns`` on its
+        links (nft numgen); loopback is exempt so local control still works."""
         if not 0 <= percent <= 100:
             raise ValueError("percent must be in 0..100")
-        rule = "drop" if percent == 100 else f"numgen random mod 100 < {percent} drop"
+        rule = 'iifname != "lo" ' + (
+            "drop" if percent == 100 else f"numgen random mod 100 < {percent} drop"
+        )
         self.clear_loss(ns)
         self._sh(ns, "nft", "-f", "-", stdin=f"""
 table inet labloss {{

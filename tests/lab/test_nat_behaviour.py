@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import agents
+import lab_agents as agents
 import pytest
-from conftest import OBSERVER_PORT, Topology
+from lab_topology import OBSERVER_PORT, Topology
 
-from nat.classify import Mapping, classify
+from nat.classify import Classification, Mapping, classify
 from nat.endpoint import Endpoint, NatType
 from nat.observed import Observation
 
 pytestmark = pytest.mark.lab
 
 
-def classified(topo: Topology, node_name: str, port: int, proto: str = "udp") -> tuple[list, object]:
+def classified(
+    topo: Topology, node_name: str, port: int, proto: str = "udp"
+) -> tuple[list, Classification]:
     node = getattr(topo, node_name)
     rows = topo.lab.run_py(node, agents.observe, port, topo.observers, proto)
     obs = [Observation(Endpoint(r[0], r[1]), Endpoint(r[2], r[3]), float(i))
@@ -59,9 +61,10 @@ def test_apdf_drops_unsolicited_packets(topo: Topology) -> None:
 
 
 def _delivered(topo: Topology, port: int, count: int) -> int:
-    counter = topo.lab.spawn_py(topo.o2, agents.count_udp, port, 0.5 + count * 0.012)
+    counter = topo.lab.spawn_py(topo.o2, agents.count_udp, port, 20.0)
     counter.wait_ready()
     topo.lab.run_py(topo.o1, agents.send_udp, port + 1, [topo.o2.ip, port], count)
+    topo.lab.run_py(topo.o2, agents.stop_udp, port)  # loopback is exempt from the loss rule
     return int(counter.result(10))
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import itertools
 import os
 
-import agents
+import lab_agents as agents
 import pytest
-from conftest import Topology
+from lab_topology import Topology
 
 from nat.endpoint import Endpoint, NatType
 from nat.strategy import PathKind, PeerInfo, plan_paths

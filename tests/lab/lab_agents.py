@@ -15,6 +15,7 @@ import trio
 
 from nat.classify import classify
 from nat.endpoint import Endpoint
+from nat.framed import FramedStream
 from nat.observed import ObservedAddresses
 from nat.punch import HolePunch, LocalInfo, PunchConfig, Role
 from nat.punch_driver import drive_punch
@@ -50,7 +51,7 @@ async def observer(port: int, lifetime: float) -> int:
     async def serve_udp() -> None:
         nonlocal served
         for _ in range(MAX_PACKETS):
-            data, addr = await udp.recvfrom(2048)
+            _, addr = await udp.recvfrom(2048)
             await udp.sendto(json.dumps([addr[0], addr[1]]).encode(), addr)
             served += 1
 
@@ -136,18 +137,27 @@ async def send_udp(src_port: int, target: list[Any], count: int) -> int:
     return count
 
 
-async def count_udp(port: int, wait: float) -> int:
-    """Count datagrams arriving on ``port`` during ``wait`` seconds."""
+async def count_udp(port: int, max_wait: float) -> int:
+    """Count datagrams arriving on ``port`` until a ``stop`` datagram arrives
+    from loopback (see ``stop_udp``) or ``max_wait`` passes."""
     sock = _udp(port)
     n = 0
     with sock:
         await sock.bind(("0.0.0.0", port))
         ready()
-        with trio.move_on_after(wait):
+        with trio.move_on_after(max_wait):
             for _ in range(MAX_PACKETS):
-                await sock.recvfrom(2048)
+                data, addr = await sock.recvfrom(2048)
+                if data == b"stop" and addr[0] == "127.0.0.1":
+                    break
                 n += 1
     return n
+
+
+async def stop_udp(port: int) -> None:
+    sock = _udp(0)
+    with sock:
+        await sock.sendto(b"stop", ("127.0.0.1", port))
 
 
 # ---------------------------------------------------------------- relay
@@ -164,10 +174,11 @@ async def relay_server(port: int, lifetime: float, circuit_rate: float) -> dict[
     return {"opened": s.opened_total, "bytes": s.bytes_total}
 
 
-async def relay_transfer(relay: list[Any], session_hex: str, name: str, nbytes: int) -> dict[str, Any]:
+async def relay_transfer(
+    relay: list[Any], session_hex: str, name: str, nbytes: int
+) -> dict[str, Any]:
     """Both ends send ``nbytes`` through a relay circuit and read the other's."""
-    framed = await open_circuit(relay[0], relay[1], bytes.fromhex(session_hex), name)
-    stream = framed.stream
+    stream = await open_circuit(relay[0], relay[1], bytes.fromhex(session_hex), name)
     start = trio.current_time()
     got = 0
     async with stream, trio.open_nursery() as nursery:
@@ -217,7 +228,7 @@ async def punch_agent(proto: str, role: str, relay: list[Any], session_hex: str,
         else:
             rows = await _observe_tcp(local_port, observers)
         info, nat_name, public_ip = _local_info(local, rows)
-        framed = await open_circuit(relay[0], relay[1], token, f"{role}-{lan_ip}")
+        framed = FramedStream(await open_circuit(relay[0], relay[1], token, f"{role}-{lan_ip}"))
         punch = HolePunch(Role(role), info, token, cfg)
         async with framed.stream:
             if proto == "udp":
