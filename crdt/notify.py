@@ -68,16 +68,20 @@ class ChangeNotifier:
         return self._versions.get(name, 0)
 
     def changed(self, change: Change) -> None:
-        self.version += 1
+        """A document's state changed."""
         self._versions[change.name] = self._versions.get(change.name, 0) + 1
         waiter = self._waiters.pop(change.name, None)
         if waiter is not None:
             waiter.set()
+        for sub in self._subs:
+            sub._push(change)
+
+    def accepted(self) -> None:
+        """A delta joined the log (even one that lost every LWW race)."""
+        self.version += 1
         if self._any is not None:
             self._any.set()
             self._any = None
-        for sub in self._subs:
-            sub._push(change)
 
     async def wait_changed(self, name: str, version: int) -> int:
         """Wait until ``name``'s version exceeds ``version``; returns the new version."""
@@ -86,7 +90,7 @@ class ChangeNotifier:
         return self.version_of(name)
 
     async def wait_any(self, version: int) -> int:
-        """Wait until the store-wide version exceeds ``version``."""
+        """Wait until the store-wide version (accepted deltas) exceeds ``version``."""
         while self.version <= version:
             if self._any is None:
                 self._any = trio.Event()

@@ -217,6 +217,7 @@ class Store:
 
     def _accept(self, delta: Delta) -> None:
         self.log.add(delta.author, delta.seq, delta.digest, delta.blob)
+        self._notifier.accepted()
         now_ms = self._now_ms()
         for op in delta.ops:
             if isinstance(op.state, LwwMap):
@@ -247,7 +248,8 @@ class Store:
     # ------------------------------------------------------------ observing
 
     def version(self, name: str | None = None) -> int:
-        """Store-wide change count, or the change count of every document called ``name``."""
+        """Without ``name``: the number of deltas accepted (local and remote). With it:
+        how often the state of the documents called ``name`` changed."""
         return self._notifier.version if name is None else self._notifier.version_of(name)
 
     async def wait_changed(self, name: str | None, version: int) -> int:

@@ -10,7 +10,7 @@ from crdt.lww import LwwMap
 from crdt.orset import ORSet
 
 REPLICAS = [bytes([i + 1]) * 32 for i in range(3)]
-ELEMENTS = st.sampled_from(["a", "b", 7, b"c", ""])
+ELEMENTS: st.SearchStrategy[str | int | bytes] = st.sampled_from(["a", "b", 7, b"c", ""])
 KEYS = st.sampled_from(["lr", "batch", "model/name", "x"])
 VALUES = st.one_of(
     st.none(),

@@ -80,9 +80,10 @@ def test_tampered_body_with_recomputed_proof_fails_signature() -> None:
     signed = decode_untrusted(delta.blob)
     body = decode_untrusted(signed.body)
     forged = seal(ALICE, KEY, 1, (map_op(ALICE, 666),))
-    new_body = dataclasses.replace(body, ops=decode_untrusted(decode_untrusted(forged.blob).body).ops)
-    raw = encode(new_body)
-    blob = encode(dataclasses.replace(signed, body=raw, proof=membership_proof(KEY, digest_of(raw))))
+    forged_ops = decode_untrusted(decode_untrusted(forged.blob).body).ops
+    raw = encode(dataclasses.replace(body, ops=forged_ops))
+    proof = membership_proof(KEY, digest_of(raw))
+    blob = encode(dataclasses.replace(signed, body=raw, proof=proof))
     assert reason(blob) is Rejection.SIGNATURE
 
 

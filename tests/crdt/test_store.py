@@ -19,6 +19,7 @@ from peerd.errors import ConfigError
 from peerd.identity import Identity, SwarmKey
 
 KEY = SwarmKey(b"k" * 32)
+ELEMENTS: list[str | int | bytes] = ["p1", "p2", 3]
 IDS = [Identity.from_seed(bytes([i])) for i in range(3)]
 
 
@@ -43,9 +44,9 @@ def scripted_writes(store: Store, rng: random.Random, n: int) -> None:
         elif choice == 1:
             store.doc("run/abc").delete(rng.choice("abc"))
         elif choice == 2:
-            store.orset("roster").add(rng.choice(["p1", "p2", 3]))
+            store.orset("roster").add(rng.choice(ELEMENTS))
         elif choice == 3:
-            store.orset("roster").remove(rng.choice(["p1", "p2", 3]))
+            store.orset("roster").remove(rng.choice(ELEMENTS))
         else:
             store.counter("steps").increment(rng.randrange(-3, 10))
 
@@ -75,7 +76,9 @@ def test_document_api() -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**32), st.data())
-def test_any_order_and_duplication_of_signed_deltas_converges(seed: int, data: st.DataObject) -> None:
+def test_any_order_and_duplication_of_signed_deltas_converges(
+    seed: int, data: st.DataObject
+) -> None:
     rng = random.Random(seed)
     writers = [make(i) for i in range(3)]
     for _ in range(3):
