@@ -218,6 +218,7 @@ class MembershipDriver:
         nursery.start_soon(self._heartbeat_loop)
 
     def _stop(self) -> None:
+        self._nursery = None  # background work ends with the engine
         for name in ("hb", "join", "ready", "commit", "abort", "leave", "probe"):
             self.fabric.unregister(self._method(name))
 

@@ -92,9 +92,9 @@ class MemNetwork:
     def link(self, a: str, b: str) -> LinkModel:
         return self._links.get(frozenset((a, b)), self._default)
 
-    def pending_data(self) -> int:
-        """Number of undelivered data messages (leak checks in tests)."""
-        return len(self._mail)
+    def pending_data(self, prefix: bytes = b"") -> int:
+        """Number of undelivered data messages under keys starting with ``prefix``."""
+        return sum(1 for k in self._mail if k[2].startswith(prefix))
 
     # ------------------------------------------------------------ internals
 

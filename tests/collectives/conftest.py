@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from collectives.driver import EngineConfig
 from collectives.membership import Timing
 from collectives.memfabric import MemFabric, MemNetwork
 from collectives.run import Engine, open_engine
+from peerd.errors import PeerdError
 
 RUN = "run-1"
 FAST = EngineConfig(
@@ -41,6 +43,7 @@ class Swarm:
         self.engines: dict[str, Engine] = {}
         self.scopes: dict[str, trio.CancelScope] = {}
         self.fabrics: dict[str, MemFabric] = {}
+        self.task_scopes: dict[str, list[trio.CancelScope]] = {}
 
     async def start(self, peer: str, members: list[str] | None) -> Engine:
         fabric = self.net.add(peer) if peer not in self.fabrics else self.fabrics[peer]
@@ -59,7 +62,32 @@ class Swarm:
     def kill(self, peer: str) -> None:
         self.net.kill(peer)
         self.scopes[peer].cancel()
+        for scope in self.task_scopes.pop(peer, []):
+            scope.cancel()
         del self.engines[peer]
+
+    async def each(
+        self, fn: Callable[[str, Engine], Awaitable[Any]], peers: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Run ``fn`` on every (given) live peer at once; exceptions become values.
+        A peer killed meanwhile is left out of the result."""
+        out: dict[str, Any] = {}
+        killed: set[str] = set()
+
+        async def one(peer: str, engine: Engine) -> None:
+            with trio.CancelScope() as scope:
+                self.task_scopes.setdefault(peer, []).append(scope)
+                try:
+                    out[peer] = await fn(peer, engine)
+                except PeerdError as exc:
+                    out[peer] = exc
+            if scope.cancelled_caught:
+                killed.add(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers or self.alive():
+                nursery.start_soon(one, peer, self.engines[peer])
+        return {p: v for p, v in out.items() if p not in killed and p in self.engines}
 
     def alive(self) -> list[str]:
         return sorted(self.engines)
@@ -79,6 +107,19 @@ async def swarm(n: int, config: EngineConfig = FAST) -> AsyncIterator[Swarm]:
         nursery.cancel_scope.cancel()
 
 
-def inputs(peers: list[str], n: int, seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarray]:
+def inputs(
+    peers: list[str], n: int, seed: int = 0, dtype: type = np.float32
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {p: rng.standard_normal(n).astype(dtype) for p in peers}
+
+
+def reference(arrays: dict[str, np.ndarray], peers: list[str], average: bool) -> np.ndarray:
+    total = sum(arrays[p].astype(np.float64) for p in peers)
+    assert isinstance(total, np.ndarray)
+    return total / len(peers) if average else total
+
+
+def same_bytes(values: list[Any]) -> bool:
+    blobs = {bytes(np.asarray(v).tobytes()) for v in values}
+    return len(blobs) == 1

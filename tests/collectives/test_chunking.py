@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,7 @@ def test_chunks_cover_contiguously_and_evenly(n: int, parts: int) -> None:
     spans = chunk_spans(n, parts)
     assert len(spans) == parts
     assert spans[0].lo == 0 and spans[-1].hi == n
-    for a, b in zip(spans, spans[1:], strict=False):
+    for a, b in itertools.pairwise(spans):
         assert a.hi == b.lo
     sizes = [s.size for s in spans]
     assert max(sizes) - min(sizes) <= 1

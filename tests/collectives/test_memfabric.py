@@ -22,7 +22,7 @@ def net3() -> tuple[MemNetwork, dict[str, Fabric]]:
 
 
 async def test_is_a_fabric_and_calls_handlers() -> None:
-    net, f = net3()
+    _net, f = net3()
     assert isinstance(f["a"], Fabric)
     assert await f["a"].call("b", "echo", b"hi", 1.0) == b"a:hi"
     assert f["a"].peers() == {"b", "c"}

@@ -13,9 +13,7 @@ from collectives.chunking import Span
 from collectives.quant import Int8Codec, RawCodec, codec_for
 from peerd.errors import ConfigError
 
-finite = hnp.arrays(
-    np.float32, st.integers(0, 300), elements=st.floats(-1e4, 1e4, width=32)
-)
+finite = hnp.arrays(np.float32, st.integers(0, 300), elements=st.floats(-1e4, 1e4, width=32))
 
 
 def roundtrip(codec, x: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from collectives.ring import (
@@ -43,9 +45,9 @@ def test_received_chunk_is_sent_next_step(size: int) -> None:
         rs = reduce_scatter_schedule(r, size)
         ag = all_gather_schedule(r, size)
         assert len(rs) == len(ag) == size - 1
-        for a, b in zip(rs, rs[1:], strict=False):
+        for a, b in itertools.pairwise(rs):
             assert a.recv == b.send
-        for a, b in zip(ag, ag[1:], strict=False):
+        for a, b in itertools.pairwise(ag):
             assert a.recv == b.send
         if ag:
             assert ag[0].send == owned_chunk(r, size)

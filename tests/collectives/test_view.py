@@ -14,9 +14,7 @@ JOINERS = ("x", "y")
 
 
 def subsets(items: tuple[str, ...]) -> list[frozenset[str]]:
-    return [
-        frozenset(c) for r in range(len(items) + 1) for c in itertools.combinations(items, r)
-    ]
+    return [frozenset(c) for r in range(len(items) + 1) for c in itertools.combinations(items, r)]
 
 
 def test_coordinator_is_lowest_unsuspected() -> None:
@@ -29,7 +27,7 @@ def test_coordinator_is_lowest_unsuspected() -> None:
 
 def test_decide_view_exhaustively() -> None:
     checked = 0
-    for ready_set in subsets(MEMBERS + ("z",)):  # z: a ready peer that is not a member
+    for ready_set in subsets((*MEMBERS, "z")):  # z: a ready peer that is not a member
         for suspects in subsets(MEMBERS):
             for joiners in subsets(JOINERS):
                 for admit_all in (True, False):
