@@ -118,7 +118,7 @@ class Connection:
     def _read_loop(self) -> None:
         decoder = FrameDecoder(p.CONTROL_LIMITS)
         fds: collections.deque[int] = collections.deque()
-        reason = "closed the connection (stopped or crashed)"
+        reason = "closed the connection (it stopped or crashed)"
         try:
             while True:
                 data, anc, _flags, _ = self._sock.recvmsg(RECV_CHUNK, ancillary_space())
@@ -129,6 +129,8 @@ class Connection:
                     self._deliver(decode_untrusted(body, p.CONTROL_LIMITS), fds)
         except ProtocolError as exc:
             reason = f"sent a malformed reply ({exc})"
+        except ConnectionResetError:
+            reason = "reset the connection (it stopped or crashed)"
         except OSError as exc:
             reason = f"connection error ({exc})"
         finally:

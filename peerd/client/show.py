@@ -37,6 +37,7 @@ def status_text(s: p.StatusReply) -> str:
         f"observed:   {', '.join(s.observed) or '-'}",
         f"NAT:        {s.nat or 'unknown'}",
         f"runs:       {', '.join(s.runs) or '-'}",
+        f"metrics:    {s.metrics or 'off'}",
         f"peers:      {len(s.peers)}",
     ]
     if s.peers:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peerd.config import DEFAULT_PORT, parse_address
 from peerd.errors import ConfigError
 
 SOCKET_NAME = "control.sock"
@@ -146,6 +145,10 @@ def _in_data_dir(data_dir: Path, value: str | None, default: str) -> Path:
 def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
             env: Mapping[str, str] | None = None) -> DaemonConfig:
     """Merge defaults < file values < flags (``None`` flags are unset)."""
+    # Imported here so that clients, which only need ``default_socket``, do not
+    # load the QUIC stack that ``peerd.config`` pulls in.
+    from peerd.config import DEFAULT_PORT, parse_address
+
     merged: dict[str, Any] = dict(file_values)
     merged.update({k: v for k, v in flags.items() if v is not None})
     data_dir = Path(merged["data_dir"]).expanduser() if merged.get("data_dir") \

@@ -108,18 +108,18 @@ async def _serve(cfg: DaemonConfig, identity: Identity, swarm_key: SwarmKey) -> 
                 started = True
                 service = ControlService(node, trio.current_time)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(serve_control, cfg.socket, service,
-                                        cfg.limits.max_clients, cfg.limits.max_inflight)
-                    metrics = ""
                     if cfg.metrics is not None:
                         port = await nursery.start(serve_metrics, cfg.metrics[0],
                                                    cfg.metrics[1], node, service.counters)
-                        metrics = format_address((cfg.metrics[0], port))
+                        service.metrics_address = format_address((cfg.metrics[0], port))
+                    # The control socket opens last: a daemon that answers is complete.
+                    await nursery.start(serve_control, cfg.socket, service,
+                                        cfg.limits.max_clients, cfg.limits.max_inflight)
                     for addr in cfg.bootstrap:
                         nursery.start_soon(keep_connected, node, addr, service.counters)
                     event(log, "daemon.ready", peer=node.peer_id.text,
                           listen=",".join(node.listen_addresses), socket=cfg.socket,
-                          metrics=metrics or "off", swarm=swarm_key.fingerprint,
+                          metrics=service.metrics_address or "off", swarm=swarm_key.fingerprint,
                           pid=os.getpid())
                     async for signum in signals:
                         event(log, "daemon.stopping", signal=signal.Signals(signum).name)

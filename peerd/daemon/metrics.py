@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from peerd.errors import ConfigError
 from peerd.log import event
 
 log = logging.getLogger("peerd.daemon")
@@ -154,7 +155,11 @@ async def _serve_one(stream: trio.SocketStream, node: Any, counters: Counter[str
 async def serve_metrics(host: str, port: int, node: Any, counters: Counter[str],
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``/metrics`` on ``host:port``; reports the bound port via ``task_status``."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ConfigError(f"metrics: cannot listen on {host}:{port} ({exc}); choose another "
+                          "--metrics address or port") from None
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
 

@@ -69,6 +69,7 @@ class StatusReply:
     peers: tuple[PeerInfo, ...]
     runs: tuple[str, ...]
     counters: dict[str, int]
+    metrics: str  # HOST:PORT of the metrics endpoint, "" when off
 
 
 @message(405)

@@ -62,6 +62,7 @@ class ControlService:
         self._started = clock()
         self.counters: Counter[str] = Counter()
         self.runs: set[str] = set()
+        self.metrics_address = ""  # set by the daemon once the endpoint is up
         self._handlers: dict[type, Callable[[Any, Conn], Awaitable[Any]]] = {
             p.Hello: self._hello, p.StatusRequest: self._status, p.PeersRequest: self._peers,
             p.ConnectRequest: self._connect, p.EchoRequest: self._echo,
@@ -140,6 +141,7 @@ class ControlService:
             observed=tuple(getattr(stats, "observed_addresses", ())),
             nat=str(getattr(stats, "nat_type", "") or getattr(node, "nat_type", "") or ""),
             peers=self.peer_infos(), runs=tuple(sorted(run_names)), counters=counters,
+            metrics=self.metrics_address,
         )
 
     async def _status(self, msg: p.StatusRequest, conn: Conn) -> p.StatusReply:

@@ -1,0 +1,146 @@
+"""Real ``peerd`` processes on loopback: start, bootstrap, status, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+import peerd
+from peerd.client import DaemonUnavailable
+from peerd.daemon.launcher import DaemonProcess, start_daemon
+
+
+def test_keygen_writes_private_identity_and_never_overwrites(cli, short_dir: Path) -> None:
+    out = short_dir / "id"
+    r = cli("keygen", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    before = out.read_bytes()
+    r = cli("keygen", "--out", str(out))
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert out.read_bytes() == before
+
+
+def test_status_and_peers_show_the_whole_swarm(cli, swarm: list[DaemonProcess]) -> None:
+    ids = {d.peer_id for d in swarm}
+    for d in swarm:
+        r = cli("status", "--json", "--socket", str(d.socket))
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["peer_id"] == d.peer_id
+        assert status["listen"] == [d.listen]
+        assert {x["peer_id"] for x in status["peers"]} == ids - {d.peer_id}
+        assert all(x["path"] for x in status["peers"])
+    r = cli("peers", "--socket", str(swarm[0].socket))
+    assert r.returncode == 0, r.stderr
+    assert swarm[1].peer_id in r.stdout and swarm[2].peer_id in r.stdout
+    r = cli("status", "--socket", str(swarm[0].socket))
+    assert f"peer id:    {swarm[0].peer_id}" in r.stdout
+
+
+def test_client_status_and_peers(swarm: list[DaemonProcess]) -> None:
+    with peerd.connect(swarm[1].socket) as client:
+        assert client.peer_id == swarm[1].peer_id
+        status = client.status()
+        assert status.pid == swarm[1].pid
+        assert {x.peer_id for x in client.peers()} == {swarm[0].peer_id, swarm[2].peer_id}
+    with peerd.connect(swarm[0].socket) as client:
+        # node0 dialled both others, and each told it the address it saw
+        assert all(x.observed.startswith("127.0.0.1:") for x in client.peers())
+
+
+def test_default_socket_comes_from_environment(swarm: list[DaemonProcess],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEERD_SOCKET", str(swarm[2].socket))
+    with peerd.connect() as client:
+        assert client.peer_id == swarm[2].peer_id
+
+
+def test_metrics_endpoint_serves_prometheus_text(swarm: list[DaemonProcess]) -> None:
+    with swarm[0].client() as client:
+        host, _, port = client.status().metrics.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200")
+    assert "peerd_node_peers 2" in body.splitlines()
+    assert 'peerd_peers_by_path{path="quic"} 2' in body
+    assert "# TYPE peerd_node_handshakes_ok" in body
+
+
+def test_bootstrap_then_sigterm_leaves_cleanly(swarm: list[DaemonProcess], short_dir: Path,
+                                                wait_until) -> None:
+    key = swarm[0].data_dir.parent / "swarm.key"
+    d = start_daemon(short_dir / "late", key, bootstrap=(swarm[0].listen,))
+    try:
+        def seen_by_first() -> bool:
+            with swarm[0].client() as c:
+                return d.peer_id in {x.peer_id for x in c.peers()}
+
+        wait_until(seen_by_first)
+        assert stat.S_IMODE(d.socket.stat().st_mode) == 0o600
+        assert stat.S_IMODE(d.data_dir.stat().st_mode) == 0o700
+        assert d.stop(signal.SIGTERM) == 0
+        assert not d.socket.exists()
+        log = d.log_path.read_text()
+        assert "daemon.stopping signal=SIGTERM" in log and "daemon.stopped" in log
+        # the survivor learns of the departure from the close, not from a timeout
+        wait_until(lambda: not seen_by_first(), timeout=5.0)
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+def test_killed_daemon_makes_client_fail_fast(swarm: list[DaemonProcess],
+                                              short_dir: Path) -> None:
+    key = swarm[0].data_dir.parent / "swarm.key"
+    d = start_daemon(short_dir / "victim", key)
+    try:
+        client = d.client()
+        os.kill(d.pid, signal.SIGSTOP)  # the next request is surely in flight at the kill
+        fut = client._conn.request(lambda r: peerd.client.conn.p.StatusRequest(r))
+        time.sleep(0.1)
+        assert not fut.done()
+        t0 = time.monotonic()
+        os.kill(d.pid, signal.SIGKILL)
+        with pytest.raises(DaemonUnavailable, match="stopped or crashed"):
+            fut.result(timeout=10)
+        with pytest.raises(DaemonUnavailable):
+            client.status()
+        assert time.monotonic() - t0 < 2.0
+        client.close()
+    finally:
+        d.stop(signal.SIGKILL)
+    with pytest.raises(DaemonUnavailable, match="no peerd daemon"):
+        peerd.connect(d.socket)
+
+
+def test_other_user_cannot_connect(swarm: list[DaemonProcess]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another uid")
+    path = os.fspath(swarm[0].socket)
+    pid = os.fork()
+    if pid == 0:  # child: become nobody and try to connect
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                code = 0
+            except PermissionError:
+                code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
