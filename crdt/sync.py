@@ -14,7 +14,8 @@ carries the returned bytes.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -168,8 +169,9 @@ class SyncCore:
 
     def handle_request(self, body: bytes) -> bytes:
         """Serve a peer's pull; raises only ``ProtocolError``."""
-        req = self._decode(body, SyncRequest)
-        remote = _vv_from_wire(req.vv)
+        with self._counting_malformed():
+            req = self._decode(body, SyncRequest)
+            remote = _vv_from_wire(req.vv)
         budget = max(MIN_MESSAGE_BYTES, min(req.max_bytes, self.config.max_message_bytes))
         vv = _vv_to_wire(self.log.version_vector())
         authors = self.log.authors()
@@ -183,8 +185,9 @@ class SyncCore:
         return self._sent(encode(reply))
 
     def handle_reply(self, body: bytes) -> ReplyOutcome:
-        reply = self._decode(body, SyncReply)
-        return ReplyOutcome(reply.deltas, _vv_from_wire(reply.vv), reply.more)
+        with self._counting_malformed():
+            reply = self._decode(body, SyncReply)
+            return ReplyOutcome(reply.deltas, _vv_from_wire(reply.vv), reply.more)
 
     def pushes_for(self, remote_vv: dict[bytes, int]) -> list[bytes]:
         """Encoded pushes carrying what the holder of ``remote_vv`` lacks (bounded)."""
@@ -207,8 +210,8 @@ class SyncCore:
         return out
 
     def handle_push(self, body: bytes) -> tuple[bytes, ...]:
-        push = self._decode(body, DeltaPush)
-        return push.deltas
+        with self._counting_malformed():
+            return self._decode(body, DeltaPush).deltas
 
     # ------------------------------------------------------------ helpers
 
@@ -235,13 +238,17 @@ class SyncCore:
     def _decode(self, body: bytes, cls: type[M]) -> M:
         """The one door for sync messages from peers; raises only ``ProtocolError``."""
         self._n["bytes_received"] += len(body)
+        msg = decode_untrusted(body, expect=cls)
+        _check_version(msg.version)
+        return msg
+
+    @contextmanager
+    def _counting_malformed(self) -> Iterator[None]:
         try:
-            msg = decode_untrusted(body, expect=cls)
-            _check_version(msg.version)
+            yield
         except ProtocolError:
             self._n["malformed"] += 1
             raise
-        return msg
 
     def statistics(self) -> SyncStatistics:
         return SyncStatistics(**self._n)
