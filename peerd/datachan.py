@@ -61,8 +61,9 @@ class DataConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     rekey_interval: int = DEFAULT_REKEY_INTERVAL
-    # Seal/open large records on worker threads; None: only with 4+ cores.
-    crypto_threads: bool | None = None
+    # Seal/open large records on worker threads (GIL released): worth it only
+    # where cores are idle; see the transport benchmark.
+    crypto_threads: bool = False
 
 
 async def _confirm(
