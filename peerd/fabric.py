@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from collectives.fabric import Handler
 from peerd.errors import PeerLost, ProtocolError
 from peerd.identity import PeerId
-from peerd.node import Node
+
+if TYPE_CHECKING:  # the node builds its fabric, so only the type is needed here
+    from peerd.node import Node
 
 _PREFIX = "c."  # collective methods live in their own namespace on the node
 _PURPOSE = "fabric"

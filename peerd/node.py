@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
+from collectives.api import AllReduceResult, Quant, ReduceOp, View
+from collectives.run import Engine, EngineConfig, open_engine
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datalink import DataLink
 from peerd.dataplane import DataOpenRequest, DataPlane
-from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError
+from peerd.errors import AuthError, ConfigError, PeerdError, PeerLost, ProtocolError
+from peerd.fabric import NodeFabric
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.log import event
 from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
@@ -91,6 +94,8 @@ class Node:
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0])
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.on_peer_lost(self.data.peer_lost)
+        self.fabric = NodeFabric(self)
+        self._runs: dict[str, tuple[Engine, trio.CancelScope]] = {}
 
     # ------------------------------------------------------------ addresses
 
@@ -248,6 +253,61 @@ class Node:
         """A cached outbound link for bulk sends, reopened after a failure."""
         return await self.data.outbound(
             peer, purpose, lambda: self.open_data_channels(peer, purpose=purpose))
+
+    # ------------------------------------------------------------ runs and collectives
+
+    async def join_run(self, run: str, members: tuple[str, ...] | list[str] | None = None,
+                       config: EngineConfig | None = None,
+                       timeout: float | None = None) -> Engine:
+        """Take part in ``run``. With ``members`` (peer ids, this node among
+        them) every listed peer starts at revision 0 at once; without, this
+        node asks the connected members of the run to admit it at their next
+        round boundary and returns once a view includes it."""
+        if run in self._runs:
+            return self._runs[run][0]
+
+        async def host(task_status: trio.TaskStatus[Engine]) -> None:
+            with trio.CancelScope() as scope:
+                async with open_engine(self.fabric, run, members=members,
+                                       config=config) as engine:
+                    self._runs[run] = (engine, scope)
+                    task_status.started(engine)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._runs.pop(run, None)
+
+        engine: Engine = await self._nursery.start(host)
+        if members is None:
+            await engine.join(timeout)
+        return engine
+
+    async def leave_run(self, run: str) -> None:
+        entry = self._runs.get(run)
+        if entry is None:
+            return
+        engine, scope = entry
+        with trio.move_on_after(5):
+            await engine.leave()
+        scope.cancel()
+
+    def engine(self, run: str) -> Engine:
+        entry = self._runs.get(run)
+        if entry is None:
+            raise ConfigError(f"this node has not joined run {run!r}; call join_run first")
+        return entry[0]
+
+    def runs(self) -> list[str]:
+        return sorted(self._runs)
+
+    def view(self, run: str) -> View:
+        return self.engine(run).view()
+
+    async def all_reduce(self, run: str, array: object, op: ReduceOp | str = ReduceOp.AVG, *,
+                         tag: str = "default", quant: Quant = Quant.NONE,
+                         retry: bool = True) -> AllReduceResult:
+        """Reduce ``array`` in place across the run's view; see ``Engine.all_reduce``."""
+        return await self.engine(run).all_reduce(array, op, tag=tag, quant=quant, retry=retry)
 
     # ------------------------------------------------------------ stats
 
