@@ -47,10 +47,10 @@ def lab() -> Iterator[Lab]:
         instance.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def topo() -> Iterator[Topology]:
-    """The standard topology with observers and a relay running; shared by a
-    module's tests (each test uses its own ports), removed at module end."""
+    """The standard topology with observers and a relay running; shared by all
+    lab tests (each test uses its own ports), removed at session end."""
     require_lab()
     sweep_stale()
     instance = Lab()

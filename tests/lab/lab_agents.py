@@ -133,7 +133,7 @@ async def send_udp(src_port: int, target: list[Any], count: int) -> int:
         await sock.bind(("0.0.0.0", src_port))
         for i in range(count):
             await sock.sendto(b"unsolicited %d" % i, (target[0], target[1]))
-            await trio.sleep(0.01)
+            await trio.sleep(0.002)  # pace a little: no socket-buffer drops on the receiver
     return count
 
 
@@ -284,3 +284,36 @@ async def _tcp_exchange(tcp: TcpPuncher, role: str) -> bool:
                 data += chunk
             return data.startswith(b"data:") and data != f"data:{role}\n".encode()
     return False
+
+
+# ---------------------------------------------------------------- throughput
+
+
+async def tcp_sink(port: int, max_wait: float) -> int:
+    """Accept one connection and count its bytes until it closes."""
+    listener = reuse_socket(port)
+    await listener.bind(("0.0.0.0", port))
+    listener.listen(1)
+    total = 0
+    with listener:
+        ready()
+        with trio.move_on_after(max_wait):
+            conn, _ = await listener.accept()
+            with conn:
+                for _ in range(10_000_000):
+                    data = await conn.recv(65536)
+                    if not data:
+                        break
+                    total += len(data)
+    return total
+
+
+async def tcp_source(target: list[Any], nbytes: int) -> float:
+    """Send ``nbytes`` and return the seconds until the peer has them all."""
+    stream = await trio.open_tcp_stream(target[0], target[1])
+    start = trio.current_time()
+    async with stream:
+        await stream.send_all(bytes(nbytes))
+        await stream.send_eof()
+        await stream.receive_some(1)  # the sink closes after reading everything
+    return trio.current_time() - start

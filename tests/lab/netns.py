@@ -320,12 +320,13 @@ class PyProcess:
         for line in self.lines:
             if line.startswith(RESULT):
                 return json.loads(line[len(RESULT):])
+        diagnostics = self._diagnostics()
         _stop(self.proc)
-        raise LabError(f"{self.name} gave no result within {timeout}s: {self._diagnostics()}")
+        raise LabError(f"{self.name} gave no result within {timeout}s: {diagnostics}")
 
     def _diagnostics(self) -> str:
         err = ""
-        if self.proc.poll() is not None and self.proc.stderr is not None:
+        if self.proc.poll() is not None and self.proc.stderr and not self.proc.stderr.closed:
             err = self.proc.stderr.read()[-3000:]
         return f"rc={self.proc.poll()} stdout={self.lines[-5:]} stderr={err}"
 
