@@ -6,6 +6,7 @@ through already-joined nodes in concurrent batches, as a growing swarm would.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -15,6 +16,12 @@ from peerd.dht.config import DhtConfig
 from peerd.dht.memnet import MemNet, MemRpc
 from peerd.dht.node import Dht
 from peerd.identity import Identity
+
+
+@functools.lru_cache(maxsize=16384)
+def sim_identity(label: str) -> Identity:
+    """A deterministic identity, cached: simulations and tests reuse thousands."""
+    return Identity.from_seed(f"peerd-dht-sim-{label}".encode())
 
 
 @dataclass
@@ -44,7 +51,7 @@ class Swarm:
         new: list[SimNode] = []
         for _ in range(count):
             i = len(self.nodes)
-            identity = Identity.from_seed(f"peerd-dht-sim-{self.seed}-{i}".encode())
+            identity = sim_identity(f"{self.seed}-{i}")
             rpc = self.net.attach(identity.peer_id, f"mem:{i}")
             dht = Dht(identity, rpc, [rpc.address], config=self.config,
                       wall_clock=trio.current_time, rng=random.Random(self.seed * 1_000_003 + i))
