@@ -13,7 +13,6 @@ call raises ``PeerLost([peer])``.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,23 +20,16 @@ from typing import Any, Final
 
 import trio
 
-from peerd.dataproto import (
-    Part,
-    PartTracker,
-    choose_part_count,
-    encode_part,
-    parse_part,
-    part_bounds,
-)
+from peerd.datainbox import Inbox
+from peerd.dataproto import Part, choose_part_count, encode_part, part_bounds
 from peerd.datastream import ChannelStats, DataChannel, as_bytes_view
-from peerd.errors import PeerdError, PeerLost, ProtocolError
+from peerd.errors import PeerdError, PeerLost
 from peerd.log import event
 
 _log = logging.getLogger("peerd.datalink")
 # How long a cancelled send may wait for stripes already on the wire before it
 # gives up on the link (it cannot return while a channel still reads its buffer).
 SEND_DRAIN_TIMEOUT: Final = 10.0
-_DISCARD_MEMORY: Final = 256
 
 
 @dataclass(frozen=True)
@@ -91,21 +83,6 @@ class _Job:
     op: _SendOp
 
 
-class _Assembly:
-    def __init__(self) -> None:
-        self.tracker: PartTracker | None = None
-        self.user: memoryview | None = None  # a waiting receive_into's buffer
-        self.target: memoryview | None = None  # where stripes land
-        self.owned: bytearray | None = None
-        self.claimed = False
-        self.abandoned = False
-        self.error: PeerdError | None = None
-        self.counted = 0  # bytes charged to the unclaimed-buffer budget
-        self.writing = 0
-        self.idle = trio.Event()
-        self.done = trio.Event()
-
-
 class DataLink:
     """Striped keyed transfers over ``channels`` (all to ``peer``); see module doc.
 
@@ -122,13 +99,10 @@ class DataLink:
         self._channels = tuple(channels)
         self._cfg = config
         self._jobs_in, self._jobs_out = trio.open_memory_channel[_Job](float("inf"))
-        self._asm: dict[bytes, _Assembly] = {}
-        self._discarded: deque[bytes] = deque(maxlen=_DISCARD_MEMORY)
-        self._buffered = 0
-        self._budget = trio.Event()
         self._error: PeerLost | None = None
+        self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
-        self._n = [0, 0, 0, 0]  # bytes sent, bytes received, parts sent, parts received
+        self._n = [0, 0]  # payload bytes sent, parts sent
 
     # ------------------------------------------------------------ lifecycle
 
@@ -140,7 +114,7 @@ class DataLink:
                 if self._error is not None:
                     nursery.cancel_scope.cancel()
                 for chan in self._channels:
-                    nursery.start_soon(self._guard, self._reader, chan)
+                    nursery.start_soon(self._guard, self._inbox.reader, chan)
                     nursery.start_soon(self._guard, self._sender, chan)
                 task_status.started()
         finally:
@@ -163,9 +137,7 @@ class DataLink:
             chan.abort()
         if self._scope is not None:
             self._scope.cancel()
-        for asm in self._asm.values():
-            asm.done.set()
-        self._budget.set()
+        self._inbox.fail()
         self._jobs_in.close()
         while True:  # wake every send waiting for stripes nobody will send now
             try:
@@ -228,164 +200,35 @@ class DataLink:
                 op.inflight -= 1
                 op.part_over()
             self._n[0] += len(job.view)
-            self._n[2] += 1
+            self._n[1] += 1
 
     # ------------------------------------------------------------ receiving
 
-    def _claim(self, key: bytes) -> _Assembly:
-        self._check()
-        asm = self._asm.get(key)
-        if asm is None:
-            asm = self._asm[key] = _Assembly()
-        elif asm.claimed or asm.abandoned:
-            raise RuntimeError(f"key {key!r} is already being received")
-        asm.claimed = True
-        self._release(asm)
-        return asm
-
-    def _release(self, asm: _Assembly) -> None:
-        if asm.counted:
-            self._buffered -= asm.counted
-            asm.counted = 0
-        self._budget.set()
-
-    def _forget(self, key: bytes, asm: _Assembly) -> None:
-        if self._asm.get(key) is asm:
-            del self._asm[key]
-
-    async def _await(self, key: bytes, asm: _Assembly) -> None:
-        complete = False
-        try:
-            await asm.done.wait()
-        except trio.Cancelled:
-            # Stripes still to come go to scratch; one being decrypted into the
-            # caller's buffer right now must finish before we hand it back.
-            asm.abandoned = True
-            with trio.CancelScope(shield=True):
-                while asm.writing:
-                    if asm.idle.is_set():
-                        asm.idle = trio.Event()
-                    await asm.idle.wait()
-            if asm.tracker is not None and asm.tracker.received == asm.tracker.count:
-                self._forget(key, asm)
-            raise
-        if asm.error is not None:
-            raise asm.error  # abandoned: the reader forgets it when its last stripe lands
-        self._forget(key, asm)
-        complete = asm.tracker is not None and asm.tracker.received == asm.tracker.count
-        if not complete:
-            raise self._error or PeerLost([self.peer], "data link stopped")
-
     async def receive(self, key: bytes) -> bytearray:
         """The whole payload sent under ``key``, once every stripe arrived."""
-        asm = self._claim(key)
-        await self._await(key, asm)
-        return asm.owned if asm.owned is not None else bytearray()
+        return await self._inbox.receive(key)
 
     async def receive_into(self, key: bytes, out: Any) -> None:
         """Like ``receive`` but lands the payload in ``out`` (any writable
         C-contiguous buffer of exactly the payload's size). Stripes that arrive
         after this call are decrypted straight into ``out``; a size mismatch
         raises ``ProtocolError``."""
-        view = as_bytes_view(out)
-        if view.readonly:
-            raise ValueError("receive_into needs a writable buffer")
-        asm = self._claim(key)
-        if asm.target is None:
-            asm.user = view
-        await self._await(key, asm)
-        if asm.owned is not None and asm.target is not view:
-            if len(asm.owned) != len(view):
-                raise ProtocolError(f"payload is {len(asm.owned)} bytes, buffer {len(view)}")
-            view[:] = asm.owned
+        await self._inbox.receive_into(key, out)
 
     def discard(self, prefix: bytes) -> int:
         """Drop unclaimed payloads whose key starts with ``prefix`` (e.g. of an
         aborted round) and ignore stripes of such keys that arrive later."""
-        self._discarded.append(prefix)
-        dropped = 0
-        for key, asm in list(self._asm.items()):
-            if key.startswith(prefix) and not asm.claimed:
-                asm.abandoned = True
-                self._release(asm)
-                asm.owned = asm.target = None
-                del self._asm[key]  # later stripes match the prefix and are ignored
-                dropped += 1
-        return dropped
-
-    async def _place(self, part: Part) -> _Assembly | None:
-        """The assembly a newly announced stripe belongs to, with a target."""
-        if any(part.key.startswith(p) for p in self._discarded) and (
-            part.key not in self._asm or not self._asm[part.key].claimed
-        ):
-            return None
-        asm = self._asm.get(part.key)
-        if asm is None:
-            asm = self._asm[part.key] = _Assembly()
-        if asm.tracker is None:
-            asm.tracker = PartTracker(part)
-        asm.tracker.begin(part)
-        while asm.target is None and not asm.abandoned:
-            if asm.user is not None:
-                if len(asm.user) == part.total:
-                    asm.target = asm.user
-                    break
-                asm.error = ProtocolError(
-                    f"payload is {part.total} bytes, buffer {len(asm.user)}")
-                asm.abandoned = True
-                asm.done.set()
-                break
-            fits = self._buffered + part.total <= self._cfg.max_buffered
-            if asm.claimed or fits:
-                asm.owned = bytearray(part.total)
-                asm.target = memoryview(asm.owned)
-                if not asm.claimed:
-                    asm.counted = part.total
-                    self._buffered += part.total
-                break
-            if self._budget.is_set():  # wait for the next claim or release
-                self._budget = trio.Event()
-            await self._budget.wait()
-            self._check()
-        return asm
-
-    async def _reader(self, chan: DataChannel) -> None:
-        scratch = memoryview(bytearray(chan.max_record))
-        while True:
-            header, plen = await chan.receive_head()
-            part = parse_part(header, plen, self._cfg.max_total)
-            asm = await self._place(part)
-            off, end = part.offset, part.offset + plen
-            while off < end:
-                n = await chan.next_payload_record()
-                live = asm is not None and not asm.abandoned and asm.target is not None
-                if live and asm is not None and asm.target is not None:
-                    asm.writing += 1
-                    try:
-                        await chan.read_payload_into(asm.target[off : off + n])
-                    finally:
-                        asm.writing -= 1
-                        if not asm.writing:
-                            asm.idle.set()
-                else:
-                    await chan.read_payload_into(scratch[:n])
-                off += n
-            self._n[1] += plen
-            self._n[3] += 1
-            if asm is not None and asm.tracker is not None and asm.tracker.finish():
-                asm.done.set()
-                if asm.abandoned:
-                    self._forget(part.key, asm)
+        return self._inbox.discard(prefix)
 
     def statistics(self) -> LinkStats:
         return LinkStats(
             channels=len(self._channels),
             payload_bytes_sent=self._n[0],
-            payload_bytes_received=self._n[1],
-            parts_sent=self._n[2],
-            parts_received=self._n[3],
-            buffered_bytes=self._buffered,
-            pending_keys=len(self._asm),
+            payload_bytes_received=self._inbox.bytes_received,
+            parts_sent=self._n[1],
+            parts_received=self._inbox.parts_received,
+            buffered_bytes=self._inbox.buffered,
+            pending_keys=len(self._inbox),
             failed=self._error is not None,
             per_channel=tuple(c.statistics() for c in self._channels),
         )

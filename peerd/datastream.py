@@ -11,17 +11,27 @@ of the other channels.
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import trio
 
 from peerd.dataproto import Kind, encode_head, parse_head
+from peerd.datasock import (
+    ChannelStats,
+    SocketTransport,
+    Transport,
+    as_bytes_view,
+    recv_exactly,
+    run_crypto,
+    tune_socket,
+)
 from peerd.errors import PeerLost, ProtocolError
 from peerd.record import HEADER, TAG_SIZE, RecordOpener, RecordSealer, record_size
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE", "DEFAULT_SOCKET_BUFFER", "ChannelStats", "DataChannel",
+    "SocketTransport", "Transport", "as_bytes_view", "recv_exactly", "tune_socket",
+]
 
 DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1 << 30
@@ -30,102 +40,7 @@ OFFLOAD_MIN: Final = 64 * 1024
 # Worker threads only pay off when a core is free to run them: measured on a
 # busy 2-core machine, the hand-off and cross-core cache traffic cost ~60% more
 # CPU per byte than inline crypto, so offloading is opt-in.
-KEEPALIVE_IDLE: Final = 60
 _HEAD_SLACK: Final = record_size(0xFFFF + 10)
-
-_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_crypto")
-
-
-def _crypto_limiter() -> trio.CapacityLimiter:
-    try:
-        return _limiter.get()
-    except LookupError:
-        lim = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        _limiter.set(lim)
-        return lim
-
-
-async def _run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
-
-
-class Transport(Protocol):
-    """What a channel needs from a byte stream (a TCP socket, or memory in tests)."""
-
-    async def send_all(self, data: memoryview | bytes) -> None: ...
-    async def recv_into(self, view: memoryview) -> int: ...
-    def close(self) -> None: ...
-    def buffer_sizes(self) -> tuple[int, int]: ...
-
-
-def tune_socket(sock: trio.socket.SocketType, buffer_size: int) -> None:
-    """Options every data socket gets; call before connect/listen so the TCP
-    window scale is negotiated for the large buffers."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_KEEPIDLE"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-
-
-class SocketTransport:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-
-    async def send_all(self, data: memoryview | bytes) -> None:
-        view = memoryview(data)
-        while view:
-            sent = await self.sock.send(view)
-            view = view[sent:]
-
-    async def recv_into(self, view: memoryview) -> int:
-        return await self.sock.recv_into(view)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def buffer_sizes(self) -> tuple[int, int]:
-        """(SO_SNDBUF, SO_RCVBUF) as granted by the kernel."""
-        return (
-            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
-            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-        )
-
-
-async def recv_exactly(transport: Transport, view: memoryview) -> None:
-    """Fill ``view``; a stream that ends first raises ``EOFError``."""
-    got = 0
-    while got < len(view):
-        n = await transport.recv_into(view[got:])
-        if n == 0:
-            raise EOFError(got)
-        got += n
-
-
-@dataclass(frozen=True)
-class ChannelStats:
-    bytes_sent: int
-    bytes_received: int
-    records_sent: int
-    records_received: int
-    rekeys_sent: int
-    rekeys_received: int
-    messages_sent: int
-    messages_received: int
-    sndbuf: int
-    rcvbuf: int
-
-
-def as_bytes_view(buf: Any) -> memoryview:
-    """A flat byte view of any C-contiguous buffer (bytes, bytearray, numpy)."""
-    view = memoryview(buf)
-    if not view.c_contiguous:
-        raise ValueError("payload buffers must be C-contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
 
 class DataChannel:
     """One authenticated, encrypted data connection to ``peer``.
@@ -227,7 +142,7 @@ class DataChannel:
                 await self._write(chunk)
                 pos = 0
             elif n >= self._offload_min:
-                pos += await _run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
+                pos += await run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
             else:
                 pos += self._seal(Kind.PAYLOAD, chunk, pos)
             off += n
@@ -348,7 +263,7 @@ class DataChannel:
             if self._opener is None:
                 await self._fill(out)
             elif n >= self._offload_min:
-                await _run_crypto(self._open, Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
+                await run_crypto(self._open, Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
             else:
                 self._open(Kind.PAYLOAD, self._rbuf[: n + TAG_SIZE], out)
         except BaseException:

@@ -155,3 +155,12 @@ async def test_cancel_mid_message_aborts_but_clean_boundary_does_not() -> None:
             await b.next_payload_record()  # cancelled inside a message
         with pytest.raises(PeerLost):
             await b.receive()
+
+
+async def test_rekey_over_a_real_connection() -> None:
+    async with open_rig(DataConfig(max_record=1024, rekey_interval=7)) as rig:
+        a, b = await rig.pair()
+        payload = os.urandom(40_000)  # 40 records: several key changes each way
+        await a.send(b"r", payload)
+        assert await b.receive() == (b"r", bytearray(payload))
+        assert a.statistics().rekeys_sent == b.statistics().rekeys_received >= 5

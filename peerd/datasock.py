@@ -1,0 +1,112 @@
+"""Socket plumbing of the data plane: the transport seam, socket tuning, buffers.
+
+``Transport`` is what a ``DataChannel`` needs from a byte stream, so tests can
+substitute memory streams; ``SocketTransport`` is the TCP one. Crypto hand-off
+to worker threads lives here too, since it is the only other thing the channel
+needs from the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+
+KEEPALIVE_IDLE: Final = 60
+
+_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_crypto")
+
+
+def _crypto_limiter() -> trio.CapacityLimiter:
+    try:
+        return _limiter.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        _limiter.set(lim)
+        return lim
+
+
+async def run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
+
+
+class Transport(Protocol):
+    """What a channel needs from a byte stream (a TCP socket, or memory in tests)."""
+
+    async def send_all(self, data: memoryview | bytes) -> None: ...
+    async def recv_into(self, view: memoryview) -> int: ...
+    def close(self) -> None: ...
+    def buffer_sizes(self) -> tuple[int, int]: ...
+
+
+def tune_socket(sock: trio.socket.SocketType, buffer_size: int) -> None:
+    """Options every data socket gets; call before connect/listen so the TCP
+    window scale is negotiated for the large buffers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+
+
+class SocketTransport:
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def send_all(self, data: memoryview | bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def recv_into(self, view: memoryview) -> int:
+        return await self.sock.recv_into(view)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def buffer_sizes(self) -> tuple[int, int]:
+        """(SO_SNDBUF, SO_RCVBUF) as granted by the kernel."""
+        return (
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+        )
+
+
+async def recv_exactly(transport: Transport, view: memoryview) -> None:
+    """Fill ``view``; a stream that ends first raises ``EOFError``."""
+    got = 0
+    while got < len(view):
+        n = await transport.recv_into(view[got:])
+        if n == 0:
+            raise EOFError(got)
+        got += n
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    bytes_sent: int
+    bytes_received: int
+    records_sent: int
+    records_received: int
+    rekeys_sent: int
+    rekeys_received: int
+    messages_sent: int
+    messages_received: int
+    sndbuf: int
+    rcvbuf: int
+
+
+def as_bytes_view(buf: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (bytes, bytearray, numpy)."""
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("payload buffers must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
