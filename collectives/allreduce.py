@@ -77,8 +77,13 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
     details: list[str] = []
 
     async def send(key: bytes, data: memoryview | bytes) -> None:
-        await fabric.send_data(right, key, data)
-        counters.sent += len(data)
+        # Only the transfer itself has a deadline: waiting for work to forward
+        # is the receivers' business, and they blame the left neighbour.
+        with trio.move_on_at(job.gather_deadline):
+            await fabric.send_data(right, key, data)
+            counters.sent += len(data)
+            return
+        raise PeerLost([right], "send deadline passed")
 
     async def recv(key: bytes, expect: int) -> bytes | memoryview:
         data = await fabric.recv_data(left, key)
@@ -145,10 +150,11 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
 
             return run
 
-        nursery.start_soon(guarded(rs_sender, job.gather_deadline, right, "reduce-scatter send"))
+        never = math.inf
+        nursery.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
         nursery.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
         nursery.start_soon(guarded(ag_receiver, job.gather_deadline, left, "all-gather"))
-        nursery.start_soon(guarded(ag_sender, job.gather_deadline, right, "all-gather send"))
+        nursery.start_soon(guarded(ag_sender, never, right, "all-gather send"))
     if failed:
         raise PeerLost(failed, "; ".join(details))
     return out

@@ -242,8 +242,14 @@ class MembershipDriver:
         if now_view is before or now_view is None:
             return
         self.view_changes += 1
-        event(log, "collectives.view", me=self.me, run=self.run, revision=now_view.revision,
-              members=now_view.members)
+        event(
+            log,
+            "collectives.view",
+            me=self.me,
+            run=self.run,
+            revision=now_view.revision,
+            members=now_view.members,
+        )
         self._notify()
         if self.core.last_decided is now_view:
             old = set(before.members) if before else set()
@@ -420,6 +426,9 @@ class MembershipDriver:
             msg.admit,
             {r.peer: LinkEstimate(r.bandwidth, r.latency) for r in msg.links},
         )
+        if self.core.view is not None and ready.revision == self.core.view.revision:
+            # Go through lost(), not just the core, so our own collectives abort too.
+            self.lost(set(ready.suspects) - {self.me}, f"reported by {peer}")
         before = self.core.view
         outcome = self.core.offer(ready, trio.current_time())
         self._sync(before)

@@ -19,6 +19,7 @@ holds, and an average divides by their count.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from collectives.fabric import Fabric
 from collectives.quant import codec_for
 from collectives.view import Decision
 from peerd.errors import ConfigError, PeerLost
+from peerd.log import event
+
+log = logging.getLogger("collectives.run")
 
 __all__ = ["Engine", "EngineConfig", "Evicted", "open_engine"]
 
@@ -110,6 +114,15 @@ class Engine(MembershipDriver):
                 await self._attempt(d, flat, codec, reduce_op, tag, counters)
             except PeerLost as exc:
                 self.counters["failed"] += 1
+                event(
+                    log,
+                    "collectives.all_reduce_failed",
+                    me=self.me,
+                    tag=tag,
+                    revision=d.revision,
+                    attempt=attempts,
+                    error=str(exc),
+                )
                 if isinstance(exc, Evicted) or not retry or attempts >= self.config.max_attempts:
                     raise
                 await self.reform(after=d.revision)

@@ -6,8 +6,9 @@ unvisited peer with the fastest link, then the lowest latency, then the lowest
 id) is built from every starting peer, improved by 2-opt segment reversals
 (the greedy tour's closing hop is often slow), and the tour with the best
 (hop bandwidths slowest first, -total latency) wins, the id-sorted ring
-included. Ties and missing measurements resolve by peer id, so every peer computing this from the same data gets the
-same ring; with no measurements at all the ring is sorted by id.
+included. Ties and missing measurements resolve by peer id, so every peer
+computing this from the same data gets the same ring; with no measurements at
+all the ring is sorted by id.
 """
 
 from __future__ import annotations

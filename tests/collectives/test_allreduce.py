@@ -47,13 +47,15 @@ async def test_reruns_are_bit_identical_whatever_the_timing(
             for i, lat in enumerate(latencies):
                 s.net.set_link(peers[i], peers[(i + 1) % 4], latency=lat, bandwidth=1e5 * (i + 1))
             arrays = inputs(peers, 517, seed=7)
-            await s.each(lambda p, e: e.all_reduce(arrays[p]))
+            await s.each(lambda p, e, a=arrays: e.all_reduce(a[p]))
             outcomes.append(arrays["p00"].tobytes())
     assert outcomes[0] == outcomes[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-async def test_torch_tensors_in_place(mock_clock: trio.testing.MockClock, dtype: torch.dtype) -> None:
+async def test_torch_tensors_in_place(
+    mock_clock: trio.testing.MockClock, dtype: torch.dtype
+) -> None:
     async with swarm(4) as s:
         gen = torch.Generator().manual_seed(3)
         src = {p: torch.randn(9, 13, generator=gen) for p in s.alive()}

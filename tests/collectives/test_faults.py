@@ -1,0 +1,127 @@
+"""Faults at named phases: every survivor ends in the same state (torchft style)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from collectives.api import AllReduceResult
+from peerd.errors import PeerLost
+from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
+
+HB = FAST.timing
+
+
+def kill_on_first(s: Swarm, victim: str, phase: bytes) -> None:
+    """Kill ``victim`` the moment it starts sending its first ``phase`` block."""
+
+    def tap(src: str, dst: str, key: bytes) -> None:
+        if src == victim and key.startswith(b"ar/") and f"/{phase.decode()}/".encode() in key:
+            s.net.on_send = None
+            s.kill(victim)
+
+    s.net.on_send = tap
+
+
+async def run_round(s: Swarm, n: int, retry: bool, seed: int = 5):  # type: ignore[no-untyped-def]
+    data = inputs(s.alive(), n, seed=seed)
+    arrays = {p: v.copy() for p, v in data.items()}
+    out = await s.each(lambda p, e: e.all_reduce(arrays[p], "avg", retry=retry))
+    return data, arrays, out
+
+
+def assert_all_lost(out, data, arrays, victim: str) -> None:  # type: ignore[no-untyped-def]
+    assert victim not in out and out
+    for p, r in out.items():
+        assert isinstance(r, PeerLost), (p, r)
+        assert victim in r.peers
+        assert np.array_equal(arrays[p], data[p])  # input left intact
+
+
+def assert_survivor_average(s: Swarm, out, data, arrays, victim: str) -> None:  # type: ignore[no-untyped-def]
+    survivors = s.alive()
+    assert victim not in survivors and sorted(out) == survivors
+    want = reference(data, survivors, True)
+    for r in out.values():
+        assert isinstance(r, AllReduceResult)
+        assert sorted(r.participants) == survivors and r.attempts == 2 and r.revision == 1, (r, out)
+    for p in survivors:
+        np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
+    assert same_bytes([arrays[p] for p in survivors])
+
+
+@pytest.mark.parametrize("phase", [b"r", b"g"])
+@pytest.mark.parametrize("victim", ["p00", "p02"])  # p00 is the coordinator
+async def test_kill_mid_round_without_retry(
+    mock_clock: trio.testing.MockClock, phase: bytes, victim: str
+) -> None:
+    async with swarm(4) as s:
+        kill_on_first(s, victim, phase)
+        data, arrays, out = await run_round(s, 301, retry=False)
+        assert_all_lost(out, data, arrays, victim)
+
+
+@pytest.mark.parametrize("phase", [b"r", b"g"])
+@pytest.mark.parametrize(("size", "victim"), [(3, "p01"), (4, "p00"), (8, "p05")])
+async def test_kill_mid_round_with_retry(
+    mock_clock: trio.testing.MockClock, phase: bytes, size: int, victim: str
+) -> None:
+    async with swarm(size) as s:
+        kill_on_first(s, victim, phase)
+        data, arrays, out = await run_round(s, 211, retry=True)
+        assert_survivor_average(s, out, data, arrays, victim)
+        for p in s.alive():
+            assert s.engines[p].view().members == out[p].participants
+
+
+async def test_kill_between_rounds(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(4) as s:
+        await run_round(s, 50, retry=False)
+        s.kill("p03")
+        data, arrays, out = await run_round(s, 50, retry=False)
+        assert_all_lost(out, data, arrays, "p03")
+        # the survivors already know; with retry they reform and succeed
+        data, arrays, out = await run_round(s, 50, retry=True)
+        assert_survivor_average(s, out, data, arrays, "p03")
+
+
+async def test_stalled_peer_is_detected_within_the_heartbeat_timeout(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm(4) as s:
+        await trio.sleep(3 * HB.heartbeat_interval)  # steady state: heartbeats flowing
+        s.net.stall("p02")
+        start = trio.current_time()
+        survivors = ["p00", "p01", "p03"]
+        data = inputs(survivors, 64)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p], retry=False), survivors)
+        elapsed = trio.current_time() - start
+        assert elapsed <= HB.heartbeat_timeout + 2 * HB.heartbeat_interval
+        assert elapsed < FAST.phase_timeout  # found by heartbeats, not by a deadline
+        for p, r in out.items():
+            assert isinstance(r, PeerLost) and r.peers == ("p02",)
+            assert np.array_equal(arrays[p], data[p])
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
+        want = reference(data, survivors, True)
+        for p, r in out.items():
+            assert isinstance(r, AllReduceResult) and sorted(r.participants) == survivors
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
+        assert same_bytes(list(arrays.values()))
+
+
+async def test_cut_link_excludes_its_ends_consistently(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(4) as s:
+        s.net.cut("p01", "p02")  # neighbours on the ring
+        data, arrays, out = await run_round(s, 40, retry=True)
+        ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
+        assert sorted(ok) == ["p00", "p03"]
+        want = reference(data, ["p00", "p03"], True)
+        for p in ok:
+            assert ok[p].participants == ("p00", "p03")
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
+        for p in ("p01", "p02"):
+            assert isinstance(out[p], PeerLost)  # evicted: they cannot reach each other
+            assert np.array_equal(arrays[p], data[p])
