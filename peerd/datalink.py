@@ -58,6 +58,7 @@ class _SendOp:
         self.left = parts
         self.inflight = 0
         self.cancelled = False
+        self.failed = False  # some stripe was not (wholly) handed to the kernel
         self.done = trio.Event()
         self.idle = trio.Event()
 
@@ -144,6 +145,7 @@ class DataLink:
                 job = self._jobs_out.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+            job.op.failed = True
             job.op.part_over()
 
     async def _guard(self, fn: Callable[[DataChannel], Awaitable[None]], chan: DataChannel) -> None:
@@ -185,17 +187,22 @@ class DataLink:
                     self._fail(PeerLost([self.peer], "cancelled send could not drain"))
                     await _drained(op)
             raise
-        self._check()
+        if op.failed:
+            raise self._error or PeerLost([self.peer], "data link stopped")
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
             op = job.op
             if op.cancelled or self._error is not None:
+                op.failed = True
                 op.part_over()
                 continue
             op.inflight += 1
             try:
                 await chan.send(encode_part(job.part), job.view)
+            except BaseException:
+                op.failed = True
+                raise
             finally:
                 op.inflight -= 1
                 op.part_over()

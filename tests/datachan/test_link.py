@@ -176,3 +176,21 @@ async def test_cancelled_receive_leaves_link_usable() -> None:
             await tx.send(b"next", b"ok")
             assert await rx.receive(b"next") == b"ok"
             assert out == bytearray(5 * MIB)
+
+
+async def test_cancelled_send_skips_stripes_and_link_survives() -> None:
+    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg) as rx:
+            big = np.ones(64 * MIB, np.uint8)
+            with trio.move_on_after(0.001) as scope:
+                await tx.send(b"r9/big", big)
+            assert scope.cancelled_caught
+            await tx.send(b"r10/next", b"after")
+            assert await rx.receive(b"r10/next") == b"after"
+            sent = tx.statistics().parts_sent
+            assert 1 <= sent <= 64  # stripes in flight finished, at least one never left
+            rx.discard(b"r9/")
+            assert rx.statistics().buffered_bytes == 0
+            assert not tx.statistics().failed and not rx.statistics().failed
