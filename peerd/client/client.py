@@ -155,6 +155,19 @@ class Client:
 
     # ------------------------------------------------------------ Collective
 
+    def join(self, members: Sequence[str] | None = None, *, run: str | None = None,
+             timeout: float | None = None) -> View:
+        """Take part in the run. With ``members`` (peer ids, this daemon's among
+        them) all listed peers start together; without, the run's members admit
+        this daemon at their next round boundary. Returns the first view."""
+        ms = tuple(members) if members is not None else None
+        reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout),
+                           COLLECTIVE_TIMEOUT if timeout is None else timeout + 5.0)
+        return View(reply.run, reply.revision, reply.members, reply.me)
+
+    def leave(self, *, run: str | None = None) -> None:
+        self._call(lambda r: p.LeaveRunRequest(r, run or self.run))
+
     def view(self, *, run: str | None = None) -> View:
         reply = self._call(lambda r: p.ViewRequest(r, run or self.run))
         return View(reply.run, reply.revision, reply.members, reply.me)

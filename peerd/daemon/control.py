@@ -121,28 +121,33 @@ class ControlConnection:
         return seg_id
 
     async def serve(self) -> None:
-        decoder = FrameDecoder(p.CONTROL_LIMITS)
         try:
             async with trio.open_nursery() as nursery:
-                while True:
-                    data, anc, flags, _ = await self.sock.recvmsg(RECV_CHUNK, ancillary_space())
-                    self._fds.extend(fds_from_ancillary(anc))
-                    if flags & socket.MSG_CTRUNC:
-                        raise ProtocolError("too many descriptors in one message")
-                    if not data:
-                        break
-                    for body in decoder.feed(data):
-                        await self._dispatch(decode_untrusted(body, p.CONTROL_LIMITS), nursery)
+                await self._read(nursery)
                 nursery.cancel_scope.cancel()  # client gone: abandon its operations
-        except ProtocolError as exc:
-            event(log, "control.bad_client", logging.WARNING, error=exc)
-        except OSError as exc:
-            event(log, "control.io_error", logging.DEBUG, error=exc)
         finally:
             self.table.close_all()
             while self._fds:
                 os.close(self._fds.popleft())
             self.sock.close()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        """Read frames until EOF; a malformed frame ends this connection only."""
+        decoder = FrameDecoder(p.CONTROL_LIMITS)
+        try:
+            while True:
+                data, anc, flags, _ = await self.sock.recvmsg(RECV_CHUNK, ancillary_space())
+                self._fds.extend(fds_from_ancillary(anc))
+                if flags & socket.MSG_CTRUNC:
+                    raise ProtocolError("too many descriptors in one message")
+                if not data:
+                    return
+                for body in decoder.feed(data):
+                    await self._dispatch(decode_untrusted(body, p.CONTROL_LIMITS), nursery)
+        except ProtocolError as exc:
+            event(log, "control.bad_client", logging.WARNING, error=exc)
+        except OSError as exc:
+            event(log, "control.io_error", logging.DEBUG, error=exc)
 
     async def _dispatch(self, msg: Any, nursery: trio.Nursery) -> None:
         if isinstance(msg, p.RegisterSegment):

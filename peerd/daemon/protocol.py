@@ -199,6 +199,25 @@ class ViewReply:
     me: str
 
 
+@message(430)
+@dataclass(frozen=True)
+class JoinRunRequest:
+    """Join ``run``: with ``members`` all listed peers start together; without,
+    ask the run's connected members for admission at their next round boundary."""
+
+    req_id: int
+    run: str
+    members: tuple[str, ...] | None
+    timeout: float | None
+
+
+@message(431)
+@dataclass(frozen=True)
+class LeaveRunRequest:
+    req_id: int
+    run: str
+
+
 @message(424)
 @dataclass(frozen=True)
 class AllGatherRequest:

@@ -30,7 +30,8 @@ from peerd.log import event
 
 log = logging.getLogger("peerd.daemon")
 
-FEATURES = ("all_reduce", "view", "all_gather", "sync_state", "send", "recv", "dht", "store")
+FEATURES = ("join_run", "all_reduce", "view", "all_gather", "sync_state", "send", "recv",
+            "dht", "store")
 
 
 class Unsupported(PeerdError):
@@ -67,7 +68,8 @@ class ControlService:
             p.Hello: self._hello, p.StatusRequest: self._status, p.PeersRequest: self._peers,
             p.ConnectRequest: self._connect, p.EchoRequest: self._echo,
             p.ReleaseSegment: self._release, p.AllReduceRequest: self._all_reduce,
-            p.ViewRequest: self._view, p.AllGatherRequest: self._all_gather,
+            p.ViewRequest: self._view, p.JoinRunRequest: self._join_run,
+            p.LeaveRunRequest: self._leave_run, p.AllGatherRequest: self._all_gather,
             p.SyncStateRequest: self._sync_state, p.SendRequest: self._send,
             p.RecvRequest: self._recv, p.DhtGetRequest: self._dht_get,
             p.DhtPutRequest: self._dht_put, p.StoreGetRequest: self._store_get,
@@ -195,6 +197,18 @@ class ControlService:
         v = await _maybe_await(self._feature("view")(msg.run))
         self.runs.add(msg.run)
         return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
+
+    async def _join_run(self, msg: p.JoinRunRequest, conn: Conn) -> p.ViewReply:
+        join_run = self._feature("join_run")
+        members = list(msg.members) if msg.members is not None else None
+        await join_run(msg.run, members, timeout=msg.timeout)
+        self.runs.add(msg.run)
+        return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)
+
+    async def _leave_run(self, msg: p.LeaveRunRequest, conn: Conn) -> p.Ok:
+        await self._feature("leave_run")(msg.run)
+        self.runs.discard(msg.run)
+        return p.Ok(msg.req_id)
 
     async def _gift_arrays(self, arrays: list[np.ndarray], conn: Conn) -> tuple[p.TensorRef, ...]:
         """Copy ``arrays`` into one new segment owned by the client."""

@@ -1,0 +1,84 @@
+"""All-reduce through real daemons: three ``peerd start`` processes, one client
+each (threads of this process), tensors handed over through shared memory."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from collectives.api import Quant, ReduceOp
+from peerd.client import Client
+from peerd.daemon.launcher import launch_swarm, stop_all
+
+RUN = "daemon-test"
+
+
+@pytest.fixture(scope="module")
+def clients() -> Iterator[list[Client]]:
+    d = Path(tempfile.mkdtemp(prefix="pda", dir="/tmp"))
+    daemons = launch_swarm(3, d)
+    clients = [dm.client(run=RUN) for dm in daemons]
+    members = [c.peer_id for c in clients]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            views = list(pool.map(lambda c: c.join(members, timeout=30.0), clients))
+        assert all(set(v.members) == set(members) for v in views)
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+        stop_all(daemons)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def on_all(clients: list[Client], fn: Callable[[int, Client], Any]) -> list[Any]:
+    with ThreadPoolExecutor(len(clients)) as pool:
+        return list(pool.map(lambda ic: fn(*ic), enumerate(clients)))
+
+
+def test_average_is_exact_and_identical_everywhere(clients: list[Client]) -> None:
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal(300_001).astype(np.float32) for _ in clients]
+    arrays = [a.copy() for a in inputs]
+    results = on_all(clients, lambda i, c: c.all_reduce(arrays[i], ReduceOp.AVG))
+    ids = {c.peer_id for c in clients}
+    assert all(set(r.participants) == ids for r in results)
+    expected = (inputs[0] + inputs[1] + inputs[2]) / np.float32(3)
+    for a in arrays:
+        assert np.array_equal(a.view(np.uint32), arrays[0].view(np.uint32))  # bit-identical
+        np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-6)
+    assert all(r.bytes_sent > 0 for r in results)
+
+
+def test_async_handles_with_torch_and_shared_arrays(clients: list[Client]) -> None:
+    tensors = [torch.full((1000, 7), float(i + 1)) for i in range(3)]
+    shared = [c.empty(5000) for c in clients]
+    for i, s in enumerate(shared):
+        s[...] = 10.0 * i
+
+    def work(i: int, c: Client) -> None:
+        h1 = c.all_reduce_async(tensors[i], "sum", tag="t")
+        h2 = c.all_reduce_async(shared[i], "avg", tag="s", quant=Quant.NONE)
+        h1.wait(timeout=60)
+        h2.wait(timeout=60)
+
+    on_all(clients, work)
+    for t in tensors:
+        assert torch.equal(t, torch.full((1000, 7), 6.0))
+    for s in shared:
+        assert np.all(s == 10.0)
+
+
+def test_view_lists_every_member(clients: list[Client]) -> None:
+    views = [c.view() for c in clients]
+    assert {v.me for v in views} == {c.peer_id for c in clients}
+    assert all(v.members == views[0].members for v in views)
+    assert all(RUN in c.status().runs for c in clients)
