@@ -1,0 +1,110 @@
+"""Round views on the engine: joins at boundaries, measured ring order, leaving."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+import trio.testing
+
+from collectives.api import AllReduceResult
+from collectives.run import Engine
+from tests.collectives.conftest import FAST, inputs, reference, same_bytes, swarm
+
+
+async def test_joiner_takes_part_from_the_next_round(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(3) as s:
+        members = s.alive()
+        joiner = await s.start("p03", None)
+        joined = trio.Event()
+
+        async def join() -> None:
+            await joiner.join()
+            joined.set()
+
+        s.nursery.start_soon(join)
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
+        # round 1: the joiner waits; the others reduce among themselves
+        data = inputs(members, 33, seed=1)
+        out = await s.each(lambda p, e: e.all_reduce(data[p]), members)
+        assert all(r.participants == tuple(members) for r in out.values())
+        assert not joined.is_set() and joiner.current_view() is None
+        # round boundary: the joiner is admitted
+        views = await s.each(lambda p, e: e.update_view(), members)
+        await joined.wait()
+        assert {v.revision for v in views.values()} == {1}
+        assert sorted(views["p00"].members) == ["p00", "p01", "p02", "p03"]
+        assert joiner.view().members == views["p00"].members
+        # round 2: everyone, the joiner included
+        data = inputs(s.alive(), 33, seed=2)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]))
+        assert all(sorted(r.participants) == s.alive() for r in out.values())
+        np.testing.assert_allclose(arrays["p03"], reference(data, s.alive(), True), rtol=1e-5)
+        assert same_bytes(list(arrays.values()))
+
+
+async def test_failure_retry_does_not_admit_joiners(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(3) as s:
+        joiner = await s.start("p09", None)
+        s.nursery.start_soon(joiner.join)
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)
+        s.kill("p02")
+        survivors = ["p00", "p01"]
+        data = inputs(survivors, 10)
+        out = await s.each(lambda p, e: e.all_reduce(data[p]), survivors)
+        for r in out.values():
+            assert isinstance(r, AllReduceResult) and r.participants == ("p00", "p01")
+        assert joiner.current_view() is None
+
+
+async def test_ring_order_follows_measured_bandwidth(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(4) as s:
+        slow = [("p00", "p01"), ("p02", "p03")]  # both are hops of the id-sorted ring
+        for a, b in slow:
+            s.net.set_link(a, b, latency=0.05, bandwidth=1e4)
+        await trio.sleep(5 * FAST.timing.heartbeat_interval)  # probes and heartbeats measure
+        views = await s.each(lambda p, e: e.update_view())
+        ring = views["p00"].members
+        assert all(v.members == ring for v in views.values())
+        hops = {frozenset((ring[i], ring[(i + 1) % 4])) for i in range(4)}
+        assert not hops & {frozenset(p) for p in slow}
+        # and the data flows along that ring: nothing crosses a slow link
+        before = dict(s.net.bytes_sent)
+        await s.each(lambda p, e: e.all_reduce(np.ones(64, np.float32)))
+        for a, b in slow:
+            for link in ((a, b), (b, a)):
+                moved = s.net.bytes_sent.get(link, 0) - before.get(link, 0)
+                assert moved < 64  # at most a one-byte status, never tensor blocks
+
+
+async def test_update_view_without_changes_keeps_members(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm(3) as s:
+        views = await s.each(lambda p, e: e.update_view())
+        assert {v.revision for v in views.values()} == {1}
+        assert all(sorted(v.members) == s.alive() for v in views.values())
+
+
+async def test_coordinator_dies_during_view_change(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(4) as s:
+        s.net.stall("p00")  # the coordinator stops answering, then is killed
+        await trio.sleep(1)
+        s.kill("p00")
+        views = await s.each(lambda p, e: e.update_view())
+        assert sorted(views) == ["p01", "p02", "p03"]
+        assert all(sorted(v.members) == ["p01", "p02", "p03"] for v in views.values())
+
+
+async def test_leave(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(3) as s:
+        leaver: Engine = s.engines["p02"]
+        await leaver.leave()
+        assert leaver.current_view() is None
+        survivors = ["p00", "p01"]
+        data = inputs(survivors, 9)
+        out = await s.each(lambda p, e: e.all_reduce(data[p]), survivors)
+        assert all(r.participants == ("p00", "p01") for r in out.values())
+        stats = s.engines["p00"].statistics()
+        assert stats.members == ("p00", "p01") and stats.peers_lost == 1
+        assert stats.all_reduces == 1 and stats.failed_attempts == 1
