@@ -79,7 +79,8 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _format_value(v: float) -> str:
+def _format_value(value: float) -> str:
+    v = float(value)
     if math.isnan(v):
         return "NaN"
     if math.isinf(v):

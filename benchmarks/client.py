@@ -1,0 +1,157 @@
+"""Client hand-off cost and idle daemon footprint.
+
+1. Hand a 100M-element fp32 tensor (400 MB) to a real daemon process and back
+   through the shared-memory path (an echo control op: the daemon maps the
+   tensor, the client copies it in and the result back out), against numpy
+   copying the same bytes once inside one process. Also the zero-copy path
+   (``client.empty``), where nothing is copied.
+2. Resident memory and CPU time of an idle daemon with 50 connected peers (50
+   real nodes in one helper process), sampled over ``--idle-seconds``.
+
+The LAST line is the ratio hand-off round trip / one in-process numpy copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from peerd.daemon.launcher import start_daemon
+from peerd.identity import SwarmKey
+
+N = 100_000_000
+REPEAT = 5
+
+
+def best_of(fn, repeat: int = REPEAT) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peers_helper(key_path: str, target: str, count: int) -> None:
+    """Run ``count`` in-process nodes connected to ``target`` until stdin closes."""
+    import trio
+
+    from peerd.node import open_node
+
+    async def main() -> None:
+        key = SwarmKey.load(Path(key_path))
+        async with trio.open_nursery() as nursery:
+            async def one(task_status: trio.TaskStatus[None]) -> None:
+                async with open_node(key, listen=("127.0.0.1", 0), bootstrap=[target]):
+                    task_status.started()
+                    await trio.sleep_forever()
+
+            for _ in range(count):
+                await nursery.start(one)
+            print("ready", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def idle_footprint(work: Path, key: Path, peers: int, seconds: float) -> None:
+    d = start_daemon(work / "idle", key)
+    helper = subprocess.Popen(
+        [sys.executable, __file__, "--peers-helper", str(key), d.listen, str(peers)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert helper.stdout is not None and helper.stdin is not None
+        line = helper.stdout.readline().strip()
+        if line != "ready":
+            raise SystemExit(f"peer helper failed: {line!r}")
+        with d.client() as client:
+            connected = len(client.peers())
+        rss0, cpu0, t0 = rss_kib(d.pid), cpu_seconds(d.pid), time.monotonic()
+        time.sleep(seconds)
+        rss1, cpu1, t1 = rss_kib(d.pid), cpu_seconds(d.pid), time.monotonic()
+        with d.client() as client:
+            still = len(client.peers())
+        print(f"idle daemon, {connected} peers connected ({still} after {t1 - t0:.0f} s): "
+              f"RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, CPU {cpu1 - cpu0:.2f} s "
+              f"over {t1 - t0:.1f} s ({100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core)")
+    finally:
+        if helper.stdin is not None:
+            helper.stdin.close()
+        try:
+            helper.wait(20)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+        d.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--elements", type=int, default=N)
+    ap.add_argument("--peers", type=int, default=50)
+    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pdb", dir="/tmp"))
+    key = work / "swarm.key"
+    SwarmKey.generate().save(key)
+    try:
+        src = np.random.default_rng(0).standard_normal(args.elements, dtype=np.float32)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)
+        copy_s = best_of(lambda: np.copyto(dst, src))
+        alloc_copy_s = best_of(lambda: src.copy())
+        d = start_daemon(work / "d", key)
+        try:
+            with d.client() as client:
+                t0 = time.perf_counter()
+                client.echo(src)
+                first_s = time.perf_counter() - t0
+                handoff_s = best_of(lambda: client.echo(src))
+                shared = client.share(src)
+                zero_s = best_of(lambda: client.echo(shared))
+                check = src.copy()
+                client.echo(check, mode=2)
+                client.echo(check, mode=2)
+                assert np.array_equal(check, src)
+        finally:
+            d.stop()
+        gb = src.nbytes / 1e9
+        print(f"tensor: {args.elements} fp32 = {src.nbytes / 2**20:.0f} MiB")
+        print(f"numpy copy into existing array:  {copy_s * 1e3:8.1f} ms ({gb / copy_s:.1f} GB/s)")
+        print(f"numpy copy into new array:       {alloc_copy_s * 1e3:8.1f} ms")
+        print(f"daemon hand-off, first call:     {first_s * 1e3:8.1f} ms (new segment)")
+        print(f"daemon hand-off and back:        {handoff_s * 1e3:8.1f} ms "
+              f"(copy in + control round trip + copy back)")
+        print(f"daemon hand-off, shared array:   {zero_s * 1e3:8.1f} ms (zero-copy)")
+        if args.peers > 0 and args.idle_seconds > 0:
+            idle_footprint(work, key, args.peers, args.idle_seconds)
+        print(f"ratio hand-off round trip / numpy copy: {handoff_s / copy_s:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--peers-helper"]:
+        peers_helper(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()
