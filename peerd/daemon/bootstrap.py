@@ -9,6 +9,7 @@ session is gone.
 from __future__ import annotations
 
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,18 @@ class Backoff:
         return min(self.cap, self.first * self.factor ** min(attempt, 64))
 
 
+async def resolve(address: tuple[str, int]) -> tuple[str, int]:
+    """A numeric address for ``address`` (bootstrap entries may be host names,
+    e.g. compose service names; QUIC needs the IP the replies come from)."""
+    host, port = address
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host}")
+    ipv4 = [i for i in infos if i[0] == socket.AF_INET]
+    sockaddr = (ipv4 or infos)[0][4]
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
 async def keep_connected(node: Any, address: tuple[str, int], counters: Counter[str],
                          backoff: Backoff = Backoff()) -> None:
     """Run until cancelled: hold a session to ``address``."""
@@ -46,8 +59,8 @@ async def keep_connected(node: Any, address: tuple[str, int], counters: Counter[
     while True:
         if peer is None or peer not in node.peers():
             try:
-                peer = await node.connect(address)
-            except PeerdError as exc:
+                peer = await node.connect(await resolve(address))
+            except (PeerdError, OSError) as exc:
                 counters["bootstrap_failed"] += 1
                 delay = backoff.delay(failures)
                 failures += 1
