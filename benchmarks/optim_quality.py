@@ -69,9 +69,9 @@ def main() -> None:
         t0 = time.monotonic()
         res = run(cfg, args.peers, local_collectives)
         results[name] = res
-        loss = sum(r.held_out_loss for r in res) / len(res)
-        total = sum(r.bytes_sent + r.bytes_received for r in res)
-        print(f"{name:<12}{loss:>14.4f}{total:>16,d}{res[0].rounds:>8d}"
+        mean_loss = sum(r.held_out_loss for r in res) / len(res)
+        n_bytes = sum(r.bytes_sent + r.bytes_received for r in res)
+        print(f"{name:<12}{mean_loss:>14.4f}{n_bytes:>16,d}{res[0].rounds:>8d}"
               f"{time.monotonic() - t0:>8.1f}", flush=True)
 
     def loss(k: str) -> float:

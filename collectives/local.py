@@ -119,6 +119,14 @@ class LocalGroup:
                     op.failed = PeerLost([name], f"during {op.kind} {op.tag!r}")
             self._cond.notify_all()
 
+    def wait_for_joiners(self, n: int = 1) -> None:
+        """Block until ``n`` joiners have called ``sync_state`` (tests use this to make
+        the admitting round deterministic)."""
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while sum(p is not None for p in self._joiners.values()) < n:
+                self._wait(deadline, "joiners")
+
     def members(self) -> tuple[str, ...]:
         with self._cond:
             return tuple(self._members)
@@ -160,6 +168,7 @@ class LocalGroup:
         """Block until op ``seq`` finishes; returns it and this member's own payload."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
+            self._check_alive(name)  # a removed member's ops may already be gone
             if seq < 0:
                 while name not in self._admitted:
                     self._check_alive(name)

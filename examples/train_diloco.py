@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -135,8 +136,10 @@ def train_worker(
     ddp = DataParallel(model, collective) if cfg.method == "ddp" else None
     outer = build_outer(cfg, model, opt, collective, joining=joining)
     start = outer.global_step if outer is not None else 0
-    for _ in range(start):
-        sched.step()  # a joiner continues the run's schedule
+    with warnings.catch_warnings():  # a joiner continues the run's schedule
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            sched.step()
     stream = ByteStream(train, seq_len, seed=cfg.seed * 1000 + worker + 7919 * start)
     losses: list[float] = []
     for step in range(start, cfg.steps):
