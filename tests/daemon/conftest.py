@@ -25,7 +25,7 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def swarm() -> Iterator[list[DaemonProcess]]:
     d = Path(tempfile.mkdtemp(prefix="pds", dir="/tmp"))
     daemons = launch_swarm(3, d, extra=("--metrics", "127.0.0.1:0"))

@@ -3,11 +3,8 @@ each (threads of this process), tensors handed over through shared memory."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,16 +13,14 @@ import torch
 
 from collectives.api import Quant, ReduceOp
 from peerd.client import Client
-from peerd.daemon.launcher import launch_swarm, stop_all
+from peerd.daemon.launcher import DaemonProcess
 
 RUN = "daemon-test"
 
 
 @pytest.fixture(scope="module")
-def clients() -> Iterator[list[Client]]:
-    d = Path(tempfile.mkdtemp(prefix="pda", dir="/tmp"))
-    daemons = launch_swarm(3, d)
-    clients = [dm.client(run=RUN) for dm in daemons]
+def clients(swarm: list[DaemonProcess]) -> Iterator[list[Client]]:
+    clients = [dm.client(run=RUN) for dm in swarm]
     members = [c.peer_id for c in clients]
     try:
         with ThreadPoolExecutor(3) as pool:
@@ -35,8 +30,6 @@ def clients() -> Iterator[list[Client]]:
     finally:
         for c in clients:
             c.close()
-        stop_all(daemons)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def on_all(clients: list[Client], fn: Callable[[int, Client], Any]) -> list[Any]:
