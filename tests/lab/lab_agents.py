@@ -175,23 +175,29 @@ async def relay_server(port: int, lifetime: float, circuit_rate: float) -> dict[
 
 
 async def relay_transfer(
-    relay: list[Any], session_hex: str, name: str, nbytes: int
+    relay: list[Any], session_hex: str, name: str, send_bytes: int, expect_bytes: int
 ) -> dict[str, Any]:
-    """Both ends send ``nbytes`` through a relay circuit and read the other's."""
+    """Send ``send_bytes`` through a relay circuit while reading ``expect_bytes``
+    from the partner; returns what arrived and how long it took."""
     stream = await open_circuit(relay[0], relay[1], bytes.fromhex(session_hex), name)
     start = trio.current_time()
     got = 0
     async with stream, trio.open_nursery() as nursery:
         async def sender() -> None:
-            await stream.send_all(bytes(nbytes))
+            chunk = bytes(min(send_bytes, 1 << 20))
+            left = send_bytes
+            while left > 0:
+                await stream.send_all(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+            await stream.send_eof()
 
         nursery.start_soon(sender)
         with trio.fail_after(60):
-            while got < nbytes:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
+            while got < expect_bytes:
+                data = await stream.receive_some(1 << 20)
+                if not data:
                     break
-                got += len(chunk)
+                got += len(data)
     return {"received": got, "seconds": trio.current_time() - start}
 
 
@@ -230,16 +236,19 @@ async def punch_agent(proto: str, role: str, relay: list[Any], session_hex: str,
         info, nat_name, public_ip = _local_info(local, rows)
         framed = FramedStream(await open_circuit(relay[0], relay[1], token, f"{role}-{lan_ip}"))
         punch = HolePunch(Role(role), info, token, cfg)
+        started = trio.current_time()
         async with framed.stream:
             if proto == "udp":
                 udp = UdpPuncher(sock, token)
                 outcome = await drive_punch(punch, framed, udp.dial, udp.listen, max_rounds=1,
                                             deadline=trio.current_time() + 30)
+                punch_seconds = trio.current_time() - started
                 data_ok = outcome.succeeded and await _udp_exchange(sock, outcome.remote, role)
             else:
                 tcp = TcpPuncher(local_port, token, cfg.punch_timeout)
                 outcome = await drive_punch(punch, framed, tcp.dial, tcp.listen, max_rounds=1,
                                             deadline=trio.current_time() + 40)
+                punch_seconds = trio.current_time() - started
                 data_ok = outcome.succeeded and await _tcp_exchange(tcp, role)
     return {
         "succeeded": outcome.succeeded,
@@ -250,6 +259,7 @@ async def punch_agent(proto: str, role: str, relay: list[Any], session_hex: str,
         "public_ip": public_ip,
         "candidates": [str(c) for c in info.candidates],
         "data_ok": data_ok,
+        "punch_seconds": punch_seconds,
     }
 
 

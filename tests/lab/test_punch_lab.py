@@ -97,7 +97,8 @@ def test_relay_carries_a_symmetric_pair_at_the_circuit_rate(topo: Topology) -> N
     """S-S cannot punch; the relay circuit carries the data, paced at 1 MB/s."""
     session = os.urandom(16).hex()
     nbytes = 1_500_000
-    sides = [topo.lab.spawn_py(node, agents.relay_transfer, topo.relay, session, name, nbytes)
+    sides = [topo.lab.spawn_py(node, agents.relay_transfer, topo.relay, session, name, nbytes,
+                               nbytes)
              for node, name in ((topo.c, "c"), (topo.d, "d"))]
     results = [p.result(60) for p in sides]
     for r in results:
