@@ -303,8 +303,9 @@ class PyProcess:
                 if not sel.select(left):
                     break
                 line = self.proc.stdout.readline()
-                if not line:
-                    return False  # EOF: the child exited
+                if not line:  # EOF: the child is exiting; reap it for its status
+                    self.proc.wait(timeout=5)
+                    return False
                 self.lines.append(line.rstrip("\n"))
                 if stop(self.lines[-1]):
                     return True

@@ -77,3 +77,15 @@ def test_tbf_limits_throughput(lab: Lab) -> None:
     assert received == 2_500_000
     # 20 Mbit/s is 2.5 MB/s: 2.5 MB minus the 256 kB burst needs ~0.9 s.
     assert seconds >= 0.8, seconds
+
+
+def test_gate_skips_non_root_and_fails_root_without_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    import conftest as lab_conftest
+
+    monkeypatch.setattr(lab_conftest.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="need root"):
+        lab_conftest.require_lab()
+    monkeypatch.setattr(lab_conftest.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(lab_conftest, "missing_tools", lambda: ["nft"])
+    with pytest.raises(pytest.fail.Exception, match="nft not installed"):
+        lab_conftest.require_lab()
