@@ -76,7 +76,7 @@ class SyncDriver:
                 if not outcome.more:
                     break
             if outcome is not None:
-                for payload in self.core.pushes_for(outcome.remote_vv):
+                for payload in self.core.pushes_for(outcome.remote_vv, outcome.remote_held):
                     with trio.fail_after(PUSH_TIMEOUT):
                         await self.transport.notify(peer, METHOD_PUSH, payload)
         except _PEER_FAULTS as exc:

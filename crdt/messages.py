@@ -115,10 +115,12 @@ class SignedDelta:
 @message(320)
 @dataclass(frozen=True)
 class SyncRequest:
-    """Anti-entropy pull: "this is what I hold (per-author contiguous seq)"."""
+    """Anti-entropy pull: "this is what I hold": per author the contiguous seq
+    prefix (``vv``) plus ranges held beyond it (``held``: author, first, last)."""
 
     version: int
     vv: tuple[tuple[bytes, int], ...]
+    held: tuple[tuple[bytes, int, int], ...]
     max_bytes: int
 
 
@@ -126,10 +128,11 @@ class SyncRequest:
 @dataclass(frozen=True)
 class SyncReply:
     """Encoded ``SignedDelta``s the requester lacks (one chunk), the responder's
-    own version vector, and whether more chunks remain."""
+    own version vector and held ranges, and whether more chunks remain."""
 
     version: int
     vv: tuple[tuple[bytes, int], ...]
+    held: tuple[tuple[bytes, int, int], ...]
     deltas: tuple[bytes, ...]
     more: bool
 

@@ -140,6 +140,11 @@ class ORSet:
 
     def to_wire(self) -> OrSetMsg:
         table = PeerTable()
+        # Register peers in sorted order first: indices must not depend on set
+        # iteration order, or equal states would encode to different bytes.
+        replicas = self.entry_replicas() | set(self.ctx.vv) | {r for r, _ in self.ctx.cloud}
+        for replica in sorted(replicas):
+            table(replica)
         entries = tuple(
             OrSetEntryMsg(e, tuple(sorted((table(r), c) for r, c in self.entries[e])))
             for e in self.elements()

@@ -107,7 +107,7 @@ class Store:
         self._hlc = HybridClock(self._me)
         self.log = DeltaLog()
         self._docs: dict[tuple[DocKind, str], State] = {}
-        self._sizes: dict[tuple[DocKind, str], int] = {}
+        self._encoded: dict[tuple[DocKind, str], bytes] = {}  # per-document cache
         self._notifier = ChangeNotifier()
         self._write_listeners: list[Callable[[Delta], None]] = []
         self._counts: dict[str, int] = {"local": 0, "accepted": 0, "dup": 0, "equivocation": 0}
@@ -229,7 +229,7 @@ class Store:
             if doc is None:
                 doc = self._docs[key] = _EMPTY[op.kind]()
             if doc.merge(op.state):  # type: ignore[arg-type]
-                self._sizes.pop(key, None)
+                self._encoded.pop(key, None)
                 self._notifier.changed(Change(op.kind, op.name))
 
     def _restore(self) -> None:
@@ -262,19 +262,19 @@ class Store:
         """``async with store.subscribe("run/") as changes: async for change in changes``."""
         return self._notifier.subscribe(prefix)
 
+    def _encoding(self, key: tuple[DocKind, str]) -> bytes:
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            encoded = self._encoded[key] = _encode_doc(key, self._docs[key])
+        return encoded
+
     def snapshot(self) -> bytes:
         """Canonical encoding of every document: equal bytes iff equal state."""
-        return b"".join(_encode_doc(k, self._docs[k]) for k in sorted(self._docs))
+        return b"".join(self._encoding(k) for k in sorted(self._docs))
 
     def full_state_bytes(self) -> int:
         """Size of a full-state encoding (what a state-based CRDT would ship)."""
-        total = 0
-        for key, doc in self._docs.items():
-            size = self._sizes.get(key)
-            if size is None:
-                size = self._sizes[key] = len(_encode_doc(key, doc))
-            total += size
-        return total
+        return sum(len(self._encoding(k)) for k in self._docs)
 
     def statistics(self) -> StoreStatistics:
         c = self._counts

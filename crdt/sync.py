@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from crdt.log import DeltaLog
+from crdt.log import DeltaLog, Held
 from crdt.messages import CRDT_PROTOCOL_VERSION, DeltaPush, SyncReply, SyncRequest
 from peerd.errors import ProtocolError
 from peerd.identity import PeerId
@@ -29,6 +29,9 @@ M = TypeVar("M")
 
 METHOD_SYNC = "crdt.sync"
 METHOD_PUSH = "crdt.push"
+# Ranges held beyond the contiguous prefix, sent with each digest so peers do not
+# resend deltas that arrived out of order (by push); leaving some out is safe.
+MAX_HELD_RANGES = 2048
 _ENVELOPE_SLACK = 1024  # room for the reply's vector and framing around the deltas
 MIN_MESSAGE_BYTES = 300 * 1024  # one maximal delta must always fit in a chunk
 
@@ -70,6 +73,7 @@ class Push:
 class ReplyOutcome:
     deltas: tuple[bytes, ...]
     remote_vv: dict[bytes, int]
+    remote_held: Held
     more: bool
 
 
@@ -96,6 +100,21 @@ def _vv_from_wire(pairs: tuple[tuple[bytes, int], ...]) -> dict[bytes, int]:
             raise ProtocolError("bad version vector entry")
         vv[author] = seq
     return vv
+
+
+def _held_to_wire(held: Held) -> tuple[tuple[bytes, int, int], ...]:
+    return tuple((a, lo, hi) for a, ranges in sorted(held.items()) for lo, hi in ranges)
+
+
+def _held_from_wire(triples: tuple[tuple[bytes, int, int], ...]) -> Held:
+    held: Held = {}
+    for author, lo, hi in triples:
+        if len(author) != 32 or not 1 <= lo <= hi < 2**63:
+            raise ProtocolError("bad held range")
+        held.setdefault(author, []).append((lo, hi))
+    for ranges in held.values():
+        ranges.sort()
+    return held
 
 
 def _check_version(version: int) -> None:
@@ -162,7 +181,9 @@ class SyncCore:
 
     def make_request(self) -> bytes:
         req = SyncRequest(
-            CRDT_PROTOCOL_VERSION, _vv_to_wire(self.log.version_vector()),
+            CRDT_PROTOCOL_VERSION,
+            _vv_to_wire(self.log.version_vector()),
+            _held_to_wire(self.log.held_ranges(MAX_HELD_RANGES)),
             self.config.max_message_bytes,
         )
         return self._sent(encode(req))
@@ -172,32 +193,40 @@ class SyncCore:
         with self._counting_malformed():
             req = self._decode(body, SyncRequest)
             remote = _vv_from_wire(req.vv)
+            remote_held = _held_from_wire(req.held)
         budget = max(MIN_MESSAGE_BYTES, min(req.max_bytes, self.config.max_message_bytes))
         vv = _vv_to_wire(self.log.version_vector())
+        held = _held_to_wire(self.log.held_ranges(MAX_HELD_RANGES))
         authors = self.log.authors()
         # Random author order so a peer that needs many chunks gets every author
         # progressing, not the first author's whole history first.
         self._rng.shuffle(authors)
-        chunk = self.log.missing_for(remote, budget - 40 * len(vv) - _ENVELOPE_SLACK, authors)
+        room = budget - 40 * len(vv) - 50 * len(held) - _ENVELOPE_SLACK
+        chunk = self.log.missing_for(remote, room, authors, remote_held)
         self._n["requests_served"] += 1
         self._n["deltas_sent"] += len(chunk.blobs)
-        reply = SyncReply(CRDT_PROTOCOL_VERSION, vv, tuple(chunk.blobs), chunk.more)
+        reply = SyncReply(CRDT_PROTOCOL_VERSION, vv, held, tuple(chunk.blobs), chunk.more)
         return self._sent(encode(reply))
 
     def handle_reply(self, body: bytes) -> ReplyOutcome:
         with self._counting_malformed():
             reply = self._decode(body, SyncReply)
-            return ReplyOutcome(reply.deltas, _vv_from_wire(reply.vv), reply.more)
+            return ReplyOutcome(
+                reply.deltas, _vv_from_wire(reply.vv), _held_from_wire(reply.held), reply.more
+            )
 
-    def pushes_for(self, remote_vv: dict[bytes, int]) -> list[bytes]:
-        """Encoded pushes carrying what the holder of ``remote_vv`` lacks (bounded)."""
+    def pushes_for(
+        self, remote_vv: dict[bytes, int], remote_held: Held | None = None
+    ) -> list[bytes]:
+        """Encoded pushes carrying what the holder of ``remote_vv`` and
+        ``remote_held`` lacks (bounded in count and size)."""
         out: list[bytes] = []
         budget = self.config.max_message_bytes - _ENVELOPE_SLACK
         authors = self.log.authors()
         self._rng.shuffle(authors)
         remaining = dict(remote_vv)
         for _ in range(self.config.max_push_chunks):
-            chunk = self.log.missing_for(remaining, budget, authors)
+            chunk = self.log.missing_for(remaining, budget, authors, remote_held)
             if not chunk.blobs:
                 break
             payload = encode(DeltaPush(CRDT_PROTOCOL_VERSION, tuple(chunk.blobs)))

@@ -127,7 +127,7 @@ async def test_forged_deltas_rejected_everywhere_and_counted(autojump_clock: Moc
         attacker = net.endpoint(PeerId.from_public_key(b"a" * 32))
 
         async def serve_sync(peer: PeerId, payload: bytes) -> bytes:
-            return encode(SyncReply(CRDT_PROTOCOL_VERSION, (), tuple(forged.values()), False))
+            return encode(SyncReply(CRDT_PROTOCOL_VERSION, (), (), tuple(forged.values()), False))
 
         attacker.register(METHOD_SYNC, serve_sync)
         push = encode(DeltaPush(CRDT_PROTOCOL_VERSION, tuple(forged.values())))

@@ -39,7 +39,7 @@ def exchange(a: tuple[Store, SyncCore], b: tuple[Store, SyncCore]) -> tuple[int,
         if not outcome.more:
             break
         assert replies < 100
-    for push in ca.pushes_for(outcome.remote_vv):
+    for push in ca.pushes_for(outcome.remote_vv, outcome.remote_held):
         biggest = max(biggest, len(push))
         sb.ingest(cb.handle_push(push))
     return replies, biggest
@@ -100,16 +100,17 @@ def test_hostile_requests_raise_protocol_error_and_are_counted() -> None:
     store.counter("c").increment()
     bad = [
         b"\x00garbage",
-        encode(SyncRequest(CRDT_PROTOCOL_VERSION + 1, (), 1 << 20)),
-        encode(SyncRequest(CRDT_PROTOCOL_VERSION, ((b"short", 1),), 1 << 20)),
-        encode(SyncRequest(CRDT_PROTOCOL_VERSION, ((b"a" * 32, -1),), 1 << 20)),
+        encode(SyncRequest(CRDT_PROTOCOL_VERSION + 1, (), (), 1 << 20)),
+        encode(SyncRequest(CRDT_PROTOCOL_VERSION, ((b"short", 1),), (), 1 << 20)),
+        encode(SyncRequest(CRDT_PROTOCOL_VERSION, ((b"a" * 32, -1),), (), 1 << 20)),
+        encode(SyncRequest(CRDT_PROTOCOL_VERSION, (), ((b"a" * 32, 5, 4),), 1 << 20)),
     ]
     for body in bad:
         with pytest.raises(ProtocolError):
             core.handle_request(body)
     assert core.statistics().malformed == len(bad)
     # A tiny requested budget is raised to the minimum; a huge one is capped.
-    reply = decode_untrusted(core.handle_request(encode(SyncRequest(1, (), 1))))
+    reply = decode_untrusted(core.handle_request(encode(SyncRequest(1, (), (), 1))))
     assert len(reply.deltas) == 1 and not reply.more
 
 
@@ -121,7 +122,7 @@ def test_sparse_hostile_seq_does_not_cost_a_huge_walk() -> None:
     op = Op(DocKind.COUNTER, "c", PNCounter({IDS[1].peer_id.raw: 5}))
     assert a[0].ingest([seal(IDS[1], SWARM_KEY, 2**62, (op,)).blob]).accepted == 1
     claim = ((IDS[3].peer_id.raw, 2**62), (IDS[1].peer_id.raw, 0))
-    reply = decode_untrusted(a[1].handle_request(encode(SyncRequest(1, claim, 1 << 20))))
+    reply = decode_untrusted(a[1].handle_request(encode(SyncRequest(1, claim, (), 1 << 20))))
     assert len(reply.deltas) == 2
     assert a[0].log.version_vector()[IDS[1].peer_id.raw] == 1  # the gap stays visible
     assert a[0].log.lacks_from({IDS[3].peer_id.raw: 5})

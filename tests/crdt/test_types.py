@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from crdt.counter import PNCounter
 from crdt.hlc import Timestamp
 from crdt.lww import LwwMap
-from crdt.orset import ORSet
+from crdt.orset import DotContext, ORSet
 from peerd.errors import ProtocolError
 from peerd.wire import decode_untrusted, encode
 
@@ -165,3 +165,13 @@ def test_counter_value_and_merge() -> None:
     assert not joined.merge(stale)  # an older total changes nothing
     with pytest.raises(ValueError):
         c.increment_delta(A, 2**63)
+
+
+def test_orset_encoding_is_independent_of_insertion_order() -> None:
+    # Set iteration order varies with the hash seed; the peer table must not follow it.
+    dots = [(r, 1) for r in REPLICAS]
+    for perm in ([A, B, C], [C, A, B], [B, C, A]):
+        state = ORSet({"x": frozenset((r, 1) for r in perm)}, DotContext(cloud=dots))
+        msg = state.to_wire()
+        assert list(msg.peers) == sorted(REPLICAS)
+        assert msg.entries[0].dots == ((0, 1), (1, 1), (2, 1))
