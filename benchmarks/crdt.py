@@ -4,10 +4,11 @@ For each swarm size, ``--writes`` writes (see ``one_write``: per-step metrics,
 overwritten throughput and config fields, a step counter, roster joins/leaves)
 are spread over 10 mock seconds across random nodes of an in-memory network
 (10 ms latency) driven by trio's MockClock; gossip runs as configured in
-``SyncConfig`` (1 s interval, 1 peer per round, local writes pushed to 2 peers). We report the mock time
-from the last write until every replica holds identical state, the gossip
-rounds per node in that time, and the bytes every node sent (requests,
-replies and pushes; every delta is signed and swarm-proven).
+``SyncConfig`` (1 s interval, 1 peer per round, local writes pushed to 2
+peers). We report the mock time from the last write until every replica holds
+identical state, the gossip rounds per node in that time, and the bytes every
+node sent (requests, replies and pushes; every delta is signed and
+swarm-proven).
 
 The full-state figure charges each anti-entropy exchange that actually ran
 (until convergence) with the full-state encoding of both sides at that moment
