@@ -96,9 +96,10 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
         first = rs[0].send
         for k, span in enumerate(lay.subs[first]):
             await send(job.key(b"r", first, k), codec.encode_input(flat, span))
-        async with rs_rx:
-            async for key, data in rs_rx:
-                await send(key, data)
+        # The receive sides stay open to the end: a producer's send_nowait must
+        # never fail because a consumer stopped first (the nursery is ending then).
+        async for key, data in rs_rx:
+            await send(key, data)
 
     async def rs_receiver() -> None:
         async with rs_tx, ag_tx:
@@ -128,9 +129,8 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
                         ag_tx2.send_nowait((key, region))
 
     async def ag_sender() -> None:
-        async with ag_rx:
-            async for key, data in ag_rx:
-                await send(key, data)
+        async for key, data in ag_rx:
+            await send(key, data)
 
     async with trio.open_nursery() as nursery:
 

@@ -112,16 +112,23 @@ async def test_stalled_peer_is_detected_within_the_heartbeat_timeout(
         assert same_bytes(list(arrays.values()))
 
 
-async def test_cut_link_excludes_its_ends_consistently(mock_clock: trio.testing.MockClock) -> None:
+async def test_cut_link_leaves_consistent_outcomes(mock_clock: trio.testing.MockClock) -> None:
+    """Partial connectivity: which side is dropped depends on timing, but every
+    peer that succeeds holds the same bytes, averaged over exactly its
+    participants, and never over both ends of the cut link."""
     async with swarm(4) as s:
         s.net.cut("p01", "p02")  # neighbours on the ring
         data, arrays, out = await run_round(s, 40, retry=True)
         ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
-        assert sorted(ok) == ["p00", "p03"]
-        want = reference(data, ["p00", "p03"], True)
+        assert len(ok) >= 2
+        (participants,) = {r.participants for r in ok.values()}
+        assert sorted(ok) == sorted(participants)
+        assert not {"p01", "p02"} <= set(participants)
+        want = reference(data, list(participants), True)
         for p in ok:
-            assert ok[p].participants == ("p00", "p03")
             np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
-        for p in ("p01", "p02"):
-            assert isinstance(out[p], PeerLost)  # evicted: they cannot reach each other
-            assert np.array_equal(arrays[p], data[p])
+        assert same_bytes([arrays[p] for p in ok])
+        for p, r in out.items():
+            if p not in ok:
+                assert isinstance(r, PeerLost)
+                assert np.array_equal(arrays[p], data[p])
