@@ -202,6 +202,8 @@ class Node:
             self._counters["rpc_served"] += 1
         except ProtocolError:
             self._counters["rpc_bad"] += 1
+        except PeerLost:
+            pass  # the caller went away mid-call; nothing to answer
 
     def disconnect(self, peer: PeerId) -> None:
         s = self._sessions.get(peer)

@@ -81,7 +81,13 @@ class QuicStream:
             await self.conn._wait_progress()
         if self._error is not None:
             raise self._error
-        self.conn.quic.send_stream_data(self.stream_id, data, end_stream=end)
+        if self.conn.closed:
+            raise PeerLost([self.conn.addr_text], self.conn.close_reason)
+        try:
+            self.conn.quic.send_stream_data(self.stream_id, data, end_stream=end)
+        except (ValueError, RuntimeError) as exc:
+            # aioquic refuses data on a stream the peer reset or we finished.
+            raise PeerLost([self.conn.addr_text], f"stream closed: {exc}") from None
         self.conn.transmit()
 
     async def send_frame(self, body: bytes, end: bool = False) -> None:

@@ -1,0 +1,314 @@
+"""A scripted peer process, and its driver, for multi-process tests and benchmarks.
+
+``python -m peerd.peerproc KEYHEX INDEX`` runs a real node on loopback, prints
+``{"event": "ready", ...}`` and then executes JSON commands read line by line
+from stdin, answering each with one JSON event line on stdout. Inputs of an
+all-reduce are a pure function of (seed, index, round), so a driver can
+recompute the exact reference for whichever participants a result names.
+
+Faults are injected at named phases from inside the victim, so the timing is
+exact: ``die_at="before"`` SIGKILLs the process as the round starts,
+``"r:N"`` / ``"g:N"`` on its N-th send of reduce-scatter / all-gather data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peerd.errors import PeerdError, PeerLost
+
+READY_TIMEOUT = 60.0
+
+
+def make_input(seed: int, index: int, round_: int, size: int, dtype: str) -> np.ndarray:
+    rng = np.random.default_rng([seed, index, round_])
+    data = rng.standard_normal(size).astype(np.float32)
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy()
+    return data.astype(dtype)
+
+
+def digest(array: Any) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+# ---------------------------------------------------------------- the peer
+
+
+class _FaultFabric:
+    """Wraps the node's fabric; SIGKILLs this process at a named phase."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.die_at: tuple[bytes, int] | None = None
+        self._count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def me(self) -> str:
+        return str(self._inner.me)
+
+    async def send_data(self, peer: str, key: bytes, data: Any) -> None:
+        if self.die_at is not None and b"/" + self.die_at[0] + b"/" in key:
+            self._count += 1
+            if self._count >= self.die_at[1]:
+                os.kill(os.getpid(), signal.SIGKILL)
+        await self._inner.send_data(peer, key, data)
+
+
+async def _peer_main(key_hex: str, index: int) -> None:
+    import trio
+
+    from peerd.identity import SwarmKey
+    from peerd.node import open_node
+
+    def emit(**fields: Any) -> None:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    # Import torch before the node runs: a multi-second import inside a round
+    # would block the event loop past the heartbeat timeout.
+    import torch  # noqa: F401
+
+    async with open_node(SwarmKey(bytes.fromhex(key_hex))) as node:
+        fault = _FaultFabric(node.fabric)
+        node.fabric = fault  # type: ignore[assignment]
+        emit(event="ready", index=index, peer=node.peer_id.text,
+             addr=node.listen_addresses[0], pid=os.getpid())
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        while True:
+            chunk = await stdin.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                cmd = json.loads(line)
+                if cmd["cmd"] == "quit":
+                    emit(event="bye")
+                    return
+                try:
+                    emit(**await _command(node, fault, index, cmd))
+                except PeerdError as exc:
+                    emit(event="error", kind=type(exc).__name__, message=str(exc),
+                         peers=list(getattr(exc, "peers", ())))
+
+
+async def _command(node: Any, fault: _FaultFabric, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+    import trio
+
+    from collectives.api import Quant
+
+    kind = cmd["cmd"]
+    if kind == "connect":
+        peer = await node.connect(cmd["addr"])
+        return {"event": "connected", "peer": peer.text}
+    if kind == "join":
+        members = cmd.get("members")
+        engine = await node.join_run(cmd["run"], members, timeout=cmd.get("timeout"))
+        return {"event": "joined", "view": list(engine.view().members),
+                "revision": engine.view().revision}
+    if kind == "update_view":
+        view = await node.engine(cmd["run"]).update_view()
+        return {"event": "view", "view": list(view.members), "revision": view.revision}
+    if kind == "allreduce":
+        size, dtype, seed, rnd = cmd["size"], cmd.get("dtype", "float32"), cmd["seed"], cmd["round"]
+        data = make_input(seed, index, rnd, size, dtype)
+        original = data.copy()
+        die = cmd.get("die_at")
+        if die == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if die:
+            phase, _, n = die.partition(":")
+            fault.die_at = (phase.encode(), int(n or 1))
+        target: Any = data
+        if dtype == "bfloat16":
+            import torch
+
+            target = torch.from_numpy(data).view(torch.bfloat16)
+        t0 = time.perf_counter()
+        try:
+            result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
+                                           tag=cmd.get("tag", "default"),
+                                           quant=Quant(cmd.get("quant", 0)),
+                                           retry=cmd.get("retry", True))
+        except PeerLost as exc:
+            return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
+                    "peers": list(exc.peers), "input_intact": bool(np.array_equal(
+                        data.view(np.uint8), original.view(np.uint8)))}
+        seconds = time.perf_counter() - t0
+        out = cmd.get("out")
+        if out:
+            np.save(Path(out) / f"r{rnd}_{index}.npy", data)
+        await trio.lowlevel.checkpoint()
+        return {"event": "result", "round": rnd, "participants": list(result.participants),
+                "revision": result.revision, "sha256": digest(data), "seconds": seconds,
+                "bytes_sent": result.bytes_sent, "attempts": result.attempts}
+    if kind == "stats":
+        return {"event": "stats", "engine": repr(node.engine(cmd["run"]).statistics())}
+    raise PeerdError(f"unknown command {kind!r}")
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class PeerProcess:
+    """One ``peerd.peerproc`` child, driven over its stdin/stdout."""
+
+    def __init__(self, key_hex: str, index: int, env: dict[str, str] | None = None) -> None:
+        self.index = index
+        # stderr goes to a file so a crash can be explained in the error it causes.
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "peerd.peerproc", key_hex, str(index)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            env={**os.environ, **(env or {})}, text=True, bufsize=1,
+        )
+        self.pid = self.proc.pid
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        ready = self.expect("ready", READY_TIMEOUT)
+        self.peer: str = ready["peer"]
+        self.addr: str = ready["addr"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self._lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # stray output (warnings) is not part of the protocol
+        self._lines.put(None)
+
+    def stderr_tail(self, limit: int = 3000) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-limit:]
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, *events: str, timeout: float = 120.0) -> dict[str, Any]:
+        """The next event line; raises if it is not one of ``events`` or the
+        process ended."""
+        try:
+            msg = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"peer {self.index}: no answer within {timeout}s") from None
+        if msg is None:
+            raise EOFError(f"peer {self.index} exited (code {self.proc.poll()}): "
+                           f"{self.stderr_tail()}")
+        if events and msg.get("event") not in events:
+            raise AssertionError(f"peer {self.index}: expected {events}, got {msg}")
+        return msg
+
+    def request(self, timeout: float = 120.0, **cmd: Any) -> dict[str, Any]:
+        self.send(**cmd)
+        return self.expect(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Ask politely, then SIGKILL by pid; always reaps the child."""
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+                self.send(cmd="quit")
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired, ValueError):
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+class LocalSwarm:
+    """N peer processes on loopback, fully connected, members of one run."""
+
+    def __init__(self, n: int, run: str = "run", key_hex: str | None = None) -> None:
+        self.key_hex = key_hex or os.urandom(32).hex()
+        self.run = run
+        self.peers: list[PeerProcess] = []
+        try:
+            for i in range(n):
+                self.peers.append(PeerProcess(self.key_hex, i))
+            for i, p in enumerate(self.peers):
+                for q in self.peers[:i]:
+                    p.request(cmd="connect", addr=q.addr)
+            members = [p.peer for p in self.peers]
+            for p in self.peers:
+                p.send(cmd="join", run=run, members=members)
+            for p in self.peers:
+                p.expect("joined")
+        except BaseException:
+            self.close()
+            raise
+
+    def add_peer(self) -> PeerProcess:
+        """A new process connected to every live peer (it has not joined yet)."""
+        p = PeerProcess(self.key_hex, len(self.peers))
+        self.peers.append(p)
+        for q in self.peers[:-1]:
+            if q.alive():
+                p.request(cmd="connect", addr=q.addr)
+        return p
+
+    def by_peer(self, peer_id: str) -> PeerProcess:
+        return next(p for p in self.peers if p.peer == peer_id)
+
+    def all_reduce(self, peers: list[PeerProcess], timeout: float = 120.0,
+                   **cmd: Any) -> list[dict[str, Any]]:
+        for p in peers:
+            p.send(cmd="allreduce", run=self.run, **cmd)
+        return [p.expect("result", "error", timeout=timeout) for p in peers]
+
+    def reference(self, participants: list[str], seed: int, round_: int, size: int,
+                  op: str = "avg") -> np.ndarray:
+        stack = np.stack([make_input(seed, self.by_peer(q).index, round_, size, "float32")
+                          .astype(np.float64) for q in participants])
+        return stack.mean(axis=0) if op == "avg" else stack.sum(axis=0)
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.stop()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    import trio
+
+    trio.run(_peer_main, sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,147 @@
+"""All-reduce across real peer processes on loopback: correctness, bit-identity,
+kills at named phases, SIGSTOP, and a join between rounds."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collectives.membership import HEARTBEAT_TIMEOUT
+from peerd.peerproc import LocalSwarm, make_input
+
+SIZES = [1, 2, 3, 7, 1009, 65_537, 1_000_003]
+
+
+def check_round(sw: LocalSwarm, results: list[dict], seed: int, rnd: int, size: int,
+                out: Path, op: str = "avg", rtol: float = 1e-5) -> None:
+    assert all(r["event"] == "result" for r in results), results
+    participants = results[0]["participants"]
+    assert all(r["participants"] == participants for r in results)
+    assert len({r["sha256"] for r in results}) == 1, "results differ between peers"
+    ref = sw.reference(participants, seed, rnd, size, op)
+    for r in results:
+        got = np.load(out / f"r{rnd}_{sw.by_peer(r['participants'][0]).index}.npy")
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_sizes_match_reference_and_are_bit_identical(n: int, tmp_path: Path) -> None:
+    with LocalSwarm(n) as sw:
+        for rnd, size in enumerate(SIZES):
+            op = "sum" if rnd % 2 else "avg"
+            res = sw.all_reduce(sw.peers, size=size, seed=n, round=rnd, op=op, out=str(tmp_path))
+            check_round(sw, res, n, rnd, size, tmp_path, op)
+            assert sorted(res[0]["participants"]) == sorted(p.peer for p in sw.peers)
+        # Same inputs and view again: identical bytes across reruns.
+        again = sw.all_reduce(sw.peers, size=SIZES[-1], seed=n, round=len(SIZES) - 1,
+                              out=str(tmp_path))
+        assert again[0]["sha256"] == res[0]["sha256"]
+
+
+def test_eight_peers_small_tensors(tmp_path: Path) -> None:
+    with LocalSwarm(8) as sw:
+        for rnd, size in enumerate([1, 5, 8, 9, 4099]):
+            res = sw.all_reduce(sw.peers, size=size, seed=8, round=rnd, out=str(tmp_path))
+            check_round(sw, res, 8, rnd, size, tmp_path)
+            assert len(res[0]["participants"]) == 8
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_half_precision_dtypes(dtype: str, rtol: float, tmp_path: Path) -> None:
+    with LocalSwarm(3) as sw:
+        res = sw.all_reduce(sw.peers, size=10_007, seed=5, round=0, dtype=dtype,
+                            out=str(tmp_path))
+        assert all(r["event"] == "result" for r in res), res
+        assert all(len(r["participants"]) == 3 for r in res)
+        assert len({r["sha256"] for r in res}) == 1
+        got = np.load(tmp_path / "r0_0.npy")
+        if dtype == "bfloat16":
+            import torch
+
+            got = torch.from_numpy(got).view(torch.bfloat16).float().numpy()
+        inputs = [make_input(5, i, 0, 10_007, dtype) for i in range(3)]
+        if dtype == "bfloat16":
+            import torch
+
+            inputs = [torch.from_numpy(x).view(torch.bfloat16).float().numpy() for x in inputs]
+        ref = np.mean([x.astype(np.float64) for x in inputs], axis=0)
+        np.testing.assert_allclose(got.astype(np.float64), ref, rtol=rtol, atol=rtol)
+
+
+# 4 peers x 2M floats: each chunk is 2 sub-chunks of 1 MiB, so a ring step
+# sends several messages and "the 3rd send of a phase" is mid-phase.
+FAULT_SIZE = 2_000_000
+
+
+@pytest.mark.parametrize("die_at", ["before", "r:3", "g:2"])
+@pytest.mark.parametrize("retry", [False, True])
+def test_sigkill_at_named_phase(die_at: str, retry: bool, tmp_path: Path) -> None:
+    with LocalSwarm(4) as sw:
+        victim = sw.peers[2]
+        survivors = [p for p in sw.peers if p is not victim]
+        # A clean round first, so links are warm and the kill lands mid-run.
+        check_round(sw, sw.all_reduce(sw.peers, size=1000, seed=1, round=0, out=str(tmp_path)),
+                    1, 0, 1000, tmp_path)
+        victim.send(cmd="allreduce", run=sw.run, size=FAULT_SIZE, seed=2, round=1,
+                    die_at=die_at, retry=retry, out=str(tmp_path))
+        res = sw.all_reduce(survivors, size=FAULT_SIZE, seed=2, round=1, retry=retry,
+                            out=str(tmp_path), timeout=60)
+        victim.proc.wait(timeout=10)
+        assert victim.proc.returncode == -signal.SIGKILL
+        if not retry:
+            assert all(r["event"] == "error" and r["kind"] == "PeerLost" for r in res), res
+            assert all(victim.peer in r["peers"] for r in res)
+            assert all(r["input_intact"] for r in res)
+        else:
+            check_round(sw, res, 2, 1, FAULT_SIZE, tmp_path)
+            assert sorted(res[0]["participants"]) == sorted(p.peer for p in survivors)
+        # Whatever happened, the survivors go on together on the new view.
+        res = sw.all_reduce(survivors, size=777, seed=3, round=2, out=str(tmp_path))
+        check_round(sw, res, 3, 2, 777, tmp_path)
+        assert victim.peer not in res[0]["participants"]
+
+
+def test_sigstop_detected_within_heartbeat_timeout(tmp_path: Path) -> None:
+    with LocalSwarm(3) as sw:
+        check_round(sw, sw.all_reduce(sw.peers, size=100, seed=1, round=0, out=str(tmp_path)),
+                    1, 0, 100, tmp_path)
+        stopped = sw.peers[1]
+        stopped.signal(signal.SIGSTOP)
+        try:
+            survivors = [sw.peers[0], sw.peers[2]]
+            t0 = time.monotonic()
+            res = sw.all_reduce(survivors, size=1000, seed=4, round=1, out=str(tmp_path))
+            elapsed = time.monotonic() - t0
+            check_round(sw, res, 4, 1, 1000, tmp_path)
+            assert stopped.peer not in res[0]["participants"]
+            # Detection by heartbeat silence, plus one view change and the rerun.
+            assert elapsed < HEARTBEAT_TIMEOUT + 5, elapsed
+        finally:
+            stopped.signal(signal.SIGCONT)
+
+
+def test_joiner_takes_part_from_next_round(tmp_path: Path) -> None:
+    with LocalSwarm(3) as sw:
+        check_round(sw, sw.all_reduce(sw.peers, size=500, seed=1, round=0, out=str(tmp_path)),
+                    1, 0, 500, tmp_path)
+        joiner = sw.add_peer()
+        joiner.send(cmd="join", run=sw.run, timeout=60)
+        # Members hold a round boundary each "training round"; the first one
+        # after the join request arrives admits the joiner (bounded rounds).
+        for _ in range(20):
+            for p in sw.peers[:3]:
+                p.send(cmd="update_view", run=sw.run)
+            views = [p.expect("view", timeout=60) for p in sw.peers[:3]]
+            assert len({v["revision"] for v in views}) == 1
+            if joiner.peer in views[0]["view"]:
+                break
+        joined = joiner.expect("joined", timeout=60)
+        assert all(joiner.peer in v["view"] for v in views)
+        assert joined["revision"] == views[0]["revision"]
+        res = sw.all_reduce(sw.peers, size=501, seed=2, round=1, out=str(tmp_path))
+        check_round(sw, res, 2, 1, 501, tmp_path)
+        assert len(res[0]["participants"]) == 4
