@@ -13,6 +13,7 @@ exact: ``die_at="before"`` SIGKILLs the process as the round starts,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ def make_input(seed: int, index: int, round_: int, size: int, dtype: str) -> np.
 
 
 def digest(array: Any) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).data).hexdigest()
 
 
 # ---------------------------------------------------------------- the peer
@@ -112,7 +113,9 @@ async def _peer_main(key_hex: str, index: int) -> None:
                          peers=list(getattr(exc, "peers", ())))
 
 
-async def _command(node: Any, fault: _FaultFabric, index: int, cmd: dict[str, Any]) -> dict[str, Any]:
+async def _command(
+    node: Any, fault: _FaultFabric, index: int, cmd: dict[str, Any]
+) -> dict[str, Any]:
     import trio
 
     from collectives.api import Quant
@@ -176,7 +179,7 @@ class PeerProcess:
     def __init__(self, key_hex: str, index: int, env: dict[str, str] | None = None) -> None:
         self.index = index
         # stderr goes to a file so a crash can be explained in the error it causes.
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "peerd.peerproc", key_hex, str(index)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
@@ -186,7 +189,7 @@ class PeerProcess:
         self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        ready = self.expect("ready", READY_TIMEOUT)
+        ready = self.expect("ready", timeout=READY_TIMEOUT)
         self.peer: str = ready["peer"]
         self.addr: str = ready["addr"]
 
@@ -245,10 +248,8 @@ class PeerProcess:
                 self.proc.wait(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
 
 class LocalSwarm:
