@@ -117,7 +117,9 @@ class Collective(Protocol):
         """Start an all-reduce; ``handle.wait()`` returns its ``AllReduceResult``."""
         ...
 
-    def all_gather(self, array: Any, *, tag: str = "gather") -> tuple[Sequence[Any], tuple[str, ...]]:
+    def all_gather(
+        self, array: Any, *, tag: str = "gather"
+    ) -> tuple[Sequence[Any], tuple[str, ...]]:
         """Every member's ``array`` (shapes may differ), in view order, plus the
         peers they came from. Used for sparse (index, value) exchange."""
         ...
