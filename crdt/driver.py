@@ -43,7 +43,6 @@ class SyncDriver:
         self.core = SyncCore(
             store.log, store.peer_id, config or SyncConfig(), rng or random.Random()
         )
-        self.failures = 0
         self._wake = trio.Event()
         transport.register(METHOD_SYNC, self._serve_sync)
         transport.register(METHOD_PUSH, self._serve_push)
@@ -80,7 +79,7 @@ class SyncDriver:
                     with trio.fail_after(PUSH_TIMEOUT):
                         await self.transport.notify(peer, METHOD_PUSH, payload)
         except _PEER_FAULTS as exc:
-            self.failures += 1
+            self.core.transport_failed()
             log.debug("crdt.sync_failed peer=%s error=%r", peer.short, exc)
             return False
         return True
@@ -90,7 +89,7 @@ class SyncDriver:
             with trio.fail_after(PUSH_TIMEOUT):
                 await self.transport.notify(push.peer, METHOD_PUSH, push.payload)
         except _PEER_FAULTS as exc:
-            self.failures += 1
+            self.core.transport_failed()
             log.debug("crdt.push_failed peer=%s error=%r", push.peer.short, exc)
 
     async def _serve_sync(self, peer: PeerId, payload: bytes) -> bytes:

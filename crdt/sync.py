@@ -87,6 +87,7 @@ class SyncStatistics:
     bytes_sent: int
     bytes_received: int
     malformed: int
+    transport_failures: int
 
 
 def _vv_to_wire(vv: dict[bytes, int]) -> tuple[tuple[bytes, int], ...]:
@@ -255,6 +256,10 @@ class SyncCore:
             chunks[-1].append(blob)
             size += len(blob)
         return [encode(DeltaPush(CRDT_PROTOCOL_VERSION, tuple(c))) for c in chunks if c]
+
+    def transport_failed(self) -> None:
+        """The driver reports a call or push that failed (peer lost, timeout, ...)."""
+        self._n["transport_failures"] += 1
 
     def _count_push(self, payload: bytes, copies: int) -> None:
         self._n["pushes_sent"] += copies
