@@ -23,11 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from collectives.api import Collective  # noqa: E402
-from collectives.local import LocalGroup  # noqa: E402
-from examples.data import load_corpus  # noqa: E402
-from examples.train_diloco import TrainConfig, WorkerResult, train_worker  # noqa: E402
-from optim.harness import run_threads  # noqa: E402
+from collectives.api import Collective, Quant
+from collectives.local import LocalGroup
+from examples.data import load_corpus
+from examples.tiny_gpt import GPTConfig
+from examples.tiny_moe import MoEConfig
+from examples.train_diloco import TrainConfig, WorkerResult, train_worker
+from optim.harness import run_threads
 
 MakeCollectives = Callable[[int], Sequence[Collective]]
 
@@ -44,17 +46,20 @@ def run(cfg: TrainConfig, peers: int, make: MakeCollectives) -> list[WorkerResul
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=180)
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--sync-every", type=int, default=50)
+    ap.add_argument("--sync-every", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = TrainConfig(steps=args.steps, sync_every=args.sync_every)
+    small = GPTConfig(n_layer=2, n_head=4, d_model=64, seq_len=64)
+    moe = MoEConfig(n_layer=2, n_head=4, d_model=64, seq_len=64, n_experts=8, expert_hidden=64)
+    base = TrainConfig(steps=args.steps, sync_every=args.sync_every, model=small, moe=moe)
     load_corpus(base.train_bytes, base.eval_bytes)
     h = args.sync_every
     runs = {
         "ddp": replace(base, method="ddp"),
-        "diloco": replace(base, method="diloco"),
+        # fp16 pseudo-gradients on the wire (OpenDiLoCo: no degradation)
+        "diloco": replace(base, method="diloco", outer={"quant": Quant.FP16}),
         "streaming": replace(base, method="streaming",
                              outer={"fragments": 2, "overlap": 1, "alpha": 0.5}),
         "sparseloco": replace(base, method="sparseloco", outer={"outer_lr": 1.0}),

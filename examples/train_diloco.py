@@ -78,9 +78,13 @@ class DataParallel:
         self.bytes_sent = self.bytes_received = self.rounds = 0
 
     def sync_grads(self) -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # type: ignore[union-attr]
+        for p in self.params:
+            if p.grad is None:  # e.g. an expert that got no tokens this step
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
         res = self.collective.all_reduce(flat, ReduceOp.AVG, tag="ddp")
-        FlatParams([p.grad for p in self.params]).write(flat)  # type: ignore[misc]
+        FlatParams(grads).write(flat)  # type: ignore[arg-type]
         self.bytes_sent += res.bytes_sent
         self.bytes_received += res.bytes_received
         self.rounds += 1
