@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,17 @@ def digest(array: Any) -> str:
 # ---------------------------------------------------------------- the peer
 
 
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _FaultFabric:
     """Wraps the node's fabric; SIGKILLs this process at a named phase."""
 
@@ -74,7 +86,7 @@ class _FaultFabric:
         await self._inner.send_data(peer, key, data)
 
 
-async def _peer_main(key_hex: str, index: int) -> None:
+async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> None:
     import trio
 
     from peerd.identity import SwarmKey
@@ -88,7 +100,7 @@ async def _peer_main(key_hex: str, index: int) -> None:
     # would block the event loop past the heartbeat timeout.
     import torch  # noqa: F401
 
-    async with open_node(SwarmKey(bytes.fromhex(key_hex))) as node:
+    async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen) as node:
         fault = _FaultFabric(node.fabric)
         node.fabric = fault  # type: ignore[assignment]
         emit(event="ready", index=index, peer=node.peer_id.text,
@@ -147,6 +159,7 @@ async def _command(
             import torch
 
             target = torch.from_numpy(data).view(torch.bfloat16)
+        rss_before = _rss_now()
         t0 = time.perf_counter()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
@@ -164,7 +177,8 @@ async def _command(
         await trio.lowlevel.checkpoint()
         return {"event": "result", "round": rnd, "participants": list(result.participants),
                 "revision": result.revision, "sha256": digest(data), "seconds": seconds,
-                "bytes_sent": result.bytes_sent, "attempts": result.attempts}
+                "bytes_sent": result.bytes_sent, "attempts": result.attempts,
+                "peak_extra_bytes": max(0, _rss_peak() - rss_before)}
     if kind == "stats":
         return {"event": "stats", "engine": repr(node.engine(cmd["run"]).statistics())}
     raise PeerdError(f"unknown command {kind!r}")
@@ -176,12 +190,15 @@ async def _command(
 class PeerProcess:
     """One ``peerd.peerproc`` child, driven over its stdin/stdout."""
 
-    def __init__(self, key_hex: str, index: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, key_hex: str, index: int, env: dict[str, str] | None = None,
+                 listen: str = "127.0.0.1:0", prefix: list[str] | None = None) -> None:
+        """``prefix`` wraps the command, e.g. ``["ip", "netns", "exec", NS]``."""
         self.index = index
         # stderr goes to a file so a crash can be explained in the error it causes.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peerd.peerproc", key_hex, str(index)],
+            [*(prefix or []), sys.executable, "-m", "peerd.peerproc", key_hex, str(index),
+             listen],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             env={**os.environ, **(env or {})}, text=True, bufsize=1,
         )
@@ -253,15 +270,21 @@ class PeerProcess:
 
 
 class LocalSwarm:
-    """N peer processes on loopback, fully connected, members of one run."""
+    """N peer processes, fully connected, members of one run.
 
-    def __init__(self, n: int, run: str = "run", key_hex: str | None = None) -> None:
+    ``factory(key_hex, index)`` starts one peer; by default on loopback (a
+    network-namespace lab passes one that runs it inside a namespace).
+    """
+
+    def __init__(self, n: int, run: str = "run", key_hex: str | None = None,
+                 factory: Callable[[str, int], PeerProcess] | None = None) -> None:
         self.key_hex = key_hex or os.urandom(32).hex()
         self.run = run
         self.peers: list[PeerProcess] = []
+        self._factory = factory or PeerProcess
         try:
             for i in range(n):
-                self.peers.append(PeerProcess(self.key_hex, i))
+                self.peers.append(self._factory(self.key_hex, i))
             for i, p in enumerate(self.peers):
                 for q in self.peers[:i]:
                     p.request(cmd="connect", addr=q.addr)
@@ -276,7 +299,7 @@ class LocalSwarm:
 
     def add_peer(self) -> PeerProcess:
         """A new process connected to every live peer (it has not joined yet)."""
-        p = PeerProcess(self.key_hex, len(self.peers))
+        p = self._factory(self.key_hex, len(self.peers))
         self.peers.append(p)
         for q in self.peers[:-1]:
             if q.alive():
@@ -312,4 +335,5 @@ class LocalSwarm:
 if __name__ == "__main__":
     import trio
 
-    trio.run(_peer_main, sys.argv[1], int(sys.argv[2]))
+    listen_at = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1:0"
+    trio.run(_peer_main, sys.argv[1], int(sys.argv[2]), listen_at)

@@ -1,0 +1,135 @@
+"""All-reduce: peerd against torch.distributed gloo, same machine, same data.
+
+Runs P peer processes that all-reduce N fp32 elements with peerd (encrypted,
+fault-tolerant, striped TCP) and then the same with gloo, and prints per size:
+time per all-reduce, bus bandwidth (2(P-1)/P * bytes / time), and each peer's
+peak extra resident memory. The LAST line is the ratio peerd-time / gloo-time
+for the largest size.
+
+    python benchmarks/allreduce.py                     # 4 peers, 10M and 100M
+    python benchmarks/allreduce.py --quant int8        # peerd with int8 on the wire
+    sudo python benchmarks/allreduce.py --netns --rate 200mbit --elements 10000000
+        # peers in network namespaces, each uplink shaped by tc tbf; prints
+        # achieved bus bandwidth / link limit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _gloo import run_gloo  # noqa: E402
+
+from collectives.api import Quant  # noqa: E402
+from peerd.peerproc import LocalSwarm, PeerProcess  # noqa: E402
+
+QUANTS = {"none": Quant.NONE, "fp16": Quant.FP16, "bf16": Quant.BF16, "int8": Quant.INT8}
+
+
+def bus_gbit(peers: int, nbytes: int, seconds: float) -> float:
+    return 2 * (peers - 1) / peers * nbytes * 8 / seconds / 1e9
+
+
+def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
+              first_round: int) -> dict[str, Any]:
+    per_iter: list[float] = []
+    peak = 0
+    sent = 0
+    for i in range(iters + 1):  # round 0 warms links and measures the ring
+        res = sw.all_reduce(sw.peers, size=elements, seed=11, round=first_round + i,
+                            quant=int(quant), timeout=900)
+        bad = [r for r in res if r["event"] != "result"]
+        if bad:
+            raise RuntimeError(f"peerd all-reduce failed: {bad}")
+        if len({r["sha256"] for r in res}) != 1:
+            raise RuntimeError("peerd results differ between peers")
+        if i == 0:
+            peak = max(r["peak_extra_bytes"] for r in res)
+            continue
+        per_iter.append(max(r["seconds"] for r in res))
+        sent = max(r["bytes_sent"] for r in res)
+    return {"median_s": statistics.median(per_iter), "min_s": min(per_iter),
+            "peak_extra_bytes": peak, "bytes_sent_per_peer": sent}
+
+
+def netns_factory(rate: str) -> tuple[Any, Any]:
+    sys.path.insert(0, str(ROOT / "tests" / "lab"))
+    from netns import Lab  # type: ignore[import-not-found]
+
+    lab = Lab()
+    hosts: list[Any] = []
+
+    def factory(key_hex: str, index: int) -> PeerProcess:
+        host = lab.public_host(f"p{index}")
+        lab.limit_rate(host, rate)
+        hosts.append(host)
+        return PeerProcess(key_hex, index, listen=f"{host.ip}:0",
+                           prefix=["ip", "netns", "exec", host.ns])
+
+    return lab, factory
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--elements", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--quant", choices=sorted(QUANTS), default="none")
+    ap.add_argument("--netns", action="store_true",
+                    help="run peers in network namespaces with shaped links (root)")
+    ap.add_argument("--rate", default="200mbit", help="tbf rate per peer uplink with --netns")
+    ap.add_argument("--no-gloo", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quant = QUANTS[args.quant]
+
+    lab, factory = netns_factory(args.rate) if args.netns else (None, None)
+    ratio = float("nan")
+    try:
+        with LocalSwarm(args.peers, factory=factory) as sw:
+            print(f"{args.peers} peers, quant={args.quant}, netns={args.netns}")
+            print(f"{'elements':>12} {'system':>8} {'time s':>8} {'bus Gbit/s':>11} "
+                  f"{'peak extra MB':>14} {'x tensor':>9}")
+            for n, elements in enumerate(args.elements):
+                nbytes = elements * 4
+                ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
+                rows = [("peerd", ours)]
+                if not args.no_gloo and not args.netns:
+                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters,
+                                                  29500 + n)))
+                for name, r in rows:
+                    print(f"{elements:>12} {name:>8} {r['median_s']:>8.3f} "
+                          f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
+                          f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
+                          f"{r['peak_extra_bytes'] / nbytes:>9.2f}")
+                if quant is not Quant.NONE or n == 0:
+                    fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
+                    sent = ours["bytes_sent_per_peer"]
+                    print(f"{'':>12} peerd wire bytes per peer: {sent:,} "
+                          f"({sent / fp32_wire:.2f} of fp32)")
+                if args.netns:
+                    limit = float(args.rate.removesuffix("mbit")) / 1000
+                    ratio = bus_gbit(args.peers, nbytes, ours["median_s"]) / limit
+                elif len(rows) == 2:
+                    ratio = ours["median_s"] / rows[1][1]["median_s"]
+    finally:
+        if lab is not None:
+            lab.close()
+    if args.netns:
+        print(f"ratio achieved bus bandwidth / link limit: {ratio:.2f}")
+    else:
+        print(f"ratio peerd-time / gloo-time ({args.elements[-1]:,} fp32): {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
