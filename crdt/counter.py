@@ -63,20 +63,21 @@ class PNCounter:
     def replicas(self) -> set[bytes]:
         return set(self.p) | set(self.n)
 
-    def to_wire(self) -> PNCounterMsg:
-        table = PeerTable()
+    def to_wire(self, author: bytes | None = None) -> PNCounterMsg:
+        """Encode; inside a delta pass its ``author`` (implicit peer index 0)."""
+        table = PeerTable(author)
         p = tuple((table(r), v) for r, v in sorted(self.p.items()))
         n = tuple((table(r), v) for r, v in sorted(self.n.items()))
         return PNCounterMsg(table.peers, p, n)
 
     @classmethod
-    def from_wire(cls, msg: PNCounterMsg) -> PNCounter:
+    def from_wire(cls, msg: PNCounterMsg, author: bytes | None = None) -> PNCounter:
         """Validate a decoded message; raises only ``ProtocolError``."""
 
         def totals(pairs: tuple[tuple[int, int], ...]) -> dict[bytes, int]:
             out: dict[bytes, int] = {}
             for index, total in pairs:
-                replica = peer_at(msg.peers, index)
+                replica = peer_at(msg.peers, index, author)
                 if replica in out or not 0 <= total <= MAX_TOTAL:
                     raise ProtocolError("duplicate replica or total out of range in counter")
                 out[replica] = total

@@ -76,19 +76,20 @@ def membership_proof(swarm_key: SwarmKey, digest: bytes) -> bytes:
     return hmac.new(swarm_key.raw, digest, hashlib.sha256).digest()
 
 
-def op_to_wire(op: Op) -> DocOp:
-    """The wire form of one document's (delta) state."""
+def op_to_wire(op: Op, author: bytes | None = None) -> DocOp:
+    """The wire form of one document's (delta) state; ``author`` inside a delta."""
     if isinstance(op.state, LwwMap):
-        return DocOp(DocKind.MAP, op.name, map=op.state.to_wire())
+        return DocOp(DocKind.MAP, op.name, map=op.state.to_wire(author))
     if isinstance(op.state, ORSet):
-        return DocOp(DocKind.ORSET, op.name, orset=op.state.to_wire())
-    return DocOp(DocKind.COUNTER, op.name, counter=op.state.to_wire())
+        return DocOp(DocKind.ORSET, op.name, orset=op.state.to_wire(author))
+    return DocOp(DocKind.COUNTER, op.name, counter=op.state.to_wire(author))
 
 
 def seal(identity: Identity, swarm_key: SwarmKey, seq: int, ops: tuple[Op, ...]) -> Delta:
     """Sign ``ops`` as ``identity``'s ``seq``-th delta. ``ValueError`` if too large."""
     author = identity.peer_id.raw
-    body = encode(DeltaBody(CRDT_PROTOCOL_VERSION, author, seq, tuple(map(op_to_wire, ops))))
+    wire_ops = tuple(op_to_wire(op, author) for op in ops)
+    body = encode(DeltaBody(CRDT_PROTOCOL_VERSION, author, seq, wire_ops))
     digest = digest_of(body)
     signed = SignedDelta(
         body, identity.public_key, identity.sign(digest), membership_proof(swarm_key, digest)
@@ -157,14 +158,14 @@ def _op_from_wire(op: DocOp, author: bytes) -> Op:
         name = untrusted(check_name, op.name)
         state: State
         if op.map is not None:
-            state = LwwMap.from_wire(op.map)
+            state = LwwMap.from_wire(op.map, author)
             ok = state.authors() == {author}
         elif op.orset is not None:
-            state = ORSet.from_wire(op.orset)
+            state = ORSet.from_wire(op.orset, author)
             ok = state.entry_replicas() <= {author}
         else:
             assert op.counter is not None  # DocOp.__post_init__ guarantees one field
-            state = PNCounter.from_wire(op.counter)
+            state = PNCounter.from_wire(op.counter, author)
             ok = state.replicas() <= {author}
     except DeltaRejected:
         raise

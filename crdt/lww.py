@@ -108,8 +108,9 @@ class LwwMap:
 
     # ------------------------------------------------------------ wire
 
-    def to_wire(self) -> LwwMapMsg:
-        table = PeerTable()
+    def to_wire(self, author: bytes | None = None) -> LwwMapMsg:
+        """Encode; inside a delta pass its ``author`` (implicit peer index 0)."""
+        table = PeerTable(author)
         entries = tuple(
             LwwEntryMsg(k, e.ts.wall_ms, e.ts.logical, table(e.ts.node), e.present, e.value)
             for k, e in sorted(self._entries.items())
@@ -117,7 +118,7 @@ class LwwMap:
         return LwwMapMsg(table.peers, entries)
 
     @classmethod
-    def from_wire(cls, msg: LwwMapMsg) -> LwwMap:
+    def from_wire(cls, msg: LwwMapMsg, author: bytes | None = None) -> LwwMap:
         """Validate a decoded message; raises only ``ProtocolError``."""
         entries: dict[str, LwwEntry] = {}
         for m in msg.entries:
@@ -125,7 +126,7 @@ class LwwMap:
             if key in entries:
                 raise ProtocolError(f"duplicate LWW key {key!r}")
             try:
-                ts = Timestamp(m.wall_ms, m.logical, peer_at(msg.peers, m.peer))
+                ts = Timestamp(m.wall_ms, m.logical, peer_at(msg.peers, m.peer, author))
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from None
             if not m.present and m.value is not None:

@@ -1,9 +1,10 @@
 """Wire messages of the CRDT store (type ids 300-399).
 
 States and deltas name peers through a per-message table (``peers``) and refer
-to them by index, so a delta written by one author carries its 32-byte id once
-however many entries it holds. Conversions to and from the pure CRDT types live
-next to those types; ``peer_at`` is the bounds-checked index lookup they share.
+to them by index; inside a delta the author is implicitly index 0, so its
+32-byte id appears once, in the signed body, however many entries it holds.
+Conversions to and from the pure CRDT types live next to those types;
+``peer_at`` is the bounds-checked index lookup they share.
 """
 
 from __future__ import annotations
@@ -146,8 +147,15 @@ class DeltaPush:
     deltas: tuple[bytes, ...]
 
 
-def peer_at(peers: tuple[bytes, ...], index: int) -> bytes:
-    """``peers[index]`` for untrusted input; ``ProtocolError`` when out of range."""
+def peer_at(peers: tuple[bytes, ...], index: int, implicit: bytes | None = None) -> bytes:
+    """The peer at ``index`` for untrusted input; ``ProtocolError`` when out of range.
+
+    Inside a delta the author is ``implicit``: index 0, not listed in ``peers``
+    (it is already in the signed body once)."""
+    if implicit is not None:
+        if index == 0:
+            return implicit
+        index -= 1
     if not 0 <= index < len(peers):
         raise ProtocolError(f"peer index {index} outside table of {len(peers)}")
     raw = peers[index]
@@ -157,17 +165,18 @@ def peer_at(peers: tuple[bytes, ...], index: int) -> bytes:
 
 
 class PeerTable:
-    """Builds the ``peers`` table of an outgoing message."""
+    """Builds the ``peers`` table of an outgoing message (see ``peer_at``)."""
 
-    def __init__(self) -> None:
-        self._index: dict[bytes, int] = {}
+    def __init__(self, implicit: bytes | None = None) -> None:
+        self._implicit = implicit
+        self._index: dict[bytes, int] = {} if implicit is None else {implicit: 0}
 
     def __call__(self, raw: bytes) -> int:
         return self._index.setdefault(raw, len(self._index))
 
     @property
     def peers(self) -> tuple[bytes, ...]:
-        return tuple(self._index)
+        return tuple(p for p in self._index if p != self._implicit)
 
 
 __all__ = [

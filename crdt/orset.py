@@ -138,8 +138,9 @@ class ORSet:
 
     # ------------------------------------------------------------ wire
 
-    def to_wire(self) -> OrSetMsg:
-        table = PeerTable()
+    def to_wire(self, author: bytes | None = None) -> OrSetMsg:
+        """Encode; inside a delta pass its ``author`` (implicit peer index 0)."""
+        table = PeerTable(author)
         # Register peers in sorted order first: indices must not depend on set
         # iteration order, or equal states would encode to different bytes.
         replicas = self.entry_replicas() | set(self.ctx.vv) | {r for r, _ in self.ctx.cloud}
@@ -154,11 +155,11 @@ class ORSet:
         return OrSetMsg(table.peers, entries, vv, cloud)
 
     @classmethod
-    def from_wire(cls, msg: OrSetMsg) -> ORSet:
+    def from_wire(cls, msg: OrSetMsg, author: bytes | None = None) -> ORSet:
         """Validate a decoded message; raises only ``ProtocolError``."""
 
         def dots(pairs: tuple[tuple[int, int], ...]) -> list[Dot]:
-            out = [(peer_at(msg.peers, i), c) for i, c in pairs]
+            out = [(peer_at(msg.peers, i, author), c) for i, c in pairs]
             if any(c < 1 for _, c in out):
                 raise ProtocolError("dot counters start at 1")
             return out

@@ -124,3 +124,11 @@ def test_oversized_ops_refused_at_seal() -> None:
     ops = tuple(map_op(ALICE, b"x" * 60_000) for _ in range(5))
     with pytest.raises(ValueError):
         seal(ALICE, KEY, 1, ops)
+
+
+def test_author_is_implicit_in_delta_peer_tables() -> None:
+    delta = seal(ALICE, KEY, 1, (map_op(ALICE),))
+    body = decode_untrusted(decode_untrusted(delta.blob).body)
+    assert body.ops[0].map.peers == ()  # the author's id is only in the signed body
+    assert body.ops[0].map.entries[0].peer == 0
+    assert verify_untrusted(delta.blob, KEY).ops == delta.ops
