@@ -18,6 +18,7 @@ from crdt.sync import METHOD_PUSH, METHOD_SYNC, Pull, Push, SyncConfig, SyncCore
 from crdt.transport import SyncTransport
 from peerd.errors import PeerLost, ProtocolError, RemoteError, Timeout
 from peerd.identity import PeerId
+from peerd.log import event
 
 log = logging.getLogger("crdt.driver")
 
@@ -80,7 +81,7 @@ class SyncDriver:
                         await self.transport.notify(peer, METHOD_PUSH, payload)
         except _PEER_FAULTS as exc:
             self.core.transport_failed()
-            log.debug("crdt.sync_failed peer=%s error=%r", peer.short, exc)
+            event(log, "crdt.sync_failed", logging.DEBUG, peer=peer.short, error=repr(exc))
             return False
         return True
 
@@ -90,7 +91,7 @@ class SyncDriver:
                 await self.transport.notify(push.peer, METHOD_PUSH, push.payload)
         except _PEER_FAULTS as exc:
             self.core.transport_failed()
-            log.debug("crdt.push_failed peer=%s error=%r", push.peer.short, exc)
+            event(log, "crdt.push_failed", logging.DEBUG, peer=push.peer.short, error=repr(exc))
 
     async def _serve_sync(self, peer: PeerId, payload: bytes) -> bytes:
         return self.core.handle_request(payload)
@@ -100,7 +101,11 @@ class SyncDriver:
         return b""
 
     def _on_local_write(self, delta: Delta) -> None:
-        self.core.local_write(trio.current_time())
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            return  # written from outside this trio run: the next gossip round carries it
+        self.core.local_write(now)
         self._wake.set()
 
     def statistics(self) -> SyncStatistics:
