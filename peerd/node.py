@@ -22,6 +22,8 @@ from collectives.run import Engine, EngineConfig, open_engine
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datalink import DataLink
 from peerd.dataplane import DataOpenRequest, DataPlane
+from peerd.dht.node import Dht
+from peerd.dhtrpc import NodeRpc, serve_dht
 from peerd.errors import AuthError, ConfigError, PeerdError, PeerLost, ProtocolError
 from peerd.fabric import NodeFabric
 from peerd.identity import Identity, PeerId, SwarmKey
@@ -36,6 +38,7 @@ log = logging.getLogger("peerd.node")
 
 ALPN = "peerd/1"
 DATA_OPEN_METHOD = "peerd.data.open"
+DUPLICATE_GRACE = 10.0  # seconds a superseded duplicate session stays open
 
 PeerCallback = Callable[[PeerId], None]
 
@@ -95,6 +98,10 @@ class Node:
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.on_peer_lost(self.data.peer_lost)
         self.fabric = NodeFabric(self)
+        self.dht = Dht(identity, NodeRpc(self), self.listen_addresses, data_dir=config.data_dir)
+        serve_dht(self, self.dht)
+        self._dht_joined = False
+        self.on_peer_connected(self._dht_learn)
         self._runs: dict[str, tuple[Engine, trio.CancelScope]] = {}
 
     # ------------------------------------------------------------ addresses
@@ -117,6 +124,13 @@ class Node:
         if s is None or not s.alive:
             raise PeerLost([peer.text], "not connected")
         return s
+
+    def peer_at(self, address: str) -> PeerId | None:
+        """The connected peer whose packets come from ``address``, if any."""
+        for peer, s in self._sessions.items():
+            if s.alive and format_address(s.conn.addr) == address:
+                return peer
+        return None
 
     def on_peer_connected(self, cb: PeerCallback) -> None:
         self._connected_cbs.append(cb)
@@ -171,11 +185,12 @@ class Node:
             # a rule both ends compute identically.
             keep, drop = ((old, session) if old.client_id <= session.client_id
                           else (session, old))
-            if keep is old:
+            self._sessions[session.peer] = keep
+            if keep is session:
+                self._nursery.start_soon(self._serve_session, session)
+            else:
                 self._nursery.start_soon(self._serve_session, drop)
-                return
-            self._sessions[session.peer] = session
-            self._nursery.start_soon(self._serve_session, session)
+            self._nursery.start_soon(self._retire, drop)
             return
         self._sessions[session.peer] = session
         self._slots[session.peer] = trio.CapacityLimiter(self.config.rpc.max_concurrent_calls)
@@ -183,6 +198,11 @@ class Node:
         self._nursery.start_soon(self._serve_session, session)
         for cb in self._connected_cbs:
             cb(session.peer)
+
+    async def _retire(self, session: Session) -> None:
+        """Close a duplicate session once calls already on it had time to finish."""
+        await trio.sleep(DUPLICATE_GRACE)
+        session.conn.close(0, "duplicate session")
 
     async def _serve_session(self, session: Session) -> None:
         slots = self._slots.setdefault(
@@ -255,6 +275,20 @@ class Node:
         """A cached outbound link for bulk sends, reopened after a failure."""
         return await self.data.outbound(
             peer, purpose, lambda: self.open_data_channels(peer, purpose=purpose))
+
+    def _dht_learn(self, peer: PeerId) -> None:
+        """Every authenticated peer is a DHT contact; the first one is our way in."""
+        addr = format_address(self.session(peer).conn.addr)
+
+        async def learn() -> None:
+            with trio.move_on_after(60):
+                if self._dht_joined:
+                    await self.dht.add_address(addr)
+                else:
+                    self._dht_joined = True
+                    await self.dht.bootstrap([addr])
+
+        self._nursery.start_soon(learn)
 
     # ------------------------------------------------------------ runs and collectives
 
@@ -365,11 +399,17 @@ async def open_node(
             node = Node(identity, swarm_key, cfg, nursery, udp)
             nursery.start_soon(node.endpoint.serve)
             await node.data.start(node.listen_address[1])
-            for b in [*bootstrap, *(format_address(a) for a in cfg.bootstrap)]:
+            await nursery.start(node.dht.run)
+            boot = [*bootstrap, *(format_address(a) for a in cfg.bootstrap)]
+            for b in boot:
                 try:
                     await node.connect(b)
                 except PeerdError as exc:
                     event(log, "bootstrap.failed", logging.WARNING, addr=b, error=exc)
+            if not boot:
+                with trio.move_on_after(30):
+                    # Contacts saved by an earlier run are a way back into the DHT.
+                    await node.dht.bootstrap(())
             try:
                 yield node
             finally:

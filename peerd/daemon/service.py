@@ -24,7 +24,8 @@ import trio
 from collectives.api import Quant, SyncStrategy
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment, SegmentTable
-from peerd.errors import PeerdError, ProtocolError
+from peerd.dhtrpc import dht_key
+from peerd.errors import ConfigError, PeerdError, ProtocolError
 from peerd.identity import PeerId
 from peerd.log import event
 
@@ -260,11 +261,14 @@ class ControlService:
     # ------------------------------------------------------------ DHT and store
 
     async def _dht_get(self, msg: p.DhtGetRequest, conn: Conn) -> p.DhtGetReply:
-        values = await self._feature("dht").get(msg.key)
+        values = await self._feature("dht").get(dht_key(msg.key))
         return p.DhtGetReply(msg.req_id, tuple(values.items()))
 
     async def _dht_put(self, msg: p.DhtPutRequest, conn: Conn) -> p.DhtPutReply:
-        stored = await self._feature("dht").put(msg.key, msg.value, msg.ttl)
+        try:
+            stored = await self._feature("dht").put(dht_key(msg.key), msg.value, msg.ttl)
+        except ValueError as exc:  # the DHT's own limits (size, ttl): the user's to fix
+            raise ConfigError(f"dht put refused: {exc}") from None
         return p.DhtPutReply(msg.req_id, int(stored))
 
     async def _store_get(self, msg: p.StoreGetRequest, conn: Conn) -> p.StoreGetReply:

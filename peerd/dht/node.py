@@ -289,6 +289,10 @@ class Dht:
         await self.publisher.publish_node_record()
         return len(self.table)
 
+    async def add_address(self, address: str) -> None:
+        """Learn the node at ``address`` (e.g. a peer that just connected to us)."""
+        await self._ping_address(address)
+
     async def _ping_address(self, address: str) -> None:
         response = await self._call_ref(
             PeerRef(None, address), METHOD_PING, PingRequest(self._addresses),
