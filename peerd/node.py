@@ -40,7 +40,8 @@ ALPN = "peerd/1"
 DATA_OPEN_METHOD = "peerd.data.open"
 # Flow-control windows: aioquic's 1 MiB default stalls a fat control stream
 # (e.g. the data plane's QUIC fallback) on one round trip per MiB.
-QUIC_WINDOWS = {"max_data": 16 * 1024 * 1024, "max_stream_data": 4 * 1024 * 1024}
+QUIC_MAX_DATA = 16 * 1024 * 1024
+QUIC_MAX_STREAM_DATA = 4 * 1024 * 1024
 DUPLICATE_GRACE = 10.0  # seconds a superseded duplicate session stays open
 
 PeerCallback = Callable[[PeerId], None]
@@ -86,14 +87,16 @@ class Node:
         def server_config() -> QuicConfiguration:
             return QuicConfiguration(is_client=False, alpn_protocols=[ALPN], certificate=cert,
                                      private_key=key, idle_timeout=IDLE_TIMEOUT,
-                                     max_datagram_size=1350, **QUIC_WINDOWS)
+                                     max_datagram_size=1350, max_data=QUIC_MAX_DATA,
+                                     max_stream_data=QUIC_MAX_STREAM_DATA)
 
         def client_config() -> QuicConfiguration:
             # Server identity is checked by our handshake against the certificate
             # key, not by a CA, so TLS chain verification is off on purpose.
             return QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
                                      verify_mode=ssl.CERT_NONE, idle_timeout=IDLE_TIMEOUT,
-                                     max_datagram_size=1350, **QUIC_WINDOWS)
+                                     max_datagram_size=1350, max_data=QUIC_MAX_DATA,
+                                     max_stream_data=QUIC_MAX_STREAM_DATA)
 
         self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
                                      self._on_accept, config.max_pending_handshakes)
