@@ -132,6 +132,10 @@ class MembershipDriver:
             c["received"],
         )
 
+    def link_bandwidth(self, peer: str) -> float:
+        """Measured data throughput to ``peer`` in bytes/s (0 if not probed)."""
+        return self._bandwidth.get(peer, 0.0)
+
     async def update_view(self) -> View:
         """Round boundary: agree the next view with every member (joiners admitted)."""
         await self._change_view(admit=True, after=None)

@@ -11,6 +11,7 @@ ways (the peer sees it as its inbound link).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.datalink import DataLink, LinkStats
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel
-from peerd.errors import PeerLost, ProtocolError
+from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
 from peerd.identity import PeerId
 from peerd.log import event
 from peerd.session import Session
@@ -29,10 +30,16 @@ from peerd.wire import decode_untrusted, encode, message
 log = logging.getLogger("peerd.dataplane")
 
 OpenLink = Callable[[], Awaitable[DataLink]]
+Call = Callable[[PeerId, str, bytes], Awaitable[bytes]]
 LinkKey = tuple[PeerId, str]  # (peer, purpose): the fabric's links and users' are apart
 
 TOKEN_TTL = 30.0
 MAX_CHANNELS = 64
+DATA_OPEN_METHOD = "peerd.data.open"
+DATA_REVERSE_METHOD = "peerd.data.reverse"
+# A first dial that gets no answer this fast is taken as filtered (a NAT or
+# firewall dropping unsolicited SYNs): the peer is then asked to dial us.
+DIRECT_DIAL_TIMEOUT = 3.0
 
 
 @message(30)
@@ -49,18 +56,31 @@ class DataOpenReply:
     tokens: tuple[bytes, ...]
 
 
+@message(32)
+@dataclass(frozen=True)
+class DataReverseRequest:
+    """'Dial me': our listener could not be reached the other way."""
+
+    port: int
+    tokens: tuple[bytes, ...]
+    purpose: str
+
+
 @dataclass
 class _Inbound:
     expected: int
     channels: list[DataChannel]
+    done: trio.Event | None = None
 
 
 class DataPlane:
     """Owns the listener, the token table and every data link of a node."""
 
-    def __init__(self, me: PeerId, nursery: trio.Nursery, host: str,
+    def __init__(self, me: PeerId, nursery: trio.Nursery, host: str, call: Call,
                  config: DataConfig | None = None) -> None:
         self._me = me
+        self._call = call
+        self._reverse_wait: dict[PeerId, _Inbound] = {}
         self._nursery = nursery
         self._tokens = TokenTable()
         self._config = config or DataConfig()
@@ -101,8 +121,26 @@ class DataPlane:
         self._in_pending[session.peer] = (req.purpose, _Inbound(req.channels, []))
         return encode(DataOpenReply(self.port, tokens))
 
+    async def handle_reverse(self, session: Session, payload: bytes) -> bytes:
+        """The peer could not reach our listener: dial its listener instead,
+        and use those connections as our inbound link from it."""
+        req = decode_untrusted(payload, expect=DataReverseRequest)
+        if not 1 <= len(req.tokens) <= MAX_CHANNELS or len(req.purpose) > 64 \
+                or not 0 < req.port < 65536:
+            raise ProtocolError("bad reverse data-link request")
+        self._in_pending.pop(session.peer, None)
+        chans = await self._dial_all(session, req.port, req.tokens, probe=False)
+        self._install_inbound(session.peer, req.purpose, chans)
+        return b""
+
     def _on_channel(self, peer_text: str, channel: DataChannel) -> None:
         peer = PeerId.parse(peer_text)
+        waiter = self._reverse_wait.get(peer)
+        if waiter is not None:
+            waiter.channels.append(channel)
+            if len(waiter.channels) >= waiter.expected and waiter.done is not None:
+                waiter.done.set()
+            return
         entry = self._in_pending.get(peer)
         if entry is None:
             self._nursery.start_soon(channel.aclose)
@@ -112,7 +150,10 @@ class DataPlane:
         if len(pending.channels) < pending.expected:
             return
         del self._in_pending[peer]
-        link = DataLink(peer_text, pending.channels)
+        self._install_inbound(peer, purpose, pending.channels)
+
+    def _install_inbound(self, peer: PeerId, purpose: str, chans: list[DataChannel]) -> None:
+        link = DataLink(peer.text, chans)
         old = self._in.get((peer, purpose))
         self._in[(peer, purpose)] = link
         self._nursery.start_soon(link.run)
@@ -124,25 +165,61 @@ class DataPlane:
 
     # ------------------------------------------------------------ dialling side
 
-    async def open_link(self, session: Session, call_open: bytes, channels: int) -> DataLink:
-        """Dial ``channels`` connections with tokens from ``call_open`` (the
-        peer's ``DataOpenReply``) and run them as one link."""
-        reply = decode_untrusted(call_open, expect=DataOpenReply)
+    async def open_link(self, session: Session, channels: int, purpose: str) -> DataLink:
+        """Open ``channels`` encrypted connections to the peer and run them as
+        one link: we dial its listener, or, when that is filtered, it dials ours."""
+        request = encode(DataOpenRequest(channels, purpose))
+        reply = decode_untrusted(await self._call(session.peer, DATA_OPEN_METHOD, request),
+                                 expect=DataOpenReply)
         if len(reply.tokens) != channels or not 0 < reply.port < 65536:
             raise ProtocolError("peer answered a data-open request with a bad reply")
+        try:
+            chans = await self._dial_all(session, reply.port, reply.tokens, probe=True)
+        except (PeerLost, AuthError, Timeout) as exc:
+            event(log, "data.direct_failed", peer=session.peer.short, error=exc)
+            chans = await self._reverse(session, channels, purpose)
+        link = DataLink(session.peer.text, chans)
+        self._nursery.start_soon(link.run)
+        return link
+
+    async def _dial_all(self, session: Session, port: int, tokens: tuple[bytes, ...],
+                        probe: bool) -> list[DataChannel]:
         host = session.conn.addr[0]
         chans: list[DataChannel] = []
         try:
-            for token in reply.tokens:
-                chans.append(await dial_data_channel(host, reply.port, token, session.secret,
-                                                     session.peer.text, self._config))
+            for i, token in enumerate(tokens):
+                with trio.fail_after(DIRECT_DIAL_TIMEOUT if probe and i == 0 else math.inf):
+                    chans.append(await dial_data_channel(host, port, token, session.secret,
+                                                         session.peer.text, self._config))
+        except trio.TooSlowError:
+            for c in chans:
+                c.abort()
+            raise Timeout(f"no answer from {host}:{port} within {DIRECT_DIAL_TIMEOUT}s") from None
         except BaseException:
             for c in chans:
                 c.abort()
             raise
-        link = DataLink(session.peer.text, chans)
-        self._nursery.start_soon(link.run)
-        return link
+        return chans
+
+    async def _reverse(self, session: Session, channels: int, purpose: str) -> list[DataChannel]:
+        now = trio.current_time()
+        tokens = tuple(self._tokens.issue(session.peer.text, session.secret, TOKEN_TTL, now)
+                       for _ in range(channels))
+        waiter = _Inbound(channels, [], trio.Event())
+        self._reverse_wait[session.peer] = waiter
+        try:
+            request = encode(DataReverseRequest(self.port, tokens, purpose))
+            await self._call(session.peer, DATA_REVERSE_METHOD, request)
+            assert waiter.done is not None
+            with trio.fail_after(TOKEN_TTL):
+                await waiter.done.wait()
+        except BaseException:
+            for c in waiter.channels:
+                c.abort()
+            raise
+        finally:
+            del self._reverse_wait[session.peer]
+        return waiter.channels
 
     async def outbound(self, peer: PeerId, purpose: str, opener: OpenLink) -> DataLink:
         """The live outbound link to ``peer``, opening one if needed."""

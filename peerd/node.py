@@ -21,23 +21,22 @@ from collectives.api import AllReduceResult, Quant, ReduceOp, View
 from collectives.run import Engine, EngineConfig, open_engine
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datalink import DataLink
-from peerd.dataplane import DataOpenRequest, DataPlane
+from peerd.dataplane import DATA_OPEN_METHOD, DATA_REVERSE_METHOD, DataPlane
 from peerd.dht.node import Dht
 from peerd.dhtrpc import NodeRpc, serve_dht
 from peerd.errors import AuthError, ConfigError, PeerdError, PeerLost, ProtocolError
 from peerd.fabric import NodeFabric
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.log import event
+from peerd.natstate import NatState
 from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
 from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
 from peerd.session import Session, client_session, server_session
 from peerd.tlscert import private_key_of, self_signed_certificate
-from peerd.wire import encode
 
 log = logging.getLogger("peerd.node")
 
 ALPN = "peerd/1"
-DATA_OPEN_METHOD = "peerd.data.open"
 # Flow-control windows: aioquic's 1 MiB default stalls a fat control stream
 # (e.g. the data plane's QUIC fallback) on one round trip per MiB.
 QUIC_MAX_DATA = 16 * 1024 * 1024
@@ -61,6 +60,8 @@ class NodeStatistics:
     quic_pending_cap_dropped: int
     observed_addresses: tuple[str, ...]
     data_port: int
+    nat_type: str  # public / easy / hard / unknown, from peers' observations
+    confirmed_addresses: tuple[str, ...]
 
 
 class Node:
@@ -100,8 +101,10 @@ class Node:
 
         self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
                                      self._on_accept, config.max_pending_handshakes)
-        self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0])
+        self.nat = NatState([self.endpoint.local_address])
+        self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0], self.call)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
+        self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
         self.on_peer_lost(self.data.peer_lost)
         self.fabric = NodeFabric(self)
         self.dht = Dht(identity, NodeRpc(self), self.listen_addresses, data_dir=config.data_dir)
@@ -137,6 +140,15 @@ class Node:
             if s.alive and format_address(s.conn.addr) == address:
                 return peer
         return None
+
+    def peer_path(self, peer: PeerId) -> str:
+        """How ``peer`` is reached: a direct QUIC session (relays: issue 10)."""
+        return "direct" if self.session(peer).alive else "none"
+
+    def peer_throughput(self, peer: PeerId) -> float:
+        """Best measured data-link throughput to ``peer`` in bytes/s (0: unmeasured)."""
+        rates = [engine.link_bandwidth(peer.text) for engine, _ in self._runs.values()]
+        return max(rates, default=0.0)
 
     def on_peer_connected(self, cb: PeerCallback) -> None:
         self._connected_cbs.append(cb)
@@ -185,6 +197,7 @@ class Node:
         self._counters["handshakes_ok"] += 1
         if session.observed is not None:
             self.observed[session.peer] = session.observed
+            self.nat.record(session.conn.addr, session.observed, trio.current_time())
         old = self._sessions.get(session.peer)
         if old is not None and old.alive:
             # Both sides dialled: keep the session whose dialler has the lower id,
@@ -262,6 +275,9 @@ class Node:
     async def _handle_data_open(self, peer: PeerId, payload: bytes) -> bytes:
         return await self.data.handle_open(self.session(peer), payload)
 
+    async def _handle_data_reverse(self, peer: PeerId, payload: bytes) -> bytes:
+        return await self.data.handle_reverse(self.session(peer), payload)
+
     async def open_data_channels(self, peer: PeerId, n: int | None = None,
                                  purpose: str = "user") -> DataLink:
         """Open ``n`` encrypted TCP connections to ``peer`` as one striped link.
@@ -269,9 +285,7 @@ class Node:
         The peer receives the same link from ``accept_data_channels(us, purpose)``.
         """
         n = n or self.config.data_channels
-        session = self.session(peer)
-        reply = await self.call(peer, DATA_OPEN_METHOD, encode(DataOpenRequest(n, purpose)))
-        return await self.data.open_link(session, reply, n)
+        return await self.data.open_link(self.session(peer), n, purpose)
 
     async def accept_data_channels(self, peer: PeerId, purpose: str = "user") -> DataLink:
         """The link ``peer`` opened to us for ``purpose`` (waits for it)."""
@@ -368,6 +382,8 @@ class Node:
             quic_pending_cap_dropped=ep.counters["dropped_pending_cap"],
             observed_addresses=tuple(sorted({format_address(a) for a in self.observed.values()})),
             data_port=self.data.port,
+            nat_type=self.nat.nat_type(trio.current_time()),
+            confirmed_addresses=self.nat.confirmed(trio.current_time()),
         )
 
     async def _close(self) -> None:

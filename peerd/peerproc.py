@@ -14,6 +14,7 @@ exact: ``die_at="before"`` SIGKILLs the process as the round starts,
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -37,7 +38,8 @@ READY_TIMEOUT = 60.0
 
 def make_input(seed: int, index: int, round_: int, size: int, dtype: str) -> np.ndarray:
     rng = np.random.default_rng([seed, index, round_])
-    data = rng.standard_normal(size).astype(np.float32)
+    # Drawn as fp32 directly: no fp64 temporary twice the tensor's size.
+    data = rng.standard_normal(size, dtype=np.float32)
     if dtype == "bfloat16":
         import torch
 
@@ -57,7 +59,25 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM), so a later ``_rss_peak`` sees
+    only what happened since; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def _rss_peak() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -107,6 +127,7 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
              addr=node.listen_addresses[0], pid=os.getpid())
         stdin = trio.lowlevel.FdStream(os.dup(0))
         buf = b""
+        prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         while True:
             chunk = await stdin.receive_some(65536)
             if not chunk:
@@ -119,14 +140,21 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
                     emit(event="bye")
                     return
                 try:
-                    emit(**await _command(node, fault, index, cmd))
+                    emit(**await _command(node, fault, index, cmd, prepared))
                 except PeerdError as exc:
                     emit(event="error", kind=type(exc).__name__, message=str(exc),
                          peers=list(getattr(exc, "peers", ())))
 
 
+def _inputs(index: int, cmd: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """This peer's input of an all-reduce command, and a copy to check it against."""
+    data = make_input(cmd["seed"], index, cmd["round"], cmd["size"], cmd.get("dtype", "float32"))
+    return data, data.copy()
+
+
 async def _command(
-    node: Any, fault: _FaultFabric, index: int, cmd: dict[str, Any]
+    node: Any, fault: _FaultFabric, index: int, cmd: dict[str, Any],
+    prepared: dict[int, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, Any]:
     import trio
 
@@ -144,10 +172,15 @@ async def _command(
     if kind == "update_view":
         view = await node.engine(cmd["run"]).update_view()
         return {"event": "view", "view": list(view.members), "revision": view.revision}
+    if kind == "prepare":
+        # Inputs are made before the timed call so that one slow peer drawing
+        # random numbers does not show up as all-reduce time on the others.
+        prepared[cmd["round"]] = _inputs(index, cmd)
+        return {"event": "prepared", "round": cmd["round"]}
     if kind == "allreduce":
-        size, dtype, seed, rnd = cmd["size"], cmd.get("dtype", "float32"), cmd["seed"], cmd["round"]
-        data = make_input(seed, index, rnd, size, dtype)
-        original = data.copy()
+        rnd = cmd["round"]
+        data, original = prepared.pop(rnd) if rnd in prepared else _inputs(index, cmd)
+        prepared.clear()
         die = cmd.get("die_at")
         if die == "before":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -155,12 +188,13 @@ async def _command(
             phase, _, n = die.partition(":")
             fault.die_at = (phase.encode(), int(n or 1))
         target: Any = data
-        if dtype == "bfloat16":
+        if cmd.get("dtype", "float32") == "bfloat16":
             import torch
 
             target = torch.from_numpy(data).view(torch.bfloat16)
-        rss_before = _rss_now()
-        t0 = time.perf_counter()
+        gc.collect()  # earlier rounds' arrays caught in cycles must not offset the peak
+        rss_before = _rss_now() if _reset_rss_peak() else _rss_peak()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
                                            tag=cmd.get("tag", "default"),
@@ -170,15 +204,20 @@ async def _command(
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
                     "peers": list(exc.peers), "input_intact": bool(np.array_equal(
                         data.view(np.uint8), original.view(np.uint8)))}
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        peak = max(0, _rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
             np.save(Path(out) / f"r{rnd}_{index}.npy", data)
         await trio.lowlevel.checkpoint()
         return {"event": "result", "round": rnd, "participants": list(result.participants),
                 "revision": result.revision, "sha256": digest(data), "seconds": seconds,
-                "bytes_sent": result.bytes_sent, "attempts": result.attempts,
-                "peak_extra_bytes": max(0, _rss_peak() - rss_before)}
+                "cpu_seconds": cpu, "bytes_sent": result.bytes_sent,
+                "attempts": result.attempts, "peak_extra_bytes": peak}
+    if kind == "node_stats":
+        import dataclasses
+
+        return {"event": "node_stats", **dataclasses.asdict(node.statistics())}
     if kind == "stats":
         return {"event": "stats", "engine": repr(node.engine(cmd["run"]).statistics())}
     raise PeerdError(f"unknown command {kind!r}")
@@ -311,6 +350,12 @@ class LocalSwarm:
 
     def all_reduce(self, peers: list[PeerProcess], timeout: float = 120.0,
                    **cmd: Any) -> list[dict[str, Any]]:
+        """Run one all-reduce on ``peers``; they start it together, after each
+        has made its input (a barrier through this driver)."""
+        for p in peers:
+            p.send(cmd="prepare", **cmd)
+        for p in peers:
+            p.expect("prepared", timeout=timeout)
         for p in peers:
             p.send(cmd="allreduce", run=self.run, **cmd)
         return [p.expect("result", "error", timeout=timeout) for p in peers]
