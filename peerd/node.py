@@ -19,6 +19,8 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from collectives.api import AllReduceResult, Quant, ReduceOp, View
 from collectives.run import Engine, EngineConfig, open_engine
+from crdt.driver import SyncDriver
+from crdt.store import Store
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datalink import DataLink
 from peerd.dataplane import DATA_OPEN_METHOD, DATA_REVERSE_METHOD, DataPlane
@@ -111,6 +113,9 @@ class Node:
         serve_dht(self, self.dht)
         self._dht_joined = False
         self.on_peer_connected(self._dht_learn)
+        store_dir = config.data_dir / "crdt" if config.data_dir is not None else None
+        self.store = Store.open(store_dir, identity, swarm_key)
+        self.store_sync = SyncDriver(self.store, self)
         self._runs: dict[str, tuple[Engine, trio.CancelScope]] = {}
 
     # ------------------------------------------------------------ addresses
@@ -422,6 +427,7 @@ async def open_node(
             nursery.start_soon(node.endpoint.serve)
             await node.data.start(node.listen_address[1])
             await nursery.start(node.dht.run)
+            nursery.start_soon(node.store_sync.run)
             boot = [*bootstrap, *(format_address(a) for a in cfg.bootstrap)]
             for b in boot:
                 try:
@@ -437,5 +443,6 @@ async def open_node(
             finally:
                 await node._close()
                 nursery.cancel_scope.cancel()
+                node.store.close()
     finally:
         udp.close()
