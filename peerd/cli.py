@@ -110,7 +110,8 @@ def _add_client_options(p: argparse.ArgumentParser, json_output: bool = False) -
 def _demo(args: argparse.Namespace) -> int:
     from peerd.demo import run_demo
 
-    return run_demo(peers=args.peers, megabytes=args.megabytes)
+    return run_demo(peers=args.peers, steps=args.steps, method=args.method,
+                    sync_every=args.sync_every)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,10 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(p)
     p.set_defaults(func=_dht_put)
 
-    p = sub.add_parser("demo", help="run a multi-peer demo on this machine")
-    p.add_argument("--peers", type=int, default=2, help="number of local peers (default 2)")
-    p.add_argument("--megabytes", type=int, default=64,
-                   help="bytes each pair exchanges over data channels (default 64 MiB)")
+    p = sub.add_parser("demo", help="train a small model across N local daemons")
+    p.add_argument("--peers", type=int, default=4, help="number of local daemons (default 4)")
+    p.add_argument("--steps", type=int, default=60, help="inner steps per peer (default 60)")
+    p.add_argument("--method", default="diloco",
+                   help="ddp, diloco, delayed, streaming, sparseloco or spes (default diloco)")
+    p.add_argument("--sync-every", type=int, default=20,
+                   help="inner steps between outer syncs (default 20)")
     p.set_defaults(func=_demo)
     return parser
 
