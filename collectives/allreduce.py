@@ -1,32 +1,45 @@
 """One attempt of a pipelined ring all-reduce over a ``Fabric`` (trio driver).
 
-Four tasks per peer overlap sending, receiving and reducing: the
-reduce-scatter receiver decodes each incoming sub-chunk, adds this peer's fp32
-input in place and queues the re-encoded partial (or, for the owned chunk, the
-final block) for the matching sender; the all-gather receiver stores final
-blocks and queues them onward. Queues are unbounded in count but hold only
-views into one buffer, so no peer ever blocks the ring (no cyclic wait).
+Each peer overlaps sending, receiving and reducing. Every block (one
+sub-chunk in wire format) has its own place in one scratch buffer of the
+whole tensor, and blocks are received straight into that place
+(``recv_data_into``), with a few receives posted ahead so that stripes land
+in place rather than in a temporary. The reduce-scatter receiver adds this
+peer's fp32 input into each received partial in place (``Codec.accumulate``)
+and queues it for the right neighbour (for the owned chunk: the final block,
+for the all-gather); the all-gather receiver queues received final blocks
+onward. Queues are unbounded in count but hold only views into the scratch
+buffer, so no peer ever blocks the ring (no cyclic wait).
 
-Memory: one buffer of the whole tensor in wire format (the gathered result,
-also used to stage forwarded partials, which pass each peer once) plus
-sub-chunk temporaries. The caller's array is read, never written, here.
+A block's place is written at most twice, and never while it is being sent:
+the partial of chunk ``c`` arrives, is reduced and sent on; the final value
+of ``c`` can only arrive after the whole ring has finished reducing it, which
+includes the right neighbour having received all of our partial.
+
+Memory: the scratch buffer (the tensor's size in wire format; it becomes the
+gathered result) plus nothing per block for fp32. The caller's array is read,
+never written, here: ``commit`` copies the result in once the engine decided.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import trio
 
 from collectives.arrays import Flat
-from collectives.chunking import Layout
+from collectives.chunking import Layout, Span
 from collectives.fabric import Fabric
 from collectives.quant import Codec
 from collectives.ring import all_gather_schedule, reduce_scatter_schedule
 from peerd.errors import PeerLost
+
+# Receives posted ahead of the block being processed: enough that the left
+# neighbour's next blocks find their place waiting, few enough to stay cheap.
+RECEIVE_AHEAD = 8
 
 
 @dataclass
@@ -51,18 +64,71 @@ class RingJob:
         return b"%s%s/%d.%d" % (self.prefix, phase, chunk, sub)
 
 
+@dataclass(frozen=True)
+class _Block:
+    key: bytes
+    place: memoryview  # this block's bytes in the scratch buffer
+    span: Span
+    step: int
+    chunk: int
+    sub: int
+
+
 Item = tuple[bytes, memoryview]
 
 
-async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> bytearray:
-    """Run the ring; returns the gathered result in wire format (see ``job.layout``).
+def _blocks(job: RingJob, buf: memoryview, phase: bytes, chunks: Sequence[int]) -> list[_Block]:
+    lay = job.layout
+    return [
+        _Block(job.key(phase, c, k), buf[lay.region(c, k)], span, s, c, k)
+        for s, c in enumerate(chunks)
+        for k, span in enumerate(lay.subs[c])
+    ]
+
+
+async def _receive_in_order(
+    fabric: Fabric, peer: str, blocks: list[_Block], counters: Counters,
+    consume: Callable[[_Block], None],
+) -> None:
+    """Receive ``blocks`` from ``peer`` into their places, calling ``consume``
+    on each in order; up to ``RECEIVE_AHEAD`` receives are posted ahead."""
+    done = [trio.Event() for _ in blocks]
+    error: list[PeerLost] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def one(i: int) -> None:
+            try:
+                await fabric.recv_data_into(peer, blocks[i].key, blocks[i].place)
+            except PeerLost as exc:
+                error.append(exc)
+                nursery.cancel_scope.cancel()
+                return
+            counters.received += len(blocks[i].place)
+            done[i].set()
+
+        posted = 0
+        for i, block in enumerate(blocks):
+            while posted < min(len(blocks), i + RECEIVE_AHEAD):
+                nursery.start_soon(one, posted)
+                posted += 1
+            await done[i].wait()
+            consume(block)
+    if error:
+        raise error[0]
+
+
+async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> np.ndarray:
+    """Run the ring; returns the gathered result in wire format (see ``job.layout``)
+    as a byte array.
 
     Raises ``PeerLost`` naming the neighbours whose links failed, or the left
     neighbour when a phase deadline passes with its data missing.
     """
     size, rank, lay, codec, flat = len(job.ring), job.rank, job.layout, job.codec, job.flat
-    out = bytearray(lay.total)
-    buf = memoryview(out)
+    # Uninitialised: every byte is received or encoded before it is read.
+    out = np.empty(lay.total, dtype=np.uint8)
+    buf = out.data
     if size == 1:
         for k, span in enumerate(lay.subs[0]):
             codec.encode(flat.fp32(span), buf[lay.region(0, k)])
@@ -85,13 +151,6 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
             return
         raise PeerLost([right], "send deadline passed")
 
-    async def recv(key: bytes, expect: int) -> bytes | memoryview:
-        data = await fabric.recv_data(left, key)
-        counters.received += len(data)
-        if len(data) != expect:
-            raise PeerLost([left], f"sent {len(data)} bytes for a {expect}-byte block")
-        return data
-
     async def rs_sender() -> None:
         first = rs[0].send
         for k, span in enumerate(lay.subs[first]):
@@ -102,31 +161,29 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
             await send(key, data)
 
     async def rs_receiver() -> None:
+        last_step = size - 2
+        divisor = size if job.average else 1
+
+        def reduce(b: _Block) -> None:
+            last = b.step == last_step
+            codec.accumulate(b.place, flat, b.span, divisor if last else 1)
+            if last:
+                ag_tx.send_nowait((job.key(b"g", b.chunk, b.sub), b.place))
+            else:
+                rs_tx.send_nowait((b.key, b.place))
+
         async with rs_tx, ag_tx:
-            for s, step in enumerate(rs):
-                c, last = step.recv, s == size - 2
-                for k, span in enumerate(lay.subs[c]):
-                    region = buf[lay.region(c, k)]
-                    acc = codec.decode(await recv(job.key(b"r", c, k), len(region)), span.size)
-                    np.add(acc, flat.fp32(span), out=acc)
-                    if last and job.average:
-                        np.divide(acc, np.float32(size), out=acc)
-                    codec.encode(acc, region)
-                    if last:
-                        ag_tx.send_nowait((job.key(b"g", c, k), region))
-                    else:
-                        rs_tx.send_nowait((job.key(b"r", c, k), region))
+            blocks = _blocks(job, buf, b"r", [step.recv for step in rs])
+            await _receive_in_order(fabric, left, blocks, counters, reduce)
 
     async def ag_receiver() -> None:
+        def forward(b: _Block) -> None:
+            if b.step < size - 2:
+                ag_tx2.send_nowait((b.key, b.place))
+
         async with ag_tx2:
-            for s, step in enumerate(ag):
-                c = step.recv
-                for k in range(len(lay.subs[c])):
-                    region = buf[lay.region(c, k)]
-                    key = job.key(b"g", c, k)
-                    region[:] = await recv(key, len(region))
-                    if s < size - 2:
-                        ag_tx2.send_nowait((key, region))
+            blocks = _blocks(job, buf, b"g", [step.recv for step in ag])
+            await _receive_in_order(fabric, left, blocks, counters, forward)
 
     async def ag_sender() -> None:
         async for key, data in ag_rx:
@@ -160,9 +217,9 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> b
     return out
 
 
-def commit(job: RingJob, gathered: bytearray) -> None:
+def commit(job: RingJob, gathered: np.ndarray) -> None:
     """Write the gathered result into the caller's array (no awaits: all or nothing)."""
-    buf = memoryview(gathered)
+    buf = gathered.data
     for c, pieces in enumerate(job.layout.subs):
         for k, span in enumerate(pieces):
             job.codec.decode_into(buf[job.layout.region(c, k)], job.flat, span)

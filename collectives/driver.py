@@ -40,6 +40,12 @@ PHASE_TIMEOUT = 30.0  # base deadline of one all-reduce phase, plus size / MIN_B
 MIN_BANDWIDTH = 1.25e6  # bytes/s (10 Mbit/s): the slowest link a phase deadline allows for
 CALL_TIMEOUT = 10.0  # control RPCs other than view agreement
 PROBE_BYTES = 1 << 20  # bandwidth probe size per peer pair
+# Automatic sub-chunks: a quarter of a ring chunk, but at least AUTO_SUB_MIN
+# (below, per-message costs dominate) and at most AUTO_SUB_MAX (beyond, the
+# pipeline takes longer to fill and nothing is gained: measured on loopback,
+# 4 peers x 10M fp32, CPU per all-reduce 1 MiB: 0.21 s, 2.5-4 MiB: 0.13 s, 16 MiB: 0.15 s).
+AUTO_SUB_MIN = 1 << 20
+AUTO_SUB_MAX = 4 << 20
 
 
 class Evicted(PeerLost):
@@ -54,7 +60,9 @@ class EngineConfig:
     timing: Timing = field(default_factory=Timing)
     phase_timeout: float = PHASE_TIMEOUT
     min_bandwidth: float = MIN_BANDWIDTH
-    sub_chunk_bytes: int = 1 << 20  # pipelining unit (fp32 bytes of a sub-chunk)
+    # Pipelining unit in fp32 bytes of a sub-chunk; 0 picks one per tensor
+    # (see ``sub_chunk_elems``).
+    sub_chunk_bytes: int = 0
     call_timeout: float = CALL_TIMEOUT
     probe_bytes: int = PROBE_BYTES
     max_attempts: int = 8
@@ -72,6 +80,14 @@ class EngineStats:
     failed_attempts: int
     bytes_sent: int
     bytes_received: int
+
+
+def sub_chunk_elems(config: EngineConfig, n: int, peers: int) -> int:
+    """Elements per sub-chunk for a tensor of ``n`` elements over ``peers``."""
+    if config.sub_chunk_bytes > 0:
+        return max(1, config.sub_chunk_bytes // 4)
+    chunk_bytes = 4 * -(-n // peers)  # fp32 bytes of the largest ring chunk
+    return max(AUTO_SUB_MIN, min(AUTO_SUB_MAX, chunk_bytes // 4)) // 4
 
 
 def view_digest(decision: Decision) -> str:

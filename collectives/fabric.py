@@ -18,6 +18,10 @@ Contract every implementation keeps:
   whichever of the two calls comes first. Raises ``PeerLost([peer])``.
 - ``recv_data`` waits for the bytes ``peer`` sent under ``key`` and raises
   ``PeerLost([peer])`` as soon as that peer or the link to it is gone.
+- ``recv_data_into`` is ``recv_data`` landing the bytes in ``out`` (a
+  writable buffer of exactly their size; the real fabric decrypts straight
+  into it). A payload of another size raises ``PeerLost([peer])``: the peer
+  broke the protocol. If cancelled, ``out`` may hold part of the payload.
 - ``drop_data`` forgets buffered bytes whose key starts with ``prefix`` (an
   aborted collective leaves bytes nobody will receive).
 - ``peers`` is the set of peers currently connected.
@@ -50,6 +54,8 @@ class Fabric(Protocol):
     async def send_data(self, peer: str, key: bytes, data: memoryview | bytes) -> None: ...
 
     async def recv_data(self, peer: str, key: bytes) -> memoryview | bytes: ...
+
+    async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None: ...
 
     def drop_data(self, prefix: bytes) -> None: ...
 

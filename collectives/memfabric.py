@@ -202,6 +202,12 @@ class MemFabric:
             return net._mail.pop(slot)
         raise PeerLost([peer], "link down")
 
+    async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None:
+        data = await self.recv_data(peer, key)
+        if len(data) != len(out):
+            raise PeerLost([peer], f"sent {len(data)} bytes for a {len(out)}-byte buffer")
+        out[:] = data
+
     def drop_data(self, prefix: bytes) -> None:
         mail = self._net._mail
         for slot in [s for s in mail if s[1] == self._me and s[2].startswith(prefix)]:

@@ -56,6 +56,16 @@ class Codec:
         """Write the decoded block into the caller's memory."""
         flat.store(span, self.decode(buf, span.size))
 
+    def accumulate(self, block: memoryview, flat: Flat, span: Span, divisor: int = 1) -> None:
+        """Add the caller's elements of ``span`` to the partial encoded in
+        ``block`` (in fp32), divide by ``divisor`` unless it is 1, and write the
+        encoding of the result back into ``block``."""
+        acc = self.decode(block, span.size)
+        np.add(acc, flat.fp32(span), out=acc)
+        if divisor != 1:
+            np.divide(acc, np.float32(divisor), out=acc)
+        self.encode(acc, block)
+
 
 class RawCodec(Codec):
     """Plain floating point of one kind on the wire."""
@@ -92,6 +102,18 @@ class RawCodec(Codec):
             np.copyto(flat.data[span.lo : span.hi], np.frombuffer(buf, dtype=self.kind.storage))
         else:
             super().decode_into(buf, flat, span)
+
+    def accumulate(self, block: memoryview, flat: Flat, span: Span, divisor: int = 1) -> None:
+        if self.kind is Kind.F32 and flat.kind is Kind.F32:
+            # fp32 on the wire is fp32 in memory: add in place, same IEEE
+            # operations as decode/add/encode, without the two copies.
+            self.check(block, span.size)
+            acc = np.frombuffer(block, dtype=np.float32, count=span.size)
+            np.add(acc, flat.data[span.lo : span.hi], out=acc)
+            if divisor != 1:
+                np.divide(acc, np.float32(divisor), out=acc)
+        else:
+            super().accumulate(block, flat, span, divisor)
 
 
 class Int8Codec(Codec):

@@ -31,7 +31,13 @@ from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
 from collectives.api import AllReduceResult, Quant, ReduceOp
 from collectives.arrays import flatten
 from collectives.chunking import layout
-from collectives.driver import EngineConfig, Evicted, MembershipDriver, view_digest
+from collectives.driver import (
+    EngineConfig,
+    Evicted,
+    MembershipDriver,
+    sub_chunk_elems,
+    view_digest,
+)
 from collectives.fabric import Fabric
 from collectives.quant import codec_for
 from collectives.view import Decision
@@ -153,9 +159,9 @@ class Engine(MembershipDriver):
         if gone:
             self._send_status(d, prefix, _FAILED + ",".join(sorted(gone)).encode())
             raise PeerLost(gone, "already known to be gone")
-        lay = layout(
-            flat.size, len(d.members), max(1, self.config.sub_chunk_bytes // 4), codec.wire_size
-        )
+        peers = len(d.members)
+        lay = layout(flat.size, peers, sub_chunk_elems(self.config, flat.size, peers),
+                     codec.wire_size)
         phase = self.config.phase_timeout + lay.total / self.config.min_bandwidth
         now = trio.current_time()
         job = RingJob(

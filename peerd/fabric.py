@@ -55,6 +55,16 @@ class NodeFabric:
         except RuntimeError as exc:  # the same key received twice: a peer's fault
             raise ProtocolError(str(exc)) from None
 
+    async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None:
+        pid = _peer(peer)
+        link = await self._node.accept_data_channels(pid, _PURPOSE)
+        try:
+            await link.receive_into(key, out)
+        except RuntimeError as exc:  # the same key received twice: a peer's fault
+            raise ProtocolError(str(exc)) from None
+        except ProtocolError as exc:  # a payload of the wrong size
+            raise PeerLost([peer], str(exc)) from None
+
     def drop_data(self, prefix: bytes) -> None:
         self._node.data.discard(prefix)
 
