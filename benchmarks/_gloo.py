@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
-import resource
 import time
 from typing import Any
-
-
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any) -> None:
@@ -20,25 +16,35 @@ def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    from peerd.peerproc import reset_rss_peak, rss_now, rss_peak
+
+    dist.all_reduce(torch.ones(4096))  # warm-up: connections
     t = torch.full((elements,), float(rank + 1), dtype=torch.float32)
-    dist.all_reduce(t)  # warm-up: connections and buffers
     dist.barrier()
-    base = _rss_peak_bytes()
+    # Like peerd's: the first full-size all-reduce is measured for memory, not timed.
+    gc.collect()
+    base = rss_now() if reset_rss_peak() else rss_peak()
+    dist.all_reduce(t)
+    peak = max(0, rss_peak() - base)
     times = []
+    cpu = []
     for _ in range(iters):
         t.fill_(float(rank + 1))
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dist.all_reduce(t)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     expected = world * (world + 1) / 2
     ok = bool(torch.all(t == expected))
-    q.put((rank, min(times), sorted(times)[len(times) // 2], max(0, _rss_peak_bytes() - base), ok))
+    q.put((rank, min(times), sorted(times)[len(times) // 2], peak, ok,
+           sorted(cpu)[len(cpu) // 2]))
     dist.destroy_process_group()
 
 
 def run_gloo(world: int, elements: int, iters: int, port: int) -> dict[str, float]:
-    """Median/min seconds per all-reduce over ``world`` processes, and peak extra RSS."""
+    """Median/min seconds per all-reduce over ``world`` processes, peak extra RSS,
+    and the median CPU seconds one process spends in an all-reduce (max over ranks)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, elements, iters, q))
@@ -54,6 +60,7 @@ def run_gloo(world: int, elements: int, iters: int, port: int) -> dict[str, floa
         "min_s": max(r[1] for r in results),
         "median_s": max(r[2] for r in results),
         "peak_extra_bytes": max(r[3] for r in results),
+        "cpu_s": max(r[5] for r in results),
     }
 
 

@@ -54,13 +54,13 @@ def digest(array: Any) -> str:
 # ---------------------------------------------------------------- the peer
 
 
-def _rss_now() -> int:
+def rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM), so a later ``_rss_peak`` sees
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM), so a later ``rss_peak`` sees
     only what happened since; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -70,7 +70,7 @@ def _reset_rss_peak() -> bool:
     return True
 
 
-def _rss_peak() -> int:
+def rss_peak() -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -193,7 +193,7 @@ async def _command(
 
             target = torch.from_numpy(data).view(torch.bfloat16)
         gc.collect()  # earlier rounds' arrays caught in cycles must not offset the peak
-        rss_before = _rss_now() if _reset_rss_peak() else _rss_peak()
+        rss_before = rss_now() if reset_rss_peak() else rss_peak()
         t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
@@ -205,7 +205,7 @@ async def _command(
                     "peers": list(exc.peers), "input_intact": bool(np.array_equal(
                         data.view(np.uint8), original.view(np.uint8)))}
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        peak = max(0, _rss_peak() - rss_before)
+        peak = max(0, rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
             np.save(Path(out) / f"r{rnd}_{index}.npy", data)
