@@ -1,7 +1,8 @@
 """Data-plane throughput on loopback: encrypted DataLink vs plain TCP vs raw AES-GCM.
 
-One run measures, on 127.0.0.1 and in one trio process (sender and receiver
-share the machine's cores, so every byte pays both ends' costs):
+One run measures, on 127.0.0.1, first with sender and receiver in one trio
+process (every byte pays both ends' costs on one core), then with the
+receiver in its own process as a real peer is (the headline figure):
 
 * the encrypted ``DataLink`` (token preamble, key confirmation, AES-256-GCM
   records) with 1, 2 and 4 TCP connections;
@@ -26,7 +27,7 @@ import trio
 
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.datalink import LinkConfig, open_data_link
-from peerd.dataproto import TokenTable
+from peerd.dataproto import TOKEN_SIZE, TokenTable
 from peerd.datastream import DataChannel, SocketTransport, tune_socket
 from peerd.record import RecordOpener, RecordSealer, record_size
 
@@ -173,6 +174,52 @@ async def measure_quic_stream(total: int) -> float | None:
     return received * 8 / elapsed / 1e9
 
 
+async def measure_two_process(conns: int, secure: bool, total: int,
+                              cfg: DataConfig) -> tuple[float, float]:
+    """Like ``measure_tcp`` but the receiver is another process, as a real peer
+    is: each end pays only its own costs (one AES pass each), on its own core.
+    Returns (Gbit/s, CPU seconds per GiB of both processes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    count = max(1, total // MESSAGE)
+    secret = os.urandom(32)
+    tokens = [os.urandom(TOKEN_SIZE) for _ in range(conns)] if secure else []
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("_transport_rx.py")),
+         "secure" if secure else "plain", str(conns), str(count), secret.hex(),
+         ",".join(t.hex() for t in tokens), str(cfg.max_record), str(cfg.socket_buffer)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline().split()[1])
+        if secure:
+            chans = [await dial_data_channel("127.0.0.1", port, t, secret, "B", cfg)
+                     for t in tokens]
+        else:
+            chans = []
+            for _ in range(conns):
+                s = trio.socket.socket()
+                tune_socket(s, cfg.socket_buffer)
+                await s.connect(("127.0.0.1", port))
+                chans.append(DataChannel(SocketTransport(s), None, None, "A",
+                                         max_record=cfg.max_record))
+        payload = bytearray(os.urandom(1024)) * (MESSAGE // 1024)
+        async with open_data_link("A", chans, LinkConfig()) as tx:
+            start, cpu = time.perf_counter(), _cpu()
+            for i in range(count):
+                await tx.send(b"m%d" % i, payload)
+            line = await trio.to_thread.run_sync(child.stdout.readline)
+            elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
+            child.kill()
+        child_cpu = float(line.split()[1])
+    finally:
+        child.kill()
+        child.wait()
+    return count * MESSAGE * 8 / elapsed / 1e9, (cpu + child_cpu) / (count * MESSAGE / 2**30)
+
+
 async def main(args: argparse.Namespace) -> None:
     total = args.mib * 1024 * 1024
     cfg = DataConfig(max_record=args.record_kib * 1024, socket_buffer=args.sockbuf_mib << 20)
@@ -201,6 +248,16 @@ async def main(args: argparse.Namespace) -> None:
     rate, cpu, _ = await measure_tcp(4, True, total, threaded, link_cfg)
     print(f"encrypted DataLink 4 conn(s), crypto on worker threads: {rate:6.2f} Gbit/s, "
           f"{cpu:.2f} CPU-s/GiB (opt-in; the default is inline)")
+    two: dict[tuple[int, bool], float] = {}
+    for conns in (1, 4):
+        for secure in (False, True):
+            best = 0.0
+            for _ in range(args.repeat):
+                rate, cpu = await measure_two_process(conns, secure, total, cfg)
+                best = max(best, rate)
+            two[(conns, secure)] = best
+            name = "encrypted DataLink" if secure else "plain TCP         "
+            print(f"{name} {conns} conn(s), receiver in its own process: {best:6.2f} Gbit/s")
     quic = await measure_quic_stream(min(total, 16 << 20))
     print("QUIC stream: " + ("not measured (hook in measure_quic_stream)" if quic is None
                              else f"{quic:6.2f} Gbit/s"))
@@ -210,7 +267,12 @@ async def main(args: argparse.Namespace) -> None:
     for conns in (1, 2):
         ratio = results[(conns, True)] / results[(conns, False)]
         print(f"ratio encrypted/plain TCP ({conns} conns): {ratio:.2f}")
-    print(f"ratio encrypted/plain TCP (4 conns): {results[(4, True)] / results[(4, False)]:.2f}")
+    print(f"ratio encrypted/plain TCP (4 conns, both ends in one process): "
+          f"{results[(4, True)] / results[(4, False)]:.2f}")
+    print(f"ratio encrypted/plain TCP (1 conn, one process per end): "
+          f"{two[(1, True)] / two[(1, False)]:.2f}")
+    # Headline: one process per end, as between real peers.
+    print(f"ratio encrypted/plain TCP (4 conns): {two[(4, True)] / two[(4, False)]:.2f}")
 
 
 if __name__ == "__main__":
