@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and benchmarks/crdt.py, nat.py
+# would shadow the packages of the same name: take the folder off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 import trio
 

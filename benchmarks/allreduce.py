@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from _gloo import run_gloo  # noqa: E402  (the sibling helper, found through this folder)
 
-from _gloo import run_gloo  # noqa: E402
+# Run as a script, this folder is sys.path[0], and benchmarks/crdt.py, nat.py
+# would shadow the packages of the same name: take the folder off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(ROOT))
 
 from collectives.api import Quant  # noqa: E402
 from peerd.peerproc import LocalSwarm, PeerProcess  # noqa: E402

@@ -21,7 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
+from pathlib import Path
+
+# Run as a script, this folder is sys.path[0], and benchmarks/crdt.py, nat.py
+# would shadow the packages of the same name: take the folder off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 import trio
 
@@ -180,8 +188,6 @@ async def measure_two_process(conns: int, secure: bool, total: int,
     is: each end pays only its own costs (one AES pass each), on its own core.
     Returns (Gbit/s, CPU seconds per GiB of both processes)."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     count = max(1, total // MESSAGE)
     secret = os.urandom(32)
