@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
-from collectives.api import AllReduceResult, Quant, ReduceOp, View
+from collectives.api import AllReduceResult, Quant, ReduceOp, SyncResult, SyncStrategy, View
+from collectives.p2p import PointToPoint, Scattered
 from collectives.run import Engine, EngineConfig, open_engine
+from collectives.statesync import StateSync
 from crdt.driver import SyncDriver
 from crdt.store import Store
 from peerd.config import NodeConfig, format_address, parse_address
@@ -370,6 +373,43 @@ class Node:
         """Reduce ``array`` in place across the run's view; see ``Engine.all_reduce``."""
         return await self.engine(run).all_reduce(array, op, tag=tag, quant=quant, retry=retry)
 
+    # Shared state and custom collectives (collectives.statesync, collectives.p2p);
+    # the daemon forwards its client's calls to these.
+
+    async def sync_state(self, run: str, state: Mapping[str, Any], revision: int,
+                         strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR) -> SyncResult:
+        """Make ``state`` bit-identical to the run's popular state, in place; a
+        round boundary (joiners are admitted first). See ``StateSync.sync``."""
+        return await StateSync.of(self.engine(run)).sync(state, revision, strategy)
+
+    async def all_gather(self, run: str, array: Any, *, tag: str = "gather",
+                         retry: bool = True) -> tuple[list[Any], tuple[str, ...]]:
+        """Every member's ``array`` (shapes may differ) in view order, and who sent them."""
+        return await PointToPoint.of(self.engine(run)).all_gather(array, tag=tag, retry=retry)
+
+    async def send(self, run: str, peer: PeerId | str, array: Any, *, tag: str = "p2p",
+                   timeout: float | None = None) -> None:
+        """Send ``array`` to member ``peer`` (its ``recv(run, us, tag=tag)`` gets it)."""
+        await PointToPoint.of(self.engine(run)).send(_text(peer), array, tag=tag,
+                                                      timeout=timeout)
+
+    async def recv(self, run: str, peer: PeerId | str, *, tag: str = "p2p",
+                   timeout: float | None = None) -> Any:
+        """The next array member ``peer`` sends with ``tag``; ``PeerLost`` if it is lost."""
+        return await PointToPoint.of(self.engine(run)).recv(_text(peer), tag=tag,
+                                                             timeout=timeout)
+
+    async def broadcast(self, run: str, array: Any, root: PeerId | str, *,
+                        tag: str = "broadcast") -> tuple[str, ...]:
+        """Overwrite ``array`` with ``root``'s on every member; returns the members."""
+        return await PointToPoint.of(self.engine(run)).broadcast(array, _text(root), tag=tag)
+
+    async def reduce_scatter(self, run: str, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
+                             tag: str = "reduce_scatter", retry: bool = True) -> Scattered:
+        """This member's reduced chunk of the flattened ``array``; see ``PointToPoint``."""
+        return await PointToPoint.of(self.engine(run)).reduce_scatter(array, op, tag=tag,
+                                                                      retry=retry)
+
     # ------------------------------------------------------------ stats
 
     def statistics(self) -> NodeStatistics:
@@ -396,6 +436,10 @@ class Node:
             s.conn.close(0, "node shutting down")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.data.aclose()
+
+
+def _text(peer: PeerId | str) -> str:
+    return peer.text if isinstance(peer, PeerId) else str(peer)
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:

@@ -1,0 +1,342 @@
+"""Point-to-point and custom collectives over a run's round view (trio driver).
+
+``send``/``recv`` move one array between two members of the current view;
+``broadcast``, ``all_gather`` and ``reduce_scatter`` are built from them and
+end with a status round (``collectives.agree``), so every survivor either
+succeeds with the same data or raises ``PeerLost`` naming the lost peers,
+and the caller's arrays are written only on success. Operations are matched
+by (view, tag, per-tag sequence number): members must issue the same
+sequence per tag, like any collective library. With ``retry=True`` a failed
+gather or reduce-scatter re-forms the view among the survivors and runs
+again; the result names exactly whose data it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
+
+from collectives.agree import agree, live_others, op_prefix, recv_from, send_to
+from collectives.api import ReduceOp
+from collectives.driver import Evicted, MembershipDriver
+from collectives.statebuf import raw_view
+from collectives.statemsg import ArrayHeader
+from collectives.view import Decision
+from peerd.errors import ConfigError, PeerLost, ProtocolError
+from peerd.wire import decode_untrusted, encode
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Scattered:
+    """This member's share of a reduce-scatter: elements ``[lo, hi)`` of the
+    flattened input, reduced over ``participants``."""
+
+    chunk: np.ndarray
+    lo: int
+    hi: int
+    participants: tuple[str, ...]
+    revision: int
+
+
+@dataclass(frozen=True)
+class P2PStats:
+    sends: int
+    recvs: int
+    collectives: int
+    failed: int
+    bytes_sent: int
+    bytes_received: int
+
+
+def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of each of ``parts`` near-equal chunks of ``n`` elements."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for r in range(parts):
+        hi = lo + base + (1 if r < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def pack(array: Any) -> tuple[bytes, memoryview]:
+    """Header and body bytes of ``array`` (numpy or torch CPU; no copy if contiguous)."""
+    if isinstance(array, np.ndarray):
+        array = np.ascontiguousarray(array)
+    elif type(array).__module__.startswith("torch"):
+        array = array.detach().contiguous()
+    raw = raw_view("array", array)
+    return encode(ArrayHeader(raw.dtype, raw.shape)), memoryview(raw.data)  # type: ignore[arg-type]
+
+
+def unpack(header: bytes, body: bytes | memoryview) -> Any:
+    """The array a ``pack`` made (numpy; torch for bfloat16); ``ProtocolError`` if malformed."""
+    h: ArrayHeader = decode_untrusted(bytes(header), expect=ArrayHeader)
+    if len(body) != h.nbytes:
+        raise ProtocolError(f"array body of {len(body)} bytes, header says {h.nbytes}")
+    data = bytearray(body)
+    if h.dtype == "bfloat16":
+        import torch
+
+        return torch.frombuffer(data, dtype=torch.bfloat16).reshape(h.shape)
+    return np.frombuffer(data, dtype=np.dtype(h.dtype)).reshape(h.shape)
+
+
+class PointToPoint:
+    """Custom collectives of one run; get it with ``PointToPoint.of(engine)``."""
+
+    _by_driver: weakref.WeakKeyDictionary[MembershipDriver, PointToPoint] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def of(cls, driver: MembershipDriver) -> PointToPoint:
+        if driver not in cls._by_driver:
+            cls._by_driver[driver] = cls(driver)
+        return cls._by_driver[driver]
+
+    def __init__(self, driver: MembershipDriver) -> None:
+        self.driver = driver
+        self._seq: dict[tuple[Any, ...], int] = {}
+        self._c = {"sends": 0, "recvs": 0, "collectives": 0, "failed": 0, "sent": 0,
+                   "received": 0}
+
+    def statistics(self) -> P2PStats:
+        c = self._c
+        return P2PStats(c["sends"], c["recvs"], c["collectives"], c["failed"], c["sent"],
+                        c["received"])
+
+    # ------------------------------------------------------------ helpers
+
+    def _decision(self) -> Decision:
+        self.driver.view()  # raises Evicted / ConfigError when not a member
+        d = self.driver.core.view
+        assert d is not None
+        return d
+
+    def _next(self, d: Decision, *key: Any) -> int:
+        full = (d.revision, *key)
+        seq = self._seq.get(full, 0)
+        self._seq = {k: v for k, v in self._seq.items() if k[0] >= d.revision}
+        self._seq[full] = seq + 1
+        return seq
+
+    def _member(self, d: Decision, peer: str) -> str:
+        peer = str(getattr(peer, "text", peer))
+        if peer not in d.members or peer == self.driver.me:
+            raise ConfigError(f"{peer} is not another member of revision {d.revision}")
+        if peer in self.driver.core.suspects:
+            raise PeerLost([peer], "already known to be gone")
+        return peer
+
+    def _deadline(self, nbytes: int, timeout: float | None = None) -> float:
+        cfg = self.driver.config
+        span = timeout if timeout is not None else cfg.phase_timeout + nbytes / cfg.min_bandwidth
+        return trio.current_time() + span
+
+    async def _put(self, peer: str, prefix: bytes, array: Any, deadline: float) -> None:
+        header, body = pack(array)
+        await send_to(self.driver, peer, prefix + b"h", header, deadline)
+        if len(body):
+            await send_to(self.driver, peer, prefix + b"b", body, deadline)
+        self._c["sent"] += len(header) + len(body)
+
+    async def _get(self, peer: str, prefix: bytes, deadline: float, what: str) -> Any:
+        header = bytes(await recv_from(self.driver, peer, prefix + b"h", deadline, what))
+        try:
+            h: ArrayHeader = decode_untrusted(header, expect=ArrayHeader)
+            body: bytes | memoryview = b""
+            if h.nbytes:
+                body = await recv_from(self.driver, peer, prefix + b"b", deadline, what)
+            array = unpack(header, body)
+        except ProtocolError as exc:
+            self.driver.lost({peer}, f"{what}: {exc}")
+            raise PeerLost([peer], f"{what}: {exc}") from None
+        self._c["received"] += len(header) + len(body)
+        return array
+
+    # ------------------------------------------------------------ point to point
+
+    async def send(self, peer: str, array: Any, *, tag: str = "p2p",
+                   timeout: float | None = None) -> None:
+        """Send ``array`` to member ``peer``, whose matching ``recv(me, tag)``
+        receives it. Raises ``PeerLost([peer])`` if it is lost or the deadline
+        (default: phase timeout plus size at the minimum bandwidth) passes."""
+        d = self._decision()
+        peer = self._member(d, peer)
+        seq = self._next(d, "s", peer, tag)
+        prefix = op_prefix("pp", self.driver.run, d, f"{tag}|{self.driver.me}>{peer}", seq)
+        self._c["sends"] += 1
+        await self._put(peer, prefix, array, self._deadline(_nbytes(array), timeout))
+
+    async def recv(self, peer: str, *, tag: str = "p2p", timeout: float | None = None) -> Any:
+        """The next array ``peer`` sends with ``tag`` (a new numpy array; torch for
+        bfloat16). Waits as long as ``peer`` is alive, or ``timeout`` seconds."""
+        d = self._decision()
+        peer = self._member(d, peer)
+        seq = self._next(d, "r", peer, tag)
+        prefix = op_prefix("pp", self.driver.run, d, f"{tag}|{peer}>{self.driver.me}", seq)
+        self._c["recvs"] += 1
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        return await self._get(peer, prefix, deadline, f"recv {tag!r}")
+
+    # ------------------------------------------------------------ collectives
+
+    async def _retrying(self, retry: bool,
+                        attempt: Callable[[Decision], Awaitable[T]]) -> T:
+        tries = 0
+        while True:
+            tries += 1
+            d = self._decision()
+            self._c["collectives"] += 1
+            try:
+                return await attempt(d)
+            except PeerLost as exc:
+                self._c["failed"] += 1
+                last = tries >= self.driver.config.max_attempts
+                if isinstance(exc, Evicted) or not retry or last:
+                    raise
+                await self.driver.reform(after=d.revision)
+
+    async def _exchange(self, d: Decision, prefix: bytes, outgoing: dict[str, Any],
+                        sources: list[str], deadline: float, what: str) -> dict[str, Any]:
+        """Send ``outgoing[p]`` to each member ``p`` and receive one array from
+        each of ``sources``; then agree. Returns what arrived, by sender."""
+        got: dict[str, Any] = {}
+        lost: set[str] = set(d.members) & self.driver.core.suspects
+
+        async def put(peer: str) -> None:
+            try:
+                await self._put(peer, prefix, outgoing[peer], deadline)
+            except PeerLost as exc:
+                lost.update(exc.peers)
+
+        async def get(peer: str) -> None:
+            try:
+                got[peer] = await self._get(peer, prefix, deadline, what)
+            except PeerLost as exc:
+                lost.update(exc.peers)
+
+        if not lost:
+            async with trio.open_nursery() as nursery:
+                for peer in live_others(self.driver, d):
+                    if peer in outgoing:
+                        nursery.start_soon(put, peer)
+                    if peer in sources:
+                        nursery.start_soon(get, peer)
+        await agree(self.driver, d, prefix, lost - {self.driver.me}, deadline, what)
+        return got
+
+    async def all_gather(self, array: Any, *, tag: str = "gather",
+                         retry: bool = True) -> tuple[list[Any], tuple[str, ...]]:
+        """Every member's ``array`` (shapes and dtypes may differ), in view order,
+        and the members they came from."""
+        own = _as_numpy_or_torch(array)
+
+        async def attempt(d: Decision) -> tuple[list[Any], tuple[str, ...]]:
+            prefix = op_prefix("ag", self.driver.run, d, tag, self._next(d, "g", tag))
+            others = [p for p in d.members if p != self.driver.me]
+            deadline = self._deadline(_nbytes(own) * len(d.members))
+            got = await self._exchange(d, prefix, dict.fromkeys(others, own), others, deadline,
+                                       f"all_gather {tag!r}")
+            got[self.driver.me] = _copy(own)
+            return [got[p] for p in d.members], d.members
+
+        return await self._retrying(retry, attempt)
+
+    async def broadcast(self, array: Any, root: str, *, tag: str = "broadcast") -> tuple[str, ...]:
+        """Make every member's ``array`` equal to ``root``'s, in place (same shape
+        and dtype everywhere); returns the members. No retry: the root may be gone."""
+        d = self._decision()
+        root = str(getattr(root, "text", root))
+        if root not in d.members:
+            raise ConfigError(f"broadcast root {root} is not a member of revision {d.revision}")
+        prefix = op_prefix("bc", self.driver.run, d, tag, self._next(d, "b", tag))
+        deadline = self._deadline(_nbytes(array) * len(d.members))
+        self._c["collectives"] += 1
+        me = self.driver.me
+        outgoing = {p: array for p in d.members if p != me} if root == me else {}
+        got = await self._exchange(d, prefix, outgoing, [] if root == me else [root], deadline,
+                                   f"broadcast {tag!r}")
+        if root != me:
+            _write_into(array, got[root])
+        return d.members
+
+    async def reduce_scatter(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
+                             tag: str = "reduce_scatter", retry: bool = True) -> Scattered:
+        """Reduce the flattened ``array`` over the view and return this member's
+        chunk (``chunk_bounds`` by rank), summed in view order in fp32 (fp64 for
+        fp64 input), so the owner's result is deterministic. ``array`` is not
+        written."""
+        flat = np.ascontiguousarray(_as_numpy_or_torch(array)).reshape(-1)
+        if flat.dtype not in (np.float16, np.float32, np.float64):
+            raise ConfigError(f"reduce_scatter needs float16/32/64 arrays, got {flat.dtype}")
+        reduce_op = op if isinstance(op, ReduceOp) else ReduceOp[str(op).upper()]
+        acc_type: Any = np.float64 if flat.dtype == np.float64 else np.float32
+
+        async def attempt(d: Decision) -> Scattered:
+            prefix = op_prefix("rs", self.driver.run, d, tag, self._next(d, "rs", tag))
+            bounds = chunk_bounds(flat.size, len(d.members))
+            out = {p: flat[lo:hi] for p, (lo, hi) in zip(d.members, bounds, strict=True)}
+            lo, hi = bounds[d.members.index(self.driver.me)]
+            others = [p for p in d.members if p != self.driver.me]
+            got = await self._exchange(d, prefix, out, others, self._deadline(flat.nbytes * 2),
+                                       f"reduce_scatter {tag!r}")
+            got[self.driver.me] = flat[lo:hi]
+            acc: Any = np.zeros(hi - lo, dtype=acc_type)
+            for p in d.members:
+                part = np.asarray(got[p])
+                if part.shape != (hi - lo,) or part.dtype != flat.dtype:
+                    raise ProtocolError(f"{p} sent a reduce_scatter part of the wrong shape")
+                acc += part
+            if reduce_op is ReduceOp.AVG:
+                acc /= acc_type(len(d.members))
+            return Scattered(acc.astype(flat.dtype), lo, hi, d.members, d.revision)
+
+        return await self._retrying(retry, attempt)
+
+
+def _as_numpy_or_torch(array: Any) -> Any:
+    if isinstance(array, np.ndarray):
+        return array
+    if type(array).__module__.startswith("torch"):
+        if str(array.dtype) == "torch.bfloat16":
+            return array.detach().contiguous()
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _nbytes(array: Any) -> int:
+    if isinstance(array, np.ndarray):
+        return int(array.nbytes)
+    return int(array.numel() * array.element_size())
+
+
+def _copy(array: Any) -> Any:
+    return array.copy() if isinstance(array, np.ndarray) else array.clone()
+
+
+def _write_into(dest: Any, value: Any) -> None:
+    if isinstance(dest, np.ndarray):
+        src = np.asarray(value)
+        if src.shape != dest.shape or src.dtype != dest.dtype:
+            raise ConfigError(f"broadcast: got {src.dtype}{list(src.shape)}, "
+                              f"this member has {dest.dtype}{list(dest.shape)}")
+        dest[...] = src
+        return
+    import torch
+
+    src_t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+    if src_t.shape != dest.shape or src_t.dtype != dest.dtype:
+        raise ConfigError(f"broadcast: got {src_t.dtype}{list(src_t.shape)}, "
+                          f"this member has {dest.dtype}{list(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(src_t)
