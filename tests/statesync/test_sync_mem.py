@@ -100,7 +100,9 @@ async def join_and_sync(s: Swarm, joiner: str, states: dict[str, dict[str, np.nd
     engine = await s.start(joiner, None)
 
     async def run(p: str, e: Engine, strategy: SyncStrategy) -> None:
-        out[p] = await StateSync.of(e).sync(states[p], revision, strategy)
+        with trio.CancelScope() as scope:
+            s.tasks.setdefault(p, []).append(scope)  # a kill cancels it
+            out[p] = await StateSync.of(e).sync(states[p], revision, strategy)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, joiner, engine, SyncStrategy.RECEIVE_ONLY)
@@ -109,7 +111,7 @@ async def join_and_sync(s: Swarm, joiner: str, states: dict[str, dict[str, np.nd
             await trio.sleep(0.1)
         for p in members:
             nursery.start_soon(run, p, s.engines[p], SyncStrategy.ENFORCE_POPULAR)
-    return out
+    return {p: r for p, r in out.items() if p in s.engines}
 
 
 async def test_joiner_receives_state_striped_over_three_holders(
@@ -136,3 +138,85 @@ async def test_joiner_receives_state_striped_over_three_holders(
             assert out[p].bytes_sent >= total // 4, out
             wire = s.net.bytes_sent.get((p, "p09"), 0) - before.get((p, "p09"), 0)
             assert wire >= out[p].bytes_sent
+
+
+async def test_holder_killed_mid_transfer_joiner_fetches_the_rest(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm(3) as s:
+        base = make_state(4, {"big": 3_000_000})  # 12 MB: 12 pieces, 4 per holder
+        states = {p: {k: v.copy() for k, v in base.items()} for p in s.alive()}
+        await s.each(lambda p, e: StateSync.of(e).sync(states[p], 1))
+        states["p09"] = {k: np.zeros_like(v) for k, v in base.items()}
+        sent: dict[str, int] = {}
+
+        def on_send(src: str, dst: str, key: bytes) -> None:
+            if dst == "p09" and key[-1:].isdigit():  # a state piece
+                sent[src] = sent.get(src, 0) + 1
+                if src == "p01" and sent[src] == 2:
+                    s.kill("p01")
+
+        s.net.on_send = on_send
+        out = await join_and_sync(s, "p09", states, 2)
+        assert "p01" not in out
+        assert np.array_equal(states["p09"]["big"], base["big"])
+        assert out["p09"].bytes_received == base["big"].nbytes
+        assert StateSync.of(s.engines["p09"]).statistics().sources_dropped == 1
+        # the survivors served the pieces the dead holder did not
+        assert out["p00"].bytes_sent + out["p02"].bytes_sent > base["big"].nbytes * 2 // 3
+        # the next boundary drops the dead holder
+        res = await s.each(lambda p, e: StateSync.of(e).sync(states[p], 3))
+        assert {r.participants for r in res.values()} == {("p00", "p02", "p09")}
+
+
+async def test_corrupt_holder_is_detected_and_dropped(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(3, wrap={"p01": CorruptingFabric}) as s:
+        base = make_state(5, {"w": 600_000, "v": 20})
+        states = {p: {k: v.copy() for k, v in base.items()} for p in ("p00", "p01")}
+        states["p02"] = {k: np.zeros_like(v) for k, v in base.items()}
+        res = await s.each(lambda p, e: StateSync.of(e).sync(states[p], 1))
+        assert np.array_equal(states["p02"]["w"], base["w"])
+        assert np.array_equal(states["p02"]["v"], base["v"])
+        assert s.fabrics["p01"].corrupted >= 1
+        stats = StateSync.of(s.engines["p02"]).statistics()
+        assert stats.corrupt_pieces >= 1 and stats.sources_dropped == 1
+        assert res["p02"].bytes_received == base["w"].nbytes + base["v"].nbytes
+        assert digest_of(states["p02"]) == digest_of(base)
+
+
+async def test_only_holder_corrupt_raises_and_installs_nothing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm(2, wrap={"p00": CorruptingFabric}) as s:
+        good = make_state(6, {"w": 1000})
+        states = {"p00": {"w": good["w"].copy()}, "p01": {"w": np.zeros(1000, np.float32)}}
+        strategies = {"p00": SyncStrategy.ENFORCE_POPULAR, "p01": SyncStrategy.RECEIVE_ONLY}
+        res = await s.each(lambda p, e: StateSync.of(e).sync(states[p], 1, strategies[p]))
+        assert isinstance(res["p01"], PeerLost) and res["p01"].peers == ("p00",)
+        assert not np.any(states["p01"]["w"])  # no unverified byte was installed
+        assert isinstance(res["p00"], SyncResult)  # the holder is not stalled for ever
+
+
+async def test_incompatible_state_is_a_config_error(mock_clock: trio.testing.MockClock) -> None:
+    async with swarm(3) as s:
+        states = {p: make_state(1, {"w": 10}) for p in ("p00", "p01")}
+        states["p02"] = {"w": np.zeros(11, np.float32)}
+        res = await s.each(lambda p, e: StateSync.of(e).sync(states[p], 1))
+        assert isinstance(res["p02"], ConfigError)
+        assert isinstance(res["p00"], SyncResult) and isinstance(res["p01"], SyncResult)
+
+
+async def test_torch_and_mixed_dtypes_sync_in_place(mock_clock: trio.testing.MockClock) -> None:
+    torch = pytest.importorskip("torch")
+    async with swarm(2) as s:
+        gen = torch.Generator().manual_seed(0)
+        src = {"w": torch.randn(300, generator=gen).to(torch.bfloat16),
+               "step": torch.tensor(17, dtype=torch.int64),
+               "mask": torch.rand(33, generator=gen) > 0.5}
+        dst = {k: torch.zeros_like(v) for k, v in src.items()}
+        ptrs = {k: v.data_ptr() for k, v in dst.items()}
+        states = {"p00": src, "p01": dst}
+        strategies = {"p00": SyncStrategy.SEND_ONLY, "p01": SyncStrategy.RECEIVE_ONLY}
+        await s.each(lambda p, e: StateSync.of(e).sync(states[p], 1, strategies[p]))
+        for k in src:
+            assert torch.equal(dst[k], src[k]) and dst[k].data_ptr() == ptrs[k]
