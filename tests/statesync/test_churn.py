@@ -19,6 +19,39 @@ from .conftest import FAST, Swarm, digest_of, ids, make_state
 SIZES = {"emb": 300_000, "head": 5000, "step": 1}  # emb spans 2 pieces
 
 
+async def sync_round(
+    s: Swarm, states: dict[str, dict[str, np.ndarray]], rnd: int, members: list[str],
+    joiner: str | None, kill_at: float | None, rng: random.Random, log: list[str],
+) -> dict[str, SyncResult | Exception]:
+    """Every member (and the joiner, once its request is pending) syncs; with
+    ``kill_at`` one member is killed that many seconds into the sync."""
+    out: dict[str, SyncResult | Exception] = {}
+
+    async def run(p: str, strategy: SyncStrategy) -> None:
+        with trio.CancelScope() as scope:
+            s.tasks.setdefault(p, []).append(scope)
+            try:
+                out[p] = await StateSync.of(s.engines[p]).sync(states[p], rnd, strategy)
+            except Exception as exc:  # recorded, judged by the caller
+                out[p] = exc
+
+    async with trio.open_nursery() as inner:
+        if joiner is not None:
+            engine = await s.start(joiner, None)
+            inner.start_soon(run, joiner, SyncStrategy.RECEIVE_ONLY)
+            while not any(engine.me in s.engines[p].core.joiners(trio.current_time())
+                          for p in members):
+                await trio.sleep(0.1)
+        for p in members:
+            inner.start_soon(run, p, SyncStrategy.ENFORCE_POPULAR)
+        if kill_at is not None and len(members) > 2:
+            await trio.sleep(kill_at)
+            victim = rng.choice(members)
+            s.kill(victim)
+            log.append(f"{rnd}: kill {victim} during sync")
+    return out
+
+
 async def churn(seed: int, rounds: int) -> list[str]:
     """Run ``rounds`` sync rounds under random churn; returns the event log."""
     rng = random.Random(seed)
@@ -61,30 +94,8 @@ async def churn(seed: int, rounds: int) -> list[str]:
             for p in rng.sample(members, k=(len(members) - 1) // 2):
                 name = rng.choice(sorted(SIZES))
                 states[p][name][rng.randrange(SIZES[name])] += 1.0
-            out: dict[str, SyncResult | Exception] = {}
-
-            async def run(p: str, strategy: SyncStrategy) -> None:
-                with trio.CancelScope() as scope:
-                    s.tasks.setdefault(p, []).append(scope)
-                    try:
-                        out[p] = await StateSync.of(s.engines[p]).sync(states[p], rnd, strategy)
-                    except Exception as exc:  # recorded, judged below
-                        out[p] = exc
-
-            async with trio.open_nursery() as inner:
-                if joiner is not None:
-                    engine = await s.start(joiner, None)
-                    inner.start_soon(run, joiner, SyncStrategy.RECEIVE_ONLY)
-                    while not any(engine.me in s.engines[p].core.joiners(trio.current_time())
-                                  for p in members):
-                        await trio.sleep(0.1)
-                for p in members:
-                    inner.start_soon(run, p, SyncStrategy.ENFORCE_POPULAR)
-                if action == "kill_during" and len(members) > 2:
-                    await trio.sleep(rng.uniform(0.0, 0.02))
-                    victim = rng.choice(members)
-                    s.kill(victim)
-                    log.append(f"{rnd}: kill {victim} during sync")
+            kill_at = rng.uniform(0.0, 0.02) if action == "kill_during" else None
+            out = await sync_round(s, states, rnd, members, joiner, kill_at, rng, log)
             live = s.alive()
             results = {p: out[p] for p in live}
             bad = {p: r for p, r in results.items() if not isinstance(r, SyncResult)}

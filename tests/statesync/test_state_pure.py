@@ -4,6 +4,7 @@ striping, piece hashing and message validation."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 
 import numpy as np
@@ -178,7 +179,5 @@ def test_messages_reject_inconsistent_tensors() -> None:
 @given(st.binary(max_size=400))
 def test_decoders_raise_only_protocol_error(data: bytes) -> None:
     for cls in (Announce, Fetch, ArrayHeader):
-        try:
+        with contextlib.suppress(ProtocolError):
             decode_untrusted(data, expect=cls)
-        except ProtocolError:
-            pass

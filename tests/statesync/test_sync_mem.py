@@ -124,7 +124,7 @@ async def test_joiner_receives_state_striped_over_three_holders(
         states["p09"] = {k: np.zeros_like(v) for k, v in base.items()}
         before = dict(s.net.bytes_sent)
         out = await join_and_sync(s, "p09", states, 2)
-        members = tuple(sorted(ids(3) + ["p09"]))
+        members = tuple(sorted([*ids(3), "p09"]))
         assert s.engines["p09"].view().members == members
         for k in base:
             assert np.array_equal(states["p09"][k], base[k])
