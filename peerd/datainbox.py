@@ -213,4 +213,7 @@ class Inbox:
                 asm.done.set()
                 if asm.abandoned:
                     self._forget(part.key, asm)
+            # Socket reads yield only when they block: give the receivers (and
+            # everything else) a turn after each stripe.
+            await trio.lowlevel.checkpoint()
 

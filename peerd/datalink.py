@@ -227,6 +227,11 @@ class DataLink:
         aborted round) and ignore stripes of such keys that arrive later."""
         return self._inbox.discard(prefix)
 
+    @property
+    def failed(self) -> bool:
+        """True once the link is down (cheaper than ``statistics().failed``)."""
+        return self._error is not None
+
     def statistics(self) -> LinkStats:
         return LinkStats(
             channels=len(self._channels),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,9 +22,18 @@ from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.datalink import DataLink, LinkStats
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel
-from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
+from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError, Timeout
 from peerd.identity import PeerId
 from peerd.log import event
+from peerd.nat_data import (
+    DataPunchReply,
+    DataPunchRequest,
+    QuicChannelInbox,
+    bind_reserved,
+    open_quic_channels,
+    punch_all,
+)
+from peerd.quic import QuicStream
 from peerd.session import Session
 from peerd.wire import decode_untrusted, encode, message
 
@@ -37,6 +47,12 @@ TOKEN_TTL = 30.0
 MAX_CHANNELS = 64
 DATA_OPEN_METHOD = "peerd.data.open"
 DATA_REVERSE_METHOD = "peerd.data.reverse"
+DATA_PUNCH_METHOD = "peerd.data.punch"
+# How a link to a peer is opened, chosen by the node's traversal layer from the
+# session's path: dial its listener (then reverse), only ask it to dial us, a
+# TCP simultaneous open, or channels over QUIC streams. Every route ends with
+# the QUIC-stream fallback, which works on any live session (relayed too).
+ROUTES = ("direct", "reverse", "punch", "quic")
 # A first dial that gets no answer this fast is taken as filtered (a NAT or
 # firewall dropping unsolicited SYNs): the peer is then asked to dial us.
 DIRECT_DIAL_TIMEOUT = 3.0
@@ -94,6 +110,8 @@ class DataPlane:
         # link being opened towards us at a time (its outbound lock ensures it).
         self._in_pending: dict[PeerId, tuple[str, _Inbound]] = {}
         self._in_changed = trio.Event()
+        self._quic_inbox = QuicChannelInbox(self._install_inbound, self._config)
+        self.routes_used: dict[str, int] = dict.fromkeys(ROUTES, 0)
         self.port = 0
 
     async def start(self, port: int) -> int:
@@ -133,6 +151,37 @@ class DataPlane:
         self._install_inbound(session.peer, req.purpose, chans)
         return b""
 
+    async def handle_punch(self, session: Session, payload: bytes) -> bytes:
+        """The peer opens a link by TCP simultaneous open: bind ports, answer
+        with them, and connect to its ports while it connects to ours."""
+        req = decode_untrusted(payload, expect=DataPunchRequest)
+        n = len(req.tokens)
+        if not 1 <= n <= MAX_CHANNELS or len(req.ports) != n or len(req.purpose) > 64 \
+                or not all(0 < p < 65536 for p in req.ports):
+            raise ProtocolError("bad data punch request")
+        socks, ports = await bind_reserved(self._host, n)
+
+        async def connect() -> None:
+            try:
+                chans = await punch_all(socks, self._host, session.conn.addr[0], req.ports,
+                                        req.tokens, session, False, self._config)
+            except PeerdError as exc:
+                event(log, "data.punch_failed", peer=session.peer.short, error=exc)
+                return
+            self._install_inbound(session.peer, req.purpose, chans)
+
+        self._nursery.start_soon(connect)
+        return encode(DataPunchReply(tuple(ports)))
+
+    async def take_quic_stream(self, stream: QuicStream, session: Session) -> None:
+        """A data channel the peer opened over a QUIC stream of ``session``."""
+        try:
+            await self._quic_inbox.take(stream, session)
+        except (PeerdError, trio.TooSlowError) as exc:
+            event(log, "data.quic_channel_refused", logging.DEBUG, peer=session.peer.short,
+                  error=exc)
+            stream.reset()
+
     def _on_channel(self, peer_text: str, channel: DataChannel) -> None:
         peer = PeerId.parse(peer_text)
         waiter = self._reverse_wait.get(peer)
@@ -165,9 +214,50 @@ class DataPlane:
 
     # ------------------------------------------------------------ dialling side
 
-    async def open_link(self, session: Session, channels: int, purpose: str) -> DataLink:
+    async def open_link(self, session: Session, channels: int, purpose: str,
+                        route: str = "direct") -> DataLink:
         """Open ``channels`` encrypted connections to the peer and run them as
-        one link: we dial its listener, or, when that is filtered, it dials ours."""
+        one link, by ``route`` (see ``ROUTES``), falling back to QUIC streams."""
+        chans: list[DataChannel] | None = None
+        if route in ("direct", "reverse", "punch"):
+            try:
+                if route == "punch":
+                    chans = await self._punch(session, channels, purpose)
+                elif route == "reverse":
+                    chans = await self._reverse(session, channels, purpose)
+                else:
+                    chans = await self._direct(session, channels, purpose)
+            except PeerdError as exc:
+                if not session.alive:
+                    raise
+                event(log, "data.tcp_failed", peer=session.peer.short, route=route, error=exc)
+        if chans is None:
+            route = "quic"
+            chans = await open_quic_channels(session, channels, purpose, self._config)
+        self.routes_used[route] += 1
+        link = DataLink(session.peer.text, chans)
+        self._nursery.start_soon(link.run)
+        return link
+
+    async def _punch(self, session: Session, channels: int, purpose: str) -> list[DataChannel]:
+        socks, ports = await bind_reserved(self._host, channels)
+        try:
+            tokens = tuple(os.urandom(16) for _ in range(channels))
+            request = encode(DataPunchRequest(purpose, tuple(ports), tokens))
+            reply = decode_untrusted(
+                await self._call(session.peer, DATA_PUNCH_METHOD, request),
+                expect=DataPunchReply)
+            if len(reply.ports) != channels or not all(0 < p < 65536 for p in reply.ports):
+                raise ProtocolError("peer answered a data punch with a bad reply")
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return await punch_all(socks, self._host, session.conn.addr[0], reply.ports, tokens,
+                               session, True, self._config)
+
+    async def _direct(self, session: Session, channels: int, purpose: str) -> list[DataChannel]:
+        """Dial the peer's listener, or, when that is filtered, it dials ours."""
         request = encode(DataOpenRequest(channels, purpose))
         reply = decode_untrusted(await self._call(session.peer, DATA_OPEN_METHOD, request),
                                  expect=DataOpenReply)
@@ -178,9 +268,7 @@ class DataPlane:
         except (PeerLost, AuthError, Timeout) as exc:
             event(log, "data.direct_failed", peer=session.peer.short, error=exc)
             chans = await self._reverse(session, channels, purpose)
-        link = DataLink(session.peer.text, chans)
-        self._nursery.start_soon(link.run)
-        return link
+        return chans
 
     async def _dial_all(self, session: Session, port: int, tokens: tuple[bytes, ...],
                         probe: bool) -> list[DataChannel]:
@@ -227,7 +315,7 @@ class DataPlane:
         lock = self._out_locks.setdefault(key, trio.Lock())
         async with lock:
             link = self._out.get(key)
-            if link is None or link.statistics().failed:
+            if link is None or link.failed:
                 link = await opener()
                 self._out[key] = link
             return link
@@ -237,7 +325,7 @@ class DataPlane:
         raising ``PeerLost`` if its session ends first."""
         while True:
             link = self._in.get((peer, purpose))
-            if link is not None and not link.statistics().failed:
+            if link is not None and not link.failed:
                 return link
             if session_closed.is_set():
                 raise PeerLost([peer.text], "session closed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ _PREFIX = "c."  # collective methods live in their own namespace on the node
 _PURPOSE = "fabric"
 
 
+@functools.lru_cache(maxsize=1024)  # every data transfer names its peer: parse once
 def _peer(text: str) -> PeerId:
     try:
         return PeerId.parse(text)
