@@ -26,7 +26,7 @@ from crdt.driver import SyncDriver
 from crdt.store import Store
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datalink import DataLink
-from peerd.dataplane import DATA_OPEN_METHOD, DATA_REVERSE_METHOD, DataPlane
+from peerd.dataplane import DATA_OPEN_METHOD, DATA_PUNCH_METHOD, DATA_REVERSE_METHOD, DataPlane
 from peerd.dht.node import Dht
 from peerd.dhtrpc import NodeRpc, serve_dht
 from peerd.errors import AuthError, ConfigError, PeerdError, PeerLost, ProtocolError
@@ -38,6 +38,7 @@ from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
 from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
 from peerd.session import Session, client_session, server_session
 from peerd.tlscert import private_key_of, self_signed_certificate
+from peerd.traversal import Traversal
 
 log = logging.getLogger("peerd.node")
 
@@ -67,6 +68,8 @@ class NodeStatistics:
     data_port: int
     nat_type: str  # public / easy / hard / unknown, from peers' observations
     confirmed_addresses: tuple[str, ...]
+    # (peer short id, "direct" | "punched" | "relay:<relay short id>") per connected peer
+    peer_paths: tuple[tuple[str, str], ...] = ()
 
 
 class Node:
@@ -110,6 +113,8 @@ class Node:
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0], self.call)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
+        self.register(DATA_PUNCH_METHOD, self._handle_data_punch)
+        self.traversal = Traversal(self)  # NAT traversal: connect_peer, paths, relaying
         self.on_peer_lost(self.data.peer_lost)
         self.fabric = NodeFabric(self)
         self.dht = Dht(identity, NodeRpc(self), self.listen_addresses, data_dir=config.data_dir)
@@ -150,8 +155,13 @@ class Node:
         return None
 
     def peer_path(self, peer: PeerId) -> str:
-        """How ``peer`` is reached: a direct QUIC session (relays: issue 10)."""
-        return "direct" if self.session(peer).alive else "none"
+        """How ``peer`` is reached: "direct", "punched" (after a coordinated
+        hole punch), "relay:<relay short id>", or "none" when not connected."""
+        return self.traversal.path(peer)
+
+    async def connect_peer(self, peer: PeerId, timeout: float = 60.0) -> PeerId:
+        """Reach ``peer`` by id, choosing the path (direct, punched, relayed)."""
+        return await self.traversal.connect_peer(peer, timeout)
 
     def peer_throughput(self, peer: PeerId) -> float:
         """Best measured data-link throughput to ``peer`` in bytes/s (0: unmeasured)."""
@@ -203,15 +213,16 @@ class Node:
 
     def _admit(self, session: Session) -> None:
         self._counters["handshakes_ok"] += 1
-        if session.observed is not None:
+        on_network = self.traversal.admitted(session)  # False for relayed sessions
+        if session.observed is not None and on_network:
             self.observed[session.peer] = session.observed
             self.nat.record(session.conn.addr, session.observed, trio.current_time())
         old = self._sessions.get(session.peer)
         if old is not None and old.alive:
-            # Both sides dialled: keep the session whose dialler has the lower id,
-            # a rule both ends compute identically.
-            keep, drop = ((old, session) if old.client_id <= session.client_id
-                          else (session, old))
+            # Both sides dialled: a network path beats a relayed one; otherwise
+            # keep the session whose dialler has the lower id (both ends agree).
+            keep, drop = self.traversal.prefer(old, session) or (
+                (old, session) if old.client_id <= session.client_id else (session, old))
             self._sessions[session.peer] = keep
             if keep is session:
                 self._nursery.start_soon(self._serve_session, session)
@@ -236,14 +247,18 @@ class Node:
             session.peer, trio.CapacityLimiter(self.config.rpc.max_concurrent_calls))
         async with trio.open_nursery() as nursery:
             async for stream in session.conn.incoming:
-                nursery.start_soon(self._serve_stream, stream, session.peer, slots)
+                nursery.start_soon(self._serve_stream, stream, session, slots)
         if self._sessions.get(session.peer) is session:
             del self._sessions[session.peer]
             event(log, "peer.lost", peer=session.peer.short, reason=session.conn.close_reason)
             for cb in self._lost_cbs:
                 cb(session.peer)
 
-    async def _serve_stream(self, stream, peer: PeerId, slots: trio.CapacityLimiter) -> None:  # type: ignore[no-untyped-def]
+    async def _serve_stream(self, stream, session: Session,  # type: ignore[no-untyped-def]
+                            slots: trio.CapacityLimiter) -> None:
+        peer = session.peer
+        if await self.traversal.take_stream(stream, session):
+            return  # a relay circuit or a QUIC data channel, not an RPC
         try:
             await serve_stream(stream, peer, self._registry, self.config.rpc, slots)
             self._counters["rpc_served"] += 1
@@ -286,6 +301,9 @@ class Node:
     async def _handle_data_reverse(self, peer: PeerId, payload: bytes) -> bytes:
         return await self.data.handle_reverse(self.session(peer), payload)
 
+    async def _handle_data_punch(self, peer: PeerId, payload: bytes) -> bytes:
+        return await self.data.handle_punch(self.session(peer), payload)
+
     async def open_data_channels(self, peer: PeerId, n: int | None = None,
                                  purpose: str = "user") -> DataLink:
         """Open ``n`` encrypted TCP connections to ``peer`` as one striped link.
@@ -293,7 +311,8 @@ class Node:
         The peer receives the same link from ``accept_data_channels(us, purpose)``.
         """
         n = n or self.config.data_channels
-        return await self.data.open_link(self.session(peer), n, purpose)
+        route = await self.traversal.data_route(peer)
+        return await self.data.open_link(self.session(peer), n, purpose, route)
 
     async def accept_data_channels(self, peer: PeerId, purpose: str = "user") -> DataLink:
         """The link ``peer`` opened to us for ``purpose`` (waits for it)."""
@@ -306,6 +325,8 @@ class Node:
 
     def _dht_learn(self, peer: PeerId) -> None:
         """Every authenticated peer is a DHT contact; the first one is our way in."""
+        if self.traversal.is_relayed(peer):
+            return  # its address is a relay's pipe, useless to anyone else
         addr = format_address(self.session(peer).conn.addr)
 
         async def learn() -> None:
@@ -429,6 +450,7 @@ class Node:
             data_port=self.data.port,
             nat_type=self.nat.nat_type(trio.current_time()),
             confirmed_addresses=self.nat.confirmed(trio.current_time()),
+            peer_paths=tuple((p.short, self.traversal.path(p)) for p in self.peers()),
         )
 
     async def _close(self) -> None:
@@ -469,6 +491,7 @@ async def open_node(
         async with trio.open_nursery() as nursery:
             node = Node(identity, swarm_key, cfg, nursery, udp)
             nursery.start_soon(node.endpoint.serve)
+            nursery.start_soon(node.traversal.run)
             await node.data.start(node.listen_address[1])
             await nursery.start(node.dht.run)
             nursery.start_soon(node.store_sync.run)

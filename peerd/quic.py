@@ -14,6 +14,7 @@ import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 from aioquic.buffer import Buffer
@@ -46,6 +47,16 @@ def stream_backlog(quic: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return len(stream.sender._buffer)
+
+
+class DatagramSink(Protocol):
+    """What a ``QuicConn`` needs from the thing that carries its datagrams:
+    the node's UDP socket (``QuicEndpoint``) or a relay circuit (``peerd.nat_pipe``)."""
+
+    _conns: dict[bytes, QuicConn]
+
+    def send_raw(self, data: bytes, addr: Address) -> None: ...
+    def _forget(self, conn: QuicConn) -> None: ...
 
 
 class QuicStream:
@@ -93,6 +104,30 @@ class QuicStream:
 
     async def send_frame(self, body: bytes, end: bool = False) -> None:
         await self.send(FRAME_HEADER.pack(len(body)) + body, end)
+
+    async def peek(self, n: int) -> bytes:
+        """Up to the first ``n`` unread bytes, without consuming them (fewer
+        only at end of stream). Used to route a stream before reading it."""
+        while sum(map(len, self._chunks)) < n and not self._eof:
+            if self._error is not None:
+                raise self._error
+            self._readable = trio.Event()
+            await self._readable.wait()
+        return b"".join(self._chunks)[:n]
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, leaving the rest unread; ``PeerLost`` if the
+        stream ends first."""
+        head = await self.peek(n)
+        if len(head) < n:
+            raise PeerLost([self.addr_text], "stream ended early")
+        rest = b"".join(self._chunks)[n:]
+        self._chunks = [rest] if rest else []
+        return head
+
+    @property
+    def addr_text(self) -> str:
+        return self.conn.addr_text
 
     async def receive_some(self) -> bytes:
         """Next bytes; ``b""`` at end of stream."""
@@ -146,7 +181,7 @@ class ConnStats:
 class QuicConn:
     """One QUIC connection; created by ``QuicEndpoint``."""
 
-    def __init__(self, endpoint: QuicEndpoint, quic: QuicConnection, addr: Address) -> None:
+    def __init__(self, endpoint: DatagramSink, quic: QuicConnection, addr: Address) -> None:
         self.endpoint = endpoint
         self.quic = quic
         self.addr = addr
@@ -319,6 +354,16 @@ class QuicEndpoint:
     def local_address(self) -> Address:
         host, port = self.sock.getsockname()[:2]
         return host, port
+
+    def set_raw_handler(self, on_raw: Callable[[bytes, Address], None] | None) -> None:
+        """Where non-QUIC datagrams (hole-punch probes) go; None drops them."""
+        self._on_raw = on_raw
+
+    def client_configuration(self) -> QuicConfiguration:
+        return self._client_config()
+
+    def server_configuration(self) -> QuicConfiguration:
+        return self._server_config()
 
     def send_raw(self, data: bytes, addr: Address) -> None:
         try:
