@@ -13,10 +13,16 @@ import pytest
 import trio
 
 from collectives.api import Quant, SyncResult, SyncStrategy
+from collectives.driver import EngineConfig
+from collectives.membership import Timing
 from peerd.identity import SwarmKey
 from peerd.node import Node, open_node
 
 RUN = "state-run"
+# All nodes of a test share one process and one event loop, and the machine is
+# shared: allow for multi-second stalls instead of declaring peers gone.
+PATIENT = EngineConfig(timing=Timing(heartbeat_interval=1.0, heartbeat_timeout=30.0,
+                                     view_timeout=60.0))
 
 
 @asynccontextmanager
@@ -31,7 +37,7 @@ async def mesh(n: int) -> AsyncIterator[list[Node]]:
         members = [x.peer_id.text for x in nodes]
         async with trio.open_nursery() as nursery:
             for x in nodes:
-                nursery.start_soon(x.join_run, RUN, members)
+                nursery.start_soon(x.join_run, RUN, members, PATIENT)
         yield nodes
 
 
@@ -90,21 +96,22 @@ async def test_real_nodes_converge_and_exchange() -> None:
 async def join_with_holders(size: int) -> float:
     """3 holders with ``size`` fp32 parameters; a 4th node joins and downloads them.
     Returns the joiner's sync time in seconds."""
+    # Made before the nodes start: a second of numpy here would stall them all.
+    rng = np.random.default_rng(1)
+    params = rng.standard_normal(size, dtype=np.float32)
+    small = rng.standard_normal(1000).astype(np.float32)
+    states = [{"params": params.copy(), "small": small.copy()} for _ in range(3)]
+    mine = {"params": np.zeros(size, np.float32), "small": np.zeros(1000, np.float32)}
     async with mesh(3) as holders:
-        rng = np.random.default_rng(1)
-        params = rng.standard_normal(size, dtype=np.float32)
-        small = rng.standard_normal(1000).astype(np.float32)
-        states = [{"params": params.copy(), "small": small.copy()} for _ in holders]
         await each(holders, lambda i, x: x.sync_state(RUN, states[i], 1))
         async with open_node(holders[0].swarm_key) as joiner:
             for h in holders:
                 await joiner.connect(h.listen_address)
-            mine = {"params": np.zeros(size, np.float32), "small": np.zeros(1000, np.float32)}
             out: dict[str, SyncResult] = {}
             took: list[float] = []
 
             async def join() -> None:
-                await joiner.join_run(RUN)
+                await joiner.join_run(RUN, config=PATIENT)
                 t0 = time.perf_counter()
                 out["j"] = await joiner.sync_state(RUN, mine, 0, SyncStrategy.RECEIVE_ONLY)
                 took.append(time.perf_counter() - t0)
