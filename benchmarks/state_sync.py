@@ -96,7 +96,11 @@ async def child(key_hex: str, listen: str) -> None:
                     res = await node.sync_state(RUN, state, cmd["revision"],
                                                 SyncStrategy[cmd["strategy"]])
                     seconds = time.perf_counter() - t0
+                    from collectives.statesync import StateSync
+
+                    phases = StateSync.of(node.engine(RUN)).statistics().last_phases
                     emit(event="synced", seconds=seconds, received=res.bytes_received,
+                         phases=dict(phases),
                          sent=res.bytes_sent, members=len(res.participants),
                          sha=hashlib.sha256(state["params"].data).hexdigest())
 
@@ -202,6 +206,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=25_000_000, help="fp32 parameters")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--verbose", action="store_true", help="print the joiner's phase times")
     ap.add_argument("--netns", action="store_true", help="shaped links in namespaces (root)")
     ap.add_argument("--rate", default="200mbit", help="tbf rate of every uplink with --netns")
     args = ap.parse_args()
@@ -232,7 +237,10 @@ def main() -> int:
                 if lab is not None:  # fresh namespaces per trial: names are per host
                     lab.close()
                     lab = type(lab)()
-                times.append(one_trial(factory, holders, args.size)["seconds"])
+                got = one_trial(factory, holders, args.size)
+                times.append(got["seconds"])
+                if args.verbose:
+                    print(f"   joiner phases: {got['phases']}")
             best[holders] = min(times)
             shown = " ".join(f"{t:.2f}" for t in times)
             print(f"{holders:>8} {shown:>24} {best[holders]:>8.2f} "

@@ -54,6 +54,7 @@ class SyncStats:
     bytes_sent: int
     corrupt_pieces: int
     sources_dropped: int
+    last_phases: tuple[tuple[str, float], ...]  # (phase, seconds) of the last sync
 
 
 class StateSync:
@@ -74,13 +75,15 @@ class StateSync:
         self._lock = trio.Lock()
         self._synced = False
         self._exposure: Exposure | None = None
+        self._lap = 0.0
         self._method = f"collectives/{driver.run}/state.fetch"
+        self._phases: list[tuple[str, float]] = []
         self._c = dict.fromkeys(("syncs", "tensors", "received", "sent", "corrupt", "dropped"), 0)
 
     def statistics(self) -> SyncStats:
         c = self._c
         return SyncStats(c["syncs"], c["tensors"], c["received"], c["sent"], c["corrupt"],
-                         c["dropped"])
+                         c["dropped"], tuple(self._phases))
 
     async def sync(self, state: Mapping[str, Any], revision: int,
                    strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR) -> SyncResult:
@@ -94,8 +97,22 @@ class StateSync:
         strategy = SyncStrategy(strategy)
         tensors = capture(state)
         async with self._lock:
-            mine = await _announcement(self.driver.run, revision, strategy, tensors)
-            await self._boundary()
+            self._phases = []
+            self._lap = trio.current_time()
+            # Hashing (CPU, on a worker thread for large states) overlaps the
+            # wait at the round boundary.
+            announced: list[Announce] = []
+
+            async def hash_state() -> None:
+                announced.append(await _announcement(self.driver.run, revision, strategy,
+                                                     tensors))
+                self._phase("hash")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hash_state)
+                await self._boundary()
+                self._phase("boundary")
+            mine = announced[0]
             self.driver.fabric.register(self._method, self._on_fetch)
             try:
                 return await self._sync(mine, tensors)
@@ -117,6 +134,7 @@ class StateSync:
     async def _sync(self, mine: Announce, tensors: dict[str, RawTensor]) -> SyncResult:
         drv = self.driver
         d, anns, pop = await self._agree_on_states(mine, tensors)
+        self._phase("announce")
         ex = self._exposure
         assert ex is not None
         received: tuple[str, ...] = ()
@@ -134,7 +152,15 @@ class StateSync:
         self._c["tensors"] += len(received)
         self._c["received"] += n_recv
         self._c["sent"] += ex.sent
+        self._phase("transfer")
+        event(log, "collectives.state_synced", me=drv.me, revision=d.revision,
+              received=n_recv, sent=ex.sent, phases=self._phases)
         return SyncResult(d.revision, d.members, received, n_recv, ex.sent)
+
+    def _phase(self, name: str) -> None:
+        now = trio.current_time()
+        self._phases.append((name, round(now - self._lap, 4)))
+        self._lap = now
 
     async def _agree_on_states(self, mine: Announce, tensors: dict[str, RawTensor]
                                ) -> tuple[Decision, dict[str, Announce], Popular | None]:
