@@ -117,8 +117,10 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
         sys.stdout.flush()
 
     # Import torch before the node runs: a multi-second import inside a round
-    # would block the event loop past the heartbeat timeout.
-    import torch  # noqa: F401
+    # would block the event loop past the heartbeat timeout. Tests that never
+    # touch tensors (the NAT lab) skip it to start faster.
+    if not os.environ.get("PEERD_PEERPROC_NO_TORCH"):
+        import torch  # noqa: F401
 
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen) as node:
         fault = _FaultFabric(node.fabric)
@@ -214,6 +216,8 @@ async def _command(
                 "revision": result.revision, "sha256": digest(data), "seconds": seconds,
                 "cpu_seconds": cpu, "bytes_sent": result.bytes_sent,
                 "attempts": result.attempts, "peak_extra_bytes": peak}
+    if kind in _NAT_COMMANDS:
+        return await _nat_command(node, kind, cmd)
     if kind == "node_stats":
         import dataclasses
 
@@ -221,6 +225,40 @@ async def _command(
     if kind == "stats":
         return {"event": "stats", "engine": repr(node.engine(cmd["run"]).statistics())}
     raise PeerdError(f"unknown command {kind!r}")
+
+
+_NAT_COMMANDS = ("connect_peer", "path", "relay_to", "try_upgrade", "data_send", "data_recv")
+
+
+async def _nat_command(node: Any, kind: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    """Commands of the NAT lab: reach a peer by id, report paths, move data."""
+    from peerd.identity import PeerId
+
+    peer = PeerId.parse(cmd["peer"])
+    t0 = time.perf_counter()
+    if kind == "connect_peer":
+        await node.connect_peer(peer, timeout=cmd.get("timeout", 60.0))
+    elif kind == "relay_to":
+        await node.traversal.relay_to(peer, PeerId.parse(cmd["relay"]))
+    elif kind == "try_upgrade":
+        await node.traversal.try_upgrade(peer)
+    elif kind == "data_send":
+        before = dict(node.data.routes_used)
+        data = np.random.default_rng(cmd["seed"]).integers(0, 255, cmd["size"], dtype=np.uint8)
+        link = await node.open_data_channels(peer, cmd.get("channels"), cmd["purpose"])
+        opened = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        await link.send(b"lab", data)
+        route = [r for r, n in node.data.routes_used.items() if n > before.get(r, 0)]
+        return {"event": "sent", "sha256": digest(data), "open_seconds": opened,
+                "seconds": time.perf_counter() - t1, "route": route[0] if route else "?",
+                "path": node.peer_path(peer)}
+    elif kind == "data_recv":
+        link = await node.accept_data_channels(peer, cmd["purpose"])
+        got = await link.receive(b"lab")
+        return {"event": "received", "sha256": digest(np.frombuffer(got, dtype=np.uint8)),
+                "bytes": len(got)}
+    return {"event": kind, "path": node.peer_path(peer), "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------- the driver

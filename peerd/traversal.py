@@ -304,6 +304,12 @@ class Traversal:
             raise
         node._admit(session)
 
+    async def relay_to(self, peer: PeerId, relay: PeerId) -> None:
+        """A relayed session with ``peer`` through ``relay``, whatever else
+        exists (tests and operators; ``connect_peer`` picks relays itself)."""
+        self._wanted.add(peer)
+        await self._relay(relay, peer)
+
     async def _relay(self, relay: PeerId, peer: PeerId) -> None:
         node = self._node
         stream = await open_circuit(node.session(relay), peer)
