@@ -40,7 +40,7 @@ from peerd.wire import decode_untrusted, encode, message
 log = logging.getLogger("peerd.dataplane")
 
 OpenLink = Callable[[], Awaitable[DataLink]]
-Call = Callable[[PeerId, str, bytes], Awaitable[bytes]]
+Call = Callable[[Session, str, bytes], Awaitable[bytes]]
 LinkKey = tuple[PeerId, str]  # (peer, purpose): the fabric's links and users' are apart
 
 TOKEN_TTL = 30.0
@@ -245,7 +245,7 @@ class DataPlane:
             tokens = tuple(os.urandom(16) for _ in range(channels))
             request = encode(DataPunchRequest(purpose, tuple(ports), tokens))
             reply = decode_untrusted(
-                await self._call(session.peer, DATA_PUNCH_METHOD, request),
+                await self._call(session, DATA_PUNCH_METHOD, request),
                 expect=DataPunchReply)
             if len(reply.ports) != channels or not all(0 < p < 65536 for p in reply.ports):
                 raise ProtocolError("peer answered a data punch with a bad reply")
@@ -259,7 +259,7 @@ class DataPlane:
     async def _direct(self, session: Session, channels: int, purpose: str) -> list[DataChannel]:
         """Dial the peer's listener, or, when that is filtered, it dials ours."""
         request = encode(DataOpenRequest(channels, purpose))
-        reply = decode_untrusted(await self._call(session.peer, DATA_OPEN_METHOD, request),
+        reply = decode_untrusted(await self._call(session, DATA_OPEN_METHOD, request),
                                  expect=DataOpenReply)
         if len(reply.tokens) != channels or not 0 < reply.port < 65536:
             raise ProtocolError("peer answered a data-open request with a bad reply")
@@ -297,7 +297,7 @@ class DataPlane:
         self._reverse_wait[session.peer] = waiter
         try:
             request = encode(DataReverseRequest(self.port, tokens, purpose))
-            await self._call(session.peer, DATA_REVERSE_METHOD, request)
+            await self._call(session, DATA_REVERSE_METHOD, request)
             assert waiter.done is not None
             with trio.fail_after(TOKEN_TTL):
                 await waiter.done.wait()

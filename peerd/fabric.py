@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from collectives.fabric import Handler
-from peerd.errors import PeerLost, ProtocolError
+from peerd.errors import PeerdError, PeerLost, ProtocolError
 from peerd.identity import PeerId
 
 if TYPE_CHECKING:  # the node builds its fabric, so only the type is needed here
@@ -46,7 +46,12 @@ class NodeFabric:
 
     async def send_data(self, peer: str, key: bytes, data: memoryview | bytes) -> None:
         pid = _peer(peer)
-        link = await self._node.data_out(pid, _PURPOSE)
+        try:
+            link = await self._node.data_out(pid, _PURPOSE)
+        except PeerLost:
+            raise
+        except PeerdError as exc:  # no data path to the peer is, to a collective, a lost peer
+            raise PeerLost([peer], f"no data link: {exc}") from None
         await link.send(key, data)
 
     async def recv_data(self, peer: str, key: bytes) -> memoryview | bytes:

@@ -7,6 +7,7 @@ encrypted multi-connection data links, and reports ``statistics()``.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import socket
 import ssl
@@ -50,6 +51,9 @@ QUIC_MAX_STREAM_DATA = 4 * 1024 * 1024
 DUPLICATE_GRACE = 10.0  # seconds a superseded duplicate session stays open
 
 PeerCallback = Callable[[PeerId], None]
+
+# The session an RPC arrived on, for handlers whose answer depends on it.
+CURRENT_SESSION: contextvars.ContextVar[Session] = contextvars.ContextVar("peerd_session")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ class Node:
         self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
                                      self._on_accept, config.max_pending_handshakes)
         self.nat = NatState([self.endpoint.local_address])
-        self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0], self.call)
+        self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0],
+                              self.call_session)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
         self.register(DATA_PUNCH_METHOD, self._handle_data_punch)
@@ -257,6 +262,7 @@ class Node:
     async def _serve_stream(self, stream, session: Session,  # type: ignore[no-untyped-def]
                             slots: trio.CapacityLimiter) -> None:
         peer = session.peer
+        CURRENT_SESSION.set(session)  # handlers bound to the arrival session read it
         if await self.traversal.take_stream(stream, session):
             return  # a relay circuit or a QUIC data channel, not an RPC
         try:
@@ -280,6 +286,13 @@ class Node:
     def unregister(self, method: str) -> None:
         self._registry.unregister(method)
 
+    async def call_session(self, session: Session, method: str, payload: bytes = b"",
+                           timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
+        """Call over one particular session (its secret keys what the call sets up)."""
+        stream = session.conn.open_stream()
+        return await call_on_stream(stream, session.peer, method, payload, timeout,
+                                    self.config.rpc)
+
     async def call(self, peer: PeerId, method: str, payload: bytes = b"",
                    timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
         session = self.session(peer)
@@ -296,10 +309,12 @@ class Node:
     # ------------------------------------------------------------ data plane
 
     async def _handle_data_open(self, peer: PeerId, payload: bytes) -> bytes:
-        return await self.data.handle_open(self.session(peer), payload)
+        # Tokens must carry the secret of the session the request came on: while
+        # duplicate sessions settle, the two ends may prefer different ones.
+        return await self.data.handle_open(CURRENT_SESSION.get(), payload)
 
     async def _handle_data_reverse(self, peer: PeerId, payload: bytes) -> bytes:
-        return await self.data.handle_reverse(self.session(peer), payload)
+        return await self.data.handle_reverse(CURRENT_SESSION.get(), payload)
 
     async def _handle_data_punch(self, peer: PeerId, payload: bytes) -> bytes:
         return await self.data.handle_punch(self.session(peer), payload)

@@ -74,7 +74,7 @@ def test_metrics_endpoint_serves_prometheus_text(swarm: list[DaemonProcess]) -> 
     head, _, body = data.decode().partition("\r\n\r\n")
     assert head.startswith("HTTP/1.0 200")
     assert "peerd_node_peers 2" in body.splitlines()
-    assert 'peerd_peers_by_path{path="quic"} 2' in body
+    assert 'peerd_peers_by_path{path="direct"} 2' in body
     assert "# TYPE peerd_node_handshakes_ok" in body
 
 
