@@ -83,6 +83,7 @@ def run_demo(peers: int = 4, steps: int = 60, method: str = "diloco",
             p.start()
         done: dict[int, Any] = {}
         steps_done = [0] * peers
+        tty = sys.stdout.isatty()
         while len(done) < peers:
             try:
                 kind, index, value = progress.get(timeout=600)
@@ -91,8 +92,12 @@ def run_demo(peers: int = 4, steps: int = 60, method: str = "diloco",
                 return 1
             if kind == "step":
                 steps_done[index] = value + 1
-                sys.stdout.write("\r  " + _bar(sum(steps_done), steps * peers))
-                sys.stdout.flush()
+                total = sum(steps_done)
+                if tty:
+                    sys.stdout.write("\r  " + _bar(total, steps * peers))
+                    sys.stdout.flush()
+                elif total % max(1, steps * peers // 10) == 0:
+                    print("  " + _bar(total, steps * peers), flush=True)
             elif kind == "error":
                 print(f"\npeer {index} failed: {value}")
                 return 1
