@@ -24,12 +24,20 @@ import trio
 
 from collectives.agree import agree, live_others, op_prefix, recv_from, send_to
 from collectives.api import ReduceOp
+from collectives.arrayio import (
+    as_array,
+    chunk_bounds,
+    copy_of,
+    nbytes_of,
+    pack,
+    unpack,
+    write_into,
+)
 from collectives.driver import Evicted, MembershipDriver
-from collectives.statebuf import raw_view
 from collectives.statemsg import ArrayHeader
 from collectives.view import Decision
 from peerd.errors import ConfigError, PeerLost, ProtocolError
-from peerd.wire import decode_untrusted, encode
+from peerd.wire import decode_untrusted
 
 T = TypeVar("T")
 
@@ -54,40 +62,6 @@ class P2PStats:
     failed: int
     bytes_sent: int
     bytes_received: int
-
-
-def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` of each of ``parts`` near-equal chunks of ``n`` elements."""
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for r in range(parts):
-        hi = lo + base + (1 if r < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
-def pack(array: Any) -> tuple[bytes, memoryview]:
-    """Header and body bytes of ``array`` (numpy or torch CPU; no copy if contiguous)."""
-    if isinstance(array, np.ndarray):
-        array = np.ascontiguousarray(array)
-    elif type(array).__module__.startswith("torch"):
-        array = array.detach().contiguous()
-    raw = raw_view("array", array)
-    return encode(ArrayHeader(raw.dtype, raw.shape)), memoryview(raw.data)  # type: ignore[arg-type]
-
-
-def unpack(header: bytes, body: bytes | memoryview) -> Any:
-    """The array a ``pack`` made (numpy; torch for bfloat16); ``ProtocolError`` if malformed."""
-    h: ArrayHeader = decode_untrusted(bytes(header), expect=ArrayHeader)
-    if len(body) != h.nbytes:
-        raise ProtocolError(f"array body of {len(body)} bytes, header says {h.nbytes}")
-    data = bytearray(body)
-    if h.dtype == "bfloat16":
-        import torch
-
-        return torch.frombuffer(data, dtype=torch.bfloat16).reshape(h.shape)
-    return np.frombuffer(data, dtype=np.dtype(h.dtype)).reshape(h.shape)
 
 
 class PointToPoint:
@@ -175,7 +149,7 @@ class PointToPoint:
         seq = self._next(d, "s", peer, tag)
         prefix = op_prefix("pp", self.driver.run, d, f"{tag}|{self.driver.me}>{peer}", seq)
         self._c["sends"] += 1
-        await self._put(peer, prefix, array, self._deadline(_nbytes(array), timeout))
+        await self._put(peer, prefix, array, self._deadline(nbytes_of(array), timeout))
 
     async def recv(self, peer: str, *, tag: str = "p2p", timeout: float | None = None) -> Any:
         """The next array ``peer`` sends with ``tag`` (a new numpy array; torch for
@@ -239,15 +213,15 @@ class PointToPoint:
                          retry: bool = True) -> tuple[list[Any], tuple[str, ...]]:
         """Every member's ``array`` (shapes and dtypes may differ), in view order,
         and the members they came from."""
-        own = _as_numpy_or_torch(array)
+        own = as_array(array)
 
         async def attempt(d: Decision) -> tuple[list[Any], tuple[str, ...]]:
             prefix = op_prefix("ag", self.driver.run, d, tag, self._next(d, "g", tag))
             others = [p for p in d.members if p != self.driver.me]
-            deadline = self._deadline(_nbytes(own) * len(d.members))
+            deadline = self._deadline(nbytes_of(own) * len(d.members))
             got = await self._exchange(d, prefix, dict.fromkeys(others, own), others, deadline,
                                        f"all_gather {tag!r}")
-            got[self.driver.me] = _copy(own)
+            got[self.driver.me] = copy_of(own)
             return [got[p] for p in d.members], d.members
 
         return await self._retrying(retry, attempt)
@@ -260,14 +234,14 @@ class PointToPoint:
         if root not in d.members:
             raise ConfigError(f"broadcast root {root} is not a member of revision {d.revision}")
         prefix = op_prefix("bc", self.driver.run, d, tag, self._next(d, "b", tag))
-        deadline = self._deadline(_nbytes(array) * len(d.members))
+        deadline = self._deadline(nbytes_of(array) * len(d.members))
         self._c["collectives"] += 1
         me = self.driver.me
         outgoing = {p: array for p in d.members if p != me} if root == me else {}
         got = await self._exchange(d, prefix, outgoing, [] if root == me else [root], deadline,
                                    f"broadcast {tag!r}")
         if root != me:
-            _write_into(array, got[root])
+            write_into(array, got[root])
         return d.members
 
     async def reduce_scatter(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
@@ -276,7 +250,7 @@ class PointToPoint:
         chunk (``chunk_bounds`` by rank), summed in view order in fp32 (fp64 for
         fp64 input), so the owner's result is deterministic. ``array`` is not
         written."""
-        flat = np.ascontiguousarray(_as_numpy_or_torch(array)).reshape(-1)
+        flat = np.ascontiguousarray(as_array(array)).reshape(-1)
         if flat.dtype not in (np.float16, np.float32, np.float64):
             raise ConfigError(f"reduce_scatter needs float16/32/64 arrays, got {flat.dtype}")
         reduce_op = op if isinstance(op, ReduceOp) else ReduceOp[str(op).upper()]
@@ -302,41 +276,3 @@ class PointToPoint:
             return Scattered(acc.astype(flat.dtype), lo, hi, d.members, d.revision)
 
         return await self._retrying(retry, attempt)
-
-
-def _as_numpy_or_torch(array: Any) -> Any:
-    if isinstance(array, np.ndarray):
-        return array
-    if type(array).__module__.startswith("torch"):
-        if str(array.dtype) == "torch.bfloat16":
-            return array.detach().contiguous()
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def _nbytes(array: Any) -> int:
-    if isinstance(array, np.ndarray):
-        return int(array.nbytes)
-    return int(array.numel() * array.element_size())
-
-
-def _copy(array: Any) -> Any:
-    return array.copy() if isinstance(array, np.ndarray) else array.clone()
-
-
-def _write_into(dest: Any, value: Any) -> None:
-    if isinstance(dest, np.ndarray):
-        src = np.asarray(value)
-        if src.shape != dest.shape or src.dtype != dest.dtype:
-            raise ConfigError(f"broadcast: got {src.dtype}{list(src.shape)}, "
-                              f"this member has {dest.dtype}{list(dest.shape)}")
-        dest[...] = src
-        return
-    import torch
-
-    src_t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
-    if src_t.shape != dest.shape or src_t.dtype != dest.dtype:
-        raise ConfigError(f"broadcast: got {src_t.dtype}{list(src_t.shape)}, "
-                          f"this member has {dest.dtype}{list(dest.shape)}")
-    with torch.no_grad():
-        dest.copy_(src_t)

@@ -30,6 +30,7 @@ from peerd.wire import decode_untrusted, encode
 log = logging.getLogger("collectives.statefetch")
 
 SEND_CONCURRENCY = 2  # pieces a holder has in flight per request: keeps the link busy
+FETCH_BATCH = 16384  # pieces per request (16 GiB): well inside the wire's item limits
 
 
 def piece_key(key: bytes, round_: int, tensor: int, piece: int) -> bytes:
@@ -111,8 +112,7 @@ class Download:
         cfg = self.driver.config
         nbytes = sum(r.nbytes for r in refs)
         deadline = trio.current_time() + cfg.phase_timeout + nbytes / cfg.min_bandwidth
-        request = encode(Fetch(self.driver.run, self.key, round_,
-                               tuple(r.tensor for r in refs), tuple(r.piece for r in refs)))
+        batches = [refs[i:i + FETCH_BATCH] for i in range(0, len(refs), FETCH_BATCH)]
         why = ""
         with trio.move_on_at(deadline):
             async with trio.open_nursery() as nursery:
@@ -120,9 +120,14 @@ class Download:
                 async def ask() -> None:
                     nonlocal why
                     try:
-                        reply = await self.driver.fabric.call(
-                            src, self.method, request, max(0.0, deadline - trio.current_time()))
-                        decode_untrusted(reply, expect=FetchDone)
+                        for batch in batches:
+                            request = encode(Fetch(
+                                self.driver.run, self.key, round_,
+                                tuple(r.tensor for r in batch), tuple(r.piece for r in batch)))
+                            reply = await self.driver.fabric.call(
+                                src, self.method, request,
+                                max(0.0, deadline - trio.current_time()))
+                            decode_untrusted(reply, expect=FetchDone)
                     except PeerLost as exc:
                         self.driver.lost({src}, f"state download: {exc}")
                         why = str(exc)
