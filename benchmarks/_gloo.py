@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import queue
+import socket
 import time
 from typing import Any
 
@@ -42,16 +44,35 @@ def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any)
     dist.destroy_process_group()
 
 
-def run_gloo(world: int, elements: int, iters: int, port: int) -> dict[str, float]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_gloo(world: int, elements: int, iters: int, port: int = 0) -> dict[str, float]:
     """Median/min seconds per all-reduce over ``world`` processes, peak extra RSS,
     and the median CPU seconds one process spends in an all-reduce (max over ranks)."""
+    # A fixed port may be taken by anyone's torch.distributed store on a shared
+    # machine (the workers would then wait on a stranger forever): pick a free one.
+    port = port or _free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, elements, iters, q))
              for r in range(world)]
     for p in procs:
         p.start()
-    results = [q.get(timeout=600) for _ in procs]
+    results: list[Any] = []
+    deadline = time.monotonic() + 600
+    while len(results) < world:
+        try:
+            results.append(q.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"gloo workers failed or hung (exit codes {dead})") from None
     for p in procs:
         p.join(timeout=60)
     if not all(r[4] for r in results):
@@ -66,4 +87,4 @@ def run_gloo(world: int, elements: int, iters: int, port: int) -> dict[str, floa
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(run_gloo(4, 10_000_000, 3, 29511))
+    print(run_gloo(4, 10_000_000, 3))

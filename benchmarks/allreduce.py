@@ -23,13 +23,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-from _gloo import run_gloo  # noqa: E402  (the sibling helper, found through this folder)
 
 # Run as a script, this folder is sys.path[0], and benchmarks/crdt.py, nat.py
-# would shadow the packages of the same name: take the folder off the path.
+# would shadow the packages of the same name: move the folder to the end of
+# the path, where it still serves the sibling helper _gloo (also to the gloo
+# worker processes, which are spawned with this path and must import it).
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(_HERE))
+
+from _gloo import run_gloo  # noqa: E402
 
 from collectives.api import Quant  # noqa: E402
 from peerd.peerproc import LocalSwarm, PeerProcess  # noqa: E402
@@ -118,8 +122,7 @@ def main() -> int:
                 ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
                 rows = [("peerd", ours)]
                 if not args.no_gloo and not args.netns:
-                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters,
-                                                  29500 + n)))
+                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters)))
                 for name, r in rows:
                     print(f"{elements:>12} {name:>8} {r['median_s']:>8.3f} "
                           f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
