@@ -136,7 +136,7 @@ class PunchCoordinator:
         self._nursery = nursery
         self._routes: dict[bytes, Callable[[Endpoint], None]] = {}
         self._responders: dict[PeerId, tuple[HolePunch, float]] = {}
-        self.responded_at: dict[PeerId, float] = {}  # when we last dialled for a peer
+        self.responded_at: dict[PeerId, float] = {}  # when a peer last punched towards us
         self.counters = {"probes_sent": 0, "probes_in": 0, "foreign_packets": 0,
                          "forwarded": 0, "punches_ok": 0, "punches_failed": 0}
 
@@ -216,6 +216,9 @@ class PunchCoordinator:
 
             self._routes[msg.token] = seen
             entry = self._responders[source]
+            # Our ACKs may open the path before the sync arrives (when our NAT
+            # still holds a mapping towards the peer), so the punch counts from here.
+            self.responded_at[source] = now
         if entry is None:
             return encode(Ack(False))
         for action in entry[0].receive(msg, now):
