@@ -37,28 +37,28 @@ def test_ledger_catches_each_kind_of_violation(tmp_path: Path) -> None:
     """The invariant checker is only worth something if it can fail."""
     rng = np.random.default_rng(0)
     inputs = {q: rng.standard_normal(16).astype(np.float32) for q in "abc"}
-    peers = [_Peer(q, i) for i, q in enumerate("abc")]
+    peers: list[Any] = [_Peer(q, i) for i, q in enumerate("abc")]
     good = np.mean([inputs[q] for q in "abc"], axis=0).astype(np.float32)
     ledger = Ledger(_FakeSwarm(inputs), 0, 16, tmp_path)  # type: ignore[arg-type]
     for p in peers:
         ledger.admit(p.peer, 0)
     ok = ledger.check_round(0, peers, [_result(tmp_path, p, 0, good, list("abc")) for p in peers],
-                            set())  # type: ignore[arg-type]
+                            set())
     assert ok and ledger.violations == []
     # Wrong average, bytes differing between peers, an error naming nobody faulted.
     wrong = good + 1e-2
     events = [_result(tmp_path, peers[0], 1, wrong, list("abc")),
               _result(tmp_path, peers[1], 1, good, list("abc")),
               {"event": "error", "kind": "PeerLost", "peers": ["a"], "input_intact": False}]
-    ledger.check_round(1, peers, events, {"c"})  # type: ignore[arg-type]
+    ledger.check_round(1, peers, events, {"c"})
     text = " | ".join(ledger.violations)
     assert "disagree" in text and "reference" in text and "no faulted peer" in text
     assert "input modified" in text
     # A round applied twice, and a member that missed a committed round.
     n = len(ledger.violations)
     ledger.check_round(1, peers[:1], [_result(tmp_path, peers[0], 1, good, list("abc"))],
-                       set())  # type: ignore[arg-type]
-    ledger.check_states(peers)  # type: ignore[arg-type]
+                       set())
+    ledger.check_states(peers)
     new = " | ".join(ledger.violations[n:])
     assert "applied twice" in new and "committed is" in new
 
