@@ -10,7 +10,14 @@ node's QUIC RPC layer and, for simulations, by ``memnet.MemNet``.
 from peerd.dht.config import DhtConfig
 from peerd.dht.lookup import LookupResult
 from peerd.dht.node import Dht, DhtStatistics
-from peerd.dht.records import NODE_RECORD_SUBKEY, Record, RecordLimits, Reject
+from peerd.dht.records import (
+    NODE_RECORD_SUBKEY,
+    Record,
+    RecordLimits,
+    Reject,
+    owned_subkey,
+    split_subkey,
+)
 from peerd.dht.routing import Contact
 from peerd.dht.transport import Handler, PeerRef, RpcClient
 
@@ -27,4 +34,6 @@ __all__ = [
     "RecordLimits",
     "Reject",
     "RpcClient",
+    "owned_subkey",
+    "split_subkey",
 ]

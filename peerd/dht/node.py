@@ -37,7 +37,7 @@ from peerd.dht.messages import (
 )
 from peerd.dht.persist import load_contacts, save_contacts
 from peerd.dht.publish import Publisher
-from peerd.dht.records import Record, validate
+from peerd.dht.records import Record, owned_subkey, validate
 from peerd.dht.routing import Contact, EvictionCheck, RoutingTable
 from peerd.dht.service import DhtService
 from peerd.dht.storage import RecordStore
@@ -254,15 +254,28 @@ class Dht:
     ) -> int:
         """Sign and store ``value`` at the k nodes nearest ``key``; returns how many
         (this node included) accepted it. Republished before expiry until
-        ``unpublish`` unless ``republish`` is false. ``ValueError`` on invalid input."""
-        return await self.publisher.put(key, value, ttl, subkey, republish=republish)
+        ``unpublish`` unless ``republish`` is false. ``ValueError`` on invalid input.
+
+        A ``subkey`` is stored in this node's namespace: as ``own_subkey(subkey)``,
+        i.e. prefixed with our raw peer id unless it already starts with it. That is
+        what lets many peers announce under one key without overwriting each other;
+        ``subkey=None`` is the one plain value under ``key``, shared by all peers."""
+        full = self.own_subkey(subkey) if subkey is not None else None
+        return await self.publisher.put(key, value, ttl, full, republish=republish)
 
     def unpublish(self, key: bytes, subkey: bytes | None = None) -> None:
-        """Stop republishing; stored copies expire on their own."""
-        self.publisher.unpublish(key, subkey)
+        """Stop republishing (``subkey`` as given to ``put``); stored copies expire."""
+        self.publisher.unpublish(key, self.own_subkey(subkey) if subkey is not None else None)
+
+    def own_subkey(self, subkey: bytes) -> bytes:
+        """The full sub-key ``put(..., subkey=subkey)`` stores under, as ``get`` returns it."""
+        return owned_subkey(self.peer_id.raw, subkey)
 
     async def get(self, key: bytes) -> dict[bytes | None, Any]:
-        """Live values under ``key`` by subkey (``None`` for a plain value)."""
+        """Live values under ``key`` by full sub-key (``None`` for the plain value).
+
+        Each sub-key starts with the id of the peer that published it, checked by
+        every node; ``records.split_subkey`` gives ``(publisher, suffix)``."""
         return (await self.publisher.get_detailed(key)).values
 
     async def find_peer(self, peer: PeerId) -> tuple[str, ...] | None:

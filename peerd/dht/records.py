@@ -2,10 +2,16 @@
 
 A record lives in the slot ``(key, subkey)``. Its publisher signs every field
 with its Ed25519 identity key, so any node can check a record it stores or a
-lookup returns without trusting whoever relayed it. A slot belongs to the
-publisher of the live record in it: another publisher's record for the same
-slot is refused until that record expires, so peers announcing under one key
-(members of a run, holders of a chunk) cannot overwrite each other.
+lookup returns without trusting whoever relayed it.
+
+Sub-keys are owned by rule, not by who claimed them first: a sub-key must begin
+with its publisher's 32-byte peer id (``owned_subkey`` builds one,
+``split_subkey`` takes it apart), and the reserved ``NODE_RECORD_SUBKEY`` is
+valid only under the publisher's own id as key. Every node checks this on its
+own in ``validate()``, so peers announcing under one key (members of a run,
+holders of a chunk) cannot overwrite each other whatever order records arrive
+in. The plain slot ``(key, None)`` is shared: a node keeps the first live claim
+it saw, and ``merge_records`` settles disagreements between holders.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from peerd.identity import Identity, PeerId, verify_signature
 from peerd.wire import Limits, message, unpack_untrusted
 
 KEY_BYTES = 32
+# Sub-keys start with their publisher's raw peer id (sha256 of its public key).
+PEER_ID_BYTES = 32
 SIGNATURE_DOMAIN = b"peerd-dht-record-v1\x00"
 # The slot (peer_id.raw, NODE_RECORD_SUBKEY) holds a peer's own signed address list;
 # only that peer may publish into it.
@@ -33,7 +41,8 @@ class RecordLimits:
     """What one node accepts to store for others."""
 
     max_record_bytes: int = 4096
-    max_subkey_bytes: int = 64
+    # The publisher's 32-byte peer id plus up to 64 bytes the caller chose.
+    max_subkey_bytes: int = PEER_ID_BYTES + 64
     max_ttl: float = 48 * 3600.0
     clock_skew: float = 60.0
     max_records_per_publisher: int = 256
@@ -98,10 +107,43 @@ class Reject(enum.Enum):
     BAD_SIGNATURE = "bad_signature"
     BAD_VALUE = "bad_value"
     RESERVED_SUBKEY = "reserved_subkey"
+    # The sub-key lies outside the publisher's namespace (does not start with its id).
+    SUBKEY_NOT_OWNED = "subkey_not_owned"
+    # Another publisher's live plain value (subkey None) already holds the slot here.
     SUBKEY_OWNED = "subkey_owned"
     STALE = "stale"
     QUOTA = "quota"
     FULL = "full"
+
+
+def owned_subkey(publisher: bytes, subkey: bytes) -> bytes:
+    """``subkey`` inside ``publisher``'s namespace: prefixed with the publisher's raw
+    peer id, unless it already starts with it (so passing a full sub-key back is a
+    no-op; a caller's own suffix that happens to start with its id is taken as full)."""
+    if len(publisher) != PEER_ID_BYTES:
+        raise ValueError("publisher must be a 32-byte raw peer id")
+    return subkey if subkey.startswith(publisher) else publisher + subkey
+
+
+def split_subkey(subkey: bytes) -> tuple[PeerId, bytes]:
+    """``(publisher, suffix)`` of a namespaced sub-key as ``Dht.get`` returns it.
+
+    ``ValueError`` for the reserved node-record sub-key or anything shorter than a
+    peer id, which no valid record carries outside the node-record slot."""
+    if subkey == NODE_RECORD_SUBKEY or len(subkey) < PEER_ID_BYTES:
+        raise ValueError("not a namespaced sub-key")
+    return PeerId(subkey[:PEER_ID_BYTES]), subkey[PEER_ID_BYTES:]
+
+
+def subkey_reject(key: bytes, subkey: bytes | None, publisher: bytes) -> Reject | None:
+    """The ownership rule alone (no signature): may ``publisher`` write ``(key, subkey)``?"""
+    if subkey is None:
+        return None
+    if subkey == NODE_RECORD_SUBKEY:
+        return None if key == publisher else Reject.RESERVED_SUBKEY
+    if not subkey.startswith(publisher):
+        return Reject.SUBKEY_NOT_OWNED
+    return None
 
 
 def signing_bytes(
@@ -151,8 +193,9 @@ def validate(
         return Reject.TTL_TOO_LONG
     if PeerId.from_public_key(record.public_key).raw != record.publisher:
         return Reject.PUBLISHER_MISMATCH
-    if record.subkey == NODE_RECORD_SUBKEY and record.key != record.publisher:
-        return Reject.RESERVED_SUBKEY
+    owner_reason = subkey_reject(record.key, record.subkey, record.publisher)
+    if owner_reason is not None:
+        return owner_reason
     message_bytes = signing_bytes(
         record.key, record.subkey, record.value, record.publisher, record.public_key,
         record.seq, record.expires_at,
@@ -169,10 +212,12 @@ def validate(
 def merge_records(responses: Sequence[Sequence[Record]]) -> dict[bytes | None, Record]:
     """Pick one record per subkey from several holders' answers (already validated).
 
-    ``responses`` is ordered nearest holder first. Where holders disagree about
-    who owns a slot (a race between claimants), the publisher reported by the
-    most holders wins, ties going to the nearest holder; within one publisher
-    the highest ``seq`` wins.
+    ``responses`` is ordered nearest holder first. Within one publisher the
+    highest ``seq`` wins. A sub-key has exactly one possible publisher (its
+    namespace owner; validation dropped the rest), so only the shared plain slot
+    (subkey ``None``) can see holders disagree about its publisher, after a race
+    between claimants: there the publisher reported by the most holders wins,
+    ties going to the nearest holder.
     """
     votes: dict[bytes | None, dict[bytes, int]] = {}
     first_seen: dict[bytes | None, dict[bytes, int]] = {}

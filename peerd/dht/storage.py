@@ -1,16 +1,25 @@
 """Records this node stores for others (sans-I/O).
 
-Every record is validated (signature, limits, expiry) before it is kept, and
-the slot-ownership rule is applied here: a live record's publisher owns its
-``(key, subkey)`` slot. Quotas bound what any one publisher can make this node
-hold. Time comes in as ``now`` (wall-clock seconds, the records' time base).
+Every record is validated (signature, limits, expiry, sub-key namespace)
+before it is kept. A sub-key belongs to its publisher by rule (see
+``records``), so the only slot two publishers can contend for is the shared
+plain slot ``(key, None)``: this node keeps the first live claim there. Quotas
+bound what any one publisher can make this node hold. Time comes in as ``now``
+(wall-clock seconds, the records' time base).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peerd.dht.records import DEFAULT_RECORD_LIMITS, Record, RecordLimits, Reject, validate
+from peerd.dht.records import (
+    DEFAULT_RECORD_LIMITS,
+    Record,
+    RecordLimits,
+    Reject,
+    subkey_reject,
+    validate,
+)
 
 
 @dataclass(frozen=True)
@@ -45,13 +54,18 @@ class RecordStore:
         return None
 
     def _admit(self, record: Record, now: float) -> Reject | None:
+        # The namespace rule first: a claim on someone else's sub-key is refused as
+        # such, whether or not this node holds the owner's record.
+        owner_reason = subkey_reject(record.key, record.subkey, record.publisher)
+        if owner_reason is not None:
+            return owner_reason
         slots = self._by_key.get(record.key)
         current = slots.get(record.subkey) if slots is not None else None
         if current is not None and current.expires_at <= now:
             self._drop(current)
             current = None
         if current is not None:
-            if current.publisher != record.publisher:
+            if current.publisher != record.publisher:  # only possible in the plain slot
                 return Reject.SUBKEY_OWNED
             if record.seq < current.seq or (
                 record.seq == current.seq and record.signature != current.signature

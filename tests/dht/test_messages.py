@@ -21,7 +21,7 @@ from peerd.dht.messages import (
     decode_request,
     decode_response,
 )
-from peerd.dht.records import make_record
+from peerd.dht.records import make_record, owned_subkey
 from peerd.dht.routing import Contact
 from peerd.dht.sim import sim_identity
 from peerd.errors import ProtocolError
@@ -39,7 +39,9 @@ def contacts(n: int) -> list[Contact]:
 
 def test_find_value_response_round_trips() -> None:
     key = hashlib.sha256(b"k").digest()
-    record = make_record(_id(1), key, {"x": 1}, ttl=60, now=0.0, subkey=b"s")
+    # A full-length sub-key (publisher id + 64 bytes) travels intact.
+    subkey = owned_subkey(_id(1).peer_id.raw, b"s" * 64)
+    record = make_record(_id(1), key, {"x": 1}, ttl=60, now=0.0, subkey=subkey)
     msg = FindValueResponse((record,), ContactList.of(contacts(20)))
     back = decode_response(METHOD_FIND_VALUE, encode(msg))
     assert back == msg

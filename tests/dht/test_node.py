@@ -18,7 +18,7 @@ from peerd.dht.messages import (
     decode_response,
 )
 from peerd.dht.node import Dht
-from peerd.dht.records import make_record
+from peerd.dht.records import Record, make_record, split_subkey
 from peerd.dht.sim import Swarm, sim_identity
 from peerd.dht.transport import PeerRef
 from peerd.wire import decode_untrusted, encode
@@ -51,14 +51,38 @@ async def test_many_publishers_share_a_key_by_subkey(autojump_clock: trio.abc.Cl
         swarm = await small_swarm(nursery)
         members = swarm.nodes[:8]
         for m in members:
-            await m.dht.put(KEY, {"rank": m.address}, ttl=600.0, subkey=m.dht.peer_id.raw)
-        expected = {m.dht.peer_id.raw: {"rank": m.address} for m in members}
-        assert await swarm.nodes[15].dht.get(KEY) == expected
-        # Someone else's sub-key cannot be overwritten.
+            await m.dht.put(KEY, {"rank": m.address}, ttl=600.0, subkey=b"member")
+        expected = {m.dht.own_subkey(b"member"): {"rank": m.address} for m in members}
+        got = await swarm.nodes[15].dht.get(KEY)
+        assert got == expected
+        assert {split_subkey(sk) for sk in got if sk is not None} == {
+            (m.dht.peer_id, b"member") for m in members
+        }
+        # Naming someone else's full sub-key only writes inside one's own namespace.
         thief = swarm.nodes[9].dht
-        victim = members[0].dht.peer_id.raw
-        assert await thief.put(KEY, {"rank": "stolen"}, ttl=600.0, subkey=victim) == 0
-        assert (await swarm.nodes[19].dht.get(KEY))[victim] == {"rank": members[0].address}
+        victim = members[0].dht.own_subkey(b"member")
+        assert await thief.put(KEY, {"rank": "stolen"}, ttl=600.0, subkey=victim) >= 1
+        got = await swarm.nodes[19].dht.get(KEY)
+        assert got[victim] == {"rank": members[0].address}
+        assert got[thief.own_subkey(victim)] == {"rank": "stolen"}
+        assert split_subkey(thief.own_subkey(victim))[0] == thief.peer_id
+        # Passing the already-prefixed sub-key back addresses the same slot.
+        await members[1].dht.put(KEY, "v2", ttl=600.0,
+                                 subkey=members[1].dht.own_subkey(b"member"))
+        assert (await swarm.nodes[18].dht.get(KEY))[members[1].dht.own_subkey(b"member")] == "v2"
+        nursery.cancel_scope.cancel()
+
+
+async def test_unpublish_takes_the_subkey_as_put_got_it(autojump_clock: trio.abc.Clock) -> None:
+    async with trio.open_nursery() as nursery:
+        swarm = await small_swarm(nursery)
+        member, reader = swarm.nodes[2].dht, swarm.nodes[11].dht
+        await member.put(KEY, "here", ttl=300.0, subkey=b"member")
+        assert len(member.publisher) == 1
+        member.unpublish(KEY, subkey=b"member")
+        assert len(member.publisher) == 0
+        await trio.sleep(400.0)  # past the TTL with no republish
+        assert await reader.get(KEY) == {}
         nursery.cancel_scope.cancel()
 
 
@@ -95,27 +119,36 @@ async def test_store_rpc_refuses_forgeries(autojump_clock: trio.abc.Clock) -> No
     async with trio.open_nursery() as nursery:
         swarm = await small_swarm(nursery, n=10)
         victim, attacker = swarm.nodes[0].dht, sim_identity("attacker")
+        slot = victim.own_subkey(b"slot")
         good = make_record(victim.identity, KEY, "real", ttl=600.0, now=trio.current_time(),
-                           subkey=b"slot", seq=1)
-        target = swarm.nodes[1].dht
+                           subkey=slot, seq=1)
+        target, fresh = swarm.nodes[1].dht, swarm.nodes[2].dht
         sender = PeerRef(attacker.peer_id.text, "mem:attacker")
-        reply = decode_response(METHOD_STORE, await target.handle(
-            sender, METHOD_STORE, encode(StoreRequest(good, ()))))
-        assert reply.accepted
+
+        async def store(node: Dht, record: Record) -> tuple[bool, str]:
+            reply = decode_response(METHOD_STORE, await node.handle(
+                sender, METHOD_STORE, encode(StoreRequest(record, ()))))
+            return reply.accepted, reply.reason
+
+        assert await store(target, good) == (True, "")
         now = trio.current_time()
+        takeover = make_record(attacker, KEY, "mine now", ttl=600.0, now=now, subkey=slot,
+                               seq=9)
         forged = [
             dataclasses.replace(good, value=make_record(victim.identity, KEY, "x", ttl=600.0,
                                                         now=now).value),
             dataclasses.replace(good, publisher=attacker.peer_id.raw),
             make_record(attacker, KEY, "y" * 5000, ttl=600.0, now=now),
             make_record(attacker, KEY, "late", ttl=1.0, now=now - 5.0),
-            make_record(attacker, KEY, "mine now", ttl=600.0, now=now, subkey=b"slot", seq=9),
+            takeover,
         ]
         for f in forged:
-            reply = decode_response(METHOD_STORE, await target.handle(
-                sender, METHOD_STORE, encode(StoreRequest(f, ()))))
-            assert not reply.accepted and reply.reason
+            accepted, reason = await store(target, f)
+            assert not accepted and reason
         assert target.store.get(KEY, trio.current_time()) == [good]
+        # A node that never saw the victim's record refuses the takeover just the same.
+        assert await store(fresh, takeover) == (False, "subkey_not_owned")
+        assert fresh.store.get(KEY, trio.current_time()) == []
         nursery.cancel_scope.cancel()
 
 
@@ -126,7 +159,9 @@ async def test_forged_values_from_a_lying_holder_are_dropped(
         # A quorum above the swarm size makes every get ask every holder, the liar too.
         config = dataclasses.replace(CONFIG, value_quorum=50)
         swarm = await small_swarm(nursery, n=12, config=config)
-        await swarm.nodes[2].dht.put(KEY, "true", ttl=600.0)
+        owner = swarm.nodes[2].dht
+        await owner.put(KEY, "true", ttl=600.0)
+        await owner.put(KEY, "mine", ttl=600.0, subkey=b"member")
         liar = swarm.nodes[5]
         honest_handle = liar.dht.handle
         forger = sim_identity("forger")
@@ -138,14 +173,18 @@ async def test_forged_values_from_a_lying_holder_are_dropped(
             resp = decode_untrusted(answer, expect=FindValueResponse)
             bad = make_record(forger, KEY, "lie", ttl=600.0, now=trio.current_time())
             tampered = dataclasses.replace(resp.records[0], value=bad.value)
-            return encode(dataclasses.replace(resp, records=(tampered, bad)))
+            squat = make_record(forger, KEY, "lie", ttl=600.0, now=trio.current_time(),
+                                subkey=owner.own_subkey(b"member"), seq=2**40)
+            return encode(dataclasses.replace(resp, records=(tampered, bad, squat)))
 
         liar.rpc.serve(lying_handle)
         reader = swarm.nodes[8].dht
         for _ in range(3):
+            dropped = reader.statistics().forged_records_dropped
             values = await reader.get(KEY)
-            assert values == {None: "true"}
-        assert reader.statistics().forged_records_dropped >= 1
+            assert values == {None: "true", owner.own_subkey(b"member"): "mine"}
+            # The tampered record and the squatting claim, at least, on every get.
+            assert reader.statistics().forged_records_dropped >= dropped + 2
         nursery.cancel_scope.cancel()
 
 
