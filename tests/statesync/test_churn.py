@@ -19,6 +19,15 @@ from .conftest import FAST, Swarm, digest_of, ids, make_state
 SIZES = {"emb": 300_000, "head": 5000, "step": 1}  # emb spans 2 pieces
 
 
+def can_lose_one(s: Swarm) -> bool:
+    """Whether one more member may go while a strict majority of the newest
+    view survives (a view change needs a quorum of the members it replaces)."""
+    views = [e.core.view for e in s.engines.values() if e.core.view is not None]
+    view = max(views, key=lambda d: d.revision)
+    alive = [p for p in view.members if p in s.engines]
+    return 2 * (len(alive) - 1) > len(view.members)
+
+
 async def sync_round(
     s: Swarm, states: dict[str, dict[str, np.ndarray]], rnd: int, members: list[str],
     joiner: str | None, kill_at: float | None, rng: random.Random, log: list[str],
@@ -44,7 +53,7 @@ async def sync_round(
                 await trio.sleep(0.1)
         for p in members:
             inner.start_soon(run, p, SyncStrategy.ENFORCE_POPULAR)
-        if kill_at is not None and len(members) > 2:
+        if kill_at is not None and len(members) > 2 and can_lose_one(s):
             await trio.sleep(kill_at)
             victim = rng.choice(members)
             s.kill(victim)
@@ -71,11 +80,11 @@ async def churn(seed: int, rounds: int) -> list[str]:
         for rnd in range(1, rounds + 1):
             alive = s.alive()
             action = rng.choice(["join", "kill", "kill_during", "leave", "drift"])
-            if action == "kill" and len(alive) > 2:
+            if action == "kill" and len(alive) > 2 and can_lose_one(s):
                 victim = rng.choice(alive)
                 s.kill(victim)
                 log.append(f"{rnd}: kill {victim}")
-            elif action == "leave" and len(alive) > 2:
+            elif action == "leave" and len(alive) > 2 and can_lose_one(s):
                 victim = rng.choice(alive)
                 await s.engines[victim].leave()
                 s.scopes.pop(victim).cancel()
