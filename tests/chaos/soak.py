@@ -26,27 +26,47 @@ def run_soak(seconds: float, *, seed: int = 0, start_peers: int = 4,
         deadline = time.monotonic() + seconds
         cs.clean_round()
         while time.monotonic() < deadline and not cs.violations:
-            n = len(cs.members)
-            roll = rng.random()
-            if n < MIN_PEERS or (n < MAX_PEERS and roll < 0.25):
-                action = "join"
-                cs.join()
-            elif roll < 0.60:
-                victim = rng.choice(cs.members)
-                phase = rng.choice(KILL_PHASES)
-                action = f"kill {victim.index} at {phase}"
-                cs.kill(victim, phase, retry=rng.random() < 0.7)
-            elif roll < 0.75:
-                victim = rng.choice(cs.members)
-                action = f"stall {victim.index}"
-                cs.stall(victim, STALL_SECONDS)
-            else:
-                action = "clean"
-                cs.clean_round()
+            action = _pick(cs, rng)
             if log is not None:
-                log(f"[{seconds - (deadline - time.monotonic()):6.1f}s] {action}: "
-                    f"{len(cs.members)} members, round {cs.round}")
+                log(f"[{seconds - (deadline - time.monotonic()):6.1f}s] {action[0]} "
+                    f"{action[1]}: {len(cs.members)} members, round {cs.round}")
+            try:
+                _do(cs, action)
+            except (TimeoutError, EOFError, AssertionError) as exc:
+                # A step that hangs or breaks the driver protocol is a violation,
+                # reported with the rest rather than losing the summary.
+                cs.ledger.violations.append(f"round {cs.round}: {action} failed: {exc!r}")
+                break
         # A last clean round: the swarm must still work after the churn.
-        cs.clean_round()
+        if not cs.violations:
+            cs.clean_round()
         cs.violations  # noqa: B018 - copies the ledger's violations into the report
         return cs.report
+
+
+def _pick(cs: ChaosSwarm, rng: random.Random) -> tuple[str, str]:
+    n = len(cs.members)
+    roll = rng.random()
+    if n < MIN_PEERS or (n < MAX_PEERS and roll < 0.25):
+        return ("join", "")
+    if roll < 0.60:
+        victim = rng.choice(cs.members)
+        retry = "retry" if rng.random() < 0.7 else "no-retry"
+        return ("kill", f"{victim.index} {rng.choice(KILL_PHASES)} {retry}")
+    if roll < 0.75:
+        return ("stall", str(rng.choice(cs.members).index))
+    return ("clean", "")
+
+
+def _do(cs: ChaosSwarm, action: tuple[str, str]) -> None:
+    kind, detail = action
+    by_index = {p.index: p for p in cs.members}
+    if kind == "join":
+        cs.join()
+    elif kind == "kill":
+        index, phase, retry = detail.split()
+        cs.kill(by_index[int(index)], phase, retry=retry == "retry")
+    elif kind == "stall":
+        cs.stall(by_index[int(detail)], STALL_SECONDS)
+    else:
+        cs.clean_round()
