@@ -215,7 +215,7 @@ def main() -> int:
     lab: Any = None
     if args.netns:
         sys.path.insert(0, str(ROOT / "tests" / "lab"))
-        from netns import Lab  # type: ignore[import-not-found]
+        from netns import Lab
 
         lab = Lab()
 

@@ -34,8 +34,9 @@ async def test_send_recv_keeps_dtype_shape_and_order(mock_clock: trio.testing.Mo
                 return None
             return [await p2p(e).recv("p00", tag="t") for _ in range(3)]
 
-        got = (await s.each(fn))["p01"]
-        for x, y in zip((a, b, empty), got, strict=True):
+        got: list[np.ndarray] = (await s.each(fn))["p01"]
+        sent: tuple[np.ndarray, ...] = (a, b, empty)
+        for x, y in zip(sent, got, strict=True):
             assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
         assert got[0].flags.writeable
 
@@ -99,7 +100,7 @@ async def test_reduce_scatter_chunks_sum_to_the_reference(
         inputs = {p: rng.standard_normal(10).astype(np.float32) for p in ids(3)}
         res = await s.each(lambda p, e: p2p(e).reduce_scatter(inputs[p], ReduceOp.SUM))
         bounds = chunk_bounds(10, 3)
-        ref = np.sum([inputs[p] for p in ids(3)], axis=0, dtype=np.float32)
+        ref = np.asarray(np.sum([inputs[p] for p in ids(3)], axis=0, dtype=np.float32))
         for rank, p in enumerate(ids(3)):
             r: Scattered = res[p]
             assert (r.lo, r.hi) == bounds[rank] and r.participants == tuple(ids(3))

@@ -57,7 +57,7 @@ async def test_real_nodes_converge_and_exchange() -> None:
     with trio.fail_after(60):
         async with mesh(4) as nodes:
             rng = np.random.default_rng(0)
-            base = {"a": rng.standard_normal(70_000).astype(np.float32),
+            base: dict[str, np.ndarray] = {"a": rng.standard_normal(70_000).astype(np.float32),
                     "b": rng.standard_normal(300_000).astype(np.float32),
                     "n": np.array([5], dtype=np.int64)}
             states = [{k: v.copy() for k, v in base.items()} for _ in nodes]

@@ -58,9 +58,12 @@ votes_st = st.dictionaries(
 )
 
 
+Raw = dict[str, tuple[int, SyncStrategy, bytes]]
+
+
 @settings(max_examples=200)
 @given(votes_st)
-def test_popular_matches_the_local_group_rule(raw: dict) -> None:  # type: ignore[type-arg]
+def test_popular_matches_the_local_group_rule(raw: Raw) -> None:
     """The engine's rule and LocalGroup's pick the same state and holders."""
     votes = {p: Vote(r, s, d) for p, (r, s, d) in raw.items()}
     order = sorted(raw)
@@ -76,7 +79,7 @@ def test_popular_matches_the_local_group_rule(raw: dict) -> None:  # type: ignor
 
 @settings(max_examples=200)
 @given(votes_st)
-def test_popular_rule_properties(raw: dict) -> None:  # type: ignore[type-arg]
+def test_popular_rule_properties(raw: Raw) -> None:
     votes = {p: Vote(r, s, d) for p, (r, s, d) in raw.items()}
     win = popular(votes, sorted(votes))
     voters = {p: v for p, v in votes.items() if v.strategy != SyncStrategy.RECEIVE_ONLY}
