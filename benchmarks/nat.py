@@ -1,24 +1,24 @@
 #!/usr/bin/env python3
-"""NAT traversal in the netns lab (root): punch success and time-to-direct per
-NAT pair, and direct vs relayed TCP throughput.
+"""NAT traversal with real peerd nodes in the netns lab (root).
 
-What it measures, all on this machine's kernel with nftables NATs (no delay
-emulation: netem is missing here, so times are CPU/scheduling-bound, not RTT):
+For every NAT-type pair of ``tests/lab/node_swarm`` (public P, EIM "E",
+symmetric "S", two same-NAT pairs) it prints the path ``connect_peer`` chose,
+the time to a working authenticated session, the data route and the
+throughput of a data link (2 channels) opened on that path. Everything runs
+on this machine's kernel with nftables NATs and no delay emulation, so times
+are CPU/scheduling-bound, not RTT-bound; relayed and QUIC-stream data go
+through pure-Python QUIC twice and through the relay's rate limits.
 
-* for E-E, E-S and S-S pairs, ``RUNS`` coordinated UDP punches driven by
-  nat.punch: success rate and the initiator's time from first signalling
-  message to a proven direct path (median);
-* bytes/s of one TCP stream between two public hosts, directly and through
-  the nat.relay_tcp relay (rate limits set far above what it can carry).
-
-Last line: the throughput ratio direct / relayed (how much a relay costs).
+Last line: the fraction of pairs connected without a relay, next to the
+fraction for which ``nat.strategy.plan_paths`` has any non-relay path at all
+(E-S only by birthday probing, which the node does not run).
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
+import time
 from pathlib import Path
 
 # Run as a script, this file's folder is sys.path[0] and "nat" would name this
@@ -27,76 +27,68 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent / "tests" / "lab"))
 
-import lab_agents as agents  # noqa: E402
-from lab_topology import Topology  # noqa: E402
 from netns import Lab, missing_tools  # noqa: E402
+from node_swarm import EXPECTED, NAT_TYPES, PAIR_KIND, build_swarm  # noqa: E402
 
-RUNS = 5
-TRANSFER = 200_000_000
-FAST_RELAY_PORT = 4002
+from nat.endpoint import Endpoint, NatType  # noqa: E402
+from nat.strategy import PathKind, PeerInfo, plan_paths  # noqa: E402
 
-
-def punch_pair(topo: Topology, initiator: str, responder: str, port: int) -> dict:
-    session = os.urandom(16).hex()
-    procs = [
-        topo.lab.spawn_py(getattr(topo, name), agents.punch_agent, "udp", role, topo.relay,
-                          session, port, topo.observers, getattr(topo, name).ip, 3)
-        for role, name in (("responder", responder), ("initiator", initiator))
-    ]
-    _, init = (p.result(60) for p in procs)
-    return init
+DIRECT_BYTES = 64_000_000
+RELAY_BYTES = 4_000_000
+_TYPE = {"public": NatType.PUBLIC, "easy": NatType.EASY, "hard": NatType.HARD}
 
 
-def throughput(topo: Topology) -> tuple[float, float]:
-    lab = topo.lab
-    sink = lab.spawn_py(topo.o2, agents.tcp_sink, 45000, 120.0)
-    sink.wait_ready()
-    direct_s = lab.run_py(topo.o1, agents.tcp_source, [topo.o2.ip, 45000], TRANSFER, timeout=120)
-    assert sink.result(30) == TRANSFER
-    relay = lab.spawn_py(topo.rly, agents.relay_server, FAST_RELAY_PORT, 120.0, 1e11)
-    relay.wait_ready()
-    session = os.urandom(16).hex()
-    where = [topo.rly.ip, FAST_RELAY_PORT]
-    recv = lab.spawn_py(topo.o2, agents.relay_transfer, where, session, "o2", 0, TRANSFER)
-    send = lab.spawn_py(topo.o1, agents.relay_transfer, where, session, "o1", TRANSFER, 0)
-    send.result(120)
-    got = recv.result(120)
-    assert got["received"] == TRANSFER, got
-    return TRANSFER / direct_s, TRANSFER / got["seconds"]
+def possible_in_principle(src: str, dst: str, same_nat: bool) -> bool:
+    """Whether the strategy has any non-relay attempt for this pair."""
+    ip = "198.51.100.1"
+
+    def info(name: str, public_ip: str) -> PeerInfo:
+        return PeerInfo(_TYPE[NAT_TYPES[name]], public_ip, public=(Endpoint(public_ip, 4747),))
+
+    local = info(src, ip)
+    remote = info(dst, ip if same_nat else "198.51.100.2")
+    if same_nat:
+        return True  # LAN addresses
+    plan = plan_paths(local, remote, relay_available=False, allow_birthday=True)
+    return any(a.kind is not PathKind.RELAY for a in plan)
 
 
 def main() -> int:
     if os.geteuid() != 0 or missing_tools():
-        print("benchmarks/nat.py needs root with nftables and iproute2", file=sys.stderr)
+        print("needs root and ip/nft/tc (network namespaces)", file=sys.stderr)
         return 2
     lab = Lab()
     try:
-        topo = Topology(lab)
-        services = [lab.spawn_py(topo.o1, agents.observer, topo.observer_port, 600.0),
-                    lab.spawn_py(topo.o2, agents.observer, topo.observer_port, 600.0),
-                    lab.spawn_py(topo.rly, agents.relay_server, topo.relay[1], 600.0, 1e6)]
-        for s in services:
-            s.wait_ready()
-        port = 46000
-        for label, init, resp in (("E-E", "a", "b"), ("E-S", "a", "c"), ("S-S", "c", "d")):
-            outcomes = []
-            for _ in range(RUNS):
-                port += 10
-                outcomes.append(punch_pair(topo, init, resp, port))
-            ok = [o for o in outcomes if o["succeeded"]]
-            times = [o["punch_seconds"] for o in ok]
-            median = f"{statistics.median(times) * 1000:.0f} ms" if times else "n/a"
-            first = sum(o["attempt"] == 1 for o in ok)
-            print(f"UDP punch {label}: {len(ok)}/{RUNS} succeeded "
-                  f"({first} on the first attempt), median time to direct path {median}")
-        direct, relayed = throughput(topo)
-        print(f"TCP direct (veth, no shaping): {direct * 8 / 1e9:.2f} Gbit/s")
-        print(f"TCP through nat.relay_tcp relay: {relayed * 8 / 1e9:.2f} Gbit/s")
-        print(f"ratio direct/relayed throughput: {direct / relayed:.1f}x")
+        t0 = time.perf_counter()
+        swarm = build_swarm(lab)
+        print(f"lab: {len(swarm.procs)} nodes up and classified in "
+              f"{time.perf_counter() - t0:.1f} s (no delay emulation; one kernel, 2 shared CPUs)")
+        try:
+            print(f"{'pair':<14} {'nodes':<7} {'path':<20} {'connect s':>9} {'route':<8} "
+                  f"{'link open s':>11} {'MB':>5} {'MB/s':>8}")
+            direct = possible = 0
+            for i, (src, dst, _, _) in enumerate(EXPECTED):
+                reply = swarm.connect_fresh(src, dst)
+                path = reply["path"]
+                relayed = path.startswith("relay:")
+                size = RELAY_BYTES if relayed else DIRECT_BYTES
+                sent = swarm.transfer(src, dst, f"bench{i}", seed=i, size=size)
+                rate = size / max(sent["wall"] - sent["open_seconds"], 1e-9) / 1e6
+                kind = PAIR_KIND[(src, dst)]
+                direct += not relayed
+                possible += possible_in_principle(src, dst, "same" in kind)
+                print(f"{kind:<14} {src + '-' + dst:<7} {path:<20} {reply['seconds']:>9.3f} "
+                      f"{sent['route']:<8} {sent['open_seconds']:>11.3f} {size / 1e6:>5.0f} "
+                      f"{rate:>8.1f}")
+        finally:
+            swarm.close()
     finally:
         lab.close()
+    n = len(EXPECTED)
+    print(f"pairs connected without a relay: {direct}/{n} = {direct / n:.2f}  "
+          f"(possible in principle: {possible}/{n} = {possible / n:.2f})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

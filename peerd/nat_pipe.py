@@ -161,11 +161,17 @@ class StreamTransport:
         self._buf = memoryview(b"")
 
     async def send_all(self, data: memoryview | bytes) -> None:
-        await self.stream.send(bytes(data))
+        try:
+            await self.stream.send(bytes(data))
+        except PeerLost as exc:  # the data channel's failure type for a broken transport
+            raise trio.BrokenResourceError(str(exc)) from None
 
     async def recv_into(self, view: memoryview) -> int:
         if not self._buf:
-            self._buf = memoryview(await self.stream.receive_some())
+            try:
+                self._buf = memoryview(await self.stream.receive_some())
+            except PeerLost as exc:
+                raise trio.BrokenResourceError(str(exc)) from None
             if not self._buf:
                 return 0
         n = min(len(view), len(self._buf))

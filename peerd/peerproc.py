@@ -227,17 +227,23 @@ async def _command(
     raise PeerdError(f"unknown command {kind!r}")
 
 
-_NAT_COMMANDS = ("connect_peer", "path", "relay_to", "try_upgrade", "data_send", "data_recv")
+_NAT_COMMANDS = ("connect_peer", "disconnect", "path", "relay_to", "try_upgrade", "data_send",
+                 "data_recv")
 
 
 async def _nat_command(node: Any, kind: str, cmd: dict[str, Any]) -> dict[str, Any]:
     """Commands of the NAT lab: reach a peer by id, report paths, move data."""
+    import trio
+
     from peerd.identity import PeerId
 
     peer = PeerId.parse(cmd["peer"])
     t0 = time.perf_counter()
     if kind == "connect_peer":
         await node.connect_peer(peer, timeout=cmd.get("timeout", 60.0))
+    elif kind == "disconnect":
+        node.disconnect(peer)
+        await trio.sleep(0.2)  # let the close reach the peer before the next command
     elif kind == "relay_to":
         await node.traversal.relay_to(peer, PeerId.parse(cmd["relay"]))
     elif kind == "try_upgrade":
@@ -245,6 +251,7 @@ async def _nat_command(node: Any, kind: str, cmd: dict[str, Any]) -> dict[str, A
     elif kind == "data_send":
         before = dict(node.data.routes_used)
         data = np.random.default_rng(cmd["seed"]).integers(0, 255, cmd["size"], dtype=np.uint8)
+        t0 = time.perf_counter()
         link = await node.open_data_channels(peer, cmd.get("channels"), cmd["purpose"])
         opened = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -49,6 +49,14 @@ class Swarm:
     def name_of_short(self, short: str) -> str:
         return next(n for n, p in self.procs.items() if PeerId.parse(p.peer).short == short)
 
+    def connect_fresh(self, src: str, dst: str) -> dict[str, Any]:
+        """``connect_peer`` from ``src`` to ``dst`` after closing any session
+        between them (DHT traffic may have connected them already)."""
+        a, b = self.procs[src], self.procs[dst]
+        a.request(cmd="disconnect", peer=b.peer)
+        b.request(cmd="disconnect", peer=a.peer)
+        return a.request(cmd="connect_peer", peer=b.peer, timeout=60)
+
     def close(self) -> None:
         for p in self.procs.values():
             p.stop()

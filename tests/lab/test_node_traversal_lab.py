@@ -46,7 +46,7 @@ def test_every_node_classifies_its_nat(swarm: Swarm) -> None:
 def test_connect_peer_takes_the_expected_path(swarm: Swarm, src: str, dst: str, path: str,
                                               route: str) -> None:
     a, b = swarm.procs[src], swarm.procs[dst]
-    reply = a.request(cmd="connect_peer", peer=b.peer, timeout=60)
+    reply = swarm.connect_fresh(src, dst)
     assert reply["event"] == "connect_peer", reply
     got = reply["path"]
     back = b.request(cmd="path", peer=a.peer)["path"]
