@@ -53,6 +53,8 @@ async def child(key_hex: str, listen: str) -> None:
     import trio
 
     from collectives.api import SyncStrategy
+    from collectives.driver import EngineConfig
+    from collectives.membership import Timing
     from peerd.identity import SwarmKey
     from peerd.node import open_node
 
@@ -60,6 +62,8 @@ async def child(key_hex: str, listen: str) -> None:
         sys.stdout.write(json.dumps(fields) + "\n")
         sys.stdout.flush()
 
+    # Several peers share this machine's few cores: tolerate stalls of seconds.
+    PATIENT = EngineConfig(timing=Timing(heartbeat_timeout=30.0))  # noqa: N806
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen) as node:
         emit(event="ready", peer=node.peer_id.text, addr=node.listen_addresses[0])
         stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -81,10 +85,12 @@ async def child(key_hex: str, listen: str) -> None:
                     await node.connect(cmd["addr"])
                     emit(event="connected")
                 elif kind == "join":
-                    await node.join_run(RUN, cmd["members"])
+                    await node.join_run(RUN, cmd["members"], PATIENT)
                     emit(event="joined")
                 elif kind == "state":
-                    state = make_state(cmd["size"], cmd["seed"], cmd["zero"])
+                    # on a thread: heartbeats go on while numpy draws the numbers
+                    state = await trio.to_thread.run_sync(
+                        make_state, cmd["size"], cmd["seed"], cmd["zero"])
                     emit(event="state")
                 elif kind == "pending":
                     now = trio.current_time()
@@ -92,7 +98,7 @@ async def child(key_hex: str, listen: str) -> None:
                          value=cmd["peer"] in node.engine(RUN).core.joiners(now))
                 elif kind == "sync":
                     if cmd.get("join"):
-                        await node.join_run(RUN)
+                        await node.join_run(RUN, config=PATIENT)
                     t0 = time.perf_counter()
                     res = await node.sync_state(RUN, state, cmd["revision"],
                                                 SyncStrategy[cmd["strategy"]])
