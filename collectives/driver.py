@@ -29,7 +29,7 @@ from collectives.api import View
 from collectives.fabric import Fabric
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
-from collectives.view import Decision, Ready, initial_view
+from collectives.view import Decision, Ready, has_quorum, initial_view
 from peerd.errors import ConfigError, PeerLost, ProtocolError, RemoteError, Timeout
 from peerd.log import event
 from peerd.wire import decode_untrusted, encode
@@ -480,6 +480,12 @@ class MembershipDriver:
             if after is not None and d.revision > after:
                 return  # another task already re-formed the view past the failed one
             start = d.revision
+            alive = set(d.members) - self.core.suspects
+            if not has_quorum(d.members, alive):
+                # This side of a partition cannot form a view; the other may.
+                gone = set(d.members) - alive
+                raise PeerLost(gone, f"no quorum: {len(alive)} of {len(d.members)} members "
+                               f"of revision {d.revision} reachable")
             timeout = self.config.timing.view_timeout + self.config.call_timeout
             for _ in range(4 * self.config.max_attempts):
                 coord = self.core.coordinator()
@@ -509,4 +515,7 @@ class MembershipDriver:
                     raise Evicted(self.me, msg.detail)
                 else:
                     await trio.sleep(self.config.timing.heartbeat_interval)
-            raise Timeout(f"run {self.run}: no view agreed after revision {start}")
+            # Cut off from the coordinator side without being declared gone: to
+            # the caller that is losing the peers it cannot agree with.
+            unreachable = self.core.suspects or (set(d.members) - {self.me})
+            raise PeerLost(unreachable, f"run {self.run}: no view agreed after revision {start}")

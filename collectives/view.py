@@ -42,6 +42,20 @@ def coordinator_of(members: Iterable[str], suspects: Iterable[str] = ()) -> str 
     return min(alive) if alive else None
 
 
+def has_quorum(current: Iterable[str], survivors: Iterable[str]) -> bool:
+    """Whether ``survivors`` may carry on from the view ``current``: a strict
+    majority of its members, or exactly half including its lowest id. Two
+    sides of a partition can never both qualify, so the minority never forms
+    a view of its own (no split brain); a lone survivor of a pair continues
+    only if it holds the lower id.
+    """
+    members = set(current)
+    kept = members & set(survivors)
+    if 2 * len(kept) > len(members):
+        return True
+    return 2 * len(kept) == len(members) and bool(members) and min(members) in kept
+
+
 def link_matrix(readies: Mapping[str, Ready]) -> dict[tuple[str, str], LinkEstimate]:
     """Directed link estimates ``(reporter, peer)`` gathered from all readies."""
     return {(r.peer, p): est for r in readies.values() for p, est in r.links.items()}
@@ -58,7 +72,8 @@ def decide_view(
     """The next view, or ``None`` while it is too early to decide.
 
     Members in the next view: current members that are ready and not
-    suspected, plus ``joiners`` when every ready member admits them. Ready
+    suspected, plus ``joiners`` when every ready member admits them; never
+    without a quorum of the current members (``has_quorum``). Ready
     peers that are not current members are ignored. Nothing is decided while
     an expected member (not suspected) is missing, until the deadline passes.
     """
@@ -69,7 +84,7 @@ def decide_view(
     if not deadline_passed and not expected <= ready:
         return None
     chosen = ready & expected
-    if not chosen:
+    if not chosen or not has_quorum(current, chosen):
         return None
     if all(readies[p].admit for p in ready):
         chosen |= set(joiners) - gone

@@ -130,5 +130,5 @@ async def test_cut_link_leaves_consistent_outcomes(mock_clock: trio.testing.Mock
         assert same_bytes([arrays[p] for p in ok])
         for p, r in out.items():
             if p not in ok:
-                assert isinstance(r, PeerLost)
+                assert isinstance(r, PeerLost), repr(r)
                 assert np.array_equal(arrays[p], data[p])

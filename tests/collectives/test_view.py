@@ -7,7 +7,14 @@ import itertools
 import pytest
 
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
-from collectives.view import Decision, Ready, coordinator_of, decide_view, initial_view
+from collectives.view import (
+    Decision,
+    Ready,
+    coordinator_of,
+    decide_view,
+    has_quorum,
+    initial_view,
+)
 
 MEMBERS = ("a", "b", "c", "d")
 JOINERS = ("x", "y")
@@ -40,7 +47,10 @@ def test_decide_view_exhaustively() -> None:
                         expected = set(MEMBERS) - suspects
                         ready = ready_set & set(MEMBERS)
                         chosen = ready & expected
-                        if (not passed and not expected <= ready) or not chosen:
+                        # Quorum: a strict majority of the 4 members, or exactly
+                        # half including the lowest id ("a").
+                        quorum = len(chosen) >= 3 or (len(chosen) == 2 and "a" in chosen)
+                        if (not passed and not expected <= ready) or not quorum:
                             assert got is None
                             continue
                         assert got is not None
@@ -50,7 +60,20 @@ def test_decide_view_exhaustively() -> None:
                         assert sorted(got.members) == sorted(want)
                         assert "z" not in got.members
                         checked += 1
-    assert checked > 1000
+    assert checked > 900
+
+
+def test_quorum_rule() -> None:
+    assert has_quorum("abcd", "abc") and has_quorum("abcd", "bcd")
+    assert has_quorum("abcd", "ab") and not has_quorum("abcd", "cd")
+    assert not has_quorum("abcd", "a") and not has_quorum("abcd", "")
+    assert has_quorum("ab", "a") and not has_quorum("ab", "b")
+    assert has_quorum("a", "a")
+    assert has_quorum("abc", "abcz")  # outsiders neither help nor hurt
+    # The two sides of any split never both have a quorum.
+    for side in subsets(MEMBERS):
+        other = set(MEMBERS) - side
+        assert not (has_quorum(MEMBERS, side) and has_quorum(MEMBERS, other))
 
 
 def test_initial_view_is_sorted_revision_zero() -> None:
@@ -180,6 +203,11 @@ def test_survivors_converge_on_one_view(dead: set[str]) -> None:
             assert isinstance(out, Decision)
             c.install(out, 1.0)
     coord = min(cores)
+    if not has_quorum(MEMBERS, cores):
+        # A minority (here the half without the lowest id) never decides a view.
+        assert all(cores[coord].answer(p, after) is None for p, after in pending.items())
+        assert all(c.view is not None and c.view.revision == 0 for c in cores.values())
+        return
     for p, after in pending.items():
         ans = cores[coord].answer(p, after)
         assert isinstance(ans, Decision)
