@@ -16,7 +16,7 @@ from typing import Any, Final
 import trio
 
 from peerd.dataproto import Part, PartTracker, parse_part
-from peerd.datastream import DataChannel, as_bytes_view
+from peerd.datastream import DataChannel, as_bytes_view, lazy_buffer
 from peerd.errors import PeerdError, PeerLost, ProtocolError
 
 _DISCARD_MEMORY: Final = 256
@@ -187,7 +187,7 @@ class Inbox:
 
     async def reader(self, chan: DataChannel) -> None:
         """Route every stripe arriving on ``chan`` until it fails."""
-        scratch = memoryview(bytearray(chan.max_record))
+        scratch = lazy_buffer(chan.max_record)  # for dropped stripes only: rarely touched
         while True:
             header, plen = await chan.receive_head()
             part = parse_part(header, plen, self._max_total)

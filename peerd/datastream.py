@@ -11,6 +11,7 @@ of the other channels.
 
 from __future__ import annotations
 
+import mmap
 from typing import Any, Final
 
 import trio
@@ -30,7 +31,7 @@ from peerd.record import HEADER, TAG_SIZE, RecordOpener, RecordSealer, record_si
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE", "DEFAULT_SOCKET_BUFFER", "ChannelStats", "DataChannel",
-    "SocketTransport", "Transport", "as_bytes_view", "recv_exactly", "tune_socket",
+    "SocketTransport", "Transport", "as_bytes_view", "lazy_buffer", "recv_exactly", "tune_socket",
 ]
 
 DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
@@ -41,6 +42,17 @@ OFFLOAD_MIN: Final = 64 * 1024
 # busy 2-core machine, the hand-off and cross-core cache traffic cost ~60% more
 # CPU per byte than inline crypto, so offloading is opt-in.
 _HEAD_SLACK: Final = record_size(0xFFFF + 10)
+
+def lazy_buffer(size: int) -> memoryview:
+    """A zeroed, writable buffer whose pages become resident only when written.
+
+    A channel's record buffers are sized for the largest record, but a
+    channel that only receives never writes its send buffer, and one carrying
+    small messages touches a page or two: a node with dozens of channels
+    would otherwise hold megabytes per channel (bytearray zero-fills eagerly).
+    """
+    return memoryview(mmap.mmap(-1, size))
+
 
 class DataChannel:
     """One authenticated, encrypted data connection to ``peer``.
@@ -72,8 +84,8 @@ class DataChannel:
         self._max_record = max_record
         self._max_message = max_message
         self._send_lock = trio.StrictFIFOLock()
-        self._wbuf = memoryview(bytearray(record_size(max_record) + _HEAD_SLACK))
-        self._rbuf = memoryview(bytearray(record_size(max_record)))
+        self._wbuf = lazy_buffer(record_size(max_record) + _HEAD_SLACK)
+        self._rbuf = lazy_buffer(record_size(max_record))
         self._hdr = memoryview(bytearray(HEADER.size))
         self._pending = 0  # plaintext length of a payload record read but not yet opened
         self._payload_left = 0
