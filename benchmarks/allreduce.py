@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(_HERE))  # last: gloo's spawned workers import _gloo from here
 sys.path.append(str(_HERE))
 
 from _gloo import run_gloo  # noqa: E402
