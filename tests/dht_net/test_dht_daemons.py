@@ -4,6 +4,7 @@ them, and the DHT keeps working after the seed is SIGKILLed."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,23 @@ from peerd.daemon.launcher import DaemonProcess, start_daemon, stop_all, wait_re
 from peerd.identity import SwarmKey
 
 N = 20
+# A daemon answers ``status`` before its DHT has joined (the join starts with its
+# first session and runs in the background). Peers count as joined once they hold
+# sessions with half the swarm: the join's self-lookup is what opens those.
+JOINED_PEERS = N // 2
+JOIN_TIMEOUT = 120.0
+JOIN_POLL = 0.5
+
+
+def wait_joined(daemons: list[DaemonProcess]) -> None:
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    for d in daemons:
+        while True:
+            with d.client(timeout=60) as c:
+                if len(c.status().peers) >= JOINED_PEERS:
+                    break
+            assert time.monotonic() < deadline, f"{d.data_dir} did not join the DHT"
+            time.sleep(JOIN_POLL)
 
 
 @pytest.fixture
@@ -27,6 +45,7 @@ def swarm(tmp_path: Path):  # type: ignore[no-untyped-def]
                                         wait=False))
         for d in daemons[1:]:
             wait_ready(d, timeout=120)
+        wait_joined(daemons)
         yield daemons
     finally:
         stop_all(daemons, signal.SIGKILL)
