@@ -5,8 +5,11 @@ fixed 20 ms one-way latency, no jitter, so elapsed time / RTT counts sequential
 round trips exactly). 50 keys are put, then 200 gets from random nodes. For each
 size it prints median and p99 rounds (sequential round trips of a get) and hops
 (longest chain of referrals the lookup followed), messages per lookup, and
-resident memory per node. The last line is median rounds at 5000 nodes divided
-by log2(5000).
+resident memory per node. It then has random nodes squat 20 sub-keys in other
+nodes' namespaces at the k nearest nodes before the owners publish, and counts
+how many of those forged stores were accepted and how often a reader still gets
+the owner's value. The last line is median rounds at 5000 nodes divided by
+log2(5000).
 
 Run: python benchmarks/dht.py [sizes...]
 """
@@ -26,11 +29,13 @@ import trio.testing
 
 from peerd.dht.config import DhtConfig
 from peerd.dht.memnet import MemNet
-from peerd.dht.sim import Swarm
+from peerd.dht.records import make_record
+from peerd.dht.sim import SimNode, Swarm
 
 LATENCY = 0.02
 KEYS = 50
 GETS = 200
+SQUATS = 20
 
 
 def pct(values: list[float], q: float) -> float:
@@ -65,6 +70,7 @@ async def measure(n: int) -> float:
             messages.append(got.lookup.messages)
             found += got.values == {None: i}
         tables = [len(x.dht.table) for x in nodes]
+        squat_accepted, squat_tries, owner_read = await squat(nodes, rng)
         nursery.cancel_scope.cancel()
     print(f"n={n}: join cpu {cpu1 - cpu0:.1f}s, routing table mean {statistics.mean(tables):.0f}"
           f" contacts, gets found {found}/{GETS}")
@@ -73,8 +79,27 @@ async def measure(n: int) -> float:
           f"messages/lookup mean {statistics.mean(messages):.1f} p99 {pct(messages, 0.99):.0f}")
     # ru_maxrss is in KiB on Linux; the swarm's growth over its size approximates per node
     # (routing table, store, trio tasks, identity).
+    print(f"n={n}: sub-key squats before the owner published: {squat_accepted}/{squat_tries} "
+          f"forged stores accepted, owner's value read {owner_read}/{SQUATS}")
     print(f"n={n}: memory per node ~{(rss1 - rss0) * 1024 / n / 1024:.1f} KiB (RSS growth / n)")
     return statistics.median(rounds)
+
+
+async def squat(nodes: list[SimNode], rng: random.Random) -> tuple[int, int, int]:
+    """Forged claims on other nodes' sub-keys, stored first; (accepted, tried, owner read)."""
+    accepted = tried = owner_read = 0
+    for i in range(SQUATS):
+        key = hashlib.sha256(b"bench-squat-%d" % i).digest()
+        owner, attacker, reader = rng.sample(nodes, 3)
+        slot = owner.dht.own_subkey(b"member")
+        forged = make_record(attacker.dht.identity, key, "stolen", ttl=3600.0,
+                             now=trio.current_time(), subkey=slot, seq=2**60)
+        for contact in (await attacker.dht.lookup(key))[0].closest:
+            tried += 1
+            accepted += await attacker.dht.store_at(contact, forged)
+        await owner.dht.put(key, "genuine", 3600.0, subkey=b"member")
+        owner_read += (await reader.dht.get(key)).get(slot) == "genuine"
+    return accepted, tried, owner_read
 
 
 async def main(sizes: list[int]) -> None:
