@@ -177,11 +177,16 @@ async def _command(
     if kind == "prepare":
         # Inputs are made before the timed call so that one slow peer drawing
         # random numbers does not show up as all-reduce time on the others.
-        prepared[cmd["round"]] = _inputs(index, cmd)
+        # Bulk work on the inputs runs on a thread throughout: seconds of it on
+        # the event loop (100M elements) would silence this peer's heartbeats.
+        prepared[cmd["round"]] = await trio.to_thread.run_sync(_inputs, index, cmd)
         return {"event": "prepared", "round": cmd["round"]}
     if kind == "allreduce":
         rnd = cmd["round"]
-        data, original = prepared.pop(rnd) if rnd in prepared else _inputs(index, cmd)
+        if rnd in prepared:
+            data, original = prepared.pop(rnd)
+        else:
+            data, original = await trio.to_thread.run_sync(_inputs, index, cmd)
         prepared.clear()
         die = cmd.get("die_at")
         if die == "before":
@@ -203,17 +208,18 @@ async def _command(
                                            quant=Quant(cmd.get("quant", 0)),
                                            retry=cmd.get("retry", True))
         except PeerLost as exc:
+            intact = await trio.to_thread.run_sync(np.array_equal, data.view(np.uint8),
+                                                   original.view(np.uint8))
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
-                    "peers": list(exc.peers), "input_intact": bool(np.array_equal(
-                        data.view(np.uint8), original.view(np.uint8)))}
+                    "peers": list(exc.peers), "input_intact": bool(intact)}
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         peak = max(0, rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
-            np.save(Path(out) / f"r{rnd}_{index}.npy", data)
-        await trio.lowlevel.checkpoint()
+            await trio.to_thread.run_sync(np.save, Path(out) / f"r{rnd}_{index}.npy", data)
+        sha = await trio.to_thread.run_sync(digest, data)
         return {"event": "result", "round": rnd, "participants": list(result.participants),
-                "revision": result.revision, "sha256": digest(data), "seconds": seconds,
+                "revision": result.revision, "sha256": sha, "seconds": seconds,
                 "cpu_seconds": cpu, "bytes_sent": result.bytes_sent,
                 "attempts": result.attempts, "peak_extra_bytes": peak}
     if kind in _NAT_COMMANDS:
