@@ -74,10 +74,24 @@ def test_relayed_pair_upgrades_to_punched(swarm: Swarm) -> None:
     direct path, and data still flows."""
     b, a2 = swarm.procs["b"], swarm.procs["a2"]
     relay = swarm.procs["p2"].peer
-    assert b.request(cmd="relay_to", peer=a2.peer, relay=relay)["path"].startswith("relay:")
-    assert a2.request(cmd="path", peer=b.peer)["path"].startswith("relay:")
-    assert b.request(cmd="try_upgrade", peer=a2.peer)["path"] == "punched"
-    assert a2.request(cmd="path", peer=b.peer)["path"] == "punched"
+    # DHT traffic may connect them on a network path at any time, and a relayed
+    # session loses to that (network beats relay): drop it and retry, bounded.
+    for _ in range(5):
+        b.request(cmd="disconnect", peer=a2.peer)
+        a2.request(cmd="disconnect", peer=b.peer)
+        there = b.request(cmd="relay_to", peer=a2.peer, relay=relay)["path"]
+        deadline = time.monotonic() + 10  # a2 admits the circuit a moment later
+        while (back := a2.request(cmd="path", peer=b.peer)["path"]) == "none" \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if there.startswith("relay:") and back == there:
+            break
+    assert there.startswith("relay:") and back == there, (there, back)
+    upgraded = b.request(cmd="try_upgrade", peer=a2.peer)["path"]
+    # An earlier a-b punch leaves a hole in b's address-dependent filter that a2
+    # (behind a's NAT, same public address) can dial straight through.
+    assert upgraded in ("punched", "direct"), upgraded
+    assert a2.request(cmd="path", peer=b.peer)["path"] == upgraded
     swarm.transfer("b", "a2", "upgrade", seed=7, size=DATA_BYTES)
 
 
