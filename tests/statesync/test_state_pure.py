@@ -3,9 +3,7 @@ striping, piece hashing and message validation."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import importlib
 
 import numpy as np
 import pytest
@@ -30,25 +28,6 @@ from collectives.statebuf import capture, describe
 from collectives.statemsg import Announce, ArrayHeader, Fetch, TensorEntry
 from peerd.errors import ConfigError, ProtocolError
 from peerd.wire import decode_untrusted, encode
-
-CORES = ["collectives.state", "collectives.statebuf", "collectives.statemsg"]
-FORBIDDEN = {"trio", "socket", "time", "asyncio", "threading", "select"}
-
-
-@pytest.mark.parametrize("name", CORES)
-def test_core_imports_no_io(name: str) -> None:
-    module = importlib.import_module(name)
-    assert module.__file__ is not None
-    with open(module.__file__) as f:
-        tree = ast.parse(f.read())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & FORBIDDEN
-
 
 strategies_st = st.sampled_from(list(SyncStrategy))
 votes_st = st.dictionaries(
