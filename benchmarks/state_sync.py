@@ -56,60 +56,45 @@ async def child(key_hex: str, listen: str) -> None:
     from collectives.driver import EngineConfig
     from collectives.membership import Timing
     from peerd.identity import SwarmKey
+    from peerd.jsonlines import commands, emit
     from peerd.node import open_node
-
-    def emit(**fields: Any) -> None:
-        sys.stdout.write(json.dumps(fields) + "\n")
-        sys.stdout.flush()
 
     # Several peers share this machine's few cores: tolerate stalls of seconds.
     PATIENT = EngineConfig(timing=Timing(heartbeat_timeout=30.0))  # noqa: N806
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen) as node:
         emit(event="ready", peer=node.peer_id.text, addr=node.listen_addresses[0])
-        stdin = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
         state: dict[str, Any] = {}
-        while True:
-            chunk = await stdin.receive_some(65536)
-            if not chunk:
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                cmd = json.loads(line)
-                kind = cmd["cmd"]
-                if kind == "quit":
-                    emit(event="bye")
-                    return
-                if kind == "connect":
-                    await node.connect(cmd["addr"])
-                    emit(event="connected")
-                elif kind == "join":
-                    await node.join_run(RUN, cmd["members"], PATIENT)
-                    emit(event="joined")
-                elif kind == "state":
-                    # on a thread: heartbeats go on while numpy draws the numbers
-                    state = await trio.to_thread.run_sync(
-                        make_state, cmd["size"], cmd["seed"], cmd["zero"])
-                    emit(event="state")
-                elif kind == "pending":
-                    now = trio.current_time()
-                    emit(event="pending",
-                         value=cmd["peer"] in node.engine(RUN).core.joiners(now))
-                elif kind == "sync":
-                    if cmd.get("join"):
-                        await node.join_run(RUN, config=PATIENT)
-                    t0 = time.perf_counter()
-                    res = await node.sync_state(RUN, state, cmd["revision"],
-                                                SyncStrategy[cmd["strategy"]])
-                    seconds = time.perf_counter() - t0
-                    from collectives.statesync import StateSync
+        async for cmd in commands():
+            kind = cmd["cmd"]
+            if kind == "connect":
+                await node.connect(cmd["addr"])
+                emit(event="connected")
+            elif kind == "join":
+                await node.join_run(RUN, cmd["members"], PATIENT)
+                emit(event="joined")
+            elif kind == "state":
+                # on a thread: heartbeats go on while numpy draws the numbers
+                state = await trio.to_thread.run_sync(
+                    make_state, cmd["size"], cmd["seed"], cmd["zero"])
+                emit(event="state")
+            elif kind == "pending":
+                now = trio.current_time()
+                emit(event="pending",
+                     value=cmd["peer"] in node.engine(RUN).core.joiners(now))
+            elif kind == "sync":
+                if cmd.get("join"):
+                    await node.join_run(RUN, config=PATIENT)
+                t0 = time.perf_counter()
+                res = await node.sync_state(RUN, state, cmd["revision"],
+                                            SyncStrategy[cmd["strategy"]])
+                seconds = time.perf_counter() - t0
+                from collectives.statesync import StateSync
 
-                    phases = StateSync.of(node.engine(RUN)).statistics().last_phases
-                    emit(event="synced", seconds=seconds, received=res.bytes_received,
-                         phases=dict(phases),
-                         sent=res.bytes_sent, members=len(res.participants),
-                         sha=hashlib.sha256(state["params"].data).hexdigest())
+                phases = StateSync.of(node.engine(RUN)).statistics().last_phases
+                emit(event="synced", seconds=seconds, received=res.bytes_received,
+                     phases=dict(phases),
+                     sent=res.bytes_sent, members=len(res.participants),
+                     sha=hashlib.sha256(state["params"].data).hexdigest())
 
 
 # ---------------------------------------------------------------- the driver

@@ -107,14 +107,10 @@ class _FaultFabric:
 
 
 async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> None:
-    import trio
 
     from peerd.identity import SwarmKey
+    from peerd.jsonlines import commands, emit
     from peerd.node import open_node
-
-    def emit(**fields: Any) -> None:
-        sys.stdout.write(json.dumps(fields) + "\n")
-        sys.stdout.flush()
 
     # Import torch before the node runs: a multi-second import inside a round
     # would block the event loop past the heartbeat timeout. Tests that never
@@ -127,25 +123,13 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
         node.fabric = fault  # type: ignore[assignment]
         emit(event="ready", index=index, peer=node.peer_id.text,
              addr=node.listen_addresses[0], pid=os.getpid())
-        stdin = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
         prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        while True:
-            chunk = await stdin.receive_some(65536)
-            if not chunk:
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                cmd = json.loads(line)
-                if cmd["cmd"] == "quit":
-                    emit(event="bye")
-                    return
-                try:
-                    emit(**await _command(node, fault, index, cmd, prepared))
-                except PeerdError as exc:
-                    emit(event="error", kind=type(exc).__name__, message=str(exc),
-                         peers=list(getattr(exc, "peers", ())))
+        async for cmd in commands():
+            try:
+                emit(**await _command(node, fault, index, cmd, prepared))
+            except PeerdError as exc:
+                emit(event="error", kind=type(exc).__name__, message=str(exc),
+                     peers=list(getattr(exc, "peers", ())))
 
 
 def _inputs(index: int, cmd: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
