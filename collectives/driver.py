@@ -11,6 +11,13 @@ the run and who is gone.
 Rounds: members call ``update_view()`` together at a round boundary (joins
 take effect there); ``all_reduce(retry=True)`` re-forms the view among the
 survivors after a failure, without admitting joiners.
+
+Partitions: a peer whose reachable members are no quorum of its view raises
+``PeerLost`` and keeps heartbeating the members it lost. When one answers
+with a newer revision, the other side went on without it: the peer is
+*stranded* (``current_view()`` is ``None``, collectives raise ``Evicted``)
+and its next round boundary (``update_view``, ``StateSync.sync``) rejoins
+the run as a joiner, like a dynamic join.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ AUTO_SUB_MAX = 4 << 20
 
 
 class Evicted(PeerLost):
-    """This peer is not in the run's current view (declared gone, or left); ``join()`` again."""
+    """This peer is not in the run's current view (declared gone, left, or
+    stranded by a partition); ``join()`` again, or for a stranded peer call
+    ``update_view()``/``sync_state()`` at the next round boundary."""
 
     def __init__(self, me: str, detail: str = "") -> None:
         super().__init__([me], detail or "this peer is not a member of the view")
@@ -80,6 +89,7 @@ class EngineStats:
     failed_attempts: int
     bytes_sent: int
     bytes_received: int
+    stranded: bool = False  # on the side of a partition that lost; rejoins at a boundary
 
 
 def sub_chunk_elems(config: EngineConfig, n: int, peers: int) -> int:
@@ -123,15 +133,24 @@ class MembershipDriver:
     def current_view(self) -> View | None:
         """The installed view if this peer is a member of it, else ``None``."""
         d = self.core.view
-        if d is None or self.me not in d.members:
+        if d is None or not self.core.is_member:
             return None
         return View(self.run, d.revision, d.members, self.me)
 
     def view(self) -> View:
         v = self.current_view()
         if v is None:
-            raise Evicted(self.me) if self.core.view else ConfigError("join the run first")
+            raise self._evicted() if self.core.view else ConfigError("join the run first")
         return v
+
+    def _evicted(self, detail: str = "") -> Evicted:
+        if self.core.stranded:
+            d = self.core.view
+            assert d is not None
+            detail = (f"the run went on without this peer after revision {d.revision} "
+                      "(a partition without quorum on this side); it rejoins at the next "
+                      "round boundary")
+        return Evicted(self.me, detail)
 
     def statistics(self) -> EngineStats:
         d = self.core.view
@@ -146,6 +165,7 @@ class MembershipDriver:
             c["failed"],
             c["sent"],
             c["received"],
+            self.core.stranded,
         )
 
     def link_bandwidth(self, peer: str) -> float:
@@ -153,7 +173,10 @@ class MembershipDriver:
         return self._bandwidth.get(peer, 0.0)
 
     async def update_view(self) -> View:
-        """Round boundary: agree the next view with every member (joiners admitted)."""
+        """Round boundary: agree the next view with every member (joiners
+        admitted). A stranded peer instead waits here to be admitted again."""
+        if self.core.stranded:
+            return await self.join()
         await self._change_view(admit=True, after=None)
         return self.view()
 
@@ -301,6 +324,10 @@ class MembershipDriver:
                         if peer not in self._bandwidth and peer not in self._probing:
                             self._probing.add(peer)
                             self._spawn(self._probe, peer)
+                # Without a quorum, keep asking the lost members: the answer
+                # that they went on is how a healed partition is noticed.
+                for peer in self.core.probes():
+                    self._spawn(self._heartbeat, peer)
             await trio.sleep(timing.heartbeat_interval)
 
     async def _heartbeat(self, peer: str) -> None:
@@ -309,7 +336,7 @@ class MembershipDriver:
         msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)))
         start = trio.current_time()
         try:
-            await self.fabric.call(
+            reply = await self.fabric.call(
                 peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
             )
         except PeerLost:
@@ -317,10 +344,26 @@ class MembershipDriver:
             return
         except (Timeout, RemoteError):
             return  # silence is judged by the timeout, not by one late reply
+        try:
+            ack: m.Ack = self._decode(reply, m.Ack)
+        except ProtocolError:
+            return
+        if peer in self.core.suspects:
+            self._probed(peer, ack.revision)
+            return
         now = trio.current_time()
         self.core.heard(peer, now)
         rtt = now - start
         self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
+
+    def _probed(self, peer: str, revision: int) -> None:
+        """A lost member answered a probe with its ``revision``."""
+        was = self.core.stranded
+        if self.core.reported(peer, revision) and not was:
+            d = self.core.view
+            event(log, "collectives.stranded", me=self.me, run=self.run,
+                  revision=d.revision if d else None, newer=revision, by=peer)
+            self._notify()
 
     async def _probe(self, peer: str) -> None:
         """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
@@ -358,9 +401,16 @@ class MembershipDriver:
 
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
-        self.core.heard(peer, trio.current_time())
         d = self.core.view
-        if d is not None and msg.revision == d.revision and peer in d.members:
+        same_view = d is not None and msg.revision == d.revision and peer in d.members
+        if same_view and self.me in msg.suspects:
+            # A probe from across a partition: the sender cannot count on this
+            # peer, so this peer must not count on it (and its other suspects
+            # are this side of the partition, alive).
+            self.lost({peer}, f"{peer} reports this peer gone")
+            return self._ack()
+        self.core.heard(peer, trio.current_time())
+        if same_view:
             reported = set(msg.suspects) - {self.me}
             if reported:
                 self.lost(reported, f"reported by {peer}")
@@ -476,7 +526,7 @@ class MembershipDriver:
         async with self._reform_lock:
             d = self.core.view
             if d is None or not self.core.is_member:
-                raise Evicted(self.me)
+                raise self._evicted()
             if after is not None and d.revision > after:
                 return  # another task already re-formed the view past the failed one
             start = d.revision

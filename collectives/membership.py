@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collectives.view import Decision, Ready, coordinator_of, decide_view
+from collectives.view import (
+    Decision,
+    Ready,
+    coordinator_of,
+    decide_view,
+    probe_targets,
+    stranded,
+)
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats to each member
 HEARTBEAT_TIMEOUT = 5.0  # silence after which a member is considered gone
@@ -55,6 +62,7 @@ class Membership:
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
         self.last_decided: Decision | None = None  # the last view this peer decided
+        self._newer: set[str] = set()  # members that reported a revision above ours
 
     # -------------------------------------------------------------- view
 
@@ -62,10 +70,17 @@ class Membership:
         """Adopt a decided view if it is newer than ours; returns whether it was."""
         if self.view is not None and decision.revision <= self.view.revision:
             return False
+        outside = not self.is_member  # a joiner, or back from a lost partition
         self.view = decision
         members = set(decision.members)
         self._readies.clear()
         self._round_started = None
+        self._newer.clear()
+        if outside:
+            # Suspicions and silences from before (re)joining say nothing
+            # about the members of this view: start afresh.
+            self.suspects.clear()
+            self._last_seen.update(dict.fromkeys(members, now))
         self.suspects &= members
         for m in members - self._last_seen.keys():
             self._last_seen[m] = now  # a grace period for newcomers
@@ -77,7 +92,28 @@ class Membership:
 
     @property
     def is_member(self) -> bool:
-        return self.view is not None and self.me in self.view.members
+        """In the installed view and able to act on it (not ``stranded``)."""
+        return self.view is not None and self.me in self.view.members and not self.stranded
+
+    @property
+    def stranded(self) -> bool:
+        """On the losing side of a partition whose other side went on: this
+        peer must rejoin as a joiner (see ``collectives.view.stranded``)."""
+        v = self.view
+        return v is not None and stranded(v.members, self.me, self.suspects, self._newer)
+
+    def reported(self, peer: str, revision: int) -> bool:
+        """A member answered with its revision; returns whether this peer is
+        stranded as a result (newly or still)."""
+        v = self.view
+        if v is not None and revision > v.revision and peer in v.members:
+            self._newer.add(peer)
+        return self.stranded
+
+    def probes(self) -> frozenset[str]:
+        """Suspected members to keep heartbeating (see ``probe_targets``)."""
+        v = self.view
+        return probe_targets(v.members, self.me, self.suspects) if v is not None else frozenset()
 
     def others(self) -> tuple[str, ...]:
         return tuple(m for m in (self.view.members if self.view else ()) if m != self.me)

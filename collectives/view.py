@@ -7,6 +7,11 @@ boundary send the coordinator a ``Ready``; it decides once every member it
 expects is ready, or at the deadline without the missing ones. Joiners are
 admitted only when every ready member allows it (explicit boundaries, not
 failure retries, because a joiner is not running the interrupted operation).
+
+Partitions: only the side holding a quorum of the view goes on. The other
+side keeps probing the members it lost (``probe_targets``); once one of them
+answers with a newer revision, the peer is ``stranded`` and rejoins the run
+as a joiner at the next round boundary.
 """
 
 from __future__ import annotations
@@ -54,6 +59,40 @@ def has_quorum(current: Iterable[str], survivors: Iterable[str]) -> bool:
     if 2 * len(kept) > len(members):
         return True
     return 2 * len(kept) == len(members) and bool(members) and min(members) in kept
+
+
+def probe_targets(members: Iterable[str], me: str, suspects: Iterable[str]) -> frozenset[str]:
+    """Suspected members to keep heartbeating from ``me``'s side of a partition.
+
+    None while the members ``me`` still reaches are a quorum of the view: that
+    side re-forms without the suspects, who come back as joiners. Without a
+    quorum, all of them: this side cannot form a view of its own, and a
+    suspect that answers again is how it learns the partition has healed.
+    """
+    current = set(members)
+    gone = (set(suspects) & current) - {me}
+    if me not in current or has_quorum(current, current - gone):
+        return frozenset()
+    return frozenset(gone)
+
+
+def stranded(
+    members: Iterable[str], me: str, suspects: Iterable[str], newer: Iterable[str]
+) -> bool:
+    """Whether ``me`` has lost its place in the run and must rejoin as a joiner.
+
+    True when the members ``me`` reaches are no quorum of its view and some
+    member of that view (``newer``: members that reported a higher revision)
+    has moved on: the side that held the quorum agreed a newer view, which
+    only admits this peer at a round boundary. Its old view is then dead;
+    acting on it could never succeed and must never form a view.
+    """
+    current = set(members)
+    if me not in current:
+        return False
+    gone = (set(suspects) & current) - {me}
+    moved_on = (set(newer) & current) - {me}
+    return bool(moved_on) and not has_quorum(current, current - gone)
 
 
 def link_matrix(readies: Mapping[str, Ready]) -> dict[tuple[str, str], LinkEstimate]:
