@@ -506,7 +506,7 @@ async def open_node(
         async with trio.open_nursery() as nursery:
             node = Node(identity, swarm_key, cfg, nursery, udp)
             nursery.start_soon(node.endpoint.serve)
-            nursery.start_soon(node.traversal.run)
+            nursery.start_soon(node.traversal.infos.run)
             await node.data.start(node.listen_address[1])
             await nursery.start(node.dht.run)
             nursery.start_soon(node.store_sync.run)

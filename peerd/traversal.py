@@ -31,6 +31,7 @@ from peerd.errors import ConfigError, PeerdError, PeerLost, ProtocolError, Timeo
 from peerd.identity import PeerId
 from peerd.log import event
 from peerd.nat_data import QDATA_MAGIC
+from peerd.nat_info import INFO_TIMEOUT, PeerInfos
 from peerd.nat_pipe import PipeEndpoint
 from peerd.nat_punch import (
     FORWARD_METHOD,
@@ -40,31 +41,25 @@ from peerd.nat_punch import (
     ReverseDial,
 )
 from peerd.nat_relay import CIRCUIT_MAGIC, RELAY_MAGIC, RelayService, open_circuit, read_header
-from peerd.natstate import UNKNOWN_INFO, NatInfo
+from peerd.natstate import NatInfo
 from peerd.quic import QuicConn, QuicStream
 from peerd.session import HANDSHAKE_TIMEOUT, Session, client_session, server_session
-from peerd.wire import decode_untrusted, encode
 
 if TYPE_CHECKING:
     from peerd.node import Node
 
 log = logging.getLogger("peerd.traversal")
 
-INFO_METHOD = "peerd.nat.info"
 DIRECT = "direct"
 PUNCHED = "punched"
 RELAY_PREFIX = "relay:"
 DIRECT_TIMEOUT = 3.0  # a dial that has not completed its handshake by then is filtered
 REVERSE_TIMEOUT = 8.0
-INFO_TIMEOUT = 5.0
 PEEK_TIMEOUT = 10.0
 RESPONDED_RECENTLY = 30.0  # an inbound session this soon after our punch burst is punched
 RENDEZVOUS_TRIES = 3
 UPGRADE_DELAYS = (30.0, 60.0, 120.0)
 RECONNECT_DELAYS = (0.5, 2.0, 5.0)
-PUBLISH_DEBOUNCE = 1.0
-PUBLISH_TIMEOUT = 30.0
-NAT_RECORD_TTL = 600.0
 _NON_RELAY = (PathKind.DIRECT_PRIVATE, PathKind.DIRECT_PUBLIC, PathKind.REVERSE,
               PathKind.PUNCH, PathKind.PUNCH_PREDICTED)
 
@@ -87,25 +82,21 @@ class Traversal:
     def __init__(self, node: Node) -> None:
         self._node = node
         self._labels: weakref.WeakKeyDictionary[QuicConn, str] = weakref.WeakKeyDictionary()
-        self._infos: dict[PeerId, NatInfo] = {}
         self._wanted: set[PeerId] = set()
         self._relay_of: dict[PeerId, PeerId] = {}
         self._arrived: dict[PeerId, trio.Event] = {}
         self._locks: dict[PeerId, trio.Lock] = {}
-        self._changed = trio.Event()
-        self._published: NatInfo | None = None
-        self.nat_subkey = node.peer_id.raw + b"/nat"
+        self.infos = PeerInfos(node)
         self.relay = RelayService(node._sessions)
         self.punch = PunchCoordinator(node.peer_id, node.call, node.endpoint.send_raw,
                                       self.local_info, self._reverse_dial, node._nursery)
         node.endpoint.set_raw_handler(self.punch.on_raw)
         node.register(FORWARD_METHOD, self.punch.handle_forward)
         node.register(SIGNAL_METHOD, self.punch.handle_signal)
-        node.register(INFO_METHOD, self._handle_info)
         node.on_peer_lost(self._on_lost)
 
     def local_info(self) -> NatInfo:
-        return self._node.nat.info(trio.current_time())
+        return self.infos.local()
 
     # ------------------------------------------------------------ hooks from the node
 
@@ -122,7 +113,7 @@ class Traversal:
         responded = self.punch.responded_at.get(peer)
         if responded is not None and trio.current_time() - responded < RESPONDED_RECENTLY:
             self._labels.setdefault(conn, PUNCHED)
-        self._changed.set()
+        self.infos.changed()
         return True
 
     def prefer(self, old: Session, new: Session) -> tuple[Session, Session] | None:
@@ -239,23 +230,9 @@ class Traversal:
             except (PeerdError, trio.TooSlowError):
                 continue
             if isinstance(reply, NatInfo):
-                self._infos[peer] = reply
+                self.infos.remember(peer, reply)
                 return reply, r
-        return await self._dht_info(peer), None
-
-    async def _dht_info(self, peer: PeerId) -> NatInfo:
-        dht = self._node.dht
-        with trio.move_on_after(INFO_TIMEOUT):
-            try:
-                raw = (await dht.get(peer.raw)).get(peer.raw + b"/nat")
-                if isinstance(raw, bytes):
-                    return decode_untrusted(raw, expect=NatInfo)
-                addresses = await dht.find_peer(peer) or ()
-            except PeerdError:
-                addresses = ()
-            public = tuple(e for a in addresses if (e := _endpoint_of(a)) is not None)
-            return NatInfo(1, NatType.UNKNOWN, None, public[:8], (), 0, False)
-        return UNKNOWN_INFO
+        return await self.infos.from_dht(peer), None
 
     async def _attempt(self, attempt: PathAttempt, peer: PeerId, via: PeerId | None,
                        rendezvous: list[PeerId]) -> None:
@@ -391,7 +368,7 @@ class Traversal:
                 return
             await self.try_upgrade(peer)
 
-    # ------------------------------------------------------------ data routes, info
+    # ------------------------------------------------------------ data routes, statistics
 
     async def data_route(self, peer: PeerId) -> str:
         """How the data plane should open a link to ``peer`` (``dataplane.ROUTES``)."""
@@ -399,7 +376,7 @@ class Traversal:
         label = self._labels.get(s.conn, DIRECT)
         if label.startswith(RELAY_PREFIX):
             return "quic"
-        info = await self.peer_info(peer)
+        info = await self.infos.of(peer)
         local = self.local_info()
         if label == PUNCHED:
             return "punch" if info.port_preserving and local.port_preserving else "quic"
@@ -408,46 +385,6 @@ class Traversal:
         if local.nat_type is NatType.PUBLIC and info.nat_type in (NatType.EASY, NatType.HARD):
             return "reverse"
         return "direct"
-
-    async def peer_info(self, peer: PeerId) -> NatInfo:
-        """``peer``'s NAT info, asked from the peer itself when not yet known."""
-        info = self._infos.get(peer)
-        if info is not None:
-            return info
-        try:
-            reply = await self._node.call(peer, INFO_METHOD, b"", INFO_TIMEOUT)
-            info = decode_untrusted(reply, expect=NatInfo)
-        except PeerdError:
-            return UNKNOWN_INFO
-        self._infos[peer] = info
-        return info
-
-    async def _handle_info(self, peer: PeerId, payload: bytes) -> bytes:
-        return encode(self.local_info())
-
-    async def run(self) -> None:
-        """Publish our NAT info (and public addresses) in the DHT when it changes."""
-        node = self._node
-        while True:
-            await self._changed.wait()
-            self._changed = trio.Event()
-            await trio.sleep(PUBLISH_DEBOUNCE)
-            info = self.local_info()
-            if info == self._published or info.nat_type is NatType.UNKNOWN:
-                continue
-            self._published = info
-            listen = node.listen_addresses
-            public = [str(e) for e in info.public if str(e) not in listen]
-            node.dht.set_addresses([*listen, *public][:8])
-            with trio.move_on_after(PUBLISH_TIMEOUT):
-                try:
-                    await node.dht.put(node.peer_id.raw, encode(info), NAT_RECORD_TTL,
-                                       self.nat_subkey)
-                    await node.dht.publisher.publish_node_record()
-                except (PeerdError, ValueError) as exc:
-                    event(log, "traversal.publish_failed", error=exc)
-            event(log, "traversal.published", nat=info.nat_type.name.lower(),
-                  public=public)
 
     def statistics(self) -> TraversalStats:
         node = self._node
@@ -469,11 +406,3 @@ def _is_lan(addr: tuple[str, int]) -> bool:
         return Endpoint(addr[0], max(addr[1], 1)).is_lan
     except ValueError:
         return False
-
-
-def _endpoint_of(text: str) -> Endpoint | None:
-    host, _, port = text.rpartition(":")
-    try:
-        return Endpoint(host.strip("[]"), int(port))
-    except ValueError:
-        return None
