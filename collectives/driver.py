@@ -348,16 +348,16 @@ class MembershipDriver:
             ack: m.Ack = self._decode(reply, m.Ack)
         except ProtocolError:
             return
+        self._answered(peer, ack.revision)
         if peer in self.core.suspects:
-            self._probed(peer, ack.revision)
-            return
+            return  # a probe across a partition: no RTT sample, still suspected
         now = trio.current_time()
         self.core.heard(peer, now)
         rtt = now - start
         self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
 
-    def _probed(self, peer: str, revision: int) -> None:
-        """A lost member answered a probe with its ``revision``."""
+    def _answered(self, peer: str, revision: int) -> None:
+        """A member answered a heartbeat with its ``revision``."""
         was = self.core.stranded
         if self.core.reported(peer, revision) and not was:
             d = self.core.view

@@ -1,0 +1,197 @@
+"""Rejoining after a partition: the pure decisions (exhaustive and hypothesis),
+the membership core's stranded state, and the driver's probe handling."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from collectives import messages as m
+from collectives.membership import Membership, Timing
+from collectives.view import Decision, has_quorum, probe_targets, stranded
+from peerd.errors import PeerLost
+from peerd.wire import decode_untrusted, encode
+
+from .conftest import RUN, swarm
+
+MEMBERS = ("a", "b", "c", "d", "e")
+
+
+def subsets(items: tuple[str, ...]) -> list[frozenset[str]]:
+    return [frozenset(c) for r in range(len(items) + 1) for c in itertools.combinations(items, r)]
+
+
+# ------------------------------------------------------------------ pure decisions
+
+
+def test_probe_targets_exhaustively() -> None:
+    for me in (*MEMBERS, "x"):  # x: not a member of the view
+        for suspects in subsets((*MEMBERS, "y")):  # y: a suspect outside the view
+            got = probe_targets(MEMBERS, me, suspects)
+            lost = (suspects & set(MEMBERS)) - {me}
+            if me not in MEMBERS or has_quorum(MEMBERS, set(MEMBERS) - lost):
+                assert got == frozenset(), (me, suspects)
+            else:
+                assert got == lost, (me, suspects)
+
+
+def test_stranded_exhaustively() -> None:
+    checked = 0
+    for me in (*MEMBERS, "x"):
+        for suspects in subsets(MEMBERS):
+            for newer in subsets((*MEMBERS, "z")):  # z reports newer but is no member
+                got = stranded(MEMBERS, me, suspects, newer)
+                alive = set(MEMBERS) - (suspects - {me})
+                moved_on = (newer & set(MEMBERS)) - {me}
+                want = me in MEMBERS and bool(moved_on) and not has_quorum(MEMBERS, alive)
+                assert got == want, (me, suspects, newer)
+                checked += got
+    assert checked > 0  # the interesting case occurs
+
+
+def test_minority_of_a_split_is_stranded_majority_never() -> None:
+    big, small = {"a", "b", "c"}, {"d", "e"}
+    for me in small:
+        assert probe_targets(MEMBERS, me, big) == big
+        assert not stranded(MEMBERS, me, big, ())  # nobody answered yet
+        assert stranded(MEMBERS, me, big, {"b"})  # "b" went on
+        # The other minority peer is already back in a newer view: so is the run.
+        assert stranded(MEMBERS, me, big, {"e" if me == "d" else "d"})
+        assert not stranded(MEMBERS, me, big, {me})  # its own word does not count
+    for me in big:
+        assert probe_targets(MEMBERS, me, small) == frozenset()
+        assert not stranded(MEMBERS, me, small, small)
+
+
+ids = st.sampled_from([f"p{i}" for i in range(9)])
+
+
+@given(members=st.frozensets(ids, min_size=1), side=st.frozensets(ids),
+       newer=st.frozensets(ids))
+def test_no_side_of_a_split_both_stays_and_strands(members: frozenset[str],
+                                                  side: frozenset[str],
+                                                  newer: frozenset[str]) -> None:
+    """Split ``members`` into ``side`` and the rest: at most one side may go
+    on; a stranded peer is always on a side that cannot, and a peer that
+    probes is always on a side that cannot."""
+    view = tuple(sorted(members))
+    a, b = members & side, members - side
+    assert not (has_quorum(view, a) and has_quorum(view, b))
+    for here, there in ((a, b), (b, a)):
+        for me in here:
+            can_go_on = has_quorum(view, here)
+            if stranded(view, me, there, newer):
+                assert not can_go_on
+                assert probe_targets(view, me, there)  # it got there by probing
+            if probe_targets(view, me, there):
+                assert not can_go_on
+
+
+# ------------------------------------------------------------------ membership core
+
+
+def core_of(me: str, members: tuple[str, ...] = MEMBERS) -> Membership:
+    core = Membership(me, Timing(heartbeat_interval=1.0, heartbeat_timeout=5.0))
+    core.install(Decision(0, members), 0.0)
+    return core
+
+
+def test_core_strands_only_on_a_newer_revision_from_a_member_without_quorum() -> None:
+    core = core_of("d")
+    core.suspect({"a"})
+    assert not core.reported("b", 3)  # with a quorum: a commit missed, the next ready fixes it
+    assert core.is_member
+    core = core_of("d")
+    core.suspect({"a", "b", "c"})
+    assert core.probes() == {"a", "b", "c"}
+    assert not core.reported("a", 0)  # same revision: nothing moved on
+    assert not core.reported("x", 9)  # not a member of the view
+    assert core.is_member
+    assert core.reported("b", 1)
+    assert core.stranded and not core.is_member
+
+
+def test_core_rejoin_starts_afresh() -> None:
+    core = core_of("d")
+    core.suspect({"a", "b", "c"})
+    core.reported("a", 1)
+    assert core.stranded
+    # Admitted into revision 2 after a long partition (now = 100 s).
+    assert core.install(Decision(2, MEMBERS), 100.0)
+    assert core.is_member and not core.stranded
+    assert core.suspects == set()
+    assert core.expired(104.0) == frozenset()  # old silences do not count
+    assert core.expired(106.0) == {"a", "b", "c", "e"}
+    assert core.probes() == frozenset()
+
+
+def test_core_install_of_an_older_view_does_not_unstrand() -> None:
+    core = core_of("d")
+    core.suspect({"a", "b", "c"})
+    core.reported("c", 4)
+    assert not core.install(Decision(0, MEMBERS), 1.0)
+    assert core.stranded
+
+
+# ------------------------------------------------------------------ driver
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_probe_naming_the_receiver_makes_it_drop_the_sender(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A heartbeat that names its receiver as gone comes from across a
+    partition: the receiver drops the sender, and not the sender's suspects
+    (they are on the receiver's own side)."""
+    async with swarm(5) as s:
+        e = s.engines["p00"]
+        hb = m.Heartbeat(RUN, 0, ("p00", "p01", "p02"))
+        reply = decode_untrusted(await e._on_heartbeat("p04", encode(hb)), expect=m.Ack)
+        assert reply.revision == 0
+        assert e.core.suspects == {"p04"}
+        # A heartbeat of another revision changes nothing.
+        stale = m.Heartbeat(RUN, 7, ("p00", "p01"))
+        await e._on_heartbeat("p03", encode(stale))
+        assert e.core.suspects == {"p04"}
+
+
+async def test_minority_stays_put_until_the_majority_moves_on(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Healed before the majority formed a new view: the minority must not
+    strand itself on its own side's answers, and it never forms a view."""
+    async with swarm(5) as s:
+        big, small = ["p00", "p01", "p02"], ["p03", "p04"]
+        for x in big:
+            for y in small:
+                s.net.cut(x, y)
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True),
+                           small)
+        assert all(isinstance(r, PeerLost) and "no quorum" in str(r) for r in out.values())
+        for p in small:
+            assert s.engines[p].core.view == Decision(0, tuple(sorted(big + small)))
+            assert not s.engines[p].core.stranded
+        # The majority has not run anything: its view is still revision 0,
+        # so healing does not strand anyone; the probes make it drop them.
+        for x in big:
+            for y in small:
+                s.net.heal(x, y)
+        with trio.fail_after(30):
+            while not {"p03", "p04"} <= s.engines["p00"].core.suspects:
+                await s.engines["p00"].changed().wait()
+        assert not any(s.engines[p].core.stranded for p in small)
+        views = await s.each(lambda p, e: e.update_view(), big)
+        # ...it goes on without them; its answer to their next probe strands them.
+        assert all(sorted(v.members) == big and v.revision == 1 for v in views.values()), views
+        with trio.fail_after(30):
+            for p in small:
+                while not s.engines[p].core.stranded:
+                    await s.engines[p].changed().wait()
