@@ -39,7 +39,7 @@ from peerd.datastream import (
 )
 from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
 from peerd.log import event
-from peerd.record import DEFAULT_MAX_PLAINTEXT, DEFAULT_REKEY_INTERVAL, record_pair
+from peerd.record import DEFAULT_MAX_PLAINTEXT, DEFAULT_REKEY_INTERVAL, TAG_SIZE, record_pair
 
 __all__ = [
     "DATA_HANDSHAKE_TIMEOUT", "ChannelStats", "DataChannel", "DataConfig", "DataListener",
@@ -80,7 +80,7 @@ async def _confirm(
     kind, n = opener.parse_header(hdr)
     if kind != Kind.CONFIRM or n > _CONFIRM_LIMIT:
         raise ProtocolError("expected a key confirmation record")
-    body = memoryview(bytearray(n + 16))
+    body = memoryview(bytearray(n + TAG_SIZE))
     await recv_exactly(transport, body)
     plain = bytearray(n)
     opener.open_into(kind, body, memoryview(plain))

@@ -17,10 +17,11 @@ from typing import Final
 from peerd.errors import ProtocolError
 
 MAGIC: Final = b"PEERDDAT"
-DATA_VERSION: Final = 1
+# 2: AEGIS-256 records (32-byte tags) and v2 key labels; 1 was AES-256-GCM.
+DATA_VERSION: Final = 2
 TOKEN_SIZE: Final = 32
 PREAMBLE_SIZE: Final = len(MAGIC) + 1 + TOKEN_SIZE
-CONFIRM_TEXT: Final = b"peerd data confirm v1"
+CONFIRM_TEXT: Final = b"peerd data confirm v2"
 MAX_HEADER: Final = 0xFFFF
 MAX_KEY: Final = 255
 MAX_PARTS: Final = 1 << 16

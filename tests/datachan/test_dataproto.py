@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peerd.dataproto import (
+    DATA_VERSION,
     MAGIC,
     PREAMBLE_SIZE,
     TOKEN_SIZE,
@@ -54,7 +55,7 @@ def test_preamble() -> None:
     tok = bytes(range(TOKEN_SIZE))
     pre = encode_preamble(tok)
     assert len(pre) == PREAMBLE_SIZE and parse_preamble(pre) == tok
-    for bad in (pre[:-1], b"X" + pre[1:], MAGIC + b"\x02" + tok):
+    for bad in (pre[:-1], b"X" + pre[1:], MAGIC + bytes([DATA_VERSION + 1]) + tok):
         with pytest.raises(ProtocolError):
             parse_preamble(bad)
 
