@@ -31,8 +31,8 @@ def mock_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def ids(n: int) -> list[str]:
-    return [f"p{i:02d}" for i in range(n)]
+def ids(n: int, first: int = 0) -> list[str]:
+    return [f"p{i:02d}" for i in range(first, first + n)]
 
 
 class Swarm:
@@ -42,11 +42,18 @@ class Swarm:
         self.config = config
         self.engines: dict[str, Engine] = {}
         self.scopes: dict[str, trio.CancelScope] = {}
-        self.fabrics: dict[str, MemFabric] = {}
+        self.fabrics: dict[str, Any] = {}
         self.task_scopes: dict[str, list[trio.CancelScope]] = {}
 
+    def add_fabric(self, peer: str, wrap: Callable[[MemFabric], Any] | None = None) -> None:
+        """A fabric for ``peer``, optionally wrapped (e.g. to corrupt what it sends)."""
+        fabric = self.net.add(peer)
+        self.fabrics[peer] = wrap(fabric) if wrap else fabric
+
     async def start(self, peer: str, members: list[str] | None) -> Engine:
-        fabric = self.net.add(peer) if peer not in self.fabrics else self.fabrics[peer]
+        if peer not in self.fabrics:
+            self.add_fabric(peer)
+        fabric = self.fabrics[peer]
 
         async def host(task_status: trio.TaskStatus[tuple[Engine, trio.CancelScope]]) -> None:
             with trio.CancelScope() as scope:
@@ -85,7 +92,7 @@ class Swarm:
                 killed.add(peer)
 
         async with trio.open_nursery() as nursery:
-            for peer in peers or self.alive():
+            for peer in peers if peers is not None else self.alive():
                 nursery.start_soon(one, peer, self.engines[peer])
         return {p: v for p, v in out.items() if p not in killed and p in self.engines}
 
@@ -94,13 +101,14 @@ class Swarm:
 
 
 @asynccontextmanager
-async def swarm(n: int, config: EngineConfig = FAST) -> AsyncIterator[Swarm]:
+async def swarm(n: int, config: EngineConfig = FAST,
+                wrap: dict[str, Callable[[MemFabric], Any]] | None = None) -> AsyncIterator[Swarm]:
     net = MemNetwork()
     async with trio.open_nursery() as nursery:
         s = Swarm(nursery, net, config)
         members = ids(n)
         for p in members:
-            s.fabrics[p] = net.add(p)
+            s.add_fabric(p, (wrap or {}).get(p))
         for p in members:
             await s.start(p, members)
         yield s

@@ -38,7 +38,7 @@ async def sync_round(
 
     async def run(p: str, strategy: SyncStrategy) -> None:
         with trio.CancelScope() as scope:
-            s.tasks.setdefault(p, []).append(scope)
+            s.task_scopes.setdefault(p, []).append(scope)
             try:
                 out[p] = await StateSync.of(s.engines[p]).sync(states[p], rnd, strategy)
             except Exception as exc:  # recorded, judged by the caller

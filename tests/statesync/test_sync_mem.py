@@ -101,7 +101,7 @@ async def join_and_sync(s: Swarm, joiner: str, states: dict[str, dict[str, np.nd
 
     async def run(p: str, e: Engine, strategy: SyncStrategy) -> None:
         with trio.CancelScope() as scope:
-            s.tasks.setdefault(p, []).append(scope)  # a kill cancels it
+            s.task_scopes.setdefault(p, []).append(scope)  # a kill cancels it
             out[p] = await StateSync.of(e).sync(states[p], revision, strategy)
 
     async with trio.open_nursery() as nursery:
