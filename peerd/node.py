@@ -11,18 +11,14 @@ import contextvars
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
 
-from collectives.api import AllReduceResult, Quant, ReduceOp, SyncResult, SyncStrategy, View
-from collectives.p2p import PointToPoint, Scattered
-from collectives.run import Engine, EngineConfig, open_engine
-from collectives.statesync import StateSync
+from collectives.run import Engine
 from crdt.driver import SyncDriver
 from crdt.store import Store
 from peerd.config import NodeConfig, format_address, parse_address
@@ -30,11 +26,12 @@ from peerd.datalink import DataLink
 from peerd.dataplane import DATA_OPEN_METHOD, DATA_PUNCH_METHOD, DATA_REVERSE_METHOD, DataPlane
 from peerd.dht.node import Dht
 from peerd.dhtrpc import NodeRpc, serve_dht
-from peerd.errors import AuthError, ConfigError, PeerdError, PeerLost, ProtocolError
+from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError
 from peerd.fabric import NodeFabric
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.log import event
 from peerd.natstate import NatState
+from peerd.node_runs import RunsMixin
 from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
 from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
 from peerd.session import Session, client_session, server_session
@@ -76,8 +73,9 @@ class NodeStatistics:
     peer_paths: tuple[tuple[str, str], ...] = ()
 
 
-class Node:
-    """A running node; create it with ``open_node``."""
+class Node(RunsMixin):
+    """A running node; create it with ``open_node``. Its runs and collectives
+    (``join_run``, ``all_reduce``, ``sync_state``, ...) come from ``RunsMixin``."""
 
     def __init__(self, identity: Identity, swarm_key: SwarmKey, config: NodeConfig,
                  nursery: trio.Nursery, udp: socket.socket) -> None:
@@ -354,98 +352,6 @@ class Node:
 
         self._nursery.start_soon(learn)
 
-    # ------------------------------------------------------------ runs and collectives
-
-    async def join_run(self, run: str, members: tuple[str, ...] | list[str] | None = None,
-                       config: EngineConfig | None = None,
-                       timeout: float | None = None) -> Engine:
-        """Take part in ``run``. With ``members`` (peer ids, this node among
-        them) every listed peer starts at revision 0 at once; without, this
-        node asks the connected members of the run to admit it at their next
-        round boundary and returns once a view includes it."""
-        if run in self._runs:
-            return self._runs[run][0]
-
-        async def host(task_status: trio.TaskStatus[Engine]) -> None:
-            with trio.CancelScope() as scope:
-                async with open_engine(self.fabric, run, members=members,
-                                       config=config) as engine:
-                    self._runs[run] = (engine, scope)
-                    task_status.started(engine)
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        self._runs.pop(run, None)
-
-        engine: Engine = await self._nursery.start(host)
-        if members is None:
-            await engine.join(timeout)
-        return engine
-
-    async def leave_run(self, run: str) -> None:
-        entry = self._runs.get(run)
-        if entry is None:
-            return
-        engine, scope = entry
-        with trio.move_on_after(5):
-            await engine.leave()
-        scope.cancel()
-
-    def engine(self, run: str) -> Engine:
-        entry = self._runs.get(run)
-        if entry is None:
-            raise ConfigError(f"this node has not joined run {run!r}; call join_run first")
-        return entry[0]
-
-    def runs(self) -> list[str]:
-        return sorted(self._runs)
-
-    def view(self, run: str) -> View:
-        return self.engine(run).view()
-
-    async def all_reduce(self, run: str, array: object, op: ReduceOp | str = ReduceOp.AVG, *,
-                         tag: str = "default", quant: Quant = Quant.NONE,
-                         retry: bool = True) -> AllReduceResult:
-        """Reduce ``array`` in place across the run's view; see ``Engine.all_reduce``."""
-        return await self.engine(run).all_reduce(array, op, tag=tag, quant=quant, retry=retry)
-
-    # Shared state and custom collectives (collectives.statesync, collectives.p2p);
-    # the daemon forwards its client's calls to these.
-
-    async def sync_state(self, run: str, state: Mapping[str, Any], revision: int,
-                         strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR) -> SyncResult:
-        """Make ``state`` bit-identical to the run's popular state, in place; a
-        round boundary (joiners are admitted first). See ``StateSync.sync``."""
-        return await StateSync.of(self.engine(run)).sync(state, revision, strategy)
-
-    async def all_gather(self, run: str, array: Any, *, tag: str = "gather",
-                         retry: bool = True) -> tuple[list[Any], tuple[str, ...]]:
-        """Every member's ``array`` (shapes may differ) in view order, and who sent them."""
-        return await PointToPoint.of(self.engine(run)).all_gather(array, tag=tag, retry=retry)
-
-    async def send(self, run: str, peer: PeerId | str, array: Any, *, tag: str = "p2p",
-                   timeout: float | None = None) -> None:
-        """Send ``array`` to member ``peer`` (its ``recv(run, us, tag=tag)`` gets it)."""
-        await PointToPoint.of(self.engine(run)).send(_text(peer), array, tag=tag,
-                                                      timeout=timeout)
-
-    async def recv(self, run: str, peer: PeerId | str, *, tag: str = "p2p",
-                   timeout: float | None = None) -> Any:
-        """The next array member ``peer`` sends with ``tag``; ``PeerLost`` if it is lost."""
-        return await PointToPoint.of(self.engine(run)).recv(_text(peer), tag=tag,
-                                                             timeout=timeout)
-
-    async def broadcast(self, run: str, array: Any, root: PeerId | str, *,
-                        tag: str = "broadcast") -> tuple[str, ...]:
-        """Overwrite ``array`` with ``root``'s on every member; returns the members."""
-        return await PointToPoint.of(self.engine(run)).broadcast(array, _text(root), tag=tag)
-
-    async def reduce_scatter(self, run: str, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
-                             tag: str = "reduce_scatter", retry: bool = True) -> Scattered:
-        """This member's reduced chunk of the flattened ``array``; see ``PointToPoint``."""
-        return await PointToPoint.of(self.engine(run)).reduce_scatter(array, op, tag=tag,
-                                                                      retry=retry)
-
     # ------------------------------------------------------------ stats
 
     def statistics(self) -> NodeStatistics:
@@ -473,10 +379,6 @@ class Node:
             s.conn.close(0, "node shutting down")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.data.aclose()
-
-
-def _text(peer: PeerId | str) -> str:
-    return peer.text if isinstance(peer, PeerId) else str(peer)
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:
