@@ -118,10 +118,11 @@ class Collective(Protocol):
         ...
 
     def all_gather(
-        self, array: Any, *, tag: str = "gather"
+        self, array: Any, *, tag: str = "gather", retry: bool = True
     ) -> tuple[Sequence[Any], tuple[str, ...]]:
         """Every member's ``array`` (shapes may differ), in view order, plus the
-        peers they came from. Used for sparse (index, value) exchange."""
+        peers they came from. Used for sparse (index, value) exchange. With
+        ``retry=False`` a lost member makes every survivor raise ``PeerLost``."""
         ...
 
     def sync_state(

@@ -303,9 +303,9 @@ class LocalCollective:
         )
 
     def all_gather(
-        self, array: Any, *, tag: str = "gather"
+        self, array: Any, *, tag: str = "gather", retry: bool = True
     ) -> tuple[Sequence[Any], tuple[str, ...]]:
-        seq = self.group.submit(self.name, "gather", tag, to_numpy(array).copy(), True)
+        seq = self.group.submit(self.name, "gather", tag, to_numpy(array).copy(), retry)
         op, _ = self.group.collect(self.name, seq)
         return [a.copy() for a in op.result], tuple(op.participants)
 

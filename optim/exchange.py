@@ -88,10 +88,11 @@ def start_dense(collective: Collective, delta: torch.Tensor, *, tag: str, retry:
 
 
 def gather_average(
-    collective: Collective, payload: np.ndarray, decode: Decode, *, tag: str
+    collective: Collective, payload: np.ndarray, decode: Decode, *, tag: str, retry: bool = True
 ) -> Averaged:
-    """All-gather ``payload`` and average the decoded peers' tensors (blocking)."""
-    arrays, peers = collective.all_gather(payload, tag=tag)
+    """All-gather ``payload`` and average the decoded peers' tensors (blocking). With
+    ``retry=False`` a lost member raises ``PeerLost`` on every survivor."""
+    arrays, peers = collective.all_gather(payload, tag=tag, retry=retry)
     return average_payloads(arrays, peers, decode, own_size=payload.size)
 
 
@@ -122,7 +123,8 @@ def average_payloads(
 
 
 def start_gather(collective: Collective, payload: np.ndarray, decode: Decode, *, tag: str,
-                 background: bool) -> Pending:
+                 background: bool, retry: bool = True) -> Pending:
     return Pending.run(
-        lambda: gather_average(collective, payload, decode, tag=tag), background=background
+        lambda: gather_average(collective, payload, decode, tag=tag, retry=retry),
+        background=background,
     )

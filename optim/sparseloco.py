@@ -93,7 +93,8 @@ class SparseLoCo(OuterLoop):
         payload, idx, vals = self.compress()
         avg: Averaged | None
         try:
-            avg = gather_average(self.collective, payload, self.decode_dense, tag="sparseloco")
+            avg = gather_average(self.collective, payload, self.decode_dense, tag="sparseloco",
+                                 retry=self.on_peer_lost == "retry")
         except PeerLost:
             if self.on_peer_lost == "retry":
                 raise

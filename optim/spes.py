@@ -119,6 +119,8 @@ class SPES(OuterLoop):
         sent = received = 0
         if res is not None:
             own = torch.cat(self._expert_payload(local, self.me) or [torch.zeros(0)])
+            # Always retried, whatever the policy: the shared average above is already
+            # committed, and a lost holder's experts just keep their global value.
             arrays, peers = self.collective.all_gather(own.numpy(), tag="spes/experts")
             sent = own.numel() * 4 * (len(peers) - 1)
             received = sum(np.asarray(a).nbytes for a in arrays) - own.numel() * 4

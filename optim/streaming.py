@@ -132,7 +132,7 @@ class StreamingDiLoCo(OuterLoop):
             n = delta.numel()
             pending = start_gather(
                 self.collective, e3m0_encode(delta), lambda raw: e3m0_decode(raw, n),
-                tag=tag, background=self.overlap > 0,
+                tag=tag, background=self.overlap > 0, retry=retry,
             )
         self._in_flight = (p, pending)
 

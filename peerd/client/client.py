@@ -194,12 +194,12 @@ class Client:
         return self.all_reduce_async(array, op, tag=tag, quant=quant, retry=retry, run=run,
                                      timeout=timeout).wait()
 
-    def all_gather(self, array: Any, *, tag: str = "gather",
+    def all_gather(self, array: Any, *, tag: str = "gather", retry: bool = True,
                    run: str | None = None) -> tuple[Sequence[Any], tuple[str, ...]]:
         staged = Staged(self._pool, array)
         try:
-            reply = self._call(lambda r: p.AllGatherRequest(r, run or self.run, staged.ref, tag),
-                               COLLECTIVE_TIMEOUT)
+            reply = self._call(lambda r: p.AllGatherRequest(r, run or self.run, staged.ref, tag,
+                                                            retry), COLLECTIVE_TIMEOUT)
         finally:
             staged.done()
         return self._gifted(reply.tensors), reply.peers

@@ -18,7 +18,7 @@ from typing import Any
 
 from peerd.wire import Limits, message
 
-CONTROL_VERSION = 1
+CONTROL_VERSION = 2  # 2: AllGatherRequest carries retry
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
 MAX_DIMS = 16
@@ -225,6 +225,7 @@ class AllGatherRequest:
     run: str
     tensor: TensorRef
     tag: str
+    retry: bool
 
 
 @message(425)

@@ -234,7 +234,7 @@ class ControlService:
         all_gather = self._feature("all_gather")
         arr = conn.table.array(msg.tensor)
         self.runs.add(msg.run)
-        arrays, peers = await all_gather(msg.run, arr, tag=msg.tag)
+        arrays, peers = await all_gather(msg.run, arr, tag=msg.tag, retry=msg.retry)
         refs = await self._gift_arrays([np.asarray(a) for a in arrays], conn)
         return p.TensorsReply(msg.req_id, refs, tuple(peers))
 

@@ -103,8 +103,8 @@ class FakeNode:
     def view(self, run: str) -> View:
         return View(run, 3, ("pa", "pb"), "pa")
 
-    async def all_gather(self, run: str, array: np.ndarray,
-                         tag: str = "gather") -> tuple[list[np.ndarray], tuple[str, ...]]:
+    async def all_gather(self, run: str, array: np.ndarray, tag: str = "gather",
+                         retry: bool = True) -> tuple[list[np.ndarray], tuple[str, ...]]:
         return [array.copy(), np.arange(5, dtype=np.int64)], ("pa", "pb")
 
     async def sync_state(self, run: str, state: dict[str, np.ndarray], revision: int,

@@ -17,7 +17,7 @@ from optim import DiLoCo, SparseLoCo
 from optim import sparse_codec as sc
 from optim.exchange import average_payloads
 from optim.harness import run_threads
-from peerd.errors import ProtocolError
+from peerd.errors import PeerLost, ProtocolError
 
 torch.set_num_threads(1)
 
@@ -151,3 +151,47 @@ def test_round_bytes_follow_the_all_gather_formula() -> None:
     # 12-bit indices + 2-bit values + a 20-byte header per tensor
     expect = sum(3 * -(-lay.count // 2) + 20 + -(-lay.count // 4) for lay in outs[0].layouts)
     assert size == expect
+
+
+class _LostInGather:
+    """A member is lost during the ``fail_call``-th gather: the collective redoes it
+    over the survivors when asked to retry, and raises ``PeerLost`` otherwise."""
+
+    def __init__(self, inner: Any, fail_call: int) -> None:
+        self.inner, self.fail_call, self.calls = inner, fail_call, 0
+        self.retry_flags: list[bool] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def all_gather(self, array: Any, *, tag: str = "gather", retry: bool = True) -> Any:
+        self.calls += 1
+        self.retry_flags.append(retry)
+        if self.calls == self.fail_call and not retry:
+            raise PeerLost(["ghost"], "injected")
+        return self.inner.all_gather(array, tag=tag, retry=retry)
+
+
+@pytest.mark.parametrize("policy", ["retry", "skip"])
+def test_a_member_lost_mid_gather_follows_the_on_peer_lost_policy(policy: str) -> None:
+    """Under "skip" the gather must not be retried, so the round is dropped (theta
+    kept, the EF residual kept for the next round); under "retry" it goes on."""
+    model = toy.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    coll = _LostInGather(LocalGroup(1).member(0), fail_call=2)
+    outer = SparseLoCo(model, opt, coll, sync_every=2, on_peer_lost=policy)  # type: ignore[arg-type]
+    thetas, errors = [], []
+    for s in range(6):
+        toy.inner_step(model, opt, 0, s)
+        if outer.step() is not None:
+            thetas.append(outer.theta.clone())
+            errors.append(outer.error.clone())
+    assert coll.retry_flags == [policy == "retry"] * 3
+    skipped = [r.skipped for r in outer.records]
+    if policy == "retry":
+        assert skipped == [False] * 3 and outer.outer_steps == 3
+        return
+    assert skipped == [False, True, False] and outer.outer_steps == 2
+    assert torch.equal(thetas[1], thetas[0])
+    assert torch.equal(outer.space.read(), outer.theta)
+    assert errors[1].abs().sum() > errors[0].abs().sum()  # nothing was taken out of EF

@@ -84,9 +84,10 @@ def test_survivors_agree_after_a_peer_is_killed(method: str, phase: str) -> None
 
 
 @SLOW
-def test_skip_policy_drops_the_interrupted_round_on_every_survivor() -> None:
+@pytest.mark.parametrize("method", ["diloco", "sparseloco"])
+def test_skip_policy_drops_the_interrupted_round_on_every_survivor(method: str) -> None:
     with TrainingSwarm(3) as sw:
-        spec = job("diloco", outer={"on_peer_lost": "skip"})
+        spec = job(method, outer={**JOBS[method].get("outer", {}), "on_peer_lost": "skip"})
         survivors = [sw.start_worker(d, spec) for d in sw.daemons[:2]]
         victim = sw.start_worker(sw.daemons[2], {**spec, "hold_at": PHASES["before_reduce"]})
         sw.wait_for("held", victim)
