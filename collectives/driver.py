@@ -402,6 +402,7 @@ class MembershipDriver:
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
         d = self.core.view
+        now = trio.current_time()
         same_view = d is not None and msg.revision == d.revision and peer in d.members
         if same_view and self.me in msg.suspects:
             # A probe from across a partition: the sender cannot count on this
@@ -409,7 +410,7 @@ class MembershipDriver:
             # are this side of the partition, alive).
             self.lost({peer}, f"{peer} reports this peer gone")
             return self._ack()
-        self.core.heard(peer, trio.current_time())
+        self.core.heard(peer, now)
         if same_view:
             reported = set(msg.suspects) - {self.me}
             if reported:
@@ -505,7 +506,9 @@ class MembershipDriver:
         if isinstance(outcome, Pending):
             deadline = self.core.deadline() or trio.current_time()
             with trio.move_on_at(deadline):
-                while self.core.view is not None and self.core.view.revision <= outcome.revision:
+                # Waiting on without a quorum is pointless: nothing can be decided.
+                while (self.core.view is not None and self.core.view.revision <= outcome.revision
+                       and self._quorate()):
                     await self._changed.wait()
             answer = self.core.answer(peer, outcome.revision)
             if answer is None:
@@ -522,6 +525,40 @@ class MembershipDriver:
     async def _on_ready(self, peer: str, payload: bytes) -> bytes:
         return await self._offer(peer, self._decode(payload, m.ViewReady))
 
+    def _quorate(self) -> bool:
+        """Whether the members not suspected are a quorum of the installed view."""
+        d = self.core.view
+        return d is not None and has_quorum(d.members, set(d.members) - self.core.suspects)
+
+    async def _ask(self, coord: str, payload: bytes) -> bytes | None:
+        """Send our ready to ``coord`` and wait for the decision; ``None`` as
+        soon as ``coord`` is suspected or this side has no quorum left (a
+        coordinator across a partition would otherwise hold us for the whole
+        view timeout)."""
+        timeout = self.config.timing.view_timeout + self.config.call_timeout
+        reply: list[bytes] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                try:
+                    reply.append(await self.fabric.call(coord, self._method("ready"), payload,
+                                                        timeout))
+                except (PeerLost, Timeout, RemoteError) as exc:
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                while coord not in self.core.suspects and self._quorate():
+                    await self.changed().wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(call)
+            nursery.start_soon(watch)
+        if failed:
+            raise failed[0]
+        return reply[0] if reply else None
+
     async def _change_view(self, *, admit: bool, after: int | None) -> None:
         async with self._reform_lock:
             d = self.core.view
@@ -530,30 +567,30 @@ class MembershipDriver:
             if after is not None and d.revision > after:
                 return  # another task already re-formed the view past the failed one
             start = d.revision
-            alive = set(d.members) - self.core.suspects
-            if not has_quorum(d.members, alive):
-                # This side of a partition cannot form a view; the other may.
-                gone = set(d.members) - alive
-                raise PeerLost(gone, f"no quorum: {len(alive)} of {len(d.members)} members "
-                               f"of revision {d.revision} reachable")
-            timeout = self.config.timing.view_timeout + self.config.call_timeout
             for _ in range(4 * self.config.max_attempts):
+                if not self._quorate():
+                    # This side of a partition cannot form a view; the other may.
+                    now_view = self.core.view
+                    assert now_view is not None
+                    alive = set(now_view.members) - self.core.suspects
+                    raise PeerLost(set(now_view.members) - alive,
+                                   f"no quorum: {len(alive)} of {len(now_view.members)} "
+                                   f"members of revision {now_view.revision} reachable")
                 coord = self.core.coordinator()
                 assert coord is not None  # this peer is never its own suspect
-                payload = encode(self._ready(admit))
                 try:
                     if coord == self.me:
-                        reply = await self._offer(self.me, self._ready(admit))
+                        reply: bytes | None = await self._offer(self.me, self._ready(admit))
                     else:
-                        reply = await self.fabric.call(
-                            coord, self._method("ready"), payload, timeout
-                        )
+                        reply = await self._ask(coord, encode(self._ready(admit)))
                 except (PeerLost, Timeout):
                     self.lost({coord}, "coordinator unreachable")
                     continue
                 except RemoteError:
                     await trio.sleep(self.config.timing.heartbeat_interval)
                     continue
+                if reply is None:
+                    continue  # the coordinator, or the quorum, was lost meanwhile
                 msg = decode_untrusted(reply)
                 if isinstance(msg, m.ViewCommit) and msg.run == self.run:
                     if self.me not in msg.members:

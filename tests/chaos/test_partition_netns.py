@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from peerd.client import Client
 from peerd.daemon.launcher import DaemonProcess, wait_ready
 from peerd.errors import PeerdError, PeerLost, RemoteError
 from peerd.identity import SwarmKey
+from peerd.quic import IDLE_TIMEOUT
 from tests.lab.netns import Lab, Node, missing_tools, sweep_stale
 
 pytestmark = pytest.mark.lab
@@ -50,6 +52,7 @@ SIZE = 20_000  # fp32 elements per all-reduce
 STATE = 50_000  # fp32 elements of shared state
 CALL = 60.0  # seconds any one client call may take
 BIG, SMALL = (0, 1, 2), (3, 4)
+SPLIT_ROUNDS = 15  # bound on all-reduce rounds while split
 # A session that saw no packet for the QUIC idle timeout (20 s) is gone; a
 # daemon redials its bootstrap peers (every lower-numbered one), so a healed
 # link is reconnected whichever side lost the session.
@@ -118,6 +121,21 @@ class Cluster:
         raise AssertionError(f"no full mesh within {timeout} s: "
                              f"{[len(p.client.peers()) for p in self.peers]}")
 
+    @contextmanager
+    def diagnosed(self) -> Iterator[None]:
+        """On failure, print the daemons' collective events before their
+        logs are deleted."""
+        try:
+            yield
+        except BaseException:
+            for p in self.peers:
+                lines = [line[24:400] for line in _log_lines(p.daemon)
+                         if "collectives." in line or "peer." in line or "Error" in line]
+                print(f"--- daemon {p.index} ({p.id[:9]}, exit {p.daemon.proc.poll()}):",
+                      *lines[-25:], "... last lines:", *_log_lines(p.daemon)[-12:], sep="\n",
+                      file=sys.stderr)
+            raise
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for p in self.peers:
@@ -138,6 +156,18 @@ def _start(host: Node, data_dir: Path, key: Path, bootstrap: list[str]) -> Daemo
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     return DaemonProcess(proc, data_dir, data_dir / "control.sock", log_path)
+
+
+def _log_lines(d: DaemonProcess) -> list[str]:
+    try:
+        return d.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def brief(outcomes: dict[int, Any]) -> dict[int, str]:
+    return {i: f"{len(r.participants)} peers" if isinstance(r, SyncResult | AllReduceResult)
+            else f"{type(r).__name__}: {str(r)[:300]}" for i, r in outcomes.items()}
 
 
 def _outcome(f: Future[Any]) -> Any:
@@ -261,12 +291,6 @@ def cluster() -> Iterator[Cluster]:
         views = c.each(lambda p: p.client.join(members, run=RUN, timeout=CALL))
         assert all(v.revision == 0 for v in views), views
         yield c
-    except BaseException:
-        if c is not None:
-            for p in c.peers:
-                print(f"--- daemon {p.index} log tail:\n{p.daemon.log_tail(40)}",
-                      file=sys.stderr)
-        raise
     finally:
         if c is not None:
             c.close()
@@ -275,7 +299,11 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_split_three_two_then_heal(cluster: Cluster) -> None:
-    c = cluster
+    with cluster.diagnosed():
+        _split_then_heal(cluster)
+
+
+def _split_then_heal(c: Cluster) -> None:
     big, small = c.side(BIG), c.side(SMALL)
     rng = np.random.default_rng(5)
     base = {"w": rng.standard_normal(STATE).astype(np.float32),
@@ -286,15 +314,20 @@ def test_split_three_two_then_heal(cluster: Cluster) -> None:
     check_exact(c, 0, outcomes, arrays, c.peers, c.peers)
 
     cut(c.lab, big, small)
+    cut_at = time.monotonic()
     acked: dict[str, str] = {}
-    for rnd in range(1, 4):
+    rnd = 0
+    # Split for longer than the QUIC idle timeout: the sessions across the
+    # cut die, so healing also needs the daemons to dial each other again.
+    while rnd < SPLIT_ROUNDS and (rnd < 3 or time.monotonic() - cut_at < IDLE_TIMEOUT + 2):
+        rnd += 1
         outcomes, arrays = all_reduce(c, c.peers, rnd)
         by = dict(zip(c.peers, outcomes, strict=True))
         check_exact(c, rnd, [by[p] for p in big], arrays, big, big)
         for p in small:
             r = by[p]
             assert isinstance(r, PeerLost | RemoteError), (rnd, p.index, r)
-            assert np.array_equal(arrays[p.index], inputs(rnd, p.index))
+            assert np.array_equal(arrays[p.index], inputs(rnd, p.index)), "input changed"
         for p in big:
             states[p.index]["w"][:SIZE] += arrays[p.index]
             states[p.index]["step"] += 1
@@ -304,6 +337,11 @@ def test_split_three_two_then_heal(cluster: Cluster) -> None:
             key = f"w{p.index}-{rnd}"
             p.client.store_set("log", key, f"v{rnd}")  # returns once committed locally
             acked[key] = f"v{rnd}"
+        time.sleep(2.0)  # training time between outer rounds
+    assert time.monotonic() - cut_at > IDLE_TIMEOUT, "split too short to lose sessions"
+    gone = {p.id for p in big}
+    assert not any(gone & {i.peer_id for i in p.client.peers()} for p in small), \
+        "sessions across the cut survived"
     split_s = time.monotonic() - t0
     majority = digest(states[0])
     assert {digest(states[p.index]) for p in big} == {majority}
@@ -325,9 +363,9 @@ def test_split_three_two_then_heal(cluster: Cluster) -> None:
     # part in every boundary after, like everyone else.
     rejoined = rejoin_by_sync(c, states, big)
     assert all(isinstance(r, SyncResult) and len(r.participants) == 5
-               for r in rejoined.values()), rejoined
+               for r in rejoined.values()), brief(rejoined)
     assert {digest(states[p.index]) for p in c.peers} == {majority}
 
-    outcomes, arrays = all_reduce(c, c.peers, 9)
-    check_exact(c, 9, outcomes, arrays, c.peers, c.peers)
+    outcomes, arrays = all_reduce(c, c.peers, 99)
+    check_exact(c, 99, outcomes, arrays, c.peers, c.peers)
     print(f"\nsplit phase {split_s:.1f}s, total {time.monotonic() - t0:.1f}s", file=sys.stderr)

@@ -190,8 +190,30 @@ async def test_minority_stays_put_until_the_majority_moves_on(
         assert not any(s.engines[p].core.stranded for p in small)
         views = await s.each(lambda p, e: e.update_view(), big)
         # ...it goes on without them; its answer to their next probe strands them.
-        assert all(sorted(v.members) == big and v.revision == 1 for v in views.values()), views
+        assert all(not isinstance(v, PeerLost) and sorted(v.members) == big and v.revision == 1
+                   for v in views.values()), views
         with trio.fail_after(30):
             for p in small:
                 while not s.engines[p].core.stranded:
                     await s.engines[p].changed().wait()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "suspicion is final within a revision and spreads with heartbeats, aborts and "
+    "readies: a flap that leaves no member a quorum stalls them for good (no view can "
+    "be decided, nobody moved on, so nobody is stranded)"))
+async def test_members_recover_from_a_flap_that_left_no_quorum(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A link among three members breaks and comes back: suspicion spreads
+    until no member holds a quorum; hearing from each other again, they
+    recover and form a view instead of stalling for good."""
+    async with swarm(3) as s:
+        s.net.cut("p00", "p01")
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=False))
+        assert all(isinstance(r, PeerLost) for r in out.values()), out
+        s.net.heal("p00", "p01")
+        await trio.sleep(30)
+        with trio.fail_after(120):
+            out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
+        ok = [r for r in out.values() if not isinstance(r, PeerLost)]
+        assert len(ok) >= 2, out
