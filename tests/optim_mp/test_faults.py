@@ -52,8 +52,8 @@ def peer_id(w: Worker) -> str:
 
 
 @pytest.mark.parametrize(("method", "phase"), [
-    ("diloco", "after_round"),
     ("diloco", "before_reduce"),
+    pytest.param("diloco", "after_round", marks=SLOW),  # ends in the same abort, later
     pytest.param("sparseloco", "before_reduce", marks=SLOW),
     pytest.param("streaming", "before_reduce", marks=SLOW),
     pytest.param("spes", "before_reduce", marks=SLOW),
