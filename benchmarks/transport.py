@@ -1,15 +1,15 @@
-"""Data-plane throughput on loopback: encrypted DataLink vs plain TCP vs raw AES-GCM.
+"""Data-plane throughput on loopback: encrypted DataLink vs plain TCP vs raw record crypto.
 
 One run measures, on 127.0.0.1, first with sender and receiver in one trio
 process (every byte pays both ends' costs on one core), then with the
 receiver in its own process as a real peer is (the headline figure):
 
-* the encrypted ``DataLink`` (token preamble, key confirmation, AES-256-GCM
+* the encrypted ``DataLink`` (token preamble, key confirmation, AEGIS-256
   records) with 1, 2 and 4 TCP connections;
 * plain TCP through the very same ``DataLink``/``DataChannel`` code with the
   same connection counts and socket buffers, minus the crypto (plaintext
   channels, a benchmark-only mode);
-* raw AES-256-GCM seal + open on the same record sizes (one core);
+* raw AEGIS-256 record seal + open on the same record sizes (one core);
 * QUIC streams: see ``measure_quic_stream`` (hook for the control plane).
 
 The last line is ``ratio encrypted/plain TCP (4 conns): X.XX``.
@@ -132,7 +132,7 @@ async def measure_tcp(conns: int, secure: bool, total: int, cfg: DataConfig,
     return rate, cpu, granted
 
 
-def measure_aes(record: int, total: int) -> float:
+def measure_crypto(record: int, total: int) -> float:
     """Gbit/s of seal + open of ``record``-byte records on one core."""
     key = os.urandom(32)
     sealer, opener = RecordSealer(key, record), RecordOpener(key, record)
@@ -185,7 +185,7 @@ async def measure_quic_stream(total: int) -> float | None:
 async def measure_two_process(conns: int, secure: bool, total: int,
                               cfg: DataConfig) -> tuple[float, float]:
     """Like ``measure_tcp`` but the receiver is another process, as a real peer
-    is: each end pays only its own costs (one AES pass each), on its own core.
+    is: each end pays only its own costs (one crypto pass each), on its own core.
     Returns (Gbit/s, CPU seconds per GiB of both processes)."""
     import subprocess
 
@@ -233,8 +233,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"loopback, {total >> 20} MiB per measurement in {MESSAGE >> 20} MiB messages, "
           f"records {args.record_kib} KiB, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f}")
-    aes = max(measure_aes(cfg.max_record, min(total, 512 << 20)) for _ in range(args.repeat))
-    print(f"raw AES-256-GCM seal+open, one core: {aes:6.2f} Gbit/s")
+    aes = max(measure_crypto(cfg.max_record, min(total, 512 << 20)) for _ in range(args.repeat))
+    print(f"raw AEGIS-256 record seal+open, one core: {aes:6.2f} Gbit/s")
     results: dict[tuple[int, bool], float] = {}
     cpus: dict[tuple[int, bool], float] = {}
     for conns in (1, 2, 4):

@@ -2,7 +2,7 @@
 
 Fresh anonymous memory costs a page fault per 4 KiB page when first written;
 measured on this project's 2-core VMs that is 0.4-1.6 ms per MB, more than
-AES-GCM takes for the same bytes, and a ring writes its whole scratch buffer
+encrypting the same bytes takes, and a ring writes its whole scratch buffer
 every round. Training loops all-reduce the same sizes round after round, so a
 finished round's buffer is kept (bounded in count and bytes, most recent
 first) and handed to the next round that needs exactly that many bytes.

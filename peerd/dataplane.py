@@ -312,6 +312,9 @@ class DataPlane:
     async def outbound(self, peer: PeerId, purpose: str, opener: OpenLink) -> DataLink:
         """The live outbound link to ``peer``, opening one if needed."""
         key = (peer, purpose)
+        link = self._out.get(key)
+        if link is not None and not link.failed:  # the common case: no lock to take
+            return link
         lock = self._out_locks.setdefault(key, trio.Lock())
         async with lock:
             link = self._out.get(key)

@@ -4,7 +4,7 @@ A message is one HEAD record (caller's header + payload length) followed by
 PAYLOAD records of at most ``max_record`` bytes each; CLOSE ends the stream
 cleanly. The driver reads each record body into its own buffer and decrypts it
 straight into the caller's destination, so a payload is touched once by the
-kernel and once by AES on each side. Large records are sealed/opened on worker
+kernel and once by the cipher on each side. Large records are sealed/opened on worker
 threads (OpenSSL releases the GIL), which lets crypto overlap with socket I/O
 of the other channels.
 """
@@ -36,7 +36,7 @@ __all__ = [
 
 DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1 << 30
-# Below this many bytes a thread hop costs more than the AES it would offload.
+# Below this many bytes a thread hop costs more than the crypto it would offload.
 OFFLOAD_MIN: Final = 64 * 1024
 # Worker threads only pay off when a core is free to run them: measured on a
 # busy 2-core machine, the hand-off and cross-core cache traffic cost ~60% more
