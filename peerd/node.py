@@ -87,6 +87,7 @@ class Node(RunsMixin):
         self._registry = RpcRegistry()
         self._sessions: dict[PeerId, Session] = {}
         self._slots: dict[PeerId, trio.CapacityLimiter] = {}
+        self._spares: dict[PeerId, list[Session]] = {}  # live duplicates, not in use
         self._connected_cbs: list[PeerCallback] = []
         self._lost_cbs: list[PeerCallback] = []
         self._counters = {"handshakes_ok": 0, "handshakes_failed": 0, "rpc_served": 0,
@@ -227,11 +228,13 @@ class Node(RunsMixin):
             keep, drop = self.traversal.prefer(old, session) or (
                 (old, session) if old.client_id <= session.client_id else (session, old))
             self._sessions[session.peer] = keep
-            if keep is session:
-                self._nursery.start_soon(self._serve_session, session)
-            else:
-                self._nursery.start_soon(self._serve_session, drop)
-            self._nursery.start_soon(self._retire, drop)
+            self._spares.setdefault(session.peer, []).append(drop)
+            self._nursery.start_soon(self._serve_session, session)
+            # Two sessions dialled by the peer may reach us in another order than
+            # they completed there, so only the dialler may pick which one dies;
+            # we keep serving both and fall back to the survivor.
+            if drop.client_id != session.peer or keep.client_id != session.peer:
+                self._nursery.start_soon(self._retire, drop)
             return
         self._sessions[session.peer] = session
         self._slots[session.peer] = trio.CapacityLimiter(self.config.rpc.max_concurrent_calls)
@@ -241,9 +244,11 @@ class Node(RunsMixin):
             cb(session.peer)
 
     async def _retire(self, session: Session) -> None:
-        """Close a duplicate session once calls already on it had time to finish."""
+        """Close a duplicate session once calls already on it had time to finish,
+        unless it became the one in use meanwhile (the other one died)."""
         await trio.sleep(DUPLICATE_GRACE)
-        session.conn.close(0, "duplicate session")
+        if self._sessions.get(session.peer) is not session:
+            session.conn.close(0, "duplicate session")
 
     async def _serve_session(self, session: Session) -> None:
         slots = self._slots.setdefault(
@@ -251,7 +256,18 @@ class Node(RunsMixin):
         async with trio.open_nursery() as nursery:
             async for stream in session.conn.incoming:
                 nursery.start_soon(self._serve_stream, stream, session, slots)
+        spares = self._spares.get(session.peer, [])
+        if session in spares:
+            spares.remove(session)
         if self._sessions.get(session.peer) is session:
+            if alive := [s for s in spares if s.alive]:
+                # A duplicate outlived the session in use: the peer is still here.
+                self._sessions[session.peer] = alive[-1]
+                spares.remove(alive[-1])
+                event(log, "peer.session_replaced", peer=session.peer.short,
+                      reason=session.conn.close_reason)
+                return
+            self._spares.pop(session.peer, None)
             del self._sessions[session.peer]
             event(log, "peer.lost", peer=session.peer.short, reason=session.conn.close_reason)
             for cb in self._lost_cbs:
@@ -272,9 +288,9 @@ class Node(RunsMixin):
             pass  # the caller went away mid-call; nothing to answer
 
     def disconnect(self, peer: PeerId) -> None:
-        s = self._sessions.get(peer)
-        if s is not None:
-            s.conn.close(0, "disconnected")
+        for s in [*self._spares.get(peer, []), self._sessions.get(peer)]:
+            if s is not None:
+                s.conn.close(0, "disconnected")
 
     # ------------------------------------------------------------ RPC
 
@@ -375,7 +391,8 @@ class Node(RunsMixin):
         )
 
     async def _close(self) -> None:
-        for s in list(self._sessions.values()):
+        spares = [s for group in self._spares.values() for s in group]
+        for s in [*self._sessions.values(), *spares]:
             s.conn.close(0, "node shutting down")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await self.data.aclose()

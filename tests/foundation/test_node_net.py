@@ -70,6 +70,45 @@ async def test_simultaneous_dial_keeps_one_session() -> None:
         assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
 
 
+async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """a dials b twice; b admits the two sessions in the other order than a did
+    (as happens under load), so each end first uses a different one. Only the
+    dialler retires a duplicate, and b falls back to the survivor: the pair
+    stays connected and nobody sees the peer lost."""
+    monkeypatch.setattr("peerd.node.DUPLICATE_GRACE", 0.2)
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        a.register("echo", echo)
+        b.register("echo", echo)
+        lost: list[PeerId] = []
+        a.on_peer_lost(lost.append)
+        b.on_peer_lost(lost.append)
+        real, accepted, gate = peerd.node.server_session, [], trio.Event()
+
+        async def admit_first_one_last(*args: object) -> peerd.session.Session:
+            session = await real(*args)  # type: ignore[arg-type]
+            accepted.append(session)
+            if len(accepted) == 1:
+                await gate.wait()
+            return session
+
+        monkeypatch.setattr("peerd.node.server_session", admit_first_one_last)
+        await a.connect(b.listen_address)
+        await a.connect(b.listen_address)  # a keeps the first, retires the second
+        await wait_until(lambda: a.peer_id in b._sessions)
+        gate.set()
+        await wait_until(lambda: len(b._spares.get(a.peer_id, [])) == 1)
+        first, second = accepted
+        assert b._sessions[a.peer_id] is second  # b admitted them the other way round
+        await wait_until(lambda: second.conn.closed and b._sessions[a.peer_id] is first)
+        assert await a.call(b.peer_id, "echo", b"1") == a.peer_id.raw + b"1"
+        assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
+        assert lost == [] and b.peers() == [a.peer_id] and a.peers() == [b.peer_id]
+        a.disconnect(b.peer_id)  # closes every session with b, duplicates included
+        await wait_until(lambda: b.peers() == [])
+        assert lost == [b.peer_id, a.peer_id] or lost == [a.peer_id, b.peer_id]
+
+
 async def test_wrong_swarm_key_rejected_both_ways_and_no_handler_runs() -> None:
     ran: list[PeerId] = []
 
