@@ -177,7 +177,8 @@ class TrainingSwarm:
             w.proc.join(10)
             w.conn.close()
         stop_all(self.daemons)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not os.environ.get("OPTIM_MP_KEEP"):  # set it to keep logs for a post-mortem
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> TrainingSwarm:
         return self
