@@ -3,8 +3,9 @@ bridge, split 3 | 2 by nftables drop rules, then healed (marked ``lab``).
 
 While split, the three-side goes on all-reducing (each result covers exactly
 the three, checked against a float64 reference) and the two-side only gets
-errors; CRDT writes are acknowledged on both sides. After healing, the CRDT
-stores hold every acknowledged write, the two stranded daemons rejoin the run
+errors; CRDT writes are acknowledged and DHT records published on both sides.
+After healing, the CRDT stores hold every acknowledged write, every daemon
+reads both sides' DHT records, the two stranded daemons rejoin the run
 at a ``sync_state`` round boundary, all five end bit-identical in shared
 state, and an all-reduce covers all five again. A variant drops a third of
 the packets on every link instead: all-reduce results stay exact (or fail
@@ -344,6 +345,12 @@ def _split_then_heal(c: Cluster) -> None:
     gone = {p.id for p in big}
     assert not any(gone & {i.peer_id for i in p.client.peers()} for p in small), \
         "sessions across the cut survived"
+    # A DHT record published on each side while split (stored on that side only).
+    records = {"split-big": (big[0], "from-the-three"), "split-small": (small[0], "from-the-two")}
+    for key, (p, value) in records.items():
+        assert p.client.dht_put(key, value, ttl=600) >= 1, key
+    assert big[1].client.dht_get("split-small").get(None) is None  # not across the cut
+    assert small[1].client.dht_get("split-big").get(None) is None
     split_s = time.monotonic() - t0
     majority = digest(states[0])
     assert {digest(states[p.index]) for p in big} == {majority}
@@ -359,6 +366,15 @@ def _split_then_heal(c: Cluster) -> None:
             break
         time.sleep(0.2)
     assert all(all(d.get(k) == v for k, v in acked.items()) for d in docs), docs
+    # The DHT serves both sides' records to every daemon (lookups reach the
+    # other side's storers again once the sessions are back).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = {(p.index, k): p.client.dht_get(k).get(None) for p in c.peers for k in records}
+        if all(got[(p.index, k)] == v for p in c.peers for k, (_, v) in records.items()):
+            break
+        time.sleep(0.5)
+    assert all(got[(p.index, k)] == v for p in c.peers for k, (_, v) in records.items()), got
 
     # Round boundaries until the stranded two are back: a stranded daemon's
     # sync_state waits to be admitted; once admitted it is a member and takes
