@@ -348,6 +348,12 @@ class MembershipDriver:
             ack: m.Ack = self._decode(reply, m.Ack)
         except ProtocolError:
             return
+        if not ack.member and peer in d.members:
+            # Its id answers, but not the process that was a member: it restarted
+            # and must join again. Counting this as liveness would leave the run
+            # waiting on data the old process will never send.
+            self.lost({peer}, f"{peer} restarted (answers without a view of this run)")
+            return
         self._answered(peer, ack.revision)
         if peer in self.core.suspects:
             return  # a probe across a partition: no RTT sample, still suspected
@@ -397,7 +403,9 @@ class MembershipDriver:
         return msg
 
     def _ack(self) -> bytes:
-        return encode(m.Ack(self.run, self.core.view.revision if self.core.view else 0))
+        d = self.core.view
+        member = d is not None and self.me in d.members
+        return encode(m.Ack(self.run, d.revision if d else 0, member))
 
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)

@@ -54,6 +54,9 @@ class Heartbeat:
 class Ack:
     run: str
     revision: int
+    # False from a process that holds no view with itself in it: a restarted
+    # member (same identity, new process) or a joiner not yet admitted.
+    member: bool = True
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)

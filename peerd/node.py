@@ -223,10 +223,12 @@ class Node(RunsMixin):
             self.nat.record(session.conn.addr, session.observed, trio.current_time())
         old = self._sessions.get(session.peer)
         if old is not None and old.alive:
-            # Both sides dialled: a network path beats a relayed one; otherwise
-            # keep the session whose dialler has the lower id (both ends agree).
+            # A network path beats a relayed one. Both sides dialled: keep the
+            # session whose dialler has the lower id (both ends agree). One side
+            # dialled twice: keep the newer, it dialled again for a reason (it
+            # restarted, or saw the older one die before we did).
             keep, drop = self.traversal.prefer(old, session) or (
-                (old, session) if old.client_id <= session.client_id else (session, old))
+                (old, session) if old.client_id < session.client_id else (session, old))
             self._sessions[session.peer] = keep
             self._spares.setdefault(session.peer, []).append(drop)
             self._nursery.start_soon(self._serve_session, session)

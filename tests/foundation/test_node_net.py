@@ -94,19 +94,42 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
 
         monkeypatch.setattr("peerd.node.server_session", admit_first_one_last)
         await a.connect(b.listen_address)
-        await a.connect(b.listen_address)  # a keeps the first, retires the second
+        await a.connect(b.listen_address)  # a keeps the newer, retires the first
         await wait_until(lambda: a.peer_id in b._sessions)
         gate.set()
         await wait_until(lambda: len(b._spares.get(a.peer_id, [])) == 1)
         first, second = accepted
-        assert b._sessions[a.peer_id] is second  # b admitted them the other way round
-        await wait_until(lambda: second.conn.closed and b._sessions[a.peer_id] is first)
+        assert a._sessions[b.peer_id].secret == second.secret
+        assert b._sessions[a.peer_id] is first  # admitted last, so the newer one to b
+        await wait_until(lambda: first.conn.closed and b._sessions[a.peer_id] is second)
         assert await a.call(b.peer_id, "echo", b"1") == a.peer_id.raw + b"1"
         assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
         assert lost == [] and b.peers() == [a.peer_id] and a.peers() == [b.peer_id]
         a.disconnect(b.peer_id)  # closes every session with b, duplicates included
         await wait_until(lambda: b.peers() == [])
         assert lost == [b.peer_id, a.peer_id] or lost == [a.peer_id, b.peer_id]
+
+
+async def test_a_restarted_peer_replaces_its_old_session_at_once() -> None:
+    """b's process is replaced by a new one with the same identity before a
+    noticed the old one die: a's calls must reach the new process at once,
+    not the stale session until the QUIC idle timeout."""
+    ident = Identity.generate()
+    async with open_node(KEY) as a, open_node(KEY, identity=ident) as old:
+        async def old_life(peer: PeerId, payload: bytes) -> bytes:
+            return b"old"
+
+        async def new_life(peer: PeerId, payload: bytes) -> bytes:
+            return b"new"
+
+        old.register("life", old_life)
+        await old.connect(a.listen_address)
+        assert await a.call(ident.peer_id, "life") == b"old"
+        async with open_node(KEY, identity=ident) as new:
+            new.register("life", new_life)
+            await new.connect(a.listen_address)
+            assert await a.call(ident.peer_id, "life") == b"new"
+            assert a.peers() == [ident.peer_id]
 
 
 async def test_wrong_swarm_key_rejected_both_ways_and_no_handler_runs() -> None:

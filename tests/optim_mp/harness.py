@@ -84,11 +84,23 @@ class TrainingSwarm:
         """A new daemon connected to every earlier one (it has not joined the run)."""
         d = start_daemon(self.workdir / f"node{len(self.daemons)}", self.workdir / "swarm.key")
         self.daemons.append(d)
-        with d.client() as c:
-            for other in self.daemons[:-1]:
-                if other.proc.poll() is None:
-                    c.connect_peer(other.listen)
+        self._connect(d)
         return d
+
+    def restart_daemon(self, old: DaemonProcess) -> DaemonProcess:
+        """Start a dead daemon again from its data directory (same identity),
+        connected to every live daemon."""
+        assert old.proc.poll() is not None, "restart only a daemon that is gone"
+        d = start_daemon(old.data_dir, self.workdir / "swarm.key")
+        self.daemons.append(d)
+        self._connect(d)
+        return d
+
+    def _connect(self, d: DaemonProcess) -> None:
+        with d.client() as c:
+            for other in self.daemons:
+                if other is not d and other.proc.poll() is None:
+                    c.connect_peer(other.listen)
 
     def start_worker(self, daemon: DaemonProcess, *jobs: dict[str, Any]) -> Worker:
         """A training process on ``daemon`` running ``jobs`` in order (see worker.py);
