@@ -4,9 +4,9 @@ A message is one HEAD record (caller's header + payload length) followed by
 PAYLOAD records of at most ``max_record`` bytes each; CLOSE ends the stream
 cleanly. The driver reads each record body into its own buffer and decrypts it
 straight into the caller's destination, so a payload is touched once by the
-kernel and once by the cipher on each side. Large records are sealed/opened on worker
-threads (OpenSSL releases the GIL), which lets crypto overlap with socket I/O
-of the other channels.
+kernel and once by the cipher on each side. Large records are sealed/opened on
+worker threads (libsodium, called through cffi, releases the GIL), which lets
+crypto overlap with socket I/O of the other channels.
 """
 
 from __future__ import annotations

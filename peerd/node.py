@@ -235,7 +235,7 @@ class Node(RunsMixin):
             # Two sessions dialled by the peer may reach us in another order than
             # they completed there, so only the dialler may pick which one dies;
             # we keep serving both and fall back to the survivor.
-            if drop.client_id != session.peer or keep.client_id != session.peer:
+            if not keep.client_id == drop.client_id == session.peer:
                 self._nursery.start_soon(self._retire, drop)
             return
         self._sessions[session.peer] = session

@@ -107,7 +107,6 @@ class _FaultFabric:
 
 
 async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> None:
-
     from peerd.identity import SwarmKey
     from peerd.jsonlines import commands, emit
     from peerd.node import open_node

@@ -118,15 +118,12 @@ class Traversal:
 
     def prefer(self, old: Session, new: Session) -> tuple[Session, Session] | None:
         """(keep, drop) between two live sessions with one peer, or None for the
-        node's tie rule. A network path beats a relayed one; between two
-        relayed sessions dialled by the same side, the newer wins: that side
-        dialled again because it saw the older one die (e.g. its relay left)
-        before this end noticed."""
+        node's tie rule (which also covers two relayed sessions: the newer of
+        two dialled by one side wins, e.g. after its relay left). A network
+        path beats a relayed one."""
         old_r, new_r = self.is_relayed_conn(old.conn), self.is_relayed_conn(new.conn)
         if old_r != new_r:
             return (new, old) if old_r else (old, new)
-        if old_r and old.client_id == new.client_id:
-            return (new, old)
         return None
 
     def is_relayed_conn(self, conn: QuicConn) -> bool:

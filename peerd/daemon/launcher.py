@@ -61,10 +61,11 @@ class DaemonProcess:
 
 def start_daemon(data_dir: Path, swarm_key: Path, *, listen: str = "127.0.0.1:0",
                  bootstrap: tuple[str, ...] = (), extra: tuple[str, ...] = (),
-                 wait: bool = True) -> DaemonProcess:
+                 wait: bool = True, prefix: tuple[str, ...] = ()) -> DaemonProcess:
+    """``prefix`` wraps the command, e.g. ``("ip", "netns", "exec", NS)``."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = data_dir / "daemon.log"
-    args = [sys.executable, "-m", "peerd.cli", "start", "--data-dir", str(data_dir),
+    args = [*prefix, sys.executable, "-m", "peerd.cli", "start", "--data-dir", str(data_dir),
             "--swarm-key", str(swarm_key), "--listen", listen, *extra]
     if bootstrap:
         args += ["--bootstrap", *bootstrap]

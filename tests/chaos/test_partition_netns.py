@@ -20,10 +20,8 @@ the namespaces removed whatever happens.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +37,11 @@ import pytest
 
 from collectives.api import AllReduceResult, SyncResult
 from peerd.client import Client
-from peerd.daemon.launcher import DaemonProcess, wait_ready
+from peerd.daemon.launcher import DaemonProcess, start_daemon, wait_ready
 from peerd.errors import PeerdError, PeerLost, RemoteError
 from peerd.identity import SwarmKey
 from peerd.quic import IDLE_TIMEOUT
-from tests.lab.netns import Lab, Node, missing_tools, sweep_stale
+from tests.lab.netns import Lab, Node, require_lab, sweep_stale
 
 pytestmark = pytest.mark.lab
 
@@ -59,14 +57,6 @@ LOSSY_ROUNDS = 3
 # A session that saw no packet for the QUIC idle timeout (20 s) is gone; a
 # daemon redials its bootstrap peers (every lower-numbered one), so a healed
 # link is reconnected whichever side lost the session.
-
-
-def require_lab() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("partition lab tests need root (network namespaces, nftables)")
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"running as root but {', '.join(missing)} not installed", pytrace=False)
 
 
 @dataclass(eq=False)  # hashed by identity: a dict key per daemon
@@ -95,7 +85,9 @@ class Cluster:
         try:
             for i, host in enumerate(hosts):
                 boot = [f"{h.ip}:{PORT}" for h in hosts[:i]]
-                daemons.append(_start(host, workdir / f"d{i}", key, boot))
+                daemons.append(start_daemon(workdir / f"d{i}", key, listen=f"{host.ip}:{PORT}",
+                                            bootstrap=tuple(boot), wait=False,
+                                            prefix=("ip", "netns", "exec", host.ns)))
             for d in daemons:
                 wait_ready(d, timeout=60)
             for i, (host, d) in enumerate(zip(hosts, daemons, strict=True)):
@@ -146,19 +138,6 @@ class Cluster:
         for p in self.peers:
             p.daemon.stop(signal.SIGKILL if p.daemon.proc.poll() is None else signal.SIGTERM,
                           timeout=5)
-
-
-def _start(host: Node, data_dir: Path, key: Path, bootstrap: list[str]) -> DaemonProcess:
-    data_dir.mkdir(parents=True, mode=0o700)
-    log_path = data_dir / "daemon.log"
-    argv = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "peerd.cli", "start",
-            "--data-dir", str(data_dir), "--swarm-key", str(key),
-            "--listen", f"{host.ip}:{PORT}"]
-    if bootstrap:
-        argv += ["--bootstrap", *bootstrap]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    return DaemonProcess(proc, data_dir, data_dir / "control.sock", log_path)
 
 
 def _log_lines(d: DaemonProcess) -> list[str]:

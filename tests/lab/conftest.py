@@ -7,7 +7,6 @@ so a CI runner that should run them can never skip them silently.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,21 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lab_agents
 from lab_topology import Topology
-from netns import Lab, missing_tools, sweep_stale
+from netns import Lab, require_lab, sweep_stale
 
-
-def require_lab() -> None:
-    if os.geteuid() != 0:
-        reason = "NAT lab tests need root (network namespaces, nftables); run the suite as root"
-        print(f"\nSKIP lab: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    missing = missing_tools()
-    if missing:
-        pytest.fail(
-            f"running as root but {', '.join(missing)} not installed: "
-            "apt-get install -y nftables iproute2",
-            pytrace=False,
-        )
+__all__ = ["require_lab"]  # lab test modules import it from here
 
 
 @pytest.fixture

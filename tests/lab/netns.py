@@ -88,6 +88,24 @@ def missing_tools() -> list[str]:
     return [t for t in ("ip", "nft", "tc") if shutil.which(t) is None]
 
 
+def require_lab() -> None:
+    """Skip (saying why) unless root; as root, fail if a tool is missing, so a
+    CI runner that should run lab tests can never skip them silently."""
+    import pytest  # here, not at the top: benchmarks use this module without pytest
+
+    if os.geteuid() != 0:
+        reason = "NAT lab tests need root (network namespaces, nftables); run the suite as root"
+        print(f"\nSKIP lab: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    missing = missing_tools()
+    if missing:
+        pytest.fail(
+            f"running as root but {', '.join(missing)} not installed: "
+            "apt-get install -y nftables iproute2",
+            pytrace=False,
+        )
+
+
 def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> str:
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:

@@ -80,12 +80,12 @@ def test_tbf_limits_throughput(lab: Lab) -> None:
 
 
 def test_gate_skips_non_root_and_fails_root_without_tools(monkeypatch: pytest.MonkeyPatch) -> None:
-    import conftest as lab_conftest
+    import netns
 
-    monkeypatch.setattr(lab_conftest.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     with pytest.raises(pytest.skip.Exception, match="need root"):
-        lab_conftest.require_lab()
-    monkeypatch.setattr(lab_conftest.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(lab_conftest, "missing_tools", lambda: ["nft"])
+        netns.require_lab()
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns, "missing_tools", lambda: ["nft"])
     with pytest.raises(pytest.fail.Exception, match="nft not installed"):
-        lab_conftest.require_lab()
+        netns.require_lab()
