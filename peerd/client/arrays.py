@@ -8,7 +8,10 @@ Two paths:
   reply. Failed operations never copy back, so inputs stay intact.
 
 Segments are reused by size so a training loop's repeated all-reduces do not
-pay for new pages (page faults on fresh shared memory cost more than the copy).
+pay for new pages (allocating and zeroing fresh shared memory costs several
+times the copy). The copies themselves run on a few threads
+(``copying.ParallelCopier``): one thread's copy reaches only part of the
+memory bandwidth, and a staged hand-off copies every byte twice.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from peerd.client.copying import ParallelCopier
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment
 from peerd.errors import ConfigError
@@ -125,24 +129,29 @@ class SegmentPool:
 class Staged:
     """One caller array placed in shared memory for the length of one request."""
 
-    def __init__(self, pool: SegmentPool, array: Any) -> None:
+    def __init__(self, pool: SegmentPool, array: Any, copier: ParallelCopier) -> None:
         self.user = as_numpy(array)
         if self.user.dtype.kind not in "fiub":
             raise ConfigError(f"unsupported dtype {self.user.dtype}")
         self._pool = pool
+        self._copier = copier
         self._lease: tuple[int, Segment] | None = None
         ref = pool.locate(self.user)
         if ref is None:
             seg_id, seg = pool.lease(max(self.user.nbytes, 1))
             self._lease = (seg_id, seg)
             ref = p.TensorRef(seg_id, 0, self.user.dtype.str, tuple(self.user.shape))
-            np.copyto(seg.array(ref), self.user, casting="no")
+            try:
+                copier.copy(seg.array(ref), self.user)
+            except BaseException:
+                self.done()
+                raise
         self.ref = ref
 
     def copy_back(self) -> None:
         """Write the daemon's result into the caller's array (in place)."""
         if self._lease is not None:
-            np.copyto(self.user, self._lease[1].array(self.ref), casting="no")
+            self._copier.copy(self.user, self._lease[1].array(self.ref))
 
     def done(self) -> None:
         """Return the staging segment; call once the daemon has answered."""

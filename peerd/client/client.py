@@ -27,6 +27,7 @@ from collectives.api import (
 )
 from peerd.client.arrays import SegmentPool, Staged
 from peerd.client.conn import Connection, wait
+from peerd.client.copying import ParallelCopier
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment
 from peerd.errors import ConfigError
@@ -80,12 +81,13 @@ class Client:
     """Blocking client of one local daemon; thread-safe. Use ``peerd.connect()``."""
 
     def __init__(self, conn: Connection, run: str = DEFAULT_RUN,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, copy_threads: int | None = None) -> None:
         self._conn = conn
         self.run = run
         self.timeout = timeout
         self._segment_ids = itertools.count(1)  # client ids > 0, daemon gifts < 0
         self._pool = SegmentPool(self._register, self._release)
+        self._copier = ParallelCopier(copy_threads)
         hello = conn.call(lambda r: p.Hello(r, p.CONTROL_VERSION), timeout)
         self.peer_id: str = hello.peer_id
         self.features: tuple[str, ...] = hello.features
@@ -130,7 +132,7 @@ class Client:
 
     def echo(self, array: Any, mode: int = 0) -> bytes:
         """Diagnostic: hand ``array`` to the daemon and back (see ``EchoRequest``)."""
-        staged = Staged(self._pool, array)
+        staged = Staged(self._pool, array, self._copier)
         try:
             reply = self._call(lambda r: p.EchoRequest(r, staged.ref, mode))
             staged.copy_back()
@@ -150,7 +152,7 @@ class Client:
         """A shared copy of ``array`` (see ``empty``)."""
         src = np.asarray(array)
         out = self.empty(src.shape, src.dtype)
-        out[...] = src
+        self._copier.copy(out, src)
         return out
 
     # ------------------------------------------------------------ Collective
@@ -178,7 +180,7 @@ class Client:
                          timeout: float | None = COLLECTIVE_TIMEOUT) -> ReduceHandle:
         """Start an all-reduce; ``wait()`` returns the result and updates ``array``."""
         name = _op_name(op)
-        staged = Staged(self._pool, array)
+        staged = Staged(self._pool, array, self._copier)
         try:
             fut = self._conn.request(lambda r: p.AllReduceRequest(
                 r, run or self.run, staged.ref, name, tag, int(Quant(quant)), retry))
@@ -196,7 +198,7 @@ class Client:
 
     def all_gather(self, array: Any, *, tag: str = "gather", retry: bool = True,
                    run: str | None = None) -> tuple[Sequence[Any], tuple[str, ...]]:
-        staged = Staged(self._pool, array)
+        staged = Staged(self._pool, array, self._copier)
         try:
             reply = self._call(lambda r: p.AllGatherRequest(r, run or self.run, staged.ref, tag,
                                                             retry), COLLECTIVE_TIMEOUT)
@@ -208,8 +210,10 @@ class Client:
                    strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
                    run: str | None = None) -> SyncResult:
         names = tuple(state)
-        staged = [Staged(self._pool, state[n]) for n in names]
+        staged: list[Staged] = []
         try:
+            for n in names:
+                staged.append(Staged(self._pool, state[n], self._copier))
             reply = self._call(lambda r: p.SyncStateRequest(
                 r, run or self.run, names, tuple(s.ref for s in staged), revision,
                 int(SyncStrategy(strategy))), COLLECTIVE_TIMEOUT)
@@ -223,7 +227,7 @@ class Client:
 
     def send(self, peer: str, array: Any, *, tag: str = "p2p", run: str | None = None) -> None:
         """Point-to-point send to a member of the run's view (custom collectives)."""
-        staged = Staged(self._pool, array)
+        staged = Staged(self._pool, array, self._copier)
         try:
             self._call(lambda r: p.SendRequest(r, run or self.run, peer, staged.ref, tag),
                        COLLECTIVE_TIMEOUT)
@@ -258,6 +262,7 @@ class Client:
     def close(self) -> None:
         self._conn.close()
         self._pool.close()
+        self._copier.close()
 
     def __enter__(self) -> Client:
         return self
