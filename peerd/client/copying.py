@@ -53,15 +53,18 @@ class ParallelCopier:
         self._min_slab = max(1, min_slab_bytes)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self._closed = False
 
     def _executor(self) -> ThreadPoolExecutor | None:
         with self._lock:
             if self._closed:
                 return None  # copy inline after close rather than fail
-            if self._pool is None:
+            # A forked child inherits the executor but not its threads: start anew.
+            if self._pool is None or self._pool_pid != os.getpid():
                 self._pool = ThreadPoolExecutor(self.threads - 1,
                                                 thread_name_prefix="peerd-copy")
+                self._pool_pid = os.getpid()
             return self._pool
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> None:

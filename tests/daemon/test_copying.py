@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -118,3 +121,28 @@ def test_mismatches_are_refused_and_a_closed_copier_copies_inline(
         copier.copy(dst, src)
     assert spy.threads == {threading.current_thread().name}
     assert np.array_equal(dst.view(np.uint32), src.view(np.uint32))
+
+
+def test_a_forked_child_copies_with_threads_of_its_own(copier: ParallelCopier) -> None:
+    src = _bits((1_000_000,), 5)
+    dst = np.empty_like(src)
+    copier.copy(dst, src)  # the parent's workers exist now
+    pid = os.fork()
+    if pid == 0:  # child: must not wait forever on workers that were not forked
+        code = 1
+        try:
+            out = np.empty_like(src)
+            copier.copy(out, src)
+            code = 0 if np.array_equal(out.view(np.uint32), src.view(np.uint32)) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child's copy hung")
