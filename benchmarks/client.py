@@ -52,14 +52,19 @@ def best_of(fn, repeat: int = REPEAT) -> float:  # type: ignore[no-untyped-def]
     return min(timed(fn) for _ in range(repeat))
 
 
-def interleaved(fns, repeat: int = REPEAT) -> list[float]:  # type: ignore[no-untyped-def]
-    """Best time of each of ``fns``, run in turn ``repeat`` times: on a machine
+def interleaved(fns, repeat: int) -> list[list[float]]:  # type: ignore[no-untyped-def]
+    """Sorted times of each of ``fns``, run in turn ``repeat`` times: on a machine
     shared with other work, the compared figures see the same load."""
-    best = [float("inf")] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], timed(fn))
-    return best
+            times[i].append(timed(fn))
+    return [sorted(t) for t in times]
+
+
+def ms(times: list[float]) -> str:
+    """Best (what the ratio uses) and median of sorted ``times``, in ms."""
+    return f"{times[0] * 1e3:8.1f} ms (median {times[len(times) // 2] * 1e3:.1f})"
 
 
 def rss_kib(pid: int) -> int:
@@ -154,9 +159,10 @@ def main() -> None:
                 first_s = time.perf_counter() - t0
                 tensor = torch.from_numpy(src.copy())
                 client.echo(tensor)
-                copy_s, handoff_s, torch_s, single_s = interleaved([
+                copy_t, handoff_t, torch_t, single_t = interleaved([
                     lambda: np.copyto(dst, src), lambda: client.echo(src),
-                    lambda: client.echo(tensor), lambda: single.echo(src)], REPEAT + 2)
+                    lambda: client.echo(tensor), lambda: single.echo(src)], 2 * REPEAT + 1)
+                copy_s, handoff_s, single_s = copy_t[0], handoff_t[0], single_t[0]
                 shared = client.share(src)
                 zero_s = best_of(lambda: client.echo(shared))
                 # the data really travels: the daemon flips bits, we see them
@@ -169,15 +175,14 @@ def main() -> None:
             d.stop()
         gb = src.nbytes / 1e9
         print(f"tensor: {args.elements} fp32 = {src.nbytes / 2**20:.0f} MiB")
-        print(f"numpy copy into existing array:  {copy_s * 1e3:8.1f} ms ({gb / copy_s:.1f} GB/s)")
+        print(f"numpy copy into existing array:  {ms(copy_t)} "
+              f"{gb / copy_s:.1f} GB/s, one thread")
         print(f"numpy copy into new array:       {alloc_copy_s * 1e3:8.1f} ms")
         print(f"daemon hand-off, first call:     {first_s * 1e3:8.1f} ms (new segment)")
-        print(f"daemon hand-off and back:        {handoff_s * 1e3:8.1f} ms "
-              f"(copy in + control round trip + copy back, {threads} copy threads; "
-              f"{2 * gb / handoff_s:.1f} GB/s copied)")
-        print(f"same, torch tensor:              {torch_s * 1e3:8.1f} ms")
-        print(f"same, copies on one thread:      {single_s * 1e3:8.1f} ms "
-              f"(ratio {single_s / copy_s:.2f})")
+        print(f"daemon hand-off and back:        {ms(handoff_t)} copy in + control round "
+              f"trip + copy back on {threads} copy threads, {2 * gb / handoff_s:.1f} GB/s copied")
+        print(f"same, torch tensor:              {ms(torch_t)}")
+        print(f"same, copies on one thread:      {ms(single_t)} ratio {single_s / copy_s:.2f}")
         print(f"daemon hand-off, shared array:   {zero_s * 1e3:8.1f} ms (zero-copy)")
         if args.peers > 0 and args.idle_seconds > 0:
             idle_footprint(work, key, args.peers, args.idle_seconds)
