@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
-from tests.chaos.diloco_soak import ALL_KINDS, KINDS, run_diloco_soak  # noqa: E402
+from tests.chaos.diloco_soak import run_diloco_soak  # noqa: E402
 from tests.chaos.soak import run_soak  # noqa: E402
 
 
@@ -33,13 +33,10 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--diloco", action="store_true",
                     help="train with DiLoCo across daemons instead of bare all-reduce rounds")
-    ap.add_argument("--restart", action="store_true",
-                    help="with --diloco, also restart killed peers with the same identity "
-                         "(known to stall the run; see tests/chaos/diloco_soak.py)")
     args = ap.parse_args()
     if args.diloco:
         report, curve = run_diloco_soak(args.seconds, seed=args.seed, start_peers=args.peers,
-                                        log=print, kinds=ALL_KINDS if args.restart else KINDS)
+                                        log=print)
         if curve:
             print(f"held-out loss over {len(curve)} agreed outer steps: "
                   f"{curve[0]:.3f} -> {curve[-1]:.3f}")

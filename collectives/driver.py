@@ -34,6 +34,7 @@ import trio
 from collectives import messages as m
 from collectives.api import View
 from collectives.fabric import Fabric
+from collectives.incarnation import Incarnations, new_incarnation
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
@@ -124,6 +125,8 @@ class MembershipDriver:
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
         self._probe_seq = 0
+        self.incarnation = new_incarnation()
+        self._incarnations = Incarnations()
         self.view_changes = 0
         self.peers_lost = 0
         self.counters: dict[str, int] = {"all_reduces": 0, "failed": 0, "sent": 0, "received": 0}
@@ -275,7 +278,8 @@ class MembershipDriver:
 
     def _install(self, decision: Decision) -> None:
         before = self.core.view
-        self.core.install(decision, trio.current_time())
+        if self.core.install(decision, trio.current_time()):
+            self._incarnations.forget(set(decision.members))
         self._sync(before)
 
     def _sync(self, before: Decision | None) -> None:
@@ -333,7 +337,7 @@ class MembershipDriver:
     async def _heartbeat(self, peer: str) -> None:
         d = self.core.view
         assert d is not None
-        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)))
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
         start = trio.current_time()
         try:
             reply = await self.fabric.call(
@@ -348,6 +352,8 @@ class MembershipDriver:
             ack: m.Ack = self._decode(reply, m.Ack)
         except ProtocolError:
             return
+        if self._restarted(peer, ack.incarnation):
+            return
         if not ack.member and peer in d.members:
             # Its id answers, but not the process that was a member: it restarted
             # and must join again. Counting this as liveness would leave the run
@@ -361,6 +367,17 @@ class MembershipDriver:
         self.core.heard(peer, now)
         rtt = now - start
         self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
+
+    def _restarted(self, peer: str, incarnation: int) -> bool:
+        """Whether a member's id now answers from a new process; if so the old one
+        is lost to this view at once (the new one must join again)."""
+        if not self._incarnations.restarted(peer, incarnation):
+            return False
+        d = self.core.view
+        if d is None or peer not in d.members:
+            return False
+        self.lost({peer}, f"{peer} restarted (a new process with the same identity)")
+        return True
 
     def _answered(self, peer: str, revision: int) -> None:
         """A member answered a heartbeat with its ``revision``."""
@@ -405,10 +422,12 @@ class MembershipDriver:
     def _ack(self) -> bytes:
         d = self.core.view
         member = d is not None and self.me in d.members
-        return encode(m.Ack(self.run, d.revision if d else 0, member))
+        return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation))
 
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
+        if self._restarted(peer, msg.incarnation):
+            return self._ack()
         d = self.core.view
         now = trio.current_time()
         same_view = d is not None and msg.revision == d.revision and peer in d.members
@@ -454,7 +473,7 @@ class MembershipDriver:
             reply = await self.fabric.call(
                 peer,
                 self._method("join"),
-                encode(m.JoinRequest(self.run)),
+                encode(m.JoinRequest(self.run, incarnation=self.incarnation)),
                 self.config.timing.heartbeat_interval * 2,
             )
         except (PeerLost, Timeout, RemoteError):
@@ -464,10 +483,16 @@ class MembershipDriver:
             self._install(Decision(msg.revision, msg.members))
 
     async def _on_join(self, peer: str, payload: bytes) -> bytes:
-        self._decode(payload, m.JoinRequest)
+        msg: m.JoinRequest = self._decode(payload, m.JoinRequest)
         d = self.core.view
         if d is None or not self.core.is_member:
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY, "not a member"))
+        if self._restarted(peer, msg.incarnation) or peer in self.core.suspects:
+            # Its earlier process is a member of this view; the new one cannot
+            # take over that process's part of a round. It is admitted once the
+            # view has dropped the old one.
+            return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
+                                        "an earlier process of this peer is being dropped"))
         self.core.join_request(peer, trio.current_time())
         return encode(m.ViewCommit(self.run, d.revision, d.members))
 

@@ -11,6 +11,7 @@ import enum
 import math
 from dataclasses import dataclass
 
+from collectives.incarnation import MAX_INCARNATION
 from peerd.wire import message
 
 PROTOCOL_VERSION = 1
@@ -35,6 +36,11 @@ def _check_run(run: str, revision: int = 0) -> None:
         raise ValueError("negative revision")
 
 
+def _check_incarnation(incarnation: int) -> None:
+    if not 0 <= incarnation <= MAX_INCARNATION:
+        raise ValueError("incarnation out of range")
+
+
 @message(200)
 @dataclass(frozen=True)
 class Heartbeat:
@@ -43,10 +49,12 @@ class Heartbeat:
     run: str
     revision: int
     suspects: tuple[str, ...]
+    incarnation: int = 0  # the sender's process (collectives/incarnation.py); 0: not sent
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.suspects, "suspects")
+        _check_incarnation(self.incarnation)
 
 
 @message(201)
@@ -57,9 +65,11 @@ class Ack:
     # False from a process that holds no view with itself in it: a restarted
     # member (same identity, new process) or a joiner not yet admitted.
     member: bool = True
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
+        _check_incarnation(self.incarnation)
 
 
 @message(202)
@@ -69,9 +79,11 @@ class JoinRequest:
 
     run: str
     version: int = PROTOCOL_VERSION
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         _check_run(self.run)
+        _check_incarnation(self.incarnation)
 
 
 @message(203)

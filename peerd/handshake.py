@@ -4,18 +4,23 @@ Runs on the first QUIC stream after TLS completes. The server's TLS
 certificate key is its identity key, so the client already knows whom it
 reached. Then::
 
-    C -> S  ClientHello(version, client key, nonce_c, x25519_c)
-    S -> C  ServerHello(nonce_s, x25519_s, observed address, sig_s(T), mac_s(T))
+    C -> S  ClientHello(version, client key, nonce_c, x25519_c, incarnation_c)
+    S -> C  ServerHello(nonce_s, x25519_s, observed address, sig_s(T), mac_s(T), incarnation_s)
     C -> S  ClientFinish(sig_c(T), mac_c(T))
     S -> C  Accept()
 
 with transcript ``T = sha256(label | server cert key | client key | nonces |
-x25519 shares)``. The client's signature names the server's *certificate* key:
+x25519 shares | incarnations)``. The client's signature names the server's *certificate* key:
 a third party relaying the exchange presents its own certificate, so the
 relayed signature names the wrong server and is refused. ``mac`` is
 HMAC-SHA256 with the swarm key (compared in constant time) and proves
 membership. Fresh nonces on both sides make a replayed handshake fail. The
 X25519 exchange yields the session secret that keys the data plane.
+
+An *incarnation* is a random value a node draws once per process: the same
+identity after a crash and restart sends a new one, so a peer still holding a
+session to the dead process knows to drop it at once instead of preferring it
+over the new process's session by the duplicate tie rule (peerd/node.py).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from peerd.errors import AuthError, ProtocolError
 from peerd.identity import Identity, PeerId, SwarmKey, verify_signature
 from peerd.wire import decode_untrusted, encode, message
 
-HANDSHAKE_VERSION = 1
+HANDSHAKE_VERSION = 2
 NONCE_BYTES = 32
-_LABEL = b"peerd-handshake-v1"
+INCARNATION_BYTES = 8
+_LABEL = b"peerd-handshake-v2"
 
 Random = Callable[[int], bytes]
 
@@ -49,6 +55,7 @@ class ClientHello:
     public_key: bytes
     nonce: bytes
     kx: bytes
+    incarnation: bytes
 
 
 @message(2)
@@ -61,6 +68,7 @@ class ServerHello:
     observed_port: int
     signature: bytes
     membership: bytes
+    incarnation: bytes
 
 
 @message(3)
@@ -84,11 +92,14 @@ class HandshakeResult:
     public_key: bytes
     session_secret: bytes
     observed_address: tuple[str, int] | None  # how the peer saw us (client side only)
+    incarnation: bytes  # the peer's process (see the module docstring)
 
 
-def _transcript(server_key: bytes, hello: ClientHello, nonce_s: bytes, kx_s: bytes) -> bytes:
+def _transcript(server_key: bytes, hello: ClientHello, nonce_s: bytes, kx_s: bytes,
+                incarnation_s: bytes) -> bytes:
     h = hashlib.sha256(_LABEL)
-    for part in (server_key, hello.public_key, hello.nonce, nonce_s, hello.kx, kx_s):
+    for part in (server_key, hello.public_key, hello.nonce, nonce_s, hello.kx, kx_s,
+                 hello.incarnation, incarnation_s):
         h.update(len(part).to_bytes(2, "big"))
         h.update(part)
     return h.digest()
@@ -103,9 +114,13 @@ def _session_secret(shared: bytes, transcript: bytes) -> bytes:
     return hkdf.derive(shared)
 
 
-def _check_lengths(nonce: bytes, kx: bytes) -> None:
-    if len(nonce) != NONCE_BYTES or len(kx) != 32:
-        raise ProtocolError("handshake nonce or key share has the wrong length")
+def _check_lengths(nonce: bytes, kx: bytes, incarnation: bytes) -> None:
+    if len(nonce) != NONCE_BYTES or len(kx) != 32 or len(incarnation) != INCARNATION_BYTES:
+        raise ProtocolError("handshake nonce, key share or incarnation has the wrong length")
+
+
+def new_incarnation() -> bytes:
+    return os.urandom(INCARNATION_BYTES)
 
 
 def _shared(private: nacl.public.PrivateKey, kx: bytes) -> bytes:
@@ -125,6 +140,7 @@ class ClientHandshake:
         server_key: bytes,
         expected_peer: PeerId | None = None,
         rand: Random = os.urandom,
+        incarnation: bytes | None = None,
     ) -> None:
         self._identity = identity
         self._swarm = swarm_key
@@ -134,7 +150,7 @@ class ClientHandshake:
             raise AuthError(f"reached {self._server_id} but expected {expected_peer}")
         self._kx = nacl.public.PrivateKey(rand(32))
         self._hello = ClientHello(HANDSHAKE_VERSION, identity.public_key, rand(NONCE_BYTES),
-                                  bytes(self._kx.public_key))
+                                  bytes(self._kx.public_key), incarnation or new_incarnation())
         self._pending: HandshakeResult | None = None
 
     def hello(self) -> bytes:
@@ -144,15 +160,16 @@ class ClientHandshake:
         msg = decode_untrusted(body, expect=ServerHello)
         if msg.version != HANDSHAKE_VERSION:
             raise AuthError(f"peer speaks handshake v{msg.version}, we speak v{HANDSHAKE_VERSION}")
-        _check_lengths(msg.nonce, msg.kx)
-        t = _transcript(self._server_key, self._hello, msg.nonce, msg.kx)
+        _check_lengths(msg.nonce, msg.kx, msg.incarnation)
+        t = _transcript(self._server_key, self._hello, msg.nonce, msg.kx, msg.incarnation)
         if not verify_signature(self._server_key, b"server" + t, msg.signature):
             raise AuthError("server signature does not verify")
         if not hmac.compare_digest(msg.membership, _mac(self._swarm, b"server", t)):
             raise AuthError("server does not hold our swarm key")
         secret = _session_secret(_shared(self._kx, msg.kx), t)
         observed = (msg.observed_host, msg.observed_port) if msg.observed_host else None
-        self._pending = HandshakeResult(self._server_id, self._server_key, secret, observed)
+        self._pending = HandshakeResult(self._server_id, self._server_key, secret, observed,
+                                        msg.incarnation)
         finish = ClientFinish(self._identity.sign(b"client" + t), _mac(self._swarm, b"client", t))
         return encode(finish)
 
@@ -172,11 +189,13 @@ class ServerHandshake:
         swarm_key: SwarmKey,
         observed: tuple[str, int] | None,
         rand: Random = os.urandom,
+        incarnation: bytes | None = None,
     ) -> None:
         self._identity = identity
         self._swarm = swarm_key
         self._observed = observed
         self._rand = rand
+        self._incarnation = incarnation or new_incarnation()
         self._hello: ClientHello | None = None
         self._transcript = b""
         self._shared = b""
@@ -188,18 +207,19 @@ class ServerHandshake:
         if hello.version != HANDSHAKE_VERSION:
             raise AuthError(
                 f"peer speaks handshake v{hello.version}, we speak v{HANDSHAKE_VERSION}")
-        _check_lengths(hello.nonce, hello.kx)
+        _check_lengths(hello.nonce, hello.kx, hello.incarnation)
         if len(hello.public_key) != 32:
             raise ProtocolError("client key has the wrong length")
         kx = nacl.public.PrivateKey(self._rand(32))
         nonce = self._rand(NONCE_BYTES)
         kx_pub = bytes(kx.public_key)
-        t = _transcript(self._identity.public_key, hello, nonce, kx_pub)
+        t = _transcript(self._identity.public_key, hello, nonce, kx_pub, self._incarnation)
         self._hello, self._transcript = hello, t
         self._shared = _shared(kx, hello.kx)
         host, port = self._observed or ("", 0)
         reply = ServerHello(HANDSHAKE_VERSION, nonce, kx_pub, host, port,
-                            self._identity.sign(b"server" + t), _mac(self._swarm, b"server", t))
+                            self._identity.sign(b"server" + t), _mac(self._swarm, b"server", t),
+                            self._incarnation)
         return encode(reply)
 
     def on_client_finish(self, body: bytes) -> tuple[bytes, HandshakeResult]:
@@ -214,5 +234,5 @@ class ServerHandshake:
             raise AuthError("client signature does not verify (replayed or relayed handshake)")
         key = self._hello.public_key
         result = HandshakeResult(PeerId.from_public_key(key), key,
-                                 _session_secret(self._shared, t), None)
+                                 _session_secret(self._shared, t), None, self._hello.incarnation)
         return encode(Accept(HANDSHAKE_VERSION)), result

@@ -28,6 +28,7 @@ from peerd.dht.node import Dht
 from peerd.dhtrpc import NodeRpc, serve_dht
 from peerd.errors import AuthError, PeerdError, PeerLost, ProtocolError
 from peerd.fabric import NodeFabric
+from peerd.handshake import new_incarnation
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.log import event
 from peerd.natstate import NatState
@@ -80,6 +81,7 @@ class Node(RunsMixin):
     def __init__(self, identity: Identity, swarm_key: SwarmKey, config: NodeConfig,
                  nursery: trio.Nursery, udp: socket.socket) -> None:
         self.identity = identity
+        self.incarnation = new_incarnation()  # this process (peerd/handshake.py)
         self.peer_id = identity.peer_id
         self.swarm_key = swarm_key
         self.config = config
@@ -186,7 +188,8 @@ class Node(RunsMixin):
             return expect
         conn = self.endpoint.connect(addr)
         try:
-            session = await client_session(conn, self.identity, self.swarm_key, expect)
+            session = await client_session(conn, self.identity, self.swarm_key, expect,
+                                           self.incarnation)
         except PeerdError:
             self._counters["handshakes_failed"] += 1
             conn.close()
@@ -202,7 +205,7 @@ class Node(RunsMixin):
 
     async def _accept(self, conn: QuicConn) -> None:
         try:
-            session = await server_session(conn, self.identity, self.swarm_key)
+            session = await server_session(conn, self.identity, self.swarm_key, self.incarnation)
         except PeerdError as exc:
             self._counters["handshakes_failed"] += 1
             event(log, "handshake.rejected", logging.DEBUG, addr=conn.addr_text, error=exc)
@@ -222,6 +225,9 @@ class Node(RunsMixin):
             self.observed[session.peer] = session.observed
             self.nat.record(session.conn.addr, session.observed, trio.current_time())
         old = self._sessions.get(session.peer)
+        if old is not None and old.alive and old.incarnation != session.incarnation:
+            self._drop_old_process(session.peer)
+            old = None
         if old is not None and old.alive:
             # A network path beats a relayed one. Both sides dialled: keep the
             # session whose dialler has the lower id (both ends agree). One side
@@ -244,6 +250,15 @@ class Node(RunsMixin):
         self._nursery.start_soon(self._serve_session, session)
         for cb in self._connected_cbs:
             cb(session.peer)
+
+    def _drop_old_process(self, peer: PeerId) -> None:
+        """The peer restarted: its sessions to the old process are dead, however
+        the tie rule would rank them, and so is whatever rode on them."""
+        for s in [*self._spares.pop(peer, []), self._sessions.pop(peer)]:
+            s.conn.close(0, "peer restarted")
+        event(log, "peer.restarted", peer=peer.short)
+        for cb in self._lost_cbs:
+            cb(peer)
 
     async def _retire(self, session: Session) -> None:
         """Close a duplicate session once calls already on it had time to finish,

@@ -34,6 +34,7 @@ class Session:
     secret: bytes
     initiator: bool  # True when we dialled
     observed: tuple[str, int] | None  # our address as the peer saw it
+    incarnation: bytes = b""  # the peer's process (peerd/handshake.py)
 
     @property
     def alive(self) -> bool:
@@ -46,11 +47,13 @@ class Session:
 
 
 async def client_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey,
-                         expected: PeerId | None = None) -> Session:
+                         expected: PeerId | None = None,
+                         incarnation: bytes | None = None) -> Session:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await _wait_or_closed(conn)
-            hs = ClientHandshake(identity, swarm_key, peer_certificate_key(conn.quic), expected)
+            hs = ClientHandshake(identity, swarm_key, peer_certificate_key(conn.quic), expected,
+                                 incarnation=incarnation)
             stream = conn.open_stream()
             await stream.send_frame(hs.hello())
             finish = hs.on_server_hello(await stream.receive_frame(_HANDSHAKE_LIMITS))
@@ -68,12 +71,13 @@ async def client_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey
     return _session(conn, result, identity, initiator=True)
 
 
-async def server_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey) -> Session:
+async def server_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey,
+                         incarnation: bytes | None = None) -> Session:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream = await conn.incoming.receive()
             conn.accept_streams = False  # nothing but the handshake until admitted
-            hs = ServerHandshake(identity, swarm_key, conn.addr)
+            hs = ServerHandshake(identity, swarm_key, conn.addr, incarnation=incarnation)
             hello = await stream.receive_frame(_HANDSHAKE_LIMITS)
             await stream.send_frame(hs.on_client_hello(hello))
             accept, result = hs.on_client_finish(await stream.receive_frame(_HANDSHAKE_LIMITS))
@@ -106,4 +110,4 @@ async def _wait_or_closed(conn: QuicConn) -> None:
 def _session(conn: QuicConn, result: HandshakeResult, identity: Identity,
              initiator: bool) -> Session:
     return Session(conn, result.peer_id, identity.peer_id, result.session_secret, initiator,
-                   result.observed_address)
+                   result.observed_address, result.incarnation)

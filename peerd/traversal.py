@@ -274,7 +274,8 @@ class Traversal:
         self._labels[conn] = label
         try:
             with trio.fail_after(timeout):
-                session = await client_session(conn, node.identity, node.swarm_key, peer)
+                session = await client_session(conn, node.identity, node.swarm_key, peer,
+                                               node.incarnation)
         except trio.TooSlowError:
             conn.close()
             raise Timeout(f"{format_address(addr)} did not answer within {timeout:g}s") from None
@@ -296,7 +297,8 @@ class Traversal:
         conn = pipe.start_client(node._nursery, node.endpoint.client_configuration())
         self._labels[conn] = RELAY_PREFIX + relay.short
         try:
-            session = await client_session(conn, node.identity, node.swarm_key, peer)
+            session = await client_session(conn, node.identity, node.swarm_key, peer,
+                                           node.incarnation)
         except BaseException:
             conn.close()
             raise
@@ -309,7 +311,7 @@ class Traversal:
         conn = await pipe.start_server(node._nursery, node.endpoint.server_configuration())
         self._labels[conn] = RELAY_PREFIX + relay.short
         with trio.fail_after(HANDSHAKE_TIMEOUT + 1):
-            session = await server_session(conn, node.identity, node.swarm_key)
+            session = await server_session(conn, node.identity, node.swarm_key, node.incarnation)
         if session.peer != claimed:
             conn.close(0, "relay named another peer")
             raise ProtocolError(f"relay {relay.short} named {claimed.short}, "

@@ -3,8 +3,8 @@
 (SIGKILL of the training process and its daemon), stalled (SIGSTOP of a daemon,
 then SIGCONT) and new ones join.
 
-Faults rotate kill -> join -> stall (optionally -> restart: kill, then the
-same identity and data directory start again and rejoin), each injected right after a round so the
+Faults rotate kill -> join -> stall -> restart (kill, then the same identity
+and data directory start again and rejoin), each injected right after a round so the
 phase is named: ``after_round`` (the victim has reported outer step k and is
 in its inner steps; the others are too). After each fault the soak waits for
 recovery: the first round that every live member reports with exactly the live
@@ -40,11 +40,10 @@ STALL_SECONDS = 1.0  # well under the heartbeat timeout: nobody may be dropped
 RECOVERY_TIMEOUT = 90.0
 CLEAN_ROUNDS = 2  # full rounds between faults, so each recovery is measured alone
 JOB = {"method": "diloco", "steps": H * 100_000, "sync_every": H}
-KINDS = ("kill", "join", "stall")
-# "restart" (same identity and data directory, new process) is not in the default
-# rotation yet: it stalls the run (survivors wait out the 30 s phase timeout and
-# the view loses its quorum); reproduce with ``run_diloco_soak(kinds=ALL_KINDS)``.
-ALL_KINDS = (*KINDS, "restart")
+# "restart": the same identity and data directory in a new process, at once
+# (a crashed volunteer's machine coming back); survivors tell it from the dead
+# process by its incarnation (peerd/handshake.py, collectives/incarnation.py).
+KINDS = ("kill", "join", "stall", "restart")
 
 Report = dict[str, Any]
 

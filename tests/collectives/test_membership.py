@@ -108,3 +108,46 @@ async def test_leave(mock_clock: trio.testing.MockClock) -> None:
         stats = s.engines["p00"].statistics()
         assert stats.members == ("p00", "p01") and stats.peers_lost == 1
         assert stats.all_reduces == 1 and stats.failed_attempts == 1
+
+
+async def test_restarted_member_is_dropped_at_once_and_joins_again(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p02's process is replaced by a new one with the same id (a crash and a
+    quick restart): the new engine must not take the old one's place in the
+    view it never saw a round of, the survivors must drop the old process by
+    its new incarnation well before the heartbeat timeout (the new process
+    answers every call, so silence never shows it), and the new process joins
+    at the next boundary."""
+    async with swarm(3) as s:
+        await trio.sleep(3 * FAST.timing.heartbeat_interval)  # incarnations heard
+        before = s.engines["p00"].view().revision
+        s.scopes["p02"].cancel()  # the old process is gone without a word...
+        del s.engines["p02"]
+        await trio.testing.wait_all_tasks_blocked()  # its handlers are unregistered
+        reborn = await s.start("p02", None)  # ...and its id is back at once
+        joined = trio.Event()
+
+        async def join() -> None:
+            await reborn.join()
+            joined.set()
+
+        s.nursery.start_soon(join)
+        survivors = ["p00", "p01"]
+        data = inputs(survivors, 40, seed=3)
+        arrays = {p: v.copy() for p, v in data.items()}
+        start = trio.current_time()
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
+        assert trio.current_time() - start < FAST.timing.heartbeat_timeout
+        for r in out.values():
+            assert isinstance(r, AllReduceResult) and r.participants == tuple(survivors), r
+        np.testing.assert_allclose(arrays["p00"], reference(data, survivors, True), rtol=1e-5)
+        assert same_bytes(list(arrays.values()))
+        assert reborn.current_view() is None  # never adopted a view with the old process
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # its join requests are pending
+        views = await s.each(lambda p, e: e.update_view(), survivors)
+        await joined.wait()
+        assert sorted(views["p00"].members) == ["p00", "p01", "p02"]
+        got = reborn.view()
+        assert (got.revision, got.members) == (views["p00"].revision, views["p00"].members)
+        assert got.revision > before + 1  # a view without the old process came first

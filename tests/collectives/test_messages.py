@@ -12,8 +12,11 @@ from peerd.wire import decode_untrusted, encode, registered_types
 
 SAMPLES = [
     m.Heartbeat("r", 3, ("a", "b")),
+    m.Heartbeat("r", 3, (), 2**63 - 1),
     m.Ack("r", 0),
+    m.Ack("r", 5, False, 77),
     m.JoinRequest("r"),
+    m.JoinRequest("r", incarnation=1),
     m.ViewCommit("r", 9, ("b", "a", "c")),
     m.ViewReady("r", 2, ("a", "b"), ("c",), True, (m.LinkReport("b", 1e6, 0.01),)),
     m.ViewRefused("r", m.RefuseReason.NOT_MEMBER, "gone"),
@@ -44,6 +47,9 @@ def test_type_ids_in_our_range() -> None:
         lambda: m.LinkReport("a", 1.0, -1.0),
         lambda: m.Probe("r", b"", 3),
         lambda: m.Probe("r", b"k", 10**9),
+        lambda: m.Heartbeat("r", 0, (), -1),
+        lambda: m.Ack("r", 0, True, 2**63),
+        lambda: m.JoinRequest("r", incarnation=-5),
     ],
 )
 def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]

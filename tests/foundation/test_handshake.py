@@ -27,6 +27,18 @@ def test_both_sides_learn_each_other_and_share_a_secret() -> None:
     assert c2.session_secret != c.session_secret  # fresh per session
 
 
+def test_each_side_learns_the_others_incarnation() -> None:
+    """The process incarnation each side sends is what the other side records
+    (a restarted peer is told apart from its dead process by it)."""
+    ci, si = b"\x01" * 8, b"\x02" * 8
+    c, s = run(ClientHandshake(A, KEY, B.public_key, incarnation=ci),
+               ServerHandshake(B, KEY, None, incarnation=si))
+    assert c.incarnation == si and s.incarnation == ci
+    with pytest.raises(ProtocolError, match="incarnation"):
+        ServerHandshake(B, KEY, None).on_client_hello(
+            ClientHandshake(A, KEY, B.public_key, incarnation=b"short").hello())
+
+
 def test_wrong_swarm_key_rejected_by_both_sides() -> None:
     other = SwarmKey(b"o" * 32)
     client = ClientHandshake(A, other, B.public_key)
@@ -47,7 +59,7 @@ def client_finish_ignoring_server(client: ClientHandshake, server: ServerHandsha
 
     hello = server.on_client_hello(client.hello())
     msg = decode_untrusted(hello)
-    t = hs._transcript(B.public_key, client._hello, msg.nonce, msg.kx)
+    t = hs._transcript(B.public_key, client._hello, msg.nonce, msg.kx, msg.incarnation)
     return encode(hs.ClientFinish(A.sign(b"client" + t), hs._mac(client._swarm, b"client", t)))
 
 

@@ -132,6 +132,35 @@ async def test_a_restarted_peer_replaces_its_old_session_at_once() -> None:
             assert a.peers() == [ident.peer_id]
 
 
+async def test_a_restarted_peer_replaces_the_session_we_dialled_to_its_old_process() -> None:
+    """As above, but a dialled the old process and has the lower id, so the tie
+    rule between duplicates alone would keep a's session to the dead process and
+    retire the new one. The new process's handshake carries a new incarnation:
+    a drops the old session at once and tells its parts the old process is gone."""
+    a_ident = Identity.generate()
+    ident = next(i for i in (Identity.generate() for _ in range(200))
+                 if a_ident.peer_id.raw < i.peer_id.raw)
+
+    async def old_life(peer: PeerId, payload: bytes) -> bytes:
+        return b"old"
+
+    async def new_life(peer: PeerId, payload: bytes) -> bytes:
+        return b"new"
+
+    async with open_node(KEY, identity=a_ident) as a, open_node(KEY, identity=ident) as old:
+        old.register("life", old_life)
+        await a.connect(old.listen_address)
+        assert await a.call(ident.peer_id, "life") == b"old"
+        lost: list[PeerId] = []
+        a.on_peer_lost(lost.append)
+        async with open_node(KEY, identity=ident) as new:
+            new.register("life", new_life)
+            await new.connect(a.listen_address)
+            assert await a.call(ident.peer_id, "life") == b"new"
+            assert lost == [ident.peer_id]
+            assert a._spares.get(ident.peer_id, []) == [] and a.peers() == [ident.peer_id]
+
+
 async def test_wrong_swarm_key_rejected_both_ways_and_no_handler_runs() -> None:
     ran: list[PeerId] = []
 

@@ -1,0 +1,42 @@
+"""Telling a peer's processes apart (sans-I/O).
+
+A peer id names a key, not a process: a volunteer whose machine crashes comes
+back with the same identity but none of the old process's round state. Every
+engine picks a random *incarnation* when it starts and sends it with its
+heartbeats, acks and join requests; a member that hears a new incarnation for a
+peer id knows the process it counted on is gone, without waiting out a
+timeout, and without mistaking the new process's answers for the old one's
+liveness.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+MAX_INCARNATION = 2**63 - 1
+
+
+def new_incarnation() -> int:
+    """A random non-zero incarnation (0 means "not sent": an older peer)."""
+    return secrets.randbelow(MAX_INCARNATION) + 1
+
+
+class Incarnations:
+    """The latest incarnation heard from each peer id."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, int] = {}
+
+    def restarted(self, peer: str, incarnation: int) -> bool:
+        """Record ``incarnation`` for ``peer``; True if an earlier, different one was
+        heard (the process this node knew is gone). 0 carries no information."""
+        if incarnation == 0:
+            return False
+        before = self._latest.get(peer)
+        self._latest[peer] = incarnation
+        return before is not None and before != incarnation
+
+    def forget(self, keep: set[str] | frozenset[str]) -> None:
+        """Drop peers outside ``keep``, so the table is bounded by the run's members."""
+        for peer in [p for p in self._latest if p not in keep]:
+            del self._latest[peer]
