@@ -12,12 +12,13 @@ statistical 2-bit quantiser (``shift = mean``, ``scale = 6 * std / 4``, code =
 bin); the decoded value of a code is the mean of the originals in its bin plus
 the shift, and those 4 decoded values travel as bfloat16 (their rounding is
 far below the 2-bit error, and the sender feeds back exactly what peers decode).
+A tensor that sends at most 4 values sends them as bfloat16 instead, no codes.
 With ``bits=None`` values travel as fp32 (the 100%-density equivalence check).
 
 Payload (byte-aligned parts, then two bit streams):
   Rice parameter per parameter tensor      1 byte each
-  decoded-value table per tensor           4 x bf16 (bits=2) | all values as fp32 (None)
-  fixed-width bits: per tensor, the low r bits of every gap, then 2-bit codes
+  decoded-value table per tensor           min(count, 4) x bf16 (bits=2) | count x fp32
+  fixed-width bits: per tensor, the low r bits of every gap, then 2-bit codes (if count > 4)
   unary stream: every gap's quotient, all tensors end to end
 Sizes vary with the index sets; the all-gather carries arrays of any size.
 
@@ -111,18 +112,24 @@ def _bf16_floats(raw: np.ndarray) -> np.ndarray:
     return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
 
 
-def _value_bits(bits: int | None) -> int:
-    return 2 if bits == 2 else 0
+def _code_bits(lay: Layout, bits: int | None) -> int:
+    """2-bit codes, except where a tensor sends at most 4 values: those travel
+    as bf16 themselves (the table *is* the values), which saves the codes and
+    most of the table on the small tensors (norm weights, biases)."""
+    return 2 if bits == 2 and lay.count > BINS else 0
+
+
+def _front_size(lay: Layout, bits: int | None) -> int:
+    return 2 * min(lay.count, BINS) if bits == 2 else 4 * lay.count
 
 
 def _header_size(layouts: Sequence[Layout], bits: int | None) -> int:
-    values = 2 * BINS * len(layouts) if bits == 2 else 4 * sum(lay.count for lay in layouts)
-    return len(layouts) + values
+    return len(layouts) + sum(_front_size(lay, bits) for lay in layouts)
 
 
 def max_payload_size(layouts: Sequence[Layout], bits: int | None) -> int:
     """An upper bound on any valid payload's size (widest low bits, longest unary)."""
-    fixed = sum(lay.count * (rice.MAX_PARAM + _value_bits(bits)) for lay in layouts)
+    fixed = sum(lay.count * (rice.MAX_PARAM + _code_bits(lay, bits)) for lay in layouts)
     unary = sum(lay.count + int((lay.sizes() - lay.ks()).sum()) for lay in layouts)
     return _header_size(layouts, bits) + -(-fixed // 8) + -(-unary // 8)
 
@@ -175,10 +182,12 @@ def encode(e: torch.Tensor, layouts: Sequence[Layout], bits: int | None) -> np.n
         params.append(r)
         fixed.append(rice.fixed_bits(gaps & ((1 << r) - 1), r))
         unary.append(rice.unary_bits(gaps >> r))
-        if bits == 2:
+        if _code_bits(lay, bits):
             codes, header = quantize2(torch.from_numpy(vals))
             front.append(_bf16_bytes(header[:BINS] + header[BINS]))
             fixed.append(rice.fixed_bits(codes, 2))
+        elif bits == 2:
+            front.append(_bf16_bytes(torch.from_numpy(vals)))
         else:
             front.append(vals.astype("<f4").view(np.uint8))
     return np.concatenate([np.array(params, np.uint8), *front,
@@ -200,14 +209,11 @@ def decode(
         raise ProtocolError("sparse payload: Rice parameter out of range")
     counts = np.array([lay.count for lay in layouts], np.int64)
     front = raw[n:head].copy()
-    if bits == 2:
-        tables = _bf16_floats(front).reshape(n, BINS)
-        values_in = tables
-    else:
-        values_in = front.view("<f4").astype(np.float32)
-    if not np.isfinite(values_in).all():
+    floats = _bf16_floats(front) if bits == 2 else front.view("<f4").astype(np.float32)
+    if not np.isfinite(floats).all():
         raise ProtocolError("sparse payload: non-finite value")
-    nfixed = int((counts * (params + _value_bits(bits))).sum())
+    code_bits = np.array([_code_bits(lay, bits) for lay in layouts], np.int64)
+    nfixed = int((counts * (params + code_bits)).sum())
     fixed_end = head + -(-nfixed // 8)
     if fixed_end >= raw.size:
         raise ProtocolError("sparse payload truncated")
@@ -215,7 +221,7 @@ def decode(
     quotients = rice.read_unary(raw[fixed_end:], int(counts.sum()))
     all_idx: list[np.ndarray] = []
     all_val: list[np.ndarray] = []
-    pos = used = 0
+    pos = used = table = 0
     for j, lay in enumerate(layouts):
         r, c = int(params[j]), lay.count
         low = rice.read_fixed(fixed[pos : pos + c * r], c, r)
@@ -226,12 +232,16 @@ def decode(
         if (local >= np.repeat(lay.sizes(), ks)).any():
             raise ProtocolError("sparse payload: index outside its chunk")
         all_idx.append(local + np.repeat(np.arange(lay.n_chunks) * lay.chunk + lay.start, ks))
-        if bits == 2:
+        if code_bits[j]:
             codes = rice.read_fixed(fixed[pos : pos + 2 * c], c, 2)
             pos += 2 * c
-            all_val.append(tables[j][codes])
+            all_val.append(floats[table : table + BINS][codes])
+            table += BINS
+        elif bits == 2:
+            all_val.append(floats[table : table + c])
+            table += c
         else:
-            all_val.append(values_in[used : used + c])
+            all_val.append(floats[used : used + c])
         used += c
     return (torch.from_numpy(np.concatenate(all_idx)),
             torch.from_numpy(np.concatenate(all_val).astype(np.float32)))

@@ -196,3 +196,16 @@ def test_mutated_payloads_raise_or_decode_to_valid_sets(data: st.DataObject) -> 
     assert idx.numel() == sum(lay.count for lay in layouts) == vals.numel()
     assert len(set(idx.tolist())) == idx.numel() and bool((idx < 1000).all())
     assert bool(torch.isfinite(vals).all())
+
+
+def test_tensors_sending_at_most_four_values_send_them_as_bf16() -> None:
+    layouts = sc.plan([(0, 64), (64, 64 + 4096)], 4096, 1 / 64)  # k=1, then k=64
+    e = torch.randn(64 + 4096, generator=torch.Generator().manual_seed(6))
+    raw = sc.encode(e, layouts, 2)
+    idx, vals = sc.decode(raw, layouts, 2)
+    assert int(idx[0]) == int(e[:64].abs().argmax())
+    assert float(vals[0]) == float(e[idx[0]].to(torch.bfloat16))
+    # the small tensor adds its Rice byte, a 2-byte value and at most a byte to each
+    # bit stream (7 index bits); with a 4-entry table and codes it was 12+
+    alone = sc.encode(e[64:], [sc.Layout(0, 4096, 4096, 64)], 2).size
+    assert raw.size - alone <= 1 + 2 + 2
