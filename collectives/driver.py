@@ -151,8 +151,8 @@ class MembershipDriver:
             d = self.core.view
             assert d is not None
             detail = (f"the run went on without this peer after revision {d.revision} "
-                      "(a partition without quorum on this side); it rejoins at the next "
-                      "round boundary")
+                      "(a partition or flap left this side without quorum); it rejoins at "
+                      "the next round boundary")
         return Evicted(self.me, detail)
 
     def statistics(self) -> EngineStats:
@@ -438,7 +438,10 @@ class MembershipDriver:
             self.lost({peer}, f"{peer} reports this peer gone")
             return self._ack()
         self.core.heard(peer, now)
-        if same_view:
+        if same_view and peer not in self.core.suspects:
+            # A suspect's own suspicions are not taken up: after a flap, two
+            # members that each lost the other would otherwise make every third
+            # member drop both, and no one keeps a quorum.
             reported = set(msg.suspects) - {self.me}
             if reported:
                 self.lost(reported, f"reported by {peer}")
@@ -447,7 +450,8 @@ class MembershipDriver:
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
         d = self.core.view
-        if d is not None and msg.revision == d.revision and peer in d.members:
+        if (d is not None and msg.revision == d.revision and peer in d.members
+                and peer not in self.core.suspects):  # see _on_heartbeat
             # Someone naming this peer as gone cannot talk to it: treat them alike.
             gone = (set(msg.lost) - {self.me}) | ({peer} if self.me in msg.lost else set())
             self.lost(gone, f"{peer}: {msg.reason}")
@@ -635,6 +639,9 @@ class MembershipDriver:
                     raise Evicted(self.me, msg.detail)
                 else:
                     await trio.sleep(self.config.timing.heartbeat_interval)
+            if self.core.agreement_failed():
+                self._notify()
+                raise self._evicted()
             # Cut off from the coordinator side without being declared gone: to
             # the caller that is losing the peers it cannot agree with.
             unreachable = self.core.suspects or (set(d.members) - {self.me})

@@ -63,6 +63,7 @@ class Membership:
         self._round_started: float | None = None
         self.last_decided: Decision | None = None  # the last view this peer decided
         self._newer: set[str] = set()  # members that reported a revision above ours
+        self._behind = False  # see ``agreement_failed``
 
     # -------------------------------------------------------------- view
 
@@ -76,6 +77,7 @@ class Membership:
         self._readies.clear()
         self._round_started = None
         self._newer.clear()
+        self._behind = False
         if outside:
             # Suspicions and silences from before (re)joining say nothing
             # about the members of this view: start afresh.
@@ -100,7 +102,17 @@ class Membership:
         """On the losing side of a partition whose other side went on: this
         peer must rejoin as a joiner (see ``collectives.view.stranded``)."""
         v = self.view
-        return v is not None and stranded(v.members, self.me, self.suspects, self._newer)
+        if v is None:
+            return False
+        return self._behind or stranded(v.members, self.me, self.suspects, self._newer)
+
+    def agreement_failed(self) -> bool:
+        """No next view could be agreed although this side looks quorate. If a
+        member reported a newer revision meanwhile, the run went on without this
+        peer: after a flap, the members it still hears may all have moved on
+        while none of them is suspected. Returns whether it is now stranded."""
+        self._behind = self._behind or bool(self._newer)
+        return self.stranded
 
     def reported(self, peer: str, revision: int) -> bool:
         """A member answered with its revision; returns whether this peer is

@@ -67,23 +67,31 @@ async def _stranded(s, peers: list[str]) -> None:  # type: ignore[no-untyped-def
                 await engine.changed().wait()
 
 
-async def _rejoin(s, boundary, max_boundaries: int = 5) -> dict[str, object]:  # type: ignore[no-untyped-def]
+async def _rejoin(s, boundary, max_boundaries: int = 5):  # type: ignore[no-untyped-def]
     """The minority waits at its round boundary (``boundary(peer, engine)``)
-    while the majority passes boundaries until one admits it; every result."""
+    while the majority passes boundaries until the whole minority is admitted;
+    a minority peer admitted earlier passes the later boundaries with the
+    majority, as its training loop would (a member that skips a boundary is
+    dropped from the view). Returns every peer's last result, and the result
+    with which each minority peer was admitted."""
     out: dict[str, object] = {}
+    joined: dict[str, object] = {}
+    admitted: list[str] = []
 
     async def minority(p: str) -> None:
-        out.update(await s.each(boundary, [p]))
+        joined.update(await s.each(boundary, [p]))
+        out[p] = joined[p]
+        admitted.append(p)
 
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             for p in SMALL:
                 nursery.start_soon(minority, p)
             for _ in range(max_boundaries):
-                out.update(await s.each(boundary, BIG))
+                out.update(await s.each(boundary, BIG + admitted))
                 if all(s.engines[p].current_view() is not None for p in SMALL):
                     break
-    return out
+    return out, joined
 
 
 async def test_views_reconverge_after_heal(mock_clock: trio.testing.MockClock) -> None:
@@ -99,7 +107,7 @@ async def test_views_reconverge_after_heal(mock_clock: trio.testing.MockClock) -
         assert s.engines["p03"].current_view() is None
         with pytest.raises(PeerLost, match="went on without this peer"):
             await s.engines["p03"].all_reduce(np.ones(8, np.float32))
-        views = await _rejoin(s, lambda p, e: e.update_view())
+        views, _ = await _rejoin(s, lambda p, e: e.update_view())
         whole = {p: v for p, v in views.items() if len(v.members) == 5}
         assert set(whole) >= set(SMALL), views
         assert len({(v.revision, v.members) for v in whole.values()}) == 1, whole
@@ -138,11 +146,12 @@ async def test_shared_state_of_healed_minority_converges(
         majority = _digest(states["p00"])
         _split(s, BIG, SMALL, heal=True)
         await _stranded(s, SMALL)
-        results = await _rejoin(s, lambda p, e: StateSync.of(e).sync(states[p], 3))
+        results, joined = await _rejoin(s, lambda p, e: StateSync.of(e).sync(states[p], 3))
         for p in SMALL:
             assert isinstance(results[p], SyncResult), results
             assert sorted(results[p].participants) == BIG + SMALL, results
-            assert results[p].bytes_received > 0
+            first = joined[p]
+            assert isinstance(first, SyncResult) and first.bytes_received > 0, joined
         assert {_digest(states[p]) for p in BIG + SMALL} == {majority}
         # And the healed swarm trains on together.
         data, arrays, out = await _round(s, 20)
