@@ -28,7 +28,7 @@ more than the encryption of the same bytes).
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +48,11 @@ from peerd.errors import PeerLost
 # every block of a phase is posted at once up to this bound (a posted receive
 # is one small task; it never blocks the ring, see the module doc).
 RECEIVE_AHEAD = 256
+# Blocks a sender has on the wire at once. A data link stripes a lone message
+# over its idle channels; with several blocks in flight each goes whole on
+# one channel, which costs fewer records and wakeups than four stripes of each
+# (measured ~10% less CPU per byte), and the channels stay busy.
+SEND_AHEAD = 4
 
 
 @dataclass
@@ -82,7 +87,8 @@ class _Block:
     sub: int
 
 
-Item = tuple[bytes, memoryview]
+Item = tuple[bytes, memoryview | bytes]
+Source = Callable[[], Awaitable[Item | None]]
 
 
 def _blocks(job: RingJob, buf: memoryview, phase: bytes, chunks: Sequence[int]) -> list[_Block]:
@@ -124,6 +130,43 @@ async def _receive_in_order(
             consume(block)
     if error:
         raise error[0]
+
+
+async def _send_from(send: Callable[[bytes, memoryview | bytes], Awaitable[None]],
+                     source: Source, width: int) -> None:
+    """Send every item ``source`` yields (until it yields None), ``width`` at a time."""
+    error: list[PeerLost] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def worker() -> None:
+            try:
+                while (item := await source()) is not None:
+                    await send(*item)
+            except PeerLost as exc:
+                error.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for _ in range(width - 1):
+            nursery.start_soon(worker)
+        await worker()  # the first item leaves at once, from this task
+    if error:
+        raise error[0]
+
+
+def _drain(rx: trio.MemoryReceiveChannel[Item], first: Iterator[Item] | None = None) -> Source:
+    """A source of the items of ``first`` (made lazily), then those of ``rx``."""
+
+    async def next_item() -> Item | None:
+        item = next(first, None) if first is not None else None
+        if item is not None:
+            return item
+        try:
+            return await rx.receive()
+        except trio.EndOfChannel:
+            return None
+
+    return next_item
 
 
 async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> np.ndarray:
@@ -169,12 +212,13 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
     async def rs_sender() -> None:
         first = rs[0].send
-        for k, span in enumerate(lay.subs[first]):
-            await send(job.key(b"r", first, k), codec.encode_input(flat, span))
+        # This peer's own blocks are encoded one at a time as they are sent
+        # (a quantizing codec allocates each); then forward received partials.
+        own = ((job.key(b"r", first, k), codec.encode_input(flat, span))
+               for k, span in enumerate(lay.subs[first]))
         # The receive sides stay open to the end: a producer's send_nowait must
         # never fail because a consumer stopped first (the nursery is ending then).
-        async for key, data in rs_rx:
-            await send(key, data)
+        await _send_from(send, _drain(rs_rx, own), SEND_AHEAD)
 
     async def rs_receiver() -> None:
         last_step = size - 2
@@ -202,8 +246,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
             await _receive_in_order(fabric, left, blocks, counters, forward)
 
     async def ag_sender() -> None:
-        async for key, data in ag_rx:
-            await send(key, data)
+        await _send_from(send, _drain(ag_rx), SEND_AHEAD)
 
     async with trio.open_nursery() as nursery:
 

@@ -151,11 +151,13 @@ class Inbox:
 
     async def _place(self, part: Part) -> _Assembly | None:
         """The assembly a newly announced stripe belongs to, with a target."""
-        if any(part.key.startswith(p) for p in self._discarded) and (
-            part.key not in self._asm or not self._asm[part.key].claimed
+        asm = self._asm.get(part.key)
+        # A claimed key is wanted whatever was discarded (checked first: the
+        # scan over up to _DISCARD_MEMORY prefixes is paid per stripe otherwise).
+        if (asm is None or not asm.claimed) and any(
+            part.key.startswith(p) for p in self._discarded
         ):
             return None
-        asm = self._asm.get(part.key)
         if asm is None:
             asm = self._asm[part.key] = _Assembly()
         if asm.tracker is None:

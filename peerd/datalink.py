@@ -54,7 +54,8 @@ class LinkStats:
 
 
 class _SendOp:
-    def __init__(self, parts: int) -> None:
+    def __init__(self, parts: int, on_part: Callable[[], None]) -> None:
+        self.on_part = on_part  # called once per stripe as it leaves the queue for good
         self.left = parts
         self.inflight = 0
         self.cancelled = False
@@ -63,6 +64,7 @@ class _SendOp:
         self.idle = trio.Event()
 
     def part_over(self) -> None:
+        self.on_part()
         self.left -= 1
         if self.left == 0:
             self.done.set()
@@ -104,6 +106,7 @@ class DataLink:
         self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
         self._n = [0, 0]  # payload bytes sent, parts sent
+        self._queued = 0  # stripes queued or on the wire
 
     # ------------------------------------------------------------ lifecycle
 
@@ -168,10 +171,13 @@ class DataLink:
         self._check()
         view = as_bytes_view(payload)
         total = len(view)
-        count = choose_part_count(
-            total, len(self._channels), self._cfg.part_size, self._cfg.min_part
-        )
-        op = _SendOp(count)
+        # Stripe over the channels that are idle: a lone message uses them
+        # all, while concurrent sends each go whole (up to ``part_size``) on
+        # one channel, which spares records, wakeups and reassembly.
+        idle = max(1, len(self._channels) - self._queued)
+        count = choose_part_count(total, idle, self._cfg.part_size, self._cfg.min_part)
+        op = _SendOp(count, self._part_done)
+        self._queued += count
         for i in range(count):
             off, length = part_bounds(i, count, total)
             self._jobs_in.send_nowait(_Job(Part(key, i, count, off, total),
@@ -189,6 +195,9 @@ class DataLink:
             raise
         if op.failed:
             raise self._error or PeerLost([self.peer], "data link stopped")
+
+    def _part_done(self) -> None:
+        self._queued -= 1
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
