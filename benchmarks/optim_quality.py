@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--sync-every", type=int, default=30,
                     help="H for Streaming DiLoCo and SPES")
     ap.add_argument("--diloco-sync-every", type=int, default=15)
-    ap.add_argument("--sparseloco-sync-every", type=int, default=15)
+    ap.add_argument("--sparseloco-sync-every", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="all",
                     help="comma-separated subset of the runs below (default all)")
@@ -81,12 +81,30 @@ def main() -> None:
                           outer={"quant": Quant.INT8, "outer_lr": 0.7, "momentum": 0.5}),
         "streaming": replace(base, method="streaming",
                              outer={"fragments": 2, "overlap": 1, "alpha": 0.5}),
-        # SparseLoCo paper / templar production: H=15 (the paper's main setting), top-64
-        # of each 4096-element chunk (1.56%, within the paper's 1-3%), 2-bit values, EF
-        # decay 0.95, outer lr 1, no outer momentum; per-index mean aggregation (see
-        # optim/sparseloco.py for why).
+        # SparseLoCo: the paper's method (EF decay 0.95, chunked top-k of the EF buffer,
+        # 2-bit values, no outer momentum, per-index mean aggregation: see
+        # optim/sparseloco.py), tuned for this 180-step run from scratch at >= 20x fewer
+        # bytes than DiLoCo. Sweep at seed 0 (held-out loss; DiLoCo 2.392):
+        #   H=15 top-64/4096 (templar's k, the paper's main H), lr 1.0      2.618  25.1x
+        #   same, outer lr 0.5 / 0.7 / 1.5 / 2.0          2.657 / 2.595 / 2.711 / 2.798
+        #   same, EF beta 0.8 / 1.0 (lr 0.7 / 1.0)                   2.606 / 2.722
+        #   same, 16384-element chunks                                2.632  25.3x
+        #   H=30 top-128/4096                                         2.692  28.9x
+        #   H=9 top-32 / H=6 top-20 / H=5 top-18 (lr 0.7)     2.553 / 2.519 / 2.516
+        #   H=3 top-11 / H=4 top-16 / H=5 top-18 (lr 1.0)     2.478 / 2.460 / 2.441
+        #   H=5 top-18, lr 1.2 / 1.4                                 2.431 / 2.444
+        #   H=5 top-18, beta 0.9 (lr 1.0) / beta 0.98 (lr 1.2)       2.464 / 2.452
+        #   H=5 top-21, lr 1.2                                        2.443  20.7x
+        # So: more, sparser rounds for the same bytes (AdamW pseudo-gradients saturate:
+        # the top-k values of a tensor are nearly equal, 2-bit decoding is within ~2% of
+        # them, so which entries are sent matters less than how often the global model
+        # moves), and a slightly larger outer lr once rounds are short.
+        # Chosen: H=5, top-18 of each 4096-element chunk (0.44%, below the paper's 1-3%,
+        # which at H=5 would cost more bytes than the 20x aim allows), lr 1.2: 23.3x
+        # fewer bytes than DiLoCo, held-out 2.431 vs 2.392 (seed 0), 2.389 vs 2.378
+        # (seed 1), i.e. 1.6% and 0.5% worse: the loss aim (no worse) is not met.
         "sparseloco": replace(base, method="sparseloco", sync_every=args.sparseloco_sync_every,
-                              outer={"outer_lr": 1.0, "beta": 0.95, "density": 1 / 64,
+                              outer={"outer_lr": 1.2, "beta": 0.95, "density": 18 / 4096,
                                      "chunk": 4096, "bits": 2, "aggregate": "index_mean"}),
         "ddp-moe": replace(base, method="ddp", use_moe=True),
         "spes-moe": replace(base, method="spes", outer={"merge_interval": h}),
