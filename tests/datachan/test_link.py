@@ -194,3 +194,45 @@ async def test_cancelled_send_skips_stripes_and_link_survives() -> None:
             rx.discard(b"r9/")
             assert rx.statistics().buffered_bytes == 0
             assert not tx.statistics().failed and not rx.statistics().failed
+
+
+async def test_lone_send_stripes_over_all_channels_concurrent_sends_go_whole() -> None:
+    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
+    async with open_rig(DataConfig(max_record=256 * 1024)) as rig:
+        a, b = await rig.pairs(4)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg) as rx:
+            lone = os.urandom(MIB)
+            await tx.send(b"lone", lone)
+            assert await rx.receive(b"lone") == lone
+            assert tx.statistics().parts_sent == 4  # idle link: one stripe per channel
+            blocks = {b"c%d" % i: os.urandom(MIB) for i in range(8)}
+            got: dict[bytes, bytearray] = {}
+
+            async def fetch(key: bytes) -> None:
+                got[key] = await rx.receive(key)
+
+            async with trio.open_nursery() as nursery:
+                for key, data in blocks.items():
+                    nursery.start_soon(fetch, key)
+                    nursery.start_soon(tx.send, key, data)
+            assert got == blocks
+            # Only a send that finds channels idle is cut; the others go whole.
+            parts = tx.statistics().parts_sent - 4
+            assert len(blocks) <= parts < 4 * len(blocks)
+            assert tx.statistics().per_channel[0].records_sent > 0
+
+
+async def test_discard_keeps_stripes_of_claimed_keys() -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            out = bytearray(300_000)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rx.receive_into, b"round/1/x", out)
+                await trio.sleep(0)
+                rx.discard(b"round/1/")  # an aborted round's leftovers, not this waiter
+                await tx.send(b"round/1/y", b"dropped")
+                payload = os.urandom(len(out))
+                await tx.send(b"round/1/x", payload)
+            assert out == payload
+            assert rx.statistics().pending_keys == 0
