@@ -95,6 +95,8 @@ def main() -> None:
         #   H=5 top-18, lr 1.2 / 1.4                                 2.431 / 2.444
         #   H=5 top-18, beta 0.9 (lr 1.0) / beta 0.98 (lr 1.2)       2.464 / 2.452
         #   H=5 top-21, lr 1.2                                        2.443  20.7x
+        #   H=6 top-22, lr 1.2                                        2.458  24.0x
+        #   H=5 top-18, paper's 1/R aggregation with lr 2.5           2.493
         # So: more, sparser rounds for the same bytes (AdamW pseudo-gradients saturate:
         # the top-k values of a tensor are nearly equal, 2-bit decoding is within ~2% of
         # them, so which entries are sent matters less than how often the global model
