@@ -209,3 +209,15 @@ def test_tensors_sending_at_most_four_values_send_them_as_bf16() -> None:
     # bit stream (7 index bits); with a 4-entry table and codes it was 12+
     alone = sc.encode(e[64:], [sc.Layout(0, 4096, 4096, 64)], 2).size
     assert raw.size - alone <= 1 + 2 + 2
+
+
+@pytest.mark.parametrize("bits", [None, 2])
+def test_ties_still_send_exactly_k_and_the_sender_refuses_nans(bits: int | None) -> None:
+    layouts = sc.plan([(0, 3000)], 1024, 1 / 64)  # chunks 1024, 1024, 952; k=16
+    e = torch.ones(3000)
+    e[5] = -1.0  # every magnitude ties
+    idx, _ = sc.decode(sc.encode(e, layouts, bits), layouts, bits)
+    assert np.bincount(idx.numpy() // 1024).tolist() == [16, 16, 16]
+    e[1500] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        sc.encode(e, layouts, bits)
