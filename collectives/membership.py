@@ -174,10 +174,16 @@ class Membership:
         """A member's ``Ready`` reached this peer (possibly from itself)."""
         if self.view is None:
             return Retry("no view installed yet")
-        self.suspect(ready.suspects - {self.me})
         if ready.revision > self.view.revision and self.me in ready.members:
             # The sender saw a view decided while this peer missed the commit.
             self.install(Decision(ready.revision, ready.members), now)
+        if (ready.revision == self.view.revision and ready.peer in self.view.members
+                and ready.peer not in self.suspects):
+            # Only a member in good standing of this very view speaks for it: a
+            # late ready of an older view, or a suspect's, would carry its
+            # suspicions into a view that already settled them (install keeps
+            # suspicions of members that stay) and stall the next ring.
+            self.suspect(ready.suspects - {self.me})
         if ready.peer not in self.view.members:
             return NotMember(f"{ready.peer} is not in revision {self.view.revision}")
         if ready.revision < self.view.revision and not self._readies:
