@@ -146,6 +146,7 @@ class LocalGroup:
                 self._joiners[name] = payload
                 if not self._members:
                     self._admit_alone()
+                self._cond.notify_all()  # wakes wait_for_joiners
                 return -1
             seq = self._next_seq[name]
             self._next_seq[name] = seq + 1
