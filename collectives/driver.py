@@ -232,6 +232,29 @@ class MembershipDriver:
         self._notify()
         return new
 
+    def link_broken(self, peer: str) -> None:
+        """The transport saw a data connection to ``peer`` end without a close: a
+        killed process resets its connections at once, while only silence would
+        show it to heartbeats (``heartbeat_timeout``). A stopped process keeps
+        its connections, so this never fires for a stall. Check now, with one
+        heartbeat that must be answered within the usual call timeout."""
+        d = self.core.view
+        if (d is not None and self.core.is_member and peer in d.members
+                and peer != self.me and peer not in self.core.suspects):
+            self._spawn(self._confirm_alive, peer)
+
+    async def _confirm_alive(self, peer: str) -> None:
+        d = self.core.view
+        assert d is not None
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
+        try:
+            await self.fabric.call(peer, self._method("hb"), encode(msg),
+                                   self.config.timing.heartbeat_interval * 2)
+        except (PeerLost, Timeout):
+            self.lost({peer}, "its data connection broke and it did not answer a heartbeat")
+        except RemoteError:
+            pass  # it answers, if not for this run: the regular heartbeat judges that
+
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._spawn(fn, *args)
 

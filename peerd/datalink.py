@@ -99,6 +99,11 @@ class DataLink:
         if not channels:
             raise ValueError("a data link needs at least one channel")
         self.peer = peer
+        # Called once when the link breaks from the far side (a channel failed, not
+        # a local close): a process killed outright resets its TCP connections at
+        # once, long before anyone notices its silence.
+        self.on_broken: Callable[[str], None] | None = None
+        self._closing = False
         self._channels = tuple(channels)
         self._cfg = config
         self._jobs_in, self._jobs_out = trio.open_memory_channel[_Job](float("inf"))
@@ -125,6 +130,7 @@ class DataLink:
             self._fail(PeerLost([self.peer], "data link stopped"))
 
     async def aclose(self) -> None:
+        self._closing = True  # channel errors from here on are ours, not the peer's
         if self._error is None:
             with trio.CancelScope(shield=True):
                 for chan in self._channels:
@@ -157,7 +163,10 @@ class DataLink:
         except (PeerdError, ValueError, RuntimeError) as exc:
             # A peer's fault or a dead socket; ValueError/RuntimeError mean a
             # stream we can no longer trust, so the link goes down either way.
+            first = self._error is None and not self._closing
             self._fail(exc)
+            if first and self.on_broken is not None:
+                self.on_broken(self.peer)
 
     def _check(self) -> None:
         if self._error is not None:

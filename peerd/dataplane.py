@@ -113,6 +113,7 @@ class DataPlane:
         self._quic_inbox = QuicChannelInbox(self._install_inbound, self._config)
         self.routes_used: dict[str, int] = dict.fromkeys(ROUTES, 0)
         self.port = 0
+        self.on_broken: Callable[[str], None] | None = None  # see DataLink.on_broken
 
     async def start(self, port: int) -> int:
         """Listen on ``port`` (the QUIC port, so one number names both); fall
@@ -203,6 +204,7 @@ class DataPlane:
 
     def _install_inbound(self, peer: PeerId, purpose: str, chans: list[DataChannel]) -> None:
         link = DataLink(peer.text, chans)
+        link.on_broken = self.on_broken
         old = self._in.get((peer, purpose))
         self._in[(peer, purpose)] = link
         self._nursery.start_soon(link.run)
@@ -236,6 +238,7 @@ class DataPlane:
             chans = await open_quic_channels(session, channels, purpose, self._config)
         self.routes_used[route] += 1
         link = DataLink(session.peer.text, chans)
+        link.on_broken = self.on_broken
         self._nursery.start_soon(link.run)
         return link
 

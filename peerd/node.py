@@ -122,6 +122,7 @@ class Node(RunsMixin):
         self.register(DATA_PUNCH_METHOD, self._handle_data_punch)
         self.traversal = Traversal(self)  # NAT traversal: connect_peer, paths, relaying
         self.on_peer_lost(self.data.peer_lost)
+        self.data.on_broken = self._data_link_broken
         self.fabric = NodeFabric(self)
         self.dht = Dht(identity, NodeRpc(self), self.listen_addresses, data_dir=config.data_dir)
         serve_dht(self, self.dht)

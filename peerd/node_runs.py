@@ -63,6 +63,12 @@ class RunsMixin:
             await engine.leave()
         scope.cancel()
 
+    def _data_link_broken(self, peer: str) -> None:
+        """A data link to ``peer`` broke from its side: every run checks at once
+        whether the peer is still there (see ``MembershipDriver.link_broken``)."""
+        for engine, _ in list(self._runs.values()):
+            engine.link_broken(peer)
+
     def engine(self, run: str) -> Engine:
         entry = self._runs.get(run)
         if entry is None:

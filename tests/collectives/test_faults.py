@@ -132,3 +132,28 @@ async def test_cut_link_leaves_consistent_outcomes(mock_clock: trio.testing.Mock
             if p not in ok:
                 assert isinstance(r, PeerLost), repr(r)
                 assert np.array_equal(arrays[p], data[p])
+
+
+async def test_a_broken_data_link_confirms_a_kill_at_once(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The transport reports a data connection that ended without a close: a
+    dead peer is then lost after one unanswered heartbeat (two intervals), not
+    after the heartbeat timeout; a live peer answers and stays."""
+    async with swarm(4) as s:
+        await trio.sleep(3 * HB.heartbeat_interval)
+        s.engines["p00"].link_broken("p01")  # p01 is alive: nothing happens
+        # A killed process's control connection just goes silent (QUIC over UDP
+        # sees no reset), which the memory network's stall models.
+        s.net.stall("p03")
+        start = trio.current_time()
+        for p in ("p00", "p01", "p02"):
+            s.engines[p].link_broken("p03")
+        while "p03" not in s.engines["p00"].core.suspects:
+            await s.engines["p00"].changed().wait()
+        assert trio.current_time() - start <= 2 * HB.heartbeat_interval + 1e-9
+        assert "p01" not in s.engines["p00"].core.suspects
+        survivors = ["p00", "p01", "p02"]
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32)), survivors)
+        for r in out.values():
+            assert isinstance(r, AllReduceResult) and r.participants == tuple(survivors), r

@@ -236,3 +236,18 @@ async def test_discard_keeps_stripes_of_claimed_keys() -> None:
                 await tx.send(b"round/1/x", payload)
             assert out == payload
             assert rx.statistics().pending_keys == 0
+
+
+async def test_on_broken_fires_once_for_a_far_side_failure_never_for_a_local_close() -> None:
+    """``on_broken`` is the transport's hint that the peer process may be gone
+    (the collectives then check it at once); closing a link ourselves, which
+    makes our own channels fail, must not raise that hint."""
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        broken: list[str] = []
+        async with open_data_link("l", a) as tx, open_data_link("d", b) as rx:
+            tx.on_broken = rx.on_broken = broken.append
+            await tx.aclose()  # our close: tx stays quiet; rx sees its peer go
+            with trio.fail_after(5), pytest.raises(PeerLost):
+                await rx.receive(b"never")
+        assert broken == ["d"]
