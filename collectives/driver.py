@@ -1,10 +1,10 @@
 """Membership driver of one run over a ``Fabric`` (trio).
 
 The driver registers the run's control
-handlers, heartbeats every member, detects failures (silence past
-``HEARTBEAT_TIMEOUT``, a dropped connection, a peer's abort or heartbeat
-report), measures links (RTT from heartbeats, bandwidth from a one-off data
-probe) and agrees round views with the other members (``collectives.view``).
+handlers, detects failures (``collectives.liveness``: heartbeats, restarts,
+broken links; here: a peer's abort), measures links (RTT from heartbeats,
+bandwidth from a one-off data probe) and agrees round views with the other
+members (``collectives.view``).
 Collectives themselves live in ``collectives.run``; this module owns who is in
 the run and who is gone.
 
@@ -35,6 +35,7 @@ from collectives import messages as m
 from collectives.api import View
 from collectives.fabric import Fabric
 from collectives.incarnation import Incarnations, new_incarnation
+from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
@@ -107,7 +108,7 @@ def view_digest(decision: Decision) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
-class MembershipDriver:
+class MembershipDriver(Liveness):
     """Membership, failure detection and round views of one run on one node."""
 
     def __init__(self, fabric: Fabric, run: str, config: EngineConfig | None = None) -> None:
@@ -232,29 +233,6 @@ class MembershipDriver:
         self._notify()
         return new
 
-    def link_broken(self, peer: str) -> None:
-        """The transport saw a data connection to ``peer`` end without a close: a
-        killed process resets its connections at once, while only silence would
-        show it to heartbeats (``heartbeat_timeout``). A stopped process keeps
-        its connections, so this never fires for a stall. Check now, with one
-        heartbeat that must be answered within the usual call timeout."""
-        d = self.core.view
-        if (d is not None and self.core.is_member and peer in d.members
-                and peer != self.me and peer not in self.core.suspects):
-            self._spawn(self._confirm_alive, peer)
-
-    async def _confirm_alive(self, peer: str) -> None:
-        d = self.core.view
-        assert d is not None
-        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
-        try:
-            await self.fabric.call(peer, self._method("hb"), encode(msg),
-                                   self.config.timing.heartbeat_interval * 2)
-        except (PeerLost, Timeout):
-            self.lost({peer}, "its data connection broke and it did not answer a heartbeat")
-        except RemoteError:
-            pass  # it answers, if not for this run: the regular heartbeat judges that
-
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._spawn(fn, *args)
 
@@ -328,110 +306,6 @@ class MembershipDriver:
                 if peer not in old and peer != self.me:
                     self._spawn(self._quiet_call, peer, "commit", msg)
 
-    # ------------------------------------------------------------ heartbeats
-
-    async def _heartbeat_loop(self) -> None:
-        timing = self.config.timing
-        while True:
-            if self.core.is_member:
-                now = trio.current_time()
-                # Only a peer seen connected before can be "disconnected": at
-                # start-up members may not have connected yet.
-                connected = self.fabric.peers()
-                self._seen_connected |= connected
-                gone = {p for p in self.core.others() if p in self._seen_connected - connected}
-                if gone:
-                    self.lost(gone, "disconnected")
-                expired = self.core.expired(now)
-                if expired:
-                    self.lost(expired, f"silent for over {timing.heartbeat_timeout}s")
-                for peer in self.core.others():
-                    if peer not in self.core.suspects:
-                        self._spawn(self._heartbeat, peer)
-                        if peer not in self._bandwidth and peer not in self._probing:
-                            self._probing.add(peer)
-                            self._spawn(self._probe, peer)
-                # Without a quorum, keep asking the lost members: the answer
-                # that they went on is how a healed partition is noticed.
-                for peer in self.core.probes():
-                    self._spawn(self._heartbeat, peer)
-            await trio.sleep(timing.heartbeat_interval)
-
-    async def _heartbeat(self, peer: str) -> None:
-        d = self.core.view
-        assert d is not None
-        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
-        start = trio.current_time()
-        try:
-            reply = await self.fabric.call(
-                peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
-            )
-        except PeerLost:
-            self.lost({peer}, "heartbeat: connection lost")
-            return
-        except (Timeout, RemoteError):
-            return  # silence is judged by the timeout, not by one late reply
-        try:
-            ack: m.Ack = self._decode(reply, m.Ack)
-        except ProtocolError:
-            return
-        if self._restarted(peer, ack.incarnation):
-            return
-        if not ack.member and peer in d.members:
-            # Its id answers, but not the process that was a member: it restarted
-            # and must join again. Counting this as liveness would leave the run
-            # waiting on data the old process will never send.
-            self.lost({peer}, f"{peer} restarted (answers without a view of this run)")
-            return
-        self._answered(peer, ack.revision)
-        if peer in self.core.suspects:
-            return  # a probe across a partition: no RTT sample, still suspected
-        now = trio.current_time()
-        self.core.heard(peer, now)
-        rtt = now - start
-        self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
-
-    def _restarted(self, peer: str, incarnation: int) -> bool:
-        """Whether a member's id now answers from a new process; if so the old one
-        is lost to this view at once (the new one must join again)."""
-        if not self._incarnations.restarted(peer, incarnation):
-            return False
-        d = self.core.view
-        if d is None or peer not in d.members:
-            return False
-        self.lost({peer}, f"{peer} restarted (a new process with the same identity)")
-        return True
-
-    def _answered(self, peer: str, revision: int) -> None:
-        """A member answered a heartbeat with its ``revision``."""
-        was = self.core.stranded
-        if self.core.reported(peer, revision) and not was:
-            d = self.core.view
-            event(log, "collectives.stranded", me=self.me, run=self.run,
-                  revision=d.revision if d else None, newer=revision, by=peer)
-            self._notify()
-
-    async def _probe(self, peer: str) -> None:
-        """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
-        self._probe_seq += 1
-        key = f"probe/{self.run}/{self._probe_seq}".encode()
-        n = self.config.probe_bytes
-        try:
-            start = trio.current_time()
-            await self.fabric.send_data(peer, key, bytes(n))
-            await self.fabric.call(
-                peer,
-                self._method("probe"),
-                encode(m.Probe(self.run, key, n)),
-                self.config.call_timeout,
-            )
-            elapsed = trio.current_time() - start - self._rtt.get(peer, 0.0)
-            self._bandwidth[peer] = n / max(elapsed, 1e-6)
-        except (PeerLost, Timeout, RemoteError):
-            pass
-        finally:
-            self._probing.discard(peer)
-
     async def _quiet_call(self, peer: str, name: str, payload: bytes) -> None:
         with contextlib.suppress(PeerLost, Timeout, RemoteError):
             await self.fabric.call(peer, self._method(name), payload, self.config.call_timeout)
@@ -447,29 +321,6 @@ class MembershipDriver:
         member = d is not None and self.me in d.members
         return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation))
 
-    async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
-        msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
-        if self._restarted(peer, msg.incarnation):
-            return self._ack()
-        d = self.core.view
-        now = trio.current_time()
-        same_view = d is not None and msg.revision == d.revision and peer in d.members
-        if same_view and self.me in msg.suspects:
-            # A probe from across a partition: the sender cannot count on this
-            # peer, so this peer must not count on it (and its other suspects
-            # are this side of the partition, alive).
-            self.lost({peer}, f"{peer} reports this peer gone")
-            return self._ack()
-        self.core.heard(peer, now)
-        if same_view and peer not in self.core.suspects:
-            # A suspect's own suspicions are not taken up: after a flap, two
-            # members that each lost the other would otherwise make every third
-            # member drop both, and no one keeps a quorum.
-            reported = set(msg.suspects) - {self.me}
-            if reported:
-                self.lost(reported, f"reported by {peer}")
-        return self._ack()
-
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
         d = self.core.view
@@ -483,14 +334,6 @@ class MembershipDriver:
     async def _on_leave(self, peer: str, payload: bytes) -> bytes:
         self._decode(payload, m.Leave)
         self.lost({peer}, "left the run")
-        return self._ack()
-
-    async def _on_probe(self, peer: str, payload: bytes) -> bytes:
-        msg: m.Probe = self._decode(payload, m.Probe)
-        with trio.fail_after(self.config.call_timeout):
-            data = await self.fabric.recv_data(peer, msg.key)
-        if len(data) != msg.nbytes:
-            raise ProtocolError("probe size mismatch")
         return self._ack()
 
     # ------------------------------------------------------------ joining

@@ -1,0 +1,222 @@
+"""Liveness of a run's members (mixed into ``collectives.driver.MembershipDriver``).
+
+Heartbeats every member each interval and answers theirs; judges a member
+gone by silence past ``heartbeat_timeout``, a dropped connection, a heartbeat
+that names this peer as gone, a new process behind its id (its
+incarnation), or at once when the transport reports a data connection to it
+broken and one heartbeat goes unanswered. Measures links on the way: RTT from
+heartbeats, bandwidth from one data probe per peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from collectives import messages as m
+from collectives.fabric import Fabric
+from collectives.incarnation import Incarnations
+from collectives.membership import Membership
+from peerd.errors import PeerLost, ProtocolError, RemoteError, Timeout
+from peerd.log import event
+from peerd.wire import encode
+
+if TYPE_CHECKING:
+    from collectives.driver import EngineConfig
+
+log = logging.getLogger("collectives.driver")  # one logger for the membership driver
+
+
+class Liveness:
+    """Failure detection and link measurement; see the module doc."""
+
+    fabric: Fabric
+    run: str
+    me: str
+    config: EngineConfig
+    core: Membership
+    incarnation: int
+    _incarnations: Incarnations
+    _rtt: dict[str, float]
+    _bandwidth: dict[str, float]
+    _probing: set[str]
+    _seen_connected: set[str]
+    _probe_seq: int
+
+    # Provided by the driver.
+    def lost(self, peers: set[str] | frozenset[str], reason: str) -> frozenset[str]:
+        raise NotImplementedError
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _method(self, name: str) -> str:
+        raise NotImplementedError
+
+    def _decode(self, payload: bytes, cls: type[Any]) -> Any:
+        raise NotImplementedError
+
+    def _ack(self) -> bytes:
+        raise NotImplementedError
+
+    def _notify(self) -> None:
+        raise NotImplementedError
+
+    def link_broken(self, peer: str) -> None:
+        """The transport saw a data connection to ``peer`` end without a close: a
+        killed process resets its connections at once, while only silence would
+        show it to heartbeats (``heartbeat_timeout``). A stopped process keeps
+        its connections, so this never fires for a stall. Check now, with one
+        heartbeat that must be answered within the usual call timeout."""
+        d = self.core.view
+        if (d is not None and self.core.is_member and peer in d.members
+                and peer != self.me and peer not in self.core.suspects):
+            self._spawn(self._confirm_alive, peer)
+
+    async def _confirm_alive(self, peer: str) -> None:
+        d = self.core.view
+        assert d is not None
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
+        try:
+            await self.fabric.call(peer, self._method("hb"), encode(msg),
+                                   self.config.timing.heartbeat_interval * 2)
+        except (PeerLost, Timeout):
+            self.lost({peer}, "its data connection broke and it did not answer a heartbeat")
+        except RemoteError:
+            pass  # it answers, if not for this run: the regular heartbeat judges that
+
+    async def _heartbeat_loop(self) -> None:
+        timing = self.config.timing
+        while True:
+            if self.core.is_member:
+                now = trio.current_time()
+                # Only a peer seen connected before can be "disconnected": at
+                # start-up members may not have connected yet.
+                connected = self.fabric.peers()
+                self._seen_connected |= connected
+                gone = {p for p in self.core.others() if p in self._seen_connected - connected}
+                if gone:
+                    self.lost(gone, "disconnected")
+                expired = self.core.expired(now)
+                if expired:
+                    self.lost(expired, f"silent for over {timing.heartbeat_timeout}s")
+                for peer in self.core.others():
+                    if peer not in self.core.suspects:
+                        self._spawn(self._heartbeat, peer)
+                        if peer not in self._bandwidth and peer not in self._probing:
+                            self._probing.add(peer)
+                            self._spawn(self._probe, peer)
+                # Without a quorum, keep asking the lost members: the answer
+                # that they went on is how a healed partition is noticed.
+                for peer in self.core.probes():
+                    self._spawn(self._heartbeat, peer)
+            await trio.sleep(timing.heartbeat_interval)
+
+    async def _heartbeat(self, peer: str) -> None:
+        d = self.core.view
+        assert d is not None
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
+        start = trio.current_time()
+        try:
+            reply = await self.fabric.call(
+                peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
+            )
+        except PeerLost:
+            self.lost({peer}, "heartbeat: connection lost")
+            return
+        except (Timeout, RemoteError):
+            return  # silence is judged by the timeout, not by one late reply
+        try:
+            ack: m.Ack = self._decode(reply, m.Ack)
+        except ProtocolError:
+            return
+        if self._restarted(peer, ack.incarnation):
+            return
+        if not ack.member and peer in d.members:
+            # Its id answers, but not the process that was a member: it restarted
+            # and must join again. Counting this as liveness would leave the run
+            # waiting on data the old process will never send.
+            self.lost({peer}, f"{peer} restarted (answers without a view of this run)")
+            return
+        self._answered(peer, ack.revision)
+        if peer in self.core.suspects:
+            return  # a probe across a partition: no RTT sample, still suspected
+        now = trio.current_time()
+        self.core.heard(peer, now)
+        rtt = now - start
+        self._rtt[peer] = rtt if peer not in self._rtt else 0.8 * self._rtt[peer] + 0.2 * rtt
+
+    def _restarted(self, peer: str, incarnation: int) -> bool:
+        """Whether a member's id now answers from a new process; if so the old one
+        is lost to this view at once (the new one must join again)."""
+        if not self._incarnations.restarted(peer, incarnation):
+            return False
+        d = self.core.view
+        if d is None or peer not in d.members:
+            return False
+        self.lost({peer}, f"{peer} restarted (a new process with the same identity)")
+        return True
+
+    def _answered(self, peer: str, revision: int) -> None:
+        """A member answered a heartbeat with its ``revision``."""
+        was = self.core.stranded
+        if self.core.reported(peer, revision) and not was:
+            d = self.core.view
+            event(log, "collectives.stranded", me=self.me, run=self.run,
+                  revision=d.revision if d else None, newer=revision, by=peer)
+            self._notify()
+
+    async def _probe(self, peer: str) -> None:
+        """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
+        self._probe_seq += 1
+        key = f"probe/{self.run}/{self._probe_seq}".encode()
+        n = self.config.probe_bytes
+        try:
+            start = trio.current_time()
+            await self.fabric.send_data(peer, key, bytes(n))
+            await self.fabric.call(
+                peer,
+                self._method("probe"),
+                encode(m.Probe(self.run, key, n)),
+                self.config.call_timeout,
+            )
+            elapsed = trio.current_time() - start - self._rtt.get(peer, 0.0)
+            self._bandwidth[peer] = n / max(elapsed, 1e-6)
+        except (PeerLost, Timeout, RemoteError):
+            pass
+        finally:
+            self._probing.discard(peer)
+
+    async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
+        msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
+        if self._restarted(peer, msg.incarnation):
+            return self._ack()
+        d = self.core.view
+        now = trio.current_time()
+        same_view = d is not None and msg.revision == d.revision and peer in d.members
+        if same_view and self.me in msg.suspects:
+            # A probe from across a partition: the sender cannot count on this
+            # peer, so this peer must not count on it (and its other suspects
+            # are this side of the partition, alive).
+            self.lost({peer}, f"{peer} reports this peer gone")
+            return self._ack()
+        self.core.heard(peer, now)
+        if same_view and peer not in self.core.suspects:
+            # A suspect's own suspicions are not taken up: after a flap, two
+            # members that each lost the other would otherwise make every third
+            # member drop both, and no one keeps a quorum.
+            reported = set(msg.suspects) - {self.me}
+            if reported:
+                self.lost(reported, f"reported by {peer}")
+        return self._ack()
+
+    async def _on_probe(self, peer: str, payload: bytes) -> bytes:
+        msg: m.Probe = self._decode(payload, m.Probe)
+        with trio.fail_after(self.config.call_timeout):
+            data = await self.fabric.recv_data(peer, msg.key)
+        if len(data) != msg.nbytes:
+            raise ProtocolError("probe size mismatch")
+        return self._ack()
