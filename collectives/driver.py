@@ -323,9 +323,7 @@ class MembershipDriver(Liveness):
 
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
-        d = self.core.view
-        if (d is not None and msg.revision == d.revision and peer in d.members
-                and peer not in self.core.suspects):  # see _on_heartbeat
+        if self.core.speaks_for_view(peer, msg.revision):
             # Someone naming this peer as gone cannot talk to it: treat them alike.
             gone = (set(msg.lost) - {self.me}) | ({peer} if self.me in msg.lost else set())
             self.lost(gone, f"{peer}: {msg.reason}")

@@ -77,12 +77,8 @@ class Liveness:
             self._spawn(self._confirm_alive, peer)
 
     async def _confirm_alive(self, peer: str) -> None:
-        d = self.core.view
-        assert d is not None
-        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
         try:
-            await self.fabric.call(peer, self._method("hb"), encode(msg),
-                                   self.config.timing.heartbeat_interval * 2)
+            await self._call_heartbeat(peer)
         except (PeerLost, Timeout):
             self.lost({peer}, "its data connection broke and it did not answer a heartbeat")
         except RemoteError:
@@ -115,15 +111,21 @@ class Liveness:
                     self._spawn(self._heartbeat, peer)
             await trio.sleep(timing.heartbeat_interval)
 
-    async def _heartbeat(self, peer: str) -> None:
+    async def _call_heartbeat(self, peer: str) -> bytes:
+        """One heartbeat to ``peer``: our revision, suspects and incarnation; its ack."""
         d = self.core.view
         assert d is not None
         msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
+        return await self.fabric.call(
+            peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
+        )
+
+    async def _heartbeat(self, peer: str) -> None:
+        d = self.core.view
+        assert d is not None
         start = trio.current_time()
         try:
-            reply = await self.fabric.call(
-                peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
-            )
+            reply = await self._call_heartbeat(peer)
         except PeerLost:
             self.lost({peer}, "heartbeat: connection lost")
             return
@@ -204,10 +206,7 @@ class Liveness:
             self.lost({peer}, f"{peer} reports this peer gone")
             return self._ack()
         self.core.heard(peer, now)
-        if same_view and peer not in self.core.suspects:
-            # A suspect's own suspicions are not taken up: after a flap, two
-            # members that each lost the other would otherwise make every third
-            # member drop both, and no one keeps a quorum.
+        if self.core.speaks_for_view(peer, msg.revision):
             reported = set(msg.suspects) - {self.me}
             if reported:
                 self.lost(reported, f"reported by {peer}")

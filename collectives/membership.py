@@ -106,6 +106,17 @@ class Membership:
             return False
         return self._behind or stranded(v.members, self.me, self.suspects, self._newer)
 
+    def speaks_for_view(self, peer: str, revision: int) -> bool:
+        """Whether what ``peer`` says about revision ``revision`` (whom it suspects)
+        is taken up: only from a member in good standing of this very view. A late
+        message of an older view would carry suspicions into a view that already
+        settled them (``install`` keeps suspicions of members that stay) and stall
+        its ring; a suspect's would spread its own losses (after a flap, two
+        members that each lost the other would make every third drop both)."""
+        v = self.view
+        return (v is not None and revision == v.revision and peer in v.members
+                and peer not in self.suspects)
+
     def agreement_failed(self) -> bool:
         """No next view could be agreed although this side looks quorate. If a
         member reported a newer revision meanwhile, the run went on without this
@@ -177,12 +188,7 @@ class Membership:
         if ready.revision > self.view.revision and self.me in ready.members:
             # The sender saw a view decided while this peer missed the commit.
             self.install(Decision(ready.revision, ready.members), now)
-        if (ready.revision == self.view.revision and ready.peer in self.view.members
-                and ready.peer not in self.suspects):
-            # Only a member in good standing of this very view speaks for it: a
-            # late ready of an older view, or a suspect's, would carry its
-            # suspicions into a view that already settled them (install keeps
-            # suspicions of members that stay) and stall the next ring.
+        if self.speaks_for_view(ready.peer, ready.revision):
             self.suspect(ready.suspects - {self.me})
         if ready.peer not in self.view.members:
             return NotMember(f"{ready.peer} is not in revision {self.view.revision}")
