@@ -94,7 +94,8 @@ class DataLink:
     """
 
     def __init__(
-        self, peer: str, channels: Sequence[DataChannel], config: LinkConfig = LinkConfig()
+        self, peer: str, channels: Sequence[DataChannel], config: LinkConfig = LinkConfig(),
+        on_broken: Callable[[str], None] | None = None,
     ) -> None:
         if not channels:
             raise ValueError("a data link needs at least one channel")
@@ -102,7 +103,7 @@ class DataLink:
         # Called once when the link breaks from the far side (a channel failed, not
         # a local close): a process killed outright resets its TCP connections at
         # once, long before anyone notices its silence.
-        self.on_broken: Callable[[str], None] | None = None
+        self.on_broken = on_broken
         self._closing = False
         self._channels = tuple(channels)
         self._cfg = config

@@ -203,8 +203,7 @@ class DataPlane:
         self._install_inbound(peer, purpose, pending.channels)
 
     def _install_inbound(self, peer: PeerId, purpose: str, chans: list[DataChannel]) -> None:
-        link = DataLink(peer.text, chans)
-        link.on_broken = self.on_broken
+        link = DataLink(peer.text, chans, on_broken=self.on_broken)
         old = self._in.get((peer, purpose))
         self._in[(peer, purpose)] = link
         self._nursery.start_soon(link.run)
@@ -237,8 +236,7 @@ class DataPlane:
             route = "quic"
             chans = await open_quic_channels(session, channels, purpose, self._config)
         self.routes_used[route] += 1
-        link = DataLink(session.peer.text, chans)
-        link.on_broken = self.on_broken
+        link = DataLink(session.peer.text, chans, on_broken=self.on_broken)
         self._nursery.start_soon(link.run)
         return link
 

@@ -132,7 +132,7 @@ class Client:
 
     def echo(self, array: Any, mode: int = 0) -> bytes:
         """Diagnostic: hand ``array`` to the daemon and back (see ``EchoRequest``)."""
-        staged = Staged(self._pool, array, self._copier)
+        staged = self._stage(array)
         try:
             reply = self._call(lambda r: p.EchoRequest(r, staged.ref, mode))
             staged.copy_back()
@@ -180,7 +180,7 @@ class Client:
                          timeout: float | None = COLLECTIVE_TIMEOUT) -> ReduceHandle:
         """Start an all-reduce; ``wait()`` returns the result and updates ``array``."""
         name = _op_name(op)
-        staged = Staged(self._pool, array, self._copier)
+        staged = self._stage(array)
         try:
             fut = self._conn.request(lambda r: p.AllReduceRequest(
                 r, run or self.run, staged.ref, name, tag, int(Quant(quant)), retry))
@@ -198,7 +198,7 @@ class Client:
 
     def all_gather(self, array: Any, *, tag: str = "gather", retry: bool = True,
                    run: str | None = None) -> tuple[Sequence[Any], tuple[str, ...]]:
-        staged = Staged(self._pool, array, self._copier)
+        staged = self._stage(array)
         try:
             reply = self._call(lambda r: p.AllGatherRequest(r, run or self.run, staged.ref, tag,
                                                             retry), COLLECTIVE_TIMEOUT)
@@ -213,7 +213,7 @@ class Client:
         staged: list[Staged] = []
         try:
             for n in names:
-                staged.append(Staged(self._pool, state[n], self._copier))
+                staged.append(self._stage(state[n]))
             reply = self._call(lambda r: p.SyncStateRequest(
                 r, run or self.run, names, tuple(s.ref for s in staged), revision,
                 int(SyncStrategy(strategy))), COLLECTIVE_TIMEOUT)
@@ -227,7 +227,7 @@ class Client:
 
     def send(self, peer: str, array: Any, *, tag: str = "p2p", run: str | None = None) -> None:
         """Point-to-point send to a member of the run's view (custom collectives)."""
-        staged = Staged(self._pool, array, self._copier)
+        staged = self._stage(array)
         try:
             self._call(lambda r: p.SendRequest(r, run or self.run, peer, staged.ref, tag),
                        COLLECTIVE_TIMEOUT)
@@ -258,6 +258,9 @@ class Client:
         self._call(lambda r: p.StoreSetRequest(r, doc, key, value))
 
     # ------------------------------------------------------------ lifetime
+
+    def _stage(self, array: Any) -> Staged:
+        return Staged(self._pool, array, self._copier)
 
     def close(self) -> None:
         self._conn.close()
