@@ -10,9 +10,16 @@ import pytest
 import trio
 import trio.testing
 
-from peerd.datachan import DATA_HANDSHAKE_TIMEOUT, DataConfig, dial_data_channel
-from peerd.dataproto import MAGIC, PREAMBLE_SIZE, TOKEN_SIZE, encode_preamble
+from peerd import datachan
+from peerd.datachan import (
+    CRYPTO_THREAD_CORES,
+    DATA_HANDSHAKE_TIMEOUT,
+    DataConfig,
+    dial_data_channel,
+)
+from peerd.dataproto import MAGIC, PREAMBLE_SIZE, TOKEN_SIZE, Kind, encode_head, encode_preamble
 from peerd.errors import AuthError, PeerLost, ProtocolError
+from peerd.record import TAG_SIZE
 
 from .conftest import open_rig
 
@@ -164,3 +171,45 @@ async def test_rekey_over_a_real_connection() -> None:
         await a.send(b"r", payload)
         assert await b.receive() == (b"r", bytearray(payload))
         assert a.statistics().rekeys_sent == b.statistics().rekeys_received >= 5
+
+
+async def test_records_sealed_and_opened_on_worker_threads() -> None:
+    # Records of at least OFFLOAD_MIN go to worker threads; smaller ones stay inline.
+    async with open_rig(DataConfig(crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        big = os.urandom(3 * 1024 * 1024 + 77)  # three 1 MiB records and a short one
+        await a.send(b"big", big)
+        await a.send(b"small", b"tiny")
+        assert await b.receive() == (b"big", bytearray(big))
+        assert await b.receive() == (b"small", bytearray(b"tiny"))
+        await b.send(b"h", big)  # and back, received record by record in place
+        head, n = await a.receive_head()
+        out = bytearray(n)
+        view, off = memoryview(out), 0
+        while off < n:
+            k = await a.next_payload_record()
+            await a.read_payload_into(view[off : off + k])
+            off += k
+        assert (head, out) == (b"h", bytearray(big))
+
+
+async def test_forged_large_record_is_refused_on_a_worker_thread() -> None:
+    async with open_rig(DataConfig(crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        await a._t.send_all(a._sealer.seal(Kind.HEAD, encode_head(b"h", 1 << 20)))
+        forged = struct.pack(">BI", Kind.PAYLOAD, 1 << 20) + os.urandom((1 << 20) + TAG_SIZE)
+        await a._t.send_all(forged)
+        assert await b.receive_head() == (b"h", 1 << 20)
+        n = await b.next_payload_record()
+        with pytest.raises(ProtocolError):
+            await b.read_payload_into(memoryview(bytearray(n)))
+
+
+@pytest.mark.parametrize(("cores", "setting", "offload"), [
+    (2, None, False), (CRYPTO_THREAD_CORES, None, True), (64, False, False), (1, True, True),
+])
+def test_crypto_threads_follow_the_cores_unless_set(
+    monkeypatch: pytest.MonkeyPatch, cores: int, setting: bool | None, offload: bool,
+) -> None:
+    monkeypatch.setattr(datachan, "usable_cores", lambda: cores)
+    assert DataConfig(crypto_threads=setting).offload() is offload
