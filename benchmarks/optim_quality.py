@@ -101,6 +101,17 @@ def main() -> None:
         # the top-k values of a tensor are nearly equal, 2-bit decoding is within ~2% of
         # them, so which entries are sent matters less than how often the global model
         # moves), and a slightly larger outer lr once rounds are short.
+        # Session 4, same seed, around the chosen setting (H=5, top-18, lr 1.2: 2.431):
+        #   outer Nesterov momentum 0.3 / 0.5 / 0.7 (lr 1.0 / 1.0 / 0.5)   2.453 / 2.515 / 2.567
+        #   outer Nesterov momentum 0.5, lr 0.7                              2.476
+        #   tensors of <= 256 elements (norms, biases) keep 4 / 16 / 64 of them
+        #     (they keep 1 of 64 now)                   2.447 / 2.422 (20.0x) / 2.428 (17.9x)
+        #   random-k from a seed shared per round (no index bytes), 2% / 4% at H=10  2.948 / 2.947
+        #   top-k of 2- / 4-element blocks, same bytes                       2.480 / 2.596
+        #   k by round: 30 then 12 / 12 then 21 / 30 falling to 6            2.454 / 2.448 / 2.459
+        # Nothing closes the gap: outer momentum hurts (the EF already carries it),
+        # and the bytes saved by shared or block index sets do not buy back what
+        # precise top-k selection gives.
         # Chosen: H=5, top-18 of each 4096-element chunk (0.44%, below the paper's 1-3%,
         # which at H=5 would cost more bytes than the 20x aim allows), lr 1.2: 23.3x
         # fewer bytes than DiLoCo, held-out 2.431 vs 2.392 (seed 0), 2.389 vs 2.378
