@@ -30,6 +30,7 @@ express a duplicate or unsorted index.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -130,9 +131,17 @@ def _header_size(layouts: Sequence[Layout], bits: int | None) -> int:
 
 def max_payload_size(layouts: Sequence[Layout], bits: int | None) -> int:
     """An upper bound on any valid payload's size (widest low bits, longest unary)."""
+    return _size_bounds(tuple(layouts), bits)[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _size_bounds(layouts: tuple[Layout, ...], bits: int | None) -> tuple[int, int]:
+    """(header size, max payload size): ``decode`` checks every peer's payload
+    against them, so they are worked out once per layout."""
     fixed = sum(lay.count * (rice.MAX_PARAM + _code_bits(lay, bits)) for lay in layouts)
     unary = sum(lay.count + int((lay.sizes() - lay.ks()).sum()) for lay in layouts)
-    return _header_size(layouts, bits) + -(-fixed // 8) + -(-unary // 8)
+    head = _header_size(layouts, bits)
+    return head, head + -(-fixed // 8) + -(-unary // 8)
 
 
 def _select(mag: np.ndarray, k: int) -> np.ndarray:
@@ -204,8 +213,8 @@ def decode(
     """(global indices, values) of one payload, indices ascending per chunk."""
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ProtocolError("sparse payload must be a flat uint8 array")
-    head = _header_size(layouts, bits)
-    if not head < raw.size <= max_payload_size(layouts, bits):
+    head, most = _size_bounds(tuple(layouts), bits)
+    if not head < raw.size <= most:
         raise ProtocolError(f"sparse payload size {raw.size} out of range")
     n = len(layouts)
     params = raw[:n].astype(np.int64)
