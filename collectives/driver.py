@@ -145,7 +145,7 @@ class MembershipDriver(Liveness):
         self._reform_lock = trio.Lock()
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
-        self._probing: set[str] = set()
+        self._probing = False
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
         self._probe_seq = 0

@@ -42,7 +42,7 @@ class Liveness:
     _incarnations: Incarnations
     _rtt: dict[str, float]
     _bandwidth: dict[str, float]
-    _probing: set[str]
+    _probing: bool
     _seen_connected: set[str]
     _probe_seq: int
 
@@ -102,11 +102,9 @@ class Liveness:
                 for peer in self.core.others():
                     if peer not in self.core.suspects:
                         self._spawn(self._heartbeat, peer)
-                        # One probe at a time: concurrent ones share this CPU and
-                        # the uplink, and each would measure a fraction of the link.
-                        if peer not in self._bandwidth and not self._probing:
-                            self._probing.add(peer)
-                            self._spawn(self._probe, peer)
+                if not self._probing and self._unmeasured():
+                    self._probing = True
+                    self._spawn(self._probe_links)
                 # Without a quorum, keep asking the lost members: the answer
                 # that they went on is how a healed partition is noticed.
                 for peer in self.core.probes():
@@ -173,6 +171,20 @@ class Liveness:
                   revision=d.revision if d else None, newer=revision, by=peer)
             self._notify()
 
+    def _unmeasured(self) -> list[str]:
+        return [p for p in self.core.others()
+                if p not in self.core.suspects and p not in self._bandwidth]
+
+    async def _probe_links(self) -> None:
+        """Probe every link not measured yet, one after another: concurrent probes
+        share this CPU and uplink, and each would measure a fraction of its link.
+        A probe that fails is tried again on a later heartbeat tick."""
+        try:
+            for peer in self._unmeasured():
+                await self._probe(peer)
+        finally:
+            self._probing = False
+
     async def _probe(self, peer: str) -> None:
         """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
         n = self.config.probe_bytes
@@ -186,8 +198,6 @@ class Liveness:
             self._bandwidth[peer] = n / max(elapsed, 1e-6)
         except (PeerLost, Timeout, RemoteError):
             pass
-        finally:
-            self._probing.discard(peer)
 
     async def _probe_once(self, peer: str, n: int) -> None:
         self._probe_seq += 1
