@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
@@ -57,3 +59,12 @@ async def open_rig(config: DataConfig | None = None, max_pending: int = 64) -> A
             for chan in rig.opened:
                 chan.abort()
             nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(autouse=True)
+def collect_after() -> Iterator[None]:
+    """Each test ends with a full garbage collection: a buffer still exported
+    to C when its channel is torn down then crashes this test, not a later
+    one (a refused record on a crypto worker thread once did, with SIGSEGV)."""
+    yield
+    gc.collect()

@@ -193,16 +193,22 @@ async def test_records_sealed_and_opened_on_worker_threads() -> None:
         assert (head, out) == (b"h", bytearray(big))
 
 
-async def test_forged_large_record_is_refused_on_a_worker_thread() -> None:
-    async with open_rig(DataConfig(crypto_threads=True)) as rig:
+async def _forge_large_record(threads: bool) -> None:
+    size = 1 << 20
+    async with open_rig(DataConfig(crypto_threads=threads)) as rig:
         a, b = await rig.pair()
-        await a._t.send_all(a._sealer.seal(Kind.HEAD, encode_head(b"h", 1 << 20)))
-        forged = struct.pack(">BI", Kind.PAYLOAD, 1 << 20) + os.urandom((1 << 20) + TAG_SIZE)
+        assert a._sealer is not None
+        await a._t.send_all(a._sealer.seal(Kind.HEAD, encode_head(b"h", size)))
+        forged = struct.pack(">BI", Kind.PAYLOAD, size + TAG_SIZE) + os.urandom(size + TAG_SIZE)
         await a._t.send_all(forged)
-        assert await b.receive_head() == (b"h", 1 << 20)
+        assert await b.receive_head() == (b"h", size)
         n = await b.next_payload_record()
         with pytest.raises(ProtocolError):
             await b.read_payload_into(memoryview(bytearray(n)))
+
+
+async def test_forged_large_record_is_refused_on_a_worker_thread() -> None:
+    await _forge_large_record(threads=True)
 
 
 @pytest.mark.parametrize(("cores", "setting", "offload"), [
