@@ -50,11 +50,9 @@ WARMUP_ELEMENTS = 4096
 
 def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
               first_round: int) -> dict[str, Any]:
-    """A small all-reduce opens every link, and a round boundary then forms a
-    view from the links the peers measured (as a training loop's first boundary
-    does); the first full-size all-reduce is measured for memory (nothing of this
-    size was allocated before, so the allocator cannot hide it) but not timed;
-    then ``iters`` timed ones."""
+    """A small all-reduce opens every link; the first full-size one is measured
+    for memory (nothing of this size was allocated before, so the allocator
+    cannot hide it) but not timed; then ``iters`` timed ones."""
     per_iter: list[float] = []
     cpu: list[float] = []
     peak = 0
@@ -66,10 +64,6 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
         bad = [r for r in res if r["event"] != "result"]
         if bad:
             raise RuntimeError(f"peerd all-reduce failed: {bad}")
-        if i == 0 and first_round == 0:
-            views = sw.update_view()
-            print(f"view revision {views[0]['revision']}, slowest measured hop "
-                  f"{min(v['bottleneck'] for v in views) * 8 / 1e9:.2f} Gbit/s")
         if len({r["sha256"] for r in res}) != 1:
             raise RuntimeError("peerd results differ between peers")
         if i == 1:

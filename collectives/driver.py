@@ -48,23 +48,13 @@ log = logging.getLogger("collectives.driver")
 PHASE_TIMEOUT = 30.0  # base deadline of one all-reduce phase, plus size / MIN_BANDWIDTH
 MIN_BANDWIDTH = 1.25e6  # bytes/s (10 Mbit/s): the slowest link a phase deadline allows for
 CALL_TIMEOUT = 10.0  # control RPCs other than view agreement
-PROBE_BYTES = 4 << 20  # bandwidth probe size per peer pair (1 MiB: latency-bound on loopback)
+PROBE_BYTES = 1 << 20  # bandwidth probe size per peer pair
 # Automatic sub-chunks: a quarter of a ring chunk, but at least AUTO_SUB_MIN
 # (below, per-message costs dominate) and at most AUTO_SUB_MAX (beyond, the
 # pipeline takes longer to fill and nothing is gained: measured on loopback,
 # 4 peers x 10M fp32, CPU per all-reduce 1 MiB: 0.21 s, 2.5-4 MiB: 0.13 s, 16 MiB: 0.15 s).
 AUTO_SUB_MIN = 1 << 20
 AUTO_SUB_MAX = 4 << 20
-# On a ring bound by its links rather than by CPU, the pipeline fills and
-# drains over about one block per hop, so the size rule's quarter-chunk blocks
-# cost about a quarter of the transfer: a view with a measured bottleneck caps
-# a block at a 32nd of a chunk (4 peers x 10M fp32 over 200 Mbit/s links, bus
-# bandwidth / limit: 2.5 MB blocks 0.82, 1.25 MB 0.86, 312 KB 0.90), but keeps
-# at least PACE_SECONDS of the slowest hop's time per block, so per-block CPU
-# (~0.1 ms) never matters and fast links keep the size rule.
-PACE_DIVISOR = 32
-PACE_SECONDS = 0.02
-PACE_MIN = 64 << 10
 
 
 class Evicted(PeerLost):
@@ -104,30 +94,17 @@ class EngineStats:
     stranded: bool = False  # on the side of a partition that lost; rejoins at a boundary
 
 
-def sub_chunk_elems(config: EngineConfig, n: int, peers: int, bottleneck: float = 0.0) -> int:
-    """Elements per sub-chunk for a tensor of ``n`` elements over ``peers``, on a
-    ring whose slowest hop carries ``bottleneck`` bytes/s (0: not measured)."""
+def sub_chunk_elems(config: EngineConfig, n: int, peers: int) -> int:
+    """Elements per sub-chunk for a tensor of ``n`` elements over ``peers``."""
     if config.sub_chunk_bytes > 0:
         return max(1, config.sub_chunk_bytes // 4)
     chunk_bytes = 4 * -(-n // peers)  # fp32 bytes of the largest ring chunk
-    sub = max(AUTO_SUB_MIN, min(AUTO_SUB_MAX, chunk_bytes // 4))
-    if bottleneck > 0:
-        paced = max(chunk_bytes // PACE_DIVISOR, int(bottleneck * PACE_SECONDS), PACE_MIN)
-        sub = min(sub, paced)
-    return max(1, sub // 4)
-
-
-def _commit(run: str, d: Decision) -> m.ViewCommit:
-    return m.ViewCommit(run, d.revision, d.members, d.bottleneck)
-
-
-def _decision(msg: m.ViewCommit) -> Decision:
-    return Decision(msg.revision, msg.members, msg.bottleneck)
+    return max(AUTO_SUB_MIN, min(AUTO_SUB_MAX, chunk_bytes // 4)) // 4
 
 
 def view_digest(decision: Decision) -> str:
     """Short hash of a view, so data of two different views can never mix."""
-    text = f"{decision.revision}|{'|'.join(decision.members)}|{decision.bottleneck!r}".encode()
+    text = f"{decision.revision}|{'|'.join(decision.members)}".encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
@@ -145,7 +122,7 @@ class MembershipDriver(Liveness):
         self._reform_lock = trio.Lock()
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
-        self._probing = False
+        self._probing: set[str] = set()
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
         self._probe_seq = 0
@@ -199,12 +176,6 @@ class MembershipDriver(Liveness):
         """Measured data throughput to ``peer`` in bytes/s (0 if not probed)."""
         return self._bandwidth.get(peer, 0.0)
 
-    def bottleneck(self) -> float:
-        """The current view's slowest measured hop in bytes/s (0: not all measured),
-        which sets how finely all-reduces are pipelined (``sub_chunk_elems``)."""
-        d = self.core.view
-        return d.bottleneck if d is not None else 0.0
-
     async def update_view(self) -> View:
         """Round boundary: agree the next view with every member (joiners
         admitted). A stranded peer instead waits here to be admitted again."""
@@ -233,8 +204,7 @@ class MembershipDriver(Liveness):
         async with trio.open_nursery() as nursery:
             for peer in self.core.others():
                 nursery.start_soon(self._quiet_call, peer, "leave", msg)
-        self._install(Decision(d.revision + 1, tuple(p for p in d.members if p != self.me),
-                               d.bottleneck))
+        self._install(Decision(d.revision + 1, tuple(p for p in d.members if p != self.me)))
 
     # ------------------------------------------------------------ for the ops
 
@@ -331,7 +301,7 @@ class MembershipDriver(Liveness):
         self._notify()
         if self.core.last_decided is now_view:
             old = set(before.members) if before else set()
-            msg = encode(_commit(self.run, now_view))
+            msg = encode(m.ViewCommit(self.run, now_view.revision, now_view.members))
             for peer in now_view.members:
                 if peer not in old and peer != self.me:
                     self._spawn(self._quiet_call, peer, "commit", msg)
@@ -378,7 +348,7 @@ class MembershipDriver(Liveness):
             return
         msg = decode_untrusted(reply)
         if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
-            self._install(_decision(msg))
+            self._install(Decision(msg.revision, msg.members))
 
     async def _on_join(self, peer: str, payload: bytes) -> bytes:
         msg: m.JoinRequest = self._decode(payload, m.JoinRequest)
@@ -392,12 +362,12 @@ class MembershipDriver(Liveness):
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         "an earlier process of this peer is being dropped"))
         self.core.join_request(peer, trio.current_time())
-        return encode(_commit(self.run, d))
+        return encode(m.ViewCommit(self.run, d.revision, d.members))
 
     async def _on_commit(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewCommit = self._decode(payload, m.ViewCommit)
         if self.me in msg.members:
-            self._install(_decision(msg))
+            self._install(Decision(msg.revision, msg.members))
         return self._ack()
 
     # ------------------------------------------------------------ view agreement
@@ -410,8 +380,9 @@ class MembershipDriver(Liveness):
             for p in self.core.others()
             if p in self._bandwidth
         )
-        return m.ViewReady(self.run, d.revision, d.members, tuple(sorted(self.core.suspects)),
-                           admit, links, d.bottleneck)
+        return m.ViewReady(
+            self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links
+        )
 
     def _poll_round(self) -> None:
         before = self.core.view
@@ -426,7 +397,6 @@ class MembershipDriver(Liveness):
             frozenset(msg.suspects),
             msg.admit,
             {r.peer: LinkEstimate(r.bandwidth, r.latency) for r in msg.links},
-            msg.bottleneck,
         )
         if self.core.view is not None and ready.revision == self.core.view.revision:
             # Go through lost(), not just the core, so our own collectives abort too.
@@ -447,7 +417,7 @@ class MembershipDriver(Liveness):
                 answer = self.core.answer(peer, outcome.revision)
             outcome = answer if answer is not None else Retry("no decision before the deadline")
         if isinstance(outcome, Decision):
-            return encode(_commit(self.run, outcome))
+            return encode(m.ViewCommit(self.run, outcome.revision, outcome.members))
         reason = (
             m.RefuseReason.NOT_MEMBER if isinstance(outcome, NotMember) else m.RefuseReason.RETRY
         )
@@ -526,7 +496,7 @@ class MembershipDriver(Liveness):
                 if isinstance(msg, m.ViewCommit) and msg.run == self.run:
                     if self.me not in msg.members:
                         raise Evicted(self.me, f"not in revision {msg.revision}")
-                    self._install(_decision(msg))
+                    self._install(Decision(msg.revision, msg.members))
                     if self.core.view is not None and self.core.view.revision > start:
                         return
                 elif isinstance(msg, m.ViewRefused) and msg.reason == m.RefuseReason.NOT_MEMBER:

@@ -42,7 +42,7 @@ class Liveness:
     _incarnations: Incarnations
     _rtt: dict[str, float]
     _bandwidth: dict[str, float]
-    _probing: bool
+    _probing: set[str]
     _seen_connected: set[str]
     _probe_seq: int
 
@@ -102,9 +102,9 @@ class Liveness:
                 for peer in self.core.others():
                     if peer not in self.core.suspects:
                         self._spawn(self._heartbeat, peer)
-                if not self._probing and self._unmeasured():
-                    self._probing = True
-                    self._spawn(self._probe_links)
+                        if peer not in self._bandwidth and peer not in self._probing:
+                            self._probing.add(peer)
+                            self._spawn(self._probe, peer)
                 # Without a quorum, keep asking the lost members: the answer
                 # that they went on is how a healed partition is noticed.
                 for peer in self.core.probes():
@@ -171,40 +171,26 @@ class Liveness:
                   revision=d.revision if d else None, newer=revision, by=peer)
             self._notify()
 
-    def _unmeasured(self) -> list[str]:
-        return [p for p in self.core.others()
-                if p not in self.core.suspects and p not in self._bandwidth]
-
-    async def _probe_links(self) -> None:
-        """Probe every link not measured yet, one after another: concurrent probes
-        share this CPU and uplink, and each would measure a fraction of its link.
-        A probe that fails is tried again on a later heartbeat tick."""
-        try:
-            for peer in self._unmeasured():
-                await self._probe(peer)
-        finally:
-            self._probing = False
-
     async def _probe(self, peer: str) -> None:
         """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
+        self._probe_seq += 1
+        key = f"probe/{self.run}/{self._probe_seq}".encode()
         n = self.config.probe_bytes
         try:
-            # The first transfer to a peer opens the data link (dials, handshakes):
-            # timed, it measured connection setup (3 MB/s on loopback), not bandwidth.
-            await self._probe_once(peer, 1)
             start = trio.current_time()
-            await self._probe_once(peer, n)
+            await self.fabric.send_data(peer, key, bytes(n))
+            await self.fabric.call(
+                peer,
+                self._method("probe"),
+                encode(m.Probe(self.run, key, n)),
+                self.config.call_timeout,
+            )
             elapsed = trio.current_time() - start - self._rtt.get(peer, 0.0)
             self._bandwidth[peer] = n / max(elapsed, 1e-6)
         except (PeerLost, Timeout, RemoteError):
             pass
-
-    async def _probe_once(self, peer: str, n: int) -> None:
-        self._probe_seq += 1
-        key = f"probe/{self.run}/{self._probe_seq}".encode()
-        await self.fabric.send_data(peer, key, bytes(n))
-        await self.fabric.call(peer, self._method("probe"), encode(m.Probe(self.run, key, n)),
-                               self.config.call_timeout)
+        finally:
+            self._probing.discard(peer)
 
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)

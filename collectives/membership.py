@@ -187,7 +187,7 @@ class Membership:
             return Retry("no view installed yet")
         if ready.revision > self.view.revision and self.me in ready.members:
             # The sender saw a view decided while this peer missed the commit.
-            self.install(Decision(ready.revision, ready.members, ready.bottleneck), now)
+            self.install(Decision(ready.revision, ready.members), now)
         if self.speaks_for_view(ready.peer, ready.revision):
             self.suspect(ready.suspects - {self.me})
         if ready.peer not in self.view.members:

@@ -29,11 +29,6 @@ def _check_ids(ids: tuple[str, ...], what: str) -> None:
             raise ValueError(f"{what}: bad peer id length")
 
 
-def _check_bandwidth(v: float) -> None:
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError("bandwidth must be finite and >= 0")
-
-
 def _check_run(run: str, revision: int = 0) -> None:
     if not 0 < len(run) <= MAX_ID:
         raise ValueError("bad run name length")
@@ -99,12 +94,10 @@ class ViewCommit:
     run: str
     revision: int
     members: tuple[str, ...]
-    bottleneck: float = 0.0  # collectives.view.Decision.bottleneck
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
-        _check_bandwidth(self.bottleneck)
 
 
 @message(204)
@@ -119,9 +112,9 @@ class LinkReport:
     def __post_init__(self) -> None:
         if not 0 < len(self.peer) <= MAX_ID:
             raise ValueError("bad peer id length")
-        _check_bandwidth(self.bandwidth)
-        if not (math.isfinite(self.latency) and self.latency >= 0):
-            raise ValueError("latency must be finite and >= 0")
+        for v in (self.bandwidth, self.latency):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError("link figures must be finite and >= 0")
 
 
 @message(205)
@@ -135,13 +128,11 @@ class ViewReady:
     suspects: tuple[str, ...]
     admit: bool  # may joiners be admitted (explicit boundary) or not (failure retry)
     links: tuple[LinkReport, ...]
-    bottleneck: float = 0.0  # of the sender's current view
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
         _check_ids(self.suspects, "suspects")
-        _check_bandwidth(self.bottleneck)
         if len(self.links) > MAX_MEMBERS:
             raise ValueError("too many link reports")
 

@@ -160,7 +160,7 @@ class Engine(MembershipDriver):
             self._send_status(d, prefix, _FAILED + ",".join(sorted(gone)).encode())
             raise PeerLost(gone, "already known to be gone")
         peers = len(d.members)
-        lay = layout(flat.size, peers, sub_chunk_elems(self.config, flat.size, peers, d.bottleneck),
+        lay = layout(flat.size, peers, sub_chunk_elems(self.config, flat.size, peers),
                      codec.wire_size)
         phase = self.config.phase_timeout + lay.total / self.config.min_bandwidth
         now = trio.current_time()

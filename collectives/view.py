@@ -16,11 +16,10 @@ as a joiner at the next round boundary.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from collectives.topology import LinkEstimate, bottleneck, order_ring
+from collectives.topology import LinkEstimate, order_ring
 
 
 @dataclass(frozen=True)
@@ -33,17 +32,12 @@ class Ready:
     suspects: frozenset[str] = frozenset()
     admit: bool = True
     links: Mapping[str, LinkEstimate] = field(default_factory=dict)
-    bottleneck: float = 0.0  # of ``members``' view (see ``Decision``)
 
 
 @dataclass(frozen=True)
 class Decision:
     revision: int
     members: tuple[str, ...]  # ring order
-    # The ring's slowest measured hop in bytes/s, 0 if any hop is unmeasured. It
-    # is decided with the view, because every member must cut tensors into the
-    # same pipelining blocks and each has measured only its own links.
-    bottleneck: float = 0.0
 
 
 def coordinator_of(members: Iterable[str], suspects: Iterable[str] = ()) -> str | None:
@@ -134,10 +128,7 @@ def decide_view(
     if all(readies[p].admit for p in ready):
         chosen |= set(joiners) - gone
     relevant = {p: r for p, r in readies.items() if p in ready}
-    links = link_matrix(relevant)
-    ring = order_ring(chosen, links)
-    slowest = bottleneck(ring, links)
-    return Decision(revision + 1, ring, slowest if math.isfinite(slowest) else 0.0)
+    return Decision(revision + 1, order_ring(chosen, link_matrix(relevant)))
 
 
 def initial_view(members: Iterable[str]) -> Decision:

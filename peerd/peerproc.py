@@ -155,17 +155,8 @@ async def _command(
         return {"event": "joined", "view": list(engine.view().members),
                 "revision": engine.view().revision}
     if kind == "update_view":
-        engine = node.engine(cmd["run"])
-        if cmd.get("measured"):
-            # Benchmarks only: a boundary once this peer has probed every link (the
-            # probes run in the background from the first heartbeat, one at a time).
-            with trio.move_on_after(cmd.get("timeout", 60)):
-                while not all(engine.link_bandwidth(p) > 0 for p in engine.view().members
-                              if p != node.peer_id.text):
-                    await trio.sleep(0.05)
-        view = await engine.update_view()
-        return {"event": "view", "view": list(view.members), "revision": view.revision,
-                "bottleneck": engine.bottleneck()}
+        view = await node.engine(cmd["run"]).update_view()
+        return {"event": "view", "view": list(view.members), "revision": view.revision}
     if kind == "prepare":
         # Inputs are made before the timed call so that one slow peer drawing
         # random numbers does not show up as all-reduce time on the others.
@@ -406,12 +397,6 @@ class LocalSwarm:
         for p in peers:
             p.send(cmd="allreduce", run=self.run, **cmd)
         return [p.expect("result", "error", timeout=timeout) for p in peers]
-
-    def update_view(self, measured: bool = True, timeout: float = 120.0) -> list[dict[str, Any]]:
-        """A round boundary on every peer (after each has measured its links)."""
-        for p in self.peers:
-            p.send(cmd="update_view", run=self.run, measured=measured)
-        return [p.expect("view", timeout=timeout) for p in self.peers]
 
     def reference(self, participants: list[str], seed: int, round_: int, size: int,
                   op: str = "avg") -> np.ndarray:

@@ -13,15 +13,7 @@ from hypothesis.extra import numpy as hnp
 from collectives.api import Quant
 from collectives.arrays import Kind, flatten
 from collectives.chunking import Span
-from collectives.driver import (
-    AUTO_SUB_MAX,
-    AUTO_SUB_MIN,
-    PACE_DIVISOR,
-    PACE_MIN,
-    PACE_SECONDS,
-    EngineConfig,
-    sub_chunk_elems,
-)
+from collectives.driver import AUTO_SUB_MAX, AUTO_SUB_MIN, EngineConfig, sub_chunk_elems
 from collectives.memfabric import MemNetwork
 from collectives.quant import Codec, codec_for
 from peerd.errors import PeerLost
@@ -84,27 +76,6 @@ def test_automatic_sub_chunks_are_a_bounded_quarter_of_a_chunk(n: int, peers: in
     chunk = -(-n // peers)
     if AUTO_SUB_MIN // 4 < elems < AUTO_SUB_MAX // 4:
         assert elems == chunk // 4
-
-
-@given(st.integers(0, 10**9), st.integers(1, 64), st.floats(1e3, 1e11))
-@settings(max_examples=200)
-def test_a_measured_slow_ring_gets_finer_sub_chunks(n: int, peers: int, bw: float) -> None:
-    by_size = sub_chunk_elems(EngineConfig(), n, peers)
-    paced = sub_chunk_elems(EngineConfig(), n, peers, bw)
-    chunk_bytes = 4 * -(-n // peers)
-    want = max(chunk_bytes // PACE_DIVISOR, int(bw * PACE_SECONDS), PACE_MIN) // 4
-    assert paced == min(by_size, want)
-    assert paced >= PACE_MIN // 4
-
-
-def test_pacing_examples() -> None:
-    cfg = EngineConfig()
-    n, peers = 10_000_000, 4  # 10 MB ring chunks
-    assert sub_chunk_elems(cfg, n, peers) * 4 == 2_500_000  # a quarter of a chunk
-    assert sub_chunk_elems(cfg, n, peers, 25e6) * 4 == 500_000  # 200 Mbit/s: 20 ms of it
-    assert sub_chunk_elems(cfg, n, peers, 1e6) * 4 == 312_500  # a 32nd of a chunk
-    assert sub_chunk_elems(cfg, n, peers, 1e9) * 4 == 2_500_000  # fast: the size rule
-    assert sub_chunk_elems(EngineConfig(sub_chunk_bytes=64), n, peers, 1e6) == 16
 
 
 class _NoCopyReceives:

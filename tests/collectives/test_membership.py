@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import trio
 import trio.testing
 
 from collectives.api import AllReduceResult
-from collectives.driver import sub_chunk_elems
 from collectives.run import Engine
 from tests.collectives.conftest import FAST, inputs, reference, same_bytes, swarm
 
@@ -78,58 +75,6 @@ async def test_ring_order_follows_measured_bandwidth(mock_clock: trio.testing.Mo
             for link in ((a, b), (b, a)):
                 moved = s.net.bytes_sent.get(link, 0) - before.get(link, 0)
                 assert moved < 64  # at most a one-byte status, never tensor blocks
-
-
-class _CountBlocks:
-    """Wraps a MemFabric and counts the ring blocks it sends."""
-
-    def __init__(self, inner: object) -> None:
-        self._inner = inner
-        self.blocks = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-    async def send_data(self, peer: str, key: bytes, data: object) -> None:
-        if key.startswith(b"ar/") and (b"/r/" in key or b"/g/" in key):
-            self.blocks += 1
-        await self._inner.send_data(peer, key, data)  # type: ignore[attr-defined]
-
-
-async def test_views_pace_sub_chunks_by_the_slowest_measured_hop(
-    mock_clock: trio.testing.MockClock,
-) -> None:
-    # automatic sub-chunks, as deployed; probes long enough that latency is noise
-    config = replace(FAST, sub_chunk_bytes=0, probe_bytes=1 << 20)
-    counters: dict[str, _CountBlocks] = {}
-
-    def count(fabric: object, peer: str) -> _CountBlocks:
-        counters[peer] = _CountBlocks(fabric)
-        return counters[peer]
-
-    wrap = {p: (lambda f, p=p: count(f, p)) for p in ("p00", "p01", "p02")}
-    async with swarm(3, config, wrap) as s:
-        for a, b in (("p00", "p01"), ("p01", "p02"), ("p00", "p02")):
-            s.net.set_link(a, b, latency=0.001, bandwidth=2e6)
-        await trio.sleep(5 * FAST.timing.heartbeat_interval)  # probes measure the links
-        assert all(e.bottleneck() == 0.0 for e in s.engines.values())  # not decided yet
-        await s.each(lambda p, e: e.update_view())
-        paces = {e.bottleneck() for e in s.engines.values()}
-        assert len(paces) == 1  # decided with the view: every member cuts alike
-        pace = paces.pop()
-        assert 1.9e6 < pace <= 2e6  # the probes saw the links' speed
-        n = 600_000  # 800 KB ring chunks: the size rule's 1 MiB blocks, paced 64 KiB
-        assert sub_chunk_elems(config, n, 3, pace) < sub_chunk_elems(config, n, 3)
-        data = inputs(s.alive(), n, seed=5)
-        arrays = {p: v.copy() for p, v in data.items()}
-        before = {p: c.blocks for p, c in counters.items()}
-        await s.each(lambda p, e: e.all_reduce(arrays[p]))
-        np.testing.assert_allclose(arrays["p00"], reference(data, s.alive(), True),
-                                   rtol=1e-5, atol=1e-6)
-        assert same_bytes(list(arrays.values()))
-        # each peer sends 2 chunks in each phase, each cut into paced blocks
-        per_chunk = -(-(n // 3) // sub_chunk_elems(config, n, 3, pace))
-        assert all(c.blocks - before[p] == 4 * per_chunk for p, c in counters.items())
 
 
 async def test_update_view_without_changes_keeps_members(

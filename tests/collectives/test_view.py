@@ -7,7 +7,6 @@ import itertools
 import pytest
 
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
-from collectives.topology import LinkEstimate
 from collectives.view import (
     Decision,
     Ready,
@@ -217,34 +216,3 @@ def test_survivors_converge_on_one_view(dead: set[str]) -> None:
     assert len(views) == 1
     (v,) = views
     assert v is not None and v.revision == 1 and sorted(v.members) == sorted(cores)
-
-
-
-def _measured(members: tuple[str, ...], slow: frozenset[str], skip: str = "") -> dict[str, Ready]:
-    """Readies whose link reports put every link at 1 GB/s, the ``slow`` pair's at
-    20 MB/s, and leave out every link of ``skip``."""
-    def links(p: str) -> dict[str, LinkEstimate]:
-        return {q: LinkEstimate(2e7 if {p, q} == slow else 1e9, 0.001)
-                for q in members if q != p and skip not in (p, q)}
-    return {p: Ready(p, 3, members, links=links(p)) for p in members}
-
-
-def test_decision_carries_the_rings_slowest_measured_hop() -> None:
-    slow = frozenset(("a", "b"))
-    three = ("a", "b", "c")  # the one ring of three uses the slow link
-    got = decide_view(3, three, _measured(three, slow), (), (), False)
-    assert got is not None and got.bottleneck == 2e7
-    got = decide_view(3, MEMBERS, _measured(MEMBERS, slow), (), (), False)
-    assert got is not None  # four peers have rings that avoid it
-    hops = {frozenset((got.members[i], got.members[(i + 1) % 4])) for i in range(4)}
-    assert slow not in hops and got.bottleneck == 1e9
-    got = decide_view(3, three, _measured(three, slow, skip="c"), (), (), False)
-    assert got is not None and got.bottleneck == 0.0  # nobody measured c's links
-    got = decide_view(3, three, {p: Ready(p, 3, three) for p in three}, (), (), False)
-    assert got is not None and got.bottleneck == 0.0
-
-
-def test_a_ready_from_a_newer_view_installs_its_bottleneck_too() -> None:
-    c = core("a")
-    c.offer(Ready("b", 1, MEMBERS, bottleneck=3e6), now=0.0)
-    assert c.view == Decision(1, MEMBERS, 3e6)

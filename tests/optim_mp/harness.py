@@ -13,7 +13,10 @@ to kill, hold or release a peer. Every process is stopped by its pid in
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import multiprocessing as mp
+import multiprocessing.util  # its exit handler must be registered before ours
 import os
 import queue
 import shutil
@@ -67,6 +70,7 @@ class TrainingSwarm:
         self.daemons: list[DaemonProcess] = []
         self.workers: list[Worker] = []
         self.events: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        _OPEN.add(self)
         try:
             self.daemons = launch_swarm(n, self.workdir)
             members = [d.peer_id for d in self.daemons]
@@ -183,14 +187,27 @@ class TrainingSwarm:
     # ------------------------------------------------------------ lifetime
 
     def close(self) -> None:
+        """Stop every process by pid. Each step runs even if an earlier one
+        failed: one leaked training process keeps the test session from ever
+        exiting (multiprocessing joins its children at exit)."""
+        errors: list[BaseException] = []
         for w in self.workers:
-            if w.proc.is_alive() and w.proc.pid is not None:
-                os.kill(w.proc.pid, signal.SIGKILL)
-            w.proc.join(10)
-            w.conn.close()
-        stop_all(self.daemons)
+            try:
+                if w.proc.is_alive() and w.proc.pid is not None:
+                    os.kill(w.proc.pid, signal.SIGKILL)  # also ends a SIGSTOPped one
+                w.proc.join(10)
+                w.conn.close()
+            except Exception as exc:
+                errors.append(exc)
+        try:
+            stop_all(self.daemons)
+        except Exception as exc:
+            errors.append(exc)
+        _OPEN.discard(self)
         if not os.environ.get("OPTIM_MP_KEEP"):  # set it to keep logs for a post-mortem
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> TrainingSwarm:
         return self
@@ -200,6 +217,18 @@ class TrainingSwarm:
 
 
 _CTX: mp.context.ForkServerContext | None = None
+# Swarms not closed yet (held strongly: a swarm nobody references still has
+# processes): whatever a test left running is stopped at exit, before
+# multiprocessing's own exit handler, registered when multiprocessing.util was
+# imported above and so run after this one, would wait for them for ever.
+_OPEN: set[TrainingSwarm] = set()
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    for sw in list(_OPEN):
+        with contextlib.suppress(Exception):
+            sw.close()
 
 
 def _context() -> mp.context.ForkServerContext:
