@@ -34,16 +34,6 @@ class AuthenticationFailed(Exception):
     """The ciphertext, tag, nonce or associated data do not match."""
 
 
-def _release(*views: Any) -> None:
-    """Give back the buffers ``ffi.from_buffer`` holds, at once. Left to the
-    cdata's own end, a buffer outlives the call in any traceback that holds this
-    frame: a record refused on a crypto worker thread kept its channel's mmap'd
-    record buffer exported through the exception, and the garbage collector
-    then crashed the process (SIGSEGV) tearing the cycle down."""
-    for view in views:
-        ffi.release(view)
-
-
 class Aegis256:
     """One key. ``seal_into``/``open_into`` never allocate a payload-sized object."""
 
@@ -62,14 +52,11 @@ class Aegis256:
             raise ValueError("bad nonce size")
         if len(out) != n + TAG_SIZE:
             raise ValueError("output buffer must be plaintext + tag bytes")
-        dst = ffi.from_buffer(out, require_writable=True)
-        src = ffi.from_buffer(plaintext)
-        try:
+        # The buffers are given back when the call returns (see open_into).
+        with ffi.from_buffer(out, require_writable=True) as dst, ffi.from_buffer(plaintext) as src:
             lib.crypto_aead_aegis256_encrypt(
                 dst, ffi.NULL, src, n, aad, len(aad), ffi.NULL, nonce, self._key
             )
-        finally:
-            _release(dst, src)
 
     def open_into(self, nonce: bytes, body: Buffer, aad: bytes, out: Any) -> None:
         """Authenticate ``body`` (``ciphertext | tag``) and write the plaintext to
@@ -80,13 +67,14 @@ class Aegis256:
             raise ValueError("bad nonce size")
         if n < 0 or len(out) != n:
             raise ValueError("output buffer must be body - tag bytes")
-        dst = ffi.from_buffer(out, require_writable=True)
-        src = ffi.from_buffer(body)
-        try:
+        # The buffers are given back when the call returns. Left to the cdata's own
+        # end, they outlived the call in any traceback holding this frame: a record
+        # refused on a crypto worker thread kept its channel's mmap'd buffer exported
+        # through the exception, and the garbage collector crashed the process
+        # (SIGSEGV) tearing that cycle down.
+        with ffi.from_buffer(out, require_writable=True) as dst, ffi.from_buffer(body) as src:
             rc = lib.crypto_aead_aegis256_decrypt(
                 dst, ffi.NULL, ffi.NULL, src, n + TAG_SIZE, aad, len(aad), nonce, self._key
             )
-        finally:
-            _release(dst, src)
         if rc != 0:
             raise AuthenticationFailed()

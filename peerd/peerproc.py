@@ -173,8 +173,9 @@ async def _command(
         rnd = cmd["round"]
         if rnd in prepared:
             data, original = prepared.pop(rnd)
-        else:
+        else:  # not prepared: collected here, as "prepare" does (see there)
             data, original = await trio.to_thread.run_sync(_inputs, index, cmd)
+            gc.collect()
         prepared.clear()
         die = cmd.get("die_at")
         if die == "before":
