@@ -172,25 +172,33 @@ class Liveness:
             self._notify()
 
     async def _probe(self, peer: str) -> None:
-        """Time a data transfer of ``probe_bytes`` to ``peer`` to estimate bandwidth."""
-        self._probe_seq += 1
-        key = f"probe/{self.run}/{self._probe_seq}".encode()
-        n = self.config.probe_bytes
+        """Estimate the data bandwidth to ``peer`` from timing ``probe_bytes`` to it.
+
+        The first transfer to a peer opens its data link (TCP connections, one
+        handshake per channel): a one-byte transfer does that untimed, since
+        set-up took longer than 1 MiB takes on any link above ~25 Mbit/s and
+        made every link look alike (loopback read 3 MB/s, tests/lab/
+        test_ring_order_lab.py)."""
         try:
+            await self._transfer(peer, 1)
             start = trio.current_time()
-            await self.fabric.send_data(peer, key, bytes(n))
-            await self.fabric.call(
-                peer,
-                self._method("probe"),
-                encode(m.Probe(self.run, key, n)),
-                self.config.call_timeout,
-            )
+            await self._transfer(peer, self.config.probe_bytes)
             elapsed = trio.current_time() - start - self._rtt.get(peer, 0.0)
-            self._bandwidth[peer] = n / max(elapsed, 1e-6)
+            self._bandwidth[peer] = self.config.probe_bytes / max(elapsed, 1e-6)
         except (PeerLost, Timeout, RemoteError):
             pass
         finally:
             self._probing.discard(peer)
+
+    async def _transfer(self, peer: str, n: int) -> None:
+        """Send ``n`` bytes of probe data; returns once ``peer`` has them all."""
+        self._probe_seq += 1
+        key = f"probe/{self.run}/{self._probe_seq}".encode()
+        await self.fabric.send_data(peer, key, bytes(n))
+        await self.fabric.call(
+            peer, self._method("probe"), encode(m.Probe(self.run, key, n)),
+            self.config.call_timeout,
+        )
 
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)

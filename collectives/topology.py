@@ -9,15 +9,28 @@ id) is built from every starting peer, improved by 2-opt segment reversals
 included. Ties and missing measurements resolve by peer id, so every peer
 computing this from the same data gets the same ring; with no measurements at
 all the ring is sorted by id.
+
+The ordering compares links by class, not by raw reading: bandwidth rounded
+down to a power of two, latency to whole milliseconds. Probes of identical
+links differ by far more than a ring could gain from them (four peers on one
+bridge read 34 MB/s to over 1 GB/s for the same veth links), and ordering by
+that noise reshuffled the ring at every view and let two coordinators of one
+revision pick different rings from their own readings. Equal links now tie
+and resolve by id; the price is that a ring may be up to 2x slower at its
+bottleneck than the best, in exchange for the same ring everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 UNKNOWN_BANDWIDTH = 0.0  # an unmeasured link is assumed to be the worst
 UNKNOWN_LATENCY = 0.0  # ... but its latency is not held against it
+# Links measured faster than this (~1 Gbit/s) are one class: a 1 MiB probe takes
+# under 8 ms on them, the order of the round trip its timing is corrected by.
+FAST_CLASS = float(2**27)
 TWO_OPT_MAX_PEERS = 32  # above this the greedy tours are used as they are (cost)
 TWO_OPT_PASSES = 8
 
@@ -41,17 +54,20 @@ def edge(links: Links, a: str, b: str) -> LinkEstimate:
     return LinkEstimate(min(e.bandwidth for e in known), max(e.latency for e in known))
 
 
+def link_class(links: Links, a: str, b: str) -> tuple[float, int]:
+    """What the ordering compares for the a-b link: its bandwidth rounded down to
+    a power of two in bytes/s (0 if unmeasured, at most ``FAST_CLASS``) and its
+    latency in whole ms."""
+    e = edge(links, a, b)
+    bandwidth = 2.0 ** math.floor(math.log2(e.bandwidth)) if e.bandwidth >= 1 else 0.0
+    return min(bandwidth, FAST_CLASS), math.floor(e.latency * 1000)
+
+
 def bottleneck(ring: tuple[str, ...], links: Links) -> float:
     """The slowest hop's bandwidth, closing edge included (inf for one peer)."""
     if len(ring) < 2:
         return float("inf")
     return min(edge(links, ring[i], ring[(i + 1) % len(ring)]).bandwidth for i in range(len(ring)))
-
-
-def total_latency(ring: tuple[str, ...], links: Links) -> float:
-    if len(ring) < 2:
-        return 0.0
-    return sum(edge(links, ring[i], ring[(i + 1) % len(ring)]).latency for i in range(len(ring)))
 
 
 def canonical(ring: tuple[str, ...]) -> tuple[str, ...]:
@@ -69,20 +85,21 @@ def _greedy(start: str, members: list[str], links: Links) -> tuple[str, ...]:
     left = [m for m in members if m != start]  # kept sorted: max() keeps the lowest id on ties
     while left:
         here = tour[-1]
-        nxt = max(
-            left, key=lambda m: (edge(links, here, m).bandwidth, -edge(links, here, m).latency)
-        )
+        nxt = max(left, key=lambda m: _fastest_then_nearest(link_class(links, here, m)))
         tour.append(nxt)
         left.remove(nxt)
     return tuple(tour)
 
 
-def _score(tour: tuple[str, ...], links: Links) -> tuple[tuple[float, ...], float]:
-    """Larger is better: hop bandwidths slowest first (max-min), then low latency."""
-    hops = sorted(
-        edge(links, tour[i], tour[(i + 1) % len(tour)]).bandwidth for i in range(len(tour))
-    )
-    return tuple(hops), -total_latency(tour, links)
+def _fastest_then_nearest(c: tuple[float, int]) -> tuple[float, int]:
+    return c[0], -c[1]
+
+
+def _score(tour: tuple[str, ...], links: Links) -> tuple[tuple[float, ...], int]:
+    """Larger is better: hop bandwidth classes slowest first (max-min), then low
+    total latency class."""
+    hops = [link_class(links, tour[i], tour[(i + 1) % len(tour)]) for i in range(len(tour))]
+    return tuple(sorted(h[0] for h in hops)), -sum(h[1] for h in hops)
 
 
 def _two_opt(tour: tuple[str, ...], links: Links) -> tuple[str, ...]:
@@ -107,7 +124,7 @@ def order_ring(members: Iterable[str], links: Links) -> tuple[str, ...]:
     if len(peers) < 3:
         return tuple(peers)
     best: tuple[str, ...] | None = None
-    best_key: tuple[tuple[float, ...], float] | None = None
+    best_key: tuple[tuple[float, ...], int] | None = None
     # The id-sorted ring is a candidate too, so measurements never make it worse.
     tours = [tuple(peers)] + [_greedy(s, peers, links) for s in peers]
     if len(peers) <= TWO_OPT_MAX_PEERS:

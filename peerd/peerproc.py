@@ -157,6 +157,10 @@ async def _command(
     if kind == "update_view":
         view = await node.engine(cmd["run"]).update_view()
         return {"event": "view", "view": list(view.members), "revision": view.revision}
+    if kind == "links":
+        engine = node.engine(cmd["run"])
+        others = [p for p in engine.view().members if p != engine.me]
+        return {"event": "links", "bandwidth": {p: engine.link_bandwidth(p) for p in others}}
     if kind == "prepare":
         # Inputs are made before the timed call so that one slow peer drawing
         # random numbers does not show up as all-reduce time on the others.

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectives.topology import LinkEstimate, bottleneck, canonical, order_ring
+from collectives.topology import (
+    LinkEstimate,
+    bottleneck,
+    canonical,
+    link_class,
+    order_ring,
+)
 
 GBIT = 125e6
 
@@ -44,6 +51,24 @@ def test_one_slow_link_is_avoided() -> None:
     ring = order_ring(members, links)
     pairs = {frozenset((ring[i], ring[(i + 1) % 4])) for i in range(4)}
     assert frozenset(("a", "b")) not in pairs
+
+
+def test_readings_of_one_class_tie_and_resolve_by_id() -> None:
+    members = ["a", "b", "c", "d", "e"]
+    rnd = random.Random(3)
+    # Within a power of two of bandwidth and a millisecond of latency: noise.
+    noisy = {(a, b): LinkEstimate(rnd.uniform(2**24, 2**25 - 1), rnd.uniform(0.002, 0.0029))
+             for a in members for b in members if a != b}
+    assert order_ring(members, noisy) == tuple(members)
+    # Beyond what a 1 MiB probe can resolve, any reading is just "fast".
+    fast = {(a, b): LinkEstimate(rnd.choice([2e8, 3e9, 1e12]), 0.0)
+            for a in members for b in members if a != b}
+    assert order_ring(members, fast) == tuple(members)
+    # A class apart is a real difference: the ring avoids the slower link.
+    noisy[("a", "b")] = LinkEstimate(2**23, 0.002)
+    ring = order_ring(members, noisy)
+    assert frozenset(("a", "b")) not in {frozenset((ring[i], ring[(i + 1) % 5])) for i in range(5)}
+    assert link_class(noisy, "a", "b") < link_class(noisy, "a", "c")
 
 
 def test_canonical_is_rotation_and_reflection_invariant() -> None:

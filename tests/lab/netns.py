@@ -220,6 +220,21 @@ class Lab:
         self._sh(node.ns, "tc", "qdisc", "replace", "dev", node.iface, "root", "tbf",
                  "rate", rate, "burst", "256kb", "latency", "50ms")
 
+    def limit_rate_to(self, node: Node, destinations: list[Node], rate: str) -> None:
+        """Shape only ``node``'s egress towards ``destinations`` (one slow link
+        among fast ones): an htb root whose one class is limited to ``rate``,
+        a u32 filter per destination address feeding it, and everything else
+        unclassified, which htb sends on unshaped. (htb and u32 are what the
+        lab's kernels offer: prio, netem and the police action may be missing.)"""
+        dev = ("dev", node.iface)
+        self._sh(node.ns, "tc", "qdisc", "replace", *dev, "root", "handle", "1:", "htb")
+        self._sh(node.ns, "tc", "class", "replace", *dev, "parent", "1:", "classid", "1:30",
+                 "htb", "rate", rate)
+        for dst in destinations:
+            self._sh(node.ns, "tc", "filter", "add", *dev, "parent", "1:", "protocol", "ip",
+                     "prio", "1", "u32", "match", "ip", "dst", f"{dst.public_ip}/32",
+                     "flowid", "1:30")
+
     def drop_percent(self, ns: str, percent: int) -> None:
         """Drop ``percent``% of the packets entering namespace ``ns`` on its
         links (nft numgen); loopback is exempt so local control still works."""
