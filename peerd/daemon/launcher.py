@@ -8,6 +8,7 @@ connect so the swarm is a full mesh. Processes are stopped by pid only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,7 +52,8 @@ class DaemonProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """Signal the process (by pid) and wait for it; SIGKILL if it hangs."""
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # it exited just now
+                os.kill(self.proc.pid, sig)
             try:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -118,7 +120,20 @@ def launch_swarm(n: int, workdir: Path, extra: tuple[str, ...] = ()) -> list[Dae
 
 
 def stop_all(daemons: list[DaemonProcess], sig: int = signal.SIGTERM) -> list[int]:
+    """Stop every daemon (by pid) and return their exit codes. All are signalled
+    first, so they shut down in parallel. One that cannot be stopped does not
+    leave the rest running: every daemon is tried, then the first error raised."""
     for d in daemons:
         if d.proc.poll() is None:
-            os.kill(d.proc.pid, sig)
-    return [d.stop(sig) for d in daemons]
+            with contextlib.suppress(ProcessLookupError):  # it exited just now
+                os.kill(d.proc.pid, sig)
+    codes: list[int] = []
+    errors: list[Exception] = []
+    for d in daemons:
+        try:
+            codes.append(d.stop(sig))
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return codes

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 import peerd
 from peerd.client import DaemonUnavailable
-from peerd.daemon.launcher import DaemonProcess, start_daemon
+from peerd.daemon.launcher import DaemonProcess, start_daemon, stop_all
 
 
 def test_keygen_writes_private_identity_and_never_overwrites(cli, short_dir: Path) -> None:
@@ -144,3 +146,26 @@ def test_other_user_cannot_connect(swarm: list[DaemonProcess]) -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
+
+
+class _Unstoppable(DaemonProcess):
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        raise OSError("stuck")
+
+
+def test_stop_all_waits_for_every_daemon_even_when_one_fails(short_dir: Path) -> None:
+    def child(cls: type[DaemonProcess]) -> DaemonProcess:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        return cls(proc, short_dir, short_dir / "x.sock", short_dir / "x.log")
+
+    stuck, others = child(_Unstoppable), [child(DaemonProcess), child(DaemonProcess)]
+    try:
+        with pytest.raises(OSError, match="stuck"):
+            stop_all([stuck, *others])
+        # The stuck one did not keep the rest from being stopped and reaped.
+        assert [d.proc.returncode for d in others] == [-signal.SIGTERM] * 2
+    finally:
+        for d in (stuck, *others):
+            if d.proc.poll() is None:
+                os.kill(d.pid, signal.SIGKILL)
+            d.proc.wait()
