@@ -177,8 +177,8 @@ class Liveness:
         The first transfer to a peer opens its data link (TCP connections, one
         handshake per channel): a one-byte transfer does that untimed, since
         set-up took longer than 1 MiB takes on any link above ~25 Mbit/s and
-        made every link look alike (loopback read 3 MB/s, tests/lab/
-        test_ring_order_lab.py)."""
+        made every link look alike (all read 3-9 MB/s, a 100 Mbit/s one among
+        veth links included: tests/lab/test_ring_order_lab.py)."""
         try:
             await self._transfer(peer, 1)
             start = trio.current_time()

@@ -15,7 +15,7 @@ down to a power of two, latency to whole milliseconds. Probes of identical
 links differ by far more than a ring could gain from them (four peers on one
 bridge read 34 MB/s to over 1 GB/s for the same veth links), and ordering by
 that noise reshuffled the ring at every view and let two coordinators of one
-revision pick different rings from their own readings. Equal links now tie
+revision could pick different rings from their own readings. Equal links now tie
 and resolve by id; the price is that a ring may be up to 2x slower at its
 bottleneck than the best, in exchange for the same ring everywhere.
 """
@@ -31,6 +31,7 @@ UNKNOWN_LATENCY = 0.0  # ... but its latency is not held against it
 # Links measured faster than this (~1 Gbit/s) are one class: a 1 MiB probe takes
 # under 8 ms on them, the order of the round trip its timing is corrected by.
 FAST_CLASS = float(2**27)
+SLOW_LATENCY = 60.0  # seconds; any latency above is one class (and a huge report cannot overflow)
 TWO_OPT_MAX_PEERS = 32  # above this the greedy tours are used as they are (cost)
 TWO_OPT_PASSES = 8
 
@@ -57,10 +58,10 @@ def edge(links: Links, a: str, b: str) -> LinkEstimate:
 def link_class(links: Links, a: str, b: str) -> tuple[float, int]:
     """What the ordering compares for the a-b link: its bandwidth rounded down to
     a power of two in bytes/s (0 if unmeasured, at most ``FAST_CLASS``) and its
-    latency in whole ms."""
+    latency in whole ms (at most ``SLOW_LATENCY``)."""
     e = edge(links, a, b)
     bandwidth = 2.0 ** math.floor(math.log2(e.bandwidth)) if e.bandwidth >= 1 else 0.0
-    return min(bandwidth, FAST_CLASS), math.floor(e.latency * 1000)
+    return min(bandwidth, FAST_CLASS), math.floor(min(e.latency, SLOW_LATENCY) * 1000)
 
 
 def bottleneck(ring: tuple[str, ...], links: Links) -> float:
@@ -125,7 +126,8 @@ def order_ring(members: Iterable[str], links: Links) -> tuple[str, ...]:
         return tuple(peers)
     best: tuple[str, ...] | None = None
     best_key: tuple[tuple[float, ...], int] | None = None
-    # The id-sorted ring is a candidate too, so measurements never make it worse.
+    # The id-sorted ring is a candidate too, so measurements never make it worse
+    # (by class).
     tours = [tuple(peers)] + [_greedy(s, peers, links) for s in peers]
     if len(peers) <= TWO_OPT_MAX_PEERS:
         tours = [_two_opt(t, links) for t in tours]

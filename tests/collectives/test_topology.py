@@ -69,6 +69,9 @@ def test_readings_of_one_class_tie_and_resolve_by_id() -> None:
     ring = order_ring(members, noisy)
     assert frozenset(("a", "b")) not in {frozenset((ring[i], ring[(i + 1) % 5])) for i in range(5)}
     assert link_class(noisy, "a", "b") < link_class(noisy, "a", "c")
+    # Absurd but well-formed reports (a member's messages allow any finite figure).
+    noisy[("c", "d")] = LinkEstimate(1e308, 1e308)
+    assert sorted(order_ring(members, noisy)) == members
 
 
 def test_canonical_is_rotation_and_reflection_invariant() -> None:
