@@ -65,7 +65,12 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
         if bad:
             raise RuntimeError(f"peerd all-reduce failed: {bad}")
         if len({r["sha256"] for r in res}) != 1:
-            raise RuntimeError("peerd results differ between peers")
+            # Say enough to tell a broken guarantee (same participants and
+            # revision, different bytes) from results over different views.
+            seen = [(r["sha256"][:12], r["revision"], r["attempts"], len(r["participants"]),
+                     r["participants"][:2]) for r in res]
+            raise RuntimeError(f"peerd results differ between peers (sha256, revision, "
+                               f"attempts, participants): {seen}")
         if i == 1:
             peak = max(r["peak_extra_bytes"] for r in res)
         if i < 2:

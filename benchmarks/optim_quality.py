@@ -129,6 +129,9 @@ def main() -> None:
         #   top-k of 2- / 4-element blocks, same bytes                       2.480 / 2.596
         #   k by round: 30 then 12 / 12 then 21 / 30 falling to 6            2.454 / 2.448 / 2.459
         #   per-index sum / (senders + c), c = 0.5 / 1 (lr 1.5 / 1.8)        2.435 / 2.460
+        # Session 5: top-k from disjoint index sets per peer, rotating every round
+        # (so the union covers 4x the entries; same bytes): every 4th index /
+        # 64-element blocks                                                2.702 / 2.649
         # Nothing closes the gap: outer momentum hurts (the EF already carries it),
         # and the bytes saved by shared or block index sets do not buy back what
         # precise top-k selection gives.
