@@ -81,12 +81,17 @@ def canonical(ring: tuple[str, ...]) -> tuple[str, ...]:
     return min(rotated, reverse)
 
 
-def _greedy(start: str, members: list[str], links: Links) -> tuple[str, ...]:
+# Link classes of every ordered pair, worked out once per ``order_ring``: the
+# tours below look each hop up thousands of times (2-opt rescoring).
+Classes = dict[tuple[str, str], tuple[float, int]]
+
+
+def _greedy(start: str, members: list[str], cls: Classes) -> tuple[str, ...]:
     tour = [start]
     left = [m for m in members if m != start]  # kept sorted: max() keeps the lowest id on ties
     while left:
         here = tour[-1]
-        nxt = max(left, key=lambda m: _fastest_then_nearest(link_class(links, here, m)))
+        nxt = max(left, key=lambda m: _fastest_then_nearest(cls[here, m]))
         tour.append(nxt)
         left.remove(nxt)
     return tuple(tour)
@@ -96,22 +101,22 @@ def _fastest_then_nearest(c: tuple[float, int]) -> tuple[float, int]:
     return c[0], -c[1]
 
 
-def _score(tour: tuple[str, ...], links: Links) -> tuple[tuple[float, ...], int]:
+def _score(tour: tuple[str, ...], cls: Classes) -> tuple[tuple[float, ...], int]:
     """Larger is better: hop bandwidth classes slowest first (max-min), then low
     total latency class."""
-    hops = [link_class(links, tour[i], tour[(i + 1) % len(tour)]) for i in range(len(tour))]
+    hops = [cls[tour[i - 1], tour[i]] for i in range(len(tour))]
     return tuple(sorted(h[0] for h in hops)), -sum(h[1] for h in hops)
 
 
-def _two_opt(tour: tuple[str, ...], links: Links) -> tuple[str, ...]:
+def _two_opt(tour: tuple[str, ...], cls: Classes) -> tuple[str, ...]:
     """Reverse segments while that improves the score (bounded passes)."""
-    best, best_score = tour, _score(tour, links)
+    best, best_score = tour, _score(tour, cls)
     for _ in range(TWO_OPT_PASSES):
         improved = False
         for i in range(1, len(best) - 1):
             for j in range(i + 1, len(best)):
                 cand = best[:i] + best[i : j + 1][::-1] + best[j + 1 :]
-                score = _score(cand, links)
+                score = _score(cand, cls)
                 if score > best_score:
                     best, best_score, improved = cand, score, True
         if not improved:
@@ -126,13 +131,14 @@ def order_ring(members: Iterable[str], links: Links) -> tuple[str, ...]:
         return tuple(peers)
     best: tuple[str, ...] | None = None
     best_key: tuple[tuple[float, ...], int] | None = None
+    cls = {(a, b): link_class(links, a, b) for a in peers for b in peers if a != b}
     # The id-sorted ring is a candidate too, so measurements never make it worse
     # (by class).
-    tours = [tuple(peers)] + [_greedy(s, peers, links) for s in peers]
+    tours = [tuple(peers)] + [_greedy(s, peers, cls) for s in peers]
     if len(peers) <= TWO_OPT_MAX_PEERS:
-        tours = [_two_opt(t, links) for t in tours]
+        tours = [_two_opt(t, cls) for t in tours]
     for tour in map(canonical, tours):
-        key = _score(tour, links)
+        key = _score(tour, cls)
         if (
             best_key is None
             or key > best_key
