@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,43 @@ RECEIVE_AHEAD = 256
 SEND_AHEAD = 4
 
 
+NO_HISTORY = b"-"  # a peer that joined (or rejoined) since the tag's last commit
+
+
+def last_commit_mark(revision: int, seq: int) -> bytes:
+    return b"%d.%d" % (revision, seq)
+
+
+def diverged(mine: bytes, theirs: bytes) -> bool:
+    """Whether two members' last commits of a tag show that one committed a
+    result the other did not. Members of a view commit the same all-reduces
+    of a tag in the same order, so their last commits agree; a peer that
+    joined since has none to compare. A split (one peer committed, the rest
+    retried on a new view) would otherwise let that peer's next call meet the
+    others' retry under the same keys and mix two rounds' data into one sum."""
+    return mine != theirs and NO_HISTORY not in (mine, theirs)
+
+
+def odd_histories(marks: dict[str, bytes]) -> set[str]:
+    """The members whose last commit differs from the most common one (ties:
+    the larger mark stands). Every member that sees the same marks blames the
+    same peers; members without a history are never blamed."""
+    counts: dict[bytes, int] = {}
+    for mark in marks.values():
+        if mark != NO_HISTORY:
+            counts[mark] = counts.get(mark, 0) + 1
+    if not counts:
+        return set()
+    common = max(counts, key=lambda mark: (counts[mark], mark))
+    return {p for p, mark in marks.items() if mark not in (NO_HISTORY, common)}
+
+
+class Diverged(PeerLost):
+    """This peer's last commit of the tag differs from the other members':
+    its state went one way while theirs went another, so it must leave and
+    rejoin (and resync) before it contributes again."""
+
+
 @dataclass
 class Counters:
     sent: int = 0
@@ -72,6 +110,9 @@ class RingJob:
     prefix: bytes  # unique per (run, view, tag, sequence number)
     reduce_deadline: float  # trio clock
     gather_deadline: float
+    # This peer's last commit of the tag (``last_commit_mark``); neighbours
+    # exchange it before either uses the other's data.
+    history: bytes = NO_HISTORY
 
     def key(self, phase: bytes, chunk: int, sub: int) -> bytes:
         return b"%s%s/%d.%d" % (self.prefix, phase, chunk, sub)
@@ -102,10 +143,11 @@ def _blocks(job: RingJob, buf: memoryview, phase: bytes, chunks: Sequence[int]) 
 
 async def _receive_in_order(
     fabric: Fabric, peer: str, blocks: list[_Block], counters: Counters,
-    consume: Callable[[_Block], None],
+    consume: Callable[[_Block], None], gate: trio.Event,
 ) -> None:
     """Receive ``blocks`` from ``peer`` into their places, calling ``consume``
-    on each in order; up to ``RECEIVE_AHEAD`` receives are posted ahead."""
+    on each in order, none before ``gate`` is set; up to ``RECEIVE_AHEAD``
+    receives are posted ahead."""
     done = [trio.Event() for _ in blocks]
     error: list[PeerLost] = []
 
@@ -127,6 +169,7 @@ async def _receive_in_order(
                 nursery.start_soon(one, posted)
                 posted += 1
             await done[i].wait()
+            await gate.wait()
             consume(block)
     if error:
         raise error[0]
@@ -200,6 +243,36 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     ag_tx2 = ag_tx.clone()
     failed: set[str] = set()
     details: list[str] = []
+    out_of_line: list[Diverged] = []
+    checked = trio.Event()  # the left neighbour's history matches: its data may be used
+    history_key = job.key(b"h", 0, 0)
+
+    async def tell_history(peer: str) -> None:
+        with trio.move_on_at(job.reduce_deadline), suppress(PeerLost):
+            await fabric.send_data(peer, history_key, job.history)
+
+    async def check_left() -> None:
+        theirs = bytes(await fabric.recv_data(left, history_key))
+        if not diverged(job.history, theirs):
+            checked.set()
+            return
+        # Who is out of line is for the majority to say: hear every member.
+        marks = {job.ring[rank]: job.history, left: theirs}
+
+        async def hear(peer: str) -> None:
+            with suppress(PeerLost):
+                marks[peer] = bytes(await fabric.recv_data(peer, history_key))
+
+        async with trio.open_nursery() as inner:
+            for peer in job.ring:
+                if peer != job.ring[rank] and peer != left:
+                    inner.start_soon(hear, peer)
+        odd = odd_histories(marks)
+        me = job.ring[rank]
+        detail = "committed a result that the other members did not (or the reverse)"
+        if me in odd:
+            raise Diverged([me], f"this peer {detail}")
+        raise PeerLost(odd or {left}, detail)
 
     async def send(key: bytes, data: memoryview | bytes) -> None:
         # Only the transfer itself has a deadline: waiting for work to forward
@@ -234,7 +307,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
         async with rs_tx, ag_tx:
             blocks = _blocks(job, buf, b"r", [step.recv for step in rs])
-            await _receive_in_order(fabric, left, blocks, counters, reduce)
+            await _receive_in_order(fabric, left, blocks, counters, reduce, checked)
 
     async def ag_receiver() -> None:
         def forward(b: _Block) -> None:
@@ -243,7 +316,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
         async with ag_tx2:
             blocks = _blocks(job, buf, b"g", [step.recv for step in ag])
-            await _receive_in_order(fabric, left, blocks, counters, forward)
+            await _receive_in_order(fabric, left, blocks, counters, forward, checked)
 
     async def ag_sender() -> None:
         await _send_from(send, _drain(ag_rx), SEND_AHEAD)
@@ -262,15 +335,26 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
                 except PeerLost as exc:
                     failed.update(exc.peers)
                     details.append(str(exc))
+                    if isinstance(exc, Diverged):
+                        out_of_line.append(exc)
                     nursery.cancel_scope.cancel()
 
             return run
 
         never = math.inf
+        # Every member hears this peer's history (not counted in the bytes
+        # sent, which are the tensor's); only a peer whose left neighbour's
+        # differs reads the others'.
+        for peer in job.ring:
+            if peer != job.ring[rank]:
+                nursery.start_soon(tell_history, peer)
+        nursery.start_soon(guarded(check_left, job.reduce_deadline, left, "history check"))
         nursery.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
         nursery.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
         nursery.start_soon(guarded(ag_receiver, job.gather_deadline, left, "all-gather"))
         nursery.start_soon(guarded(ag_sender, never, right, "all-gather send"))
+    if out_of_line:
+        raise out_of_line[0]
     if failed:
         raise PeerLost(failed, "; ".join(details))
     return out

@@ -9,7 +9,13 @@ plus the collectives. An all-reduce:
 2. exchanges a one-byte status with every member: a peer commits only when it
    has the whole result and no live member reports a failure, so survivors
    either all commit the same bytes or all raise ``PeerLost`` (a peer that
-   vanishes after the ring completed cannot make the others disagree);
+   vanishes after the ring completed cannot make the others disagree). The
+   status goes to suspects too: one that is alive after all (a false
+   suspicion) hears the failure instead of committing a view the others
+   leave. What no status exchange can settle is a peer whose status is
+   lost on the way to only some others; it commits a result the rest do
+   not, and the next view evicts it, so it resyncs its state before it
+   contributes again;
 3. copies the result into the caller's array.
 
 On ``PeerLost`` with ``retry=True`` the survivors agree a new view (without
@@ -27,8 +33,16 @@ from typing import Any
 
 import trio
 
-from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
-from collectives.api import AllReduceResult, Quant, ReduceOp
+from collectives.allreduce import (
+    NO_HISTORY,
+    Counters,
+    Diverged,
+    RingJob,
+    commit,
+    last_commit_mark,
+    ring_all_reduce,
+)
+from collectives.api import AllReduceResult, Quant, ReduceOp, View
 from collectives.arrays import flatten
 from collectives.chunking import layout
 from collectives.driver import (
@@ -49,6 +63,7 @@ log = logging.getLogger("collectives.run")
 __all__ = ["Engine", "EngineConfig", "Evicted", "open_engine"]
 
 _OK = b"\x01"
+_FIRST_MEMBERS = b"first"  # the history mark of a tag none of the first members committed yet
 _FAILED = b"\x00"
 
 
@@ -76,7 +91,19 @@ class Engine(MembershipDriver):
         super().__init__(fabric, run, config)
         self._active: dict[str, _Op] = {}
         self._seq: dict[tuple[int, str], int] = {}
+        # Per tag, where this peer last committed (see ``allreduce.diverged``).
+        # A peer that starts as one of the run's first members shares their
+        # (empty) history; one that joins has none to compare until it commits.
+        self._history: dict[str, bytes] = {}
+        self._no_history = _FIRST_MEMBERS
         self.on_lost(self._abort_ops)
+
+    async def join(self, timeout: float | None = None) -> View:
+        # Whatever this peer committed before is not the run's history since:
+        # it was away (or never here) while the others went on.
+        self._history.clear()
+        self._no_history = NO_HISTORY
+        return await super().join(timeout)
 
     def _abort_ops(self, peers: frozenset[str]) -> None:
         for op in self._active.values():
@@ -174,6 +201,7 @@ class Engine(MembershipDriver):
             prefix,
             now + phase,
             now + 2 * phase,
+            self._history.get(tag, self._no_history),
         )
         state = _Op(members)
         self._active[tag] = state
@@ -182,6 +210,11 @@ class Engine(MembershipDriver):
             with state.scope:
                 try:
                     gathered = await ring_all_reduce(self.fabric, job, counters)
+                except Diverged as exc:
+                    # Leave (the others drop this peer at once) so that the
+                    # caller's join() readmits it with a fresh history.
+                    await self.leave()
+                    raise Evicted(self.me, str(exc)) from exc
                 except PeerLost as exc:
                     state.lost |= set(exc.peers) & members
                     self.lost(set(exc.peers) & members, str(exc))
@@ -193,13 +226,17 @@ class Engine(MembershipDriver):
             self._send_status(d, prefix, _OK)
             await self._await_status(d, prefix, now + 3 * phase)
             commit(job, gathered)
+            self._history[tag] = last_commit_mark(d.revision, seq)
         finally:
             del self._active[tag]
             self.fabric.drop_data(prefix)
 
     def _send_status(self, d: Decision, prefix: bytes, status: bytes) -> None:
+        # Suspects too: a suspicion may be wrong (a missed heartbeat under load),
+        # and a live suspect that finished its ring and heard no failure would
+        # commit this view's result while everyone else retries without it.
         for peer in d.members:
-            if peer != self.me and peer not in self.core.suspects:
+            if peer != self.me:
                 self.spawn(self._status_to, peer, prefix + b"st", status)
 
     async def _status_to(self, peer: str, key: bytes, status: bytes) -> None:

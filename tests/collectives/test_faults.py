@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
+from collectives.allreduce import NO_HISTORY, diverged, last_commit_mark, odd_histories
 from collectives.api import AllReduceResult
+from collectives.driver import Evicted
+from collectives.memfabric import MemFabric
 from peerd.errors import PeerLost
 from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
 
@@ -36,7 +41,7 @@ def assert_all_lost(out, data, arrays, victim: str) -> None:  # type: ignore[no-
     assert victim not in out and out
     for p, r in out.items():
         assert isinstance(r, PeerLost), (p, r)
-        assert victim in r.peers
+        assert victim in r.peers, out
         assert np.array_equal(arrays[p], data[p])  # input left intact
 
 
@@ -45,7 +50,7 @@ def assert_survivor_average(s: Swarm, out, data, arrays, victim: str) -> None:  
     assert victim not in survivors and sorted(out) == survivors
     want = reference(data, survivors, True)
     for r in out.values():
-        assert isinstance(r, AllReduceResult)
+        assert isinstance(r, AllReduceResult), out
         assert sorted(r.participants) == survivors and r.attempts == 2 and r.revision == 1, (r, out)
     for p in survivors:
         np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
@@ -157,3 +162,102 @@ async def test_a_broken_data_link_confirms_a_kill_at_once(
         out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32)), survivors)
         for r in out.values():
             assert isinstance(r, AllReduceResult) and r.participants == tuple(survivors), r
+
+
+class SuspectsAfterLastBlock:
+    """p01's fabric: once p01 has received its last all-gather block (it has
+    forwarded everything the others need, so their rings complete), its engine
+    wrongly declares ``victim`` gone, as a missed heartbeat under load would."""
+
+    def __init__(self, inner: MemFabric, s: list[Swarm], victim: str, blocks: int) -> None:
+        self._inner, self._swarm, self._victim, self._left = inner, s, victim, blocks
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def me(self) -> str:
+        return self._inner.me
+
+    async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None:
+        await self._inner.recv_data_into(peer, key, out)
+        if key.startswith(b"ar/") and b"/g/" in key:
+            self._left -= 1
+            if self._left == 0:
+                self._swarm[0].engines[self.me].lost({self._victim}, "test: false suspicion")
+
+
+async def test_a_false_suspicion_at_the_end_of_the_ring_never_splits_the_results(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p01 gives up on p03 after every ring completed except its own: p03 holds
+    the whole result but must not commit it while p01 (and whoever p01 told)
+    goes on without p03. Every peer that returns a result returns the same
+    view's result, bit-identical; the others raise with their input intact."""
+    holder: list[Swarm] = []
+    n = 4 * 16  # one sub-chunk per ring chunk: three all-gather blocks per peer
+    wrap = {"p01": lambda f: SuspectsAfterLastBlock(f, holder, "p03", blocks=3)}
+    async with swarm(4, wrap=wrap) as s:
+        holder.append(s)
+        data, arrays, out = await run_round(s, n, retry=True)
+        ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
+        assert ok, out
+        assert len({(r.revision, r.participants) for r in ok.values()}) == 1, out
+        (participants,) = {r.participants for r in ok.values()}
+        assert "p03" not in participants, out  # p01 and those it told went on without it
+        want = reference(data, list(participants), True)
+        for p in ok:
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
+        assert same_bytes([arrays[p] for p in ok])
+        for p, r in out.items():
+            if p not in ok:
+                assert isinstance(r, PeerLost), repr(r)
+                assert np.array_equal(arrays[p], data[p])
+
+
+def test_the_majority_history_stands_and_peers_without_one_are_never_blamed() -> None:
+    a, b = last_commit_mark(5, 0), last_commit_mark(4, 2)
+    assert odd_histories({"p0": a, "p1": a, "p2": b, "p3": NO_HISTORY}) == {"p2"}
+    assert odd_histories({"p0": b, "p1": b, "p2": a}) == {"p2"}
+    assert odd_histories({"p0": a, "p1": b}) == odd_histories({"p1": b, "p0": a}) == {"p1"}
+    assert odd_histories({"p0": NO_HISTORY, "p1": a}) == set()
+
+
+def test_last_commits_diverge_only_between_peers_that_both_have_one() -> None:
+    assert not diverged(last_commit_mark(3, 0), last_commit_mark(3, 0))
+    assert diverged(last_commit_mark(3, 1), last_commit_mark(3, 0))
+    assert diverged(last_commit_mark(4, 0), last_commit_mark(3, 0))
+    assert not diverged(NO_HISTORY, last_commit_mark(3, 0))  # a joiner has nothing to compare
+    assert not diverged(last_commit_mark(3, 0), NO_HISTORY)
+
+
+async def test_a_peer_that_committed_a_round_the_others_did_not_is_left_out(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """After a split (p02 committed a result the others then retried without
+    it), p02's next call must not meet the others' calls under the same keys:
+    its data is another round's. Its neighbours see the differing last commit
+    before using any of its data; the rest go on without it, and p02's input
+    is in nobody's result."""
+    async with swarm(4) as s:
+        await run_round(s, 64, retry=True)  # a first commit everyone shares
+        engine = s.engines["p02"]
+        engine._history["default"] = last_commit_mark(engine.core.view.revision, 99)  # type: ignore[union-attr]
+        data, arrays, out = await run_round(s, 64, retry=True, seed=9)
+        ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
+        assert sorted(ok) == ["p00", "p01", "p03"], out
+        assert {r.participants for r in ok.values()} == {("p00", "p01", "p03")}
+        want = reference(data, ["p00", "p01", "p03"], True)
+        for p in ok:
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
+        assert same_bytes([arrays[p] for p in ok])
+        assert isinstance(out["p02"], Evicted), out["p02"]
+        assert np.array_equal(arrays["p02"], data["p02"])
+        # Readmitted at the next round boundary with a fresh history, it takes part again.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.engines["p02"].join)
+            await trio.sleep(2 * HB.heartbeat_interval)  # its join requests are pending
+            await s.each(lambda p, e: e.update_view(), ["p00", "p01", "p03"])
+        data, arrays, out = await run_round(s, 64, retry=True, seed=10)
+        assert {r.participants for r in out.values()} == {("p00", "p01", "p02", "p03")}, out
+        assert same_bytes(list(arrays.values()))
