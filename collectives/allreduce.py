@@ -16,6 +16,12 @@ the partial of chunk ``c`` arrives, is reduced and sent on; the final value
 of ``c`` can only arrive after the whole ring has finished reducing it, which
 includes the right neighbour having received all of our partial.
 
+Before a peer uses any of its left neighbour's data it compares their last
+commits of the tag (``diverged``): after a split, where one peer committed a
+round that the others retried, that peer's next call would otherwise meet the
+others' retry under the same keys and add two rounds' data into one sum. On a
+mismatch the members' marks decide who is out of line (``odd_histories``).
+
 Memory: the scratch buffer (the tensor's size in wire format; it becomes the
 gathered result) plus nothing per block for fp32. The caller's array is read,
 never written, here: ``commit`` copies the result in once the engine decided.

@@ -207,17 +207,21 @@ class Engine(MembershipDriver):
         self._active[tag] = state
         try:
             gathered = None
+            out_of_line: Diverged | None = None
             with state.scope:
                 try:
                     gathered = await ring_all_reduce(self.fabric, job, counters)
                 except Diverged as exc:
-                    # Leave (the others drop this peer at once) so that the
-                    # caller's join() readmits it with a fresh history.
-                    await self.leave()
-                    raise Evicted(self.me, str(exc)) from exc
+                    out_of_line = exc
                 except PeerLost as exc:
                     state.lost |= set(exc.peers) & members
                     self.lost(set(exc.peers) & members, str(exc))
+            if out_of_line is not None:
+                # Leave (the others drop this peer at once) so that the caller's
+                # join() readmits it with a fresh history. Outside the op's scope,
+                # which the others' reaction may already have cancelled.
+                await self.leave()
+                raise Evicted(self.me, str(out_of_line)) from out_of_line
             if gathered is None:
                 lost = state.lost or (members - {self.me})
                 self._send_status(d, prefix, _FAILED + ",".join(sorted(lost)).encode())

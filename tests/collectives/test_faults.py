@@ -57,6 +57,26 @@ def assert_survivor_average(s: Swarm, out, data, arrays, victim: str) -> None:  
     assert same_bytes([arrays[p] for p in survivors])
 
 
+def assert_one_outcome(out, data, arrays) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    """Every peer that got a result got the same view's, which names exactly
+    them and holds their average, bit-identical; the others raised with their
+    input intact. Returns the participants."""
+    ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
+    assert ok, out
+    assert len({(r.revision, r.participants) for r in ok.values()}) == 1, out
+    (participants,) = {r.participants for r in ok.values()}
+    assert sorted(ok) == sorted(participants), out
+    want = reference(data, list(participants), True)
+    for p in ok:
+        np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
+    assert same_bytes([arrays[p] for p in ok])
+    for p, r in out.items():
+        if p not in ok:
+            assert isinstance(r, PeerLost), repr(r)
+            assert np.array_equal(arrays[p], data[p])
+    return tuple(participants)
+
+
 @pytest.mark.parametrize("phase", [b"r", b"g"])
 @pytest.mark.parametrize("victim", ["p00", "p02"])  # p00 is the coordinator
 async def test_kill_mid_round_without_retry(
@@ -124,19 +144,9 @@ async def test_cut_link_leaves_consistent_outcomes(mock_clock: trio.testing.Mock
     async with swarm(4) as s:
         s.net.cut("p01", "p02")  # neighbours on the ring
         data, arrays, out = await run_round(s, 40, retry=True)
-        ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
-        assert len(ok) >= 2
-        (participants,) = {r.participants for r in ok.values()}
-        assert sorted(ok) == sorted(participants)
+        participants = assert_one_outcome(out, data, arrays)
+        assert len(participants) >= 2
         assert not {"p01", "p02"} <= set(participants)
-        want = reference(data, list(participants), True)
-        for p in ok:
-            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
-        assert same_bytes([arrays[p] for p in ok])
-        for p, r in out.items():
-            if p not in ok:
-                assert isinstance(r, PeerLost), repr(r)
-                assert np.array_equal(arrays[p], data[p])
 
 
 async def test_a_broken_data_link_confirms_a_kill_at_once(
@@ -200,19 +210,8 @@ async def test_a_false_suspicion_at_the_end_of_the_ring_never_splits_the_results
     async with swarm(4, wrap=wrap) as s:
         holder.append(s)
         data, arrays, out = await run_round(s, n, retry=True)
-        ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
-        assert ok, out
-        assert len({(r.revision, r.participants) for r in ok.values()}) == 1, out
-        (participants,) = {r.participants for r in ok.values()}
+        participants = assert_one_outcome(out, data, arrays)
         assert "p03" not in participants, out  # p01 and those it told went on without it
-        want = reference(data, list(participants), True)
-        for p in ok:
-            np.testing.assert_allclose(arrays[p], want, rtol=1e-5)
-        assert same_bytes([arrays[p] for p in ok])
-        for p, r in out.items():
-            if p not in ok:
-                assert isinstance(r, PeerLost), repr(r)
-                assert np.array_equal(arrays[p], data[p])
 
 
 def test_the_majority_history_stands_and_peers_without_one_are_never_blamed() -> None:
