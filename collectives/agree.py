@@ -9,7 +9,10 @@ from someone else), the link breaks, or the deadline passes.
 member tells every other whether it has everything it needs. A peer succeeds
 only if no live member reports a failure, so survivors either all succeed
 with the same data or all raise ``PeerLost`` (a member that vanishes after
-reporting success cannot make the others disagree).
+reporting success cannot make the others disagree). Reports go to suspects
+too, so a falsely suspected member hears a failure instead of succeeding
+alone; what a status round cannot settle is caught by the history check of
+the next call (``collectives.history``).
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ async def agree(
     peer failed or any live member reports a failure."""
     key = prefix + b"st"
     status = OK if not lost else FAILED + ",".join(sorted(lost)).encode()
-    for peer in live_others(driver, d):
-        driver.spawn(_quiet_send, driver, peer, key, status, deadline)
+    # Suspects too: one that is alive after all (a false suspicion) must hear
+    # a failure rather than succeed alone while the others retry without it.
+    for peer in d.members:
+        if peer != driver.me:
+            driver.spawn(_quiet_send, driver, peer, key, status, deadline)
     if lost:
         raise PeerLost(lost, f"{what} failed in revision {d.revision}")
     reports: dict[str, bytes] = {}

@@ -16,11 +16,9 @@ the partial of chunk ``c`` arrives, is reduced and sent on; the final value
 of ``c`` can only arrive after the whole ring has finished reducing it, which
 includes the right neighbour having received all of our partial.
 
-Before a peer uses any of its left neighbour's data it compares their last
-commits of the tag (``diverged``): after a split, where one peer committed a
-round that the others retried, that peer's next call would otherwise meet the
-others' retry under the same keys and add two rounds' data into one sum. On a
-mismatch the members' marks decide who is out of line (``odd_histories``).
+Before a peer uses any of its left neighbour's data the two compare their
+last commits of the tag (``collectives.history``), so a peer that committed
+a round the others retried cannot add another round's data into their sum.
 
 Memory: the scratch buffer (the tensor's size in wire format; it becomes the
 gathered result) plus nothing per block for fp32. The caller's array is read,
@@ -44,6 +42,7 @@ import trio
 from collectives.arrays import Flat
 from collectives.chunking import Layout, Span
 from collectives.fabric import Fabric
+from collectives.history import NO_HISTORY, Diverged, diverged, odd_histories
 from collectives.quant import Codec
 from collectives.ring import all_gather_schedule, reduce_scatter_schedule
 from collectives.scratch import POOL
@@ -60,43 +59,6 @@ RECEIVE_AHEAD = 256
 # one channel, which costs fewer records and wakeups than four stripes of each
 # (measured ~10% less CPU per byte), and the channels stay busy.
 SEND_AHEAD = 4
-
-
-NO_HISTORY = b"-"  # a peer that joined (or rejoined) since the tag's last commit
-
-
-def last_commit_mark(revision: int, seq: int) -> bytes:
-    return b"%d.%d" % (revision, seq)
-
-
-def diverged(mine: bytes, theirs: bytes) -> bool:
-    """Whether two members' last commits of a tag show that one committed a
-    result the other did not. Members of a view commit the same all-reduces
-    of a tag in the same order, so their last commits agree; a peer that
-    joined since has none to compare. A split (one peer committed, the rest
-    retried on a new view) would otherwise let that peer's next call meet the
-    others' retry under the same keys and mix two rounds' data into one sum."""
-    return mine != theirs and NO_HISTORY not in (mine, theirs)
-
-
-def odd_histories(marks: dict[str, bytes]) -> set[str]:
-    """The members whose last commit differs from the most common one (ties:
-    the larger mark stands). Every member that sees the same marks blames the
-    same peers; members without a history are never blamed."""
-    counts: dict[bytes, int] = {}
-    for mark in marks.values():
-        if mark != NO_HISTORY:
-            counts[mark] = counts.get(mark, 0) + 1
-    if not counts:
-        return set()
-    common = max(counts, key=lambda mark: (counts[mark], mark))
-    return {p for p, mark in marks.items() if mark not in (NO_HISTORY, common)}
-
-
-class Diverged(PeerLost):
-    """This peer's last commit of the tag differs from the other members':
-    its state went one way while theirs went another, so it must leave and
-    rejoin (and resync) before it contributes again."""
 
 
 @dataclass
@@ -116,8 +78,8 @@ class RingJob:
     prefix: bytes  # unique per (run, view, tag, sequence number)
     reduce_deadline: float  # trio clock
     gather_deadline: float
-    # This peer's last commit of the tag (``last_commit_mark``); neighbours
-    # exchange it before either uses the other's data.
+    # This peer's last commit of the tag (``collectives.history``); members
+    # exchange it before one uses another's data.
     history: bytes = NO_HISTORY
 
     def key(self, phase: bytes, chunk: int, sub: int) -> bytes:

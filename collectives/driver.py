@@ -34,6 +34,7 @@ import trio
 from collectives import messages as m
 from collectives.api import View
 from collectives.fabric import Fabric
+from collectives.history import FIRST_MEMBERS, NO_HISTORY
 from collectives.incarnation import Incarnations, new_incarnation
 from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
@@ -120,6 +121,9 @@ class MembershipDriver(Liveness):
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()  # replaced whenever the view or the suspects change
         self._reform_lock = trio.Lock()
+        # For ``collectives.history``: a peer that joins has no history to compare.
+        self.joins = 0
+        self.history_base = FIRST_MEMBERS
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
         self._probing: set[str] = set()
@@ -186,6 +190,10 @@ class MembershipDriver(Liveness):
 
     async def join(self, timeout: float | None = None) -> View:
         """Ask the run's members to admit this peer; returns once a view includes it."""
+        # Whatever this peer completed before is not the run's history since:
+        # it was away (or never here) while the others went on.
+        self.joins += 1
+        self.history_base = NO_HISTORY
         with trio.fail_after(timeout if timeout is not None else self.config.join_timeout):
             while self.current_view() is None:
                 changed = self._changed
@@ -247,6 +255,8 @@ class MembershipDriver(Liveness):
 
     def _start(self, nursery: trio.Nursery, members: tuple[str, ...] | None) -> None:
         self._nursery = nursery
+        if members is None:
+            self.history_base = NO_HISTORY
         if members is not None:
             if self.me not in members:
                 raise ConfigError(f"initial members of run {self.run!r} must include this peer")

@@ -4,7 +4,9 @@
 ``broadcast``, ``all_gather`` and ``reduce_scatter`` are built from them and
 end with a status round (``collectives.agree``), so every survivor either
 succeeds with the same data or raises ``PeerLost`` naming the lost peers,
-and the caller's arrays are written only on success. Operations are matched
+and the caller's arrays are written only on success; a gather or
+reduce-scatter also compares every sender's history before its data counts
+(``collectives.history``). Operations are matched
 by (view, tag, per-tag sequence number): members must issue the same
 sequence per tag, like any collective library. With ``retry=True`` a failed
 gather or reduce-scatter re-forms the view among the survivors and runs
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +37,7 @@ from collectives.arrayio import (
     write_into,
 )
 from collectives.driver import Evicted, MembershipDriver
+from collectives.history import Diverged, Histories, diverged, odd_histories
 from collectives.statemsg import ArrayHeader
 from collectives.view import Decision
 from peerd.errors import ConfigError, PeerLost, ProtocolError
@@ -80,6 +84,7 @@ class PointToPoint:
     def __init__(self, driver: MembershipDriver) -> None:
         self.driver = driver
         self._seq: dict[tuple[Any, ...], int] = {}
+        self._history = Histories(driver)  # per (kind, tag) of a retried collective
         self._c = {"sends": 0, "recvs": 0, "collectives": 0, "failed": 0, "sent": 0,
                    "received": 0}
 
@@ -173,6 +178,12 @@ class PointToPoint:
             self._c["collectives"] += 1
             try:
                 return await attempt(d)
+            except Diverged as exc:
+                # Leave (the others drop this peer at once) so that the caller's
+                # join() readmits it with a fresh history.
+                self._c["failed"] += 1
+                await self.driver.leave()
+                raise Evicted(self.driver.me, str(exc)) from exc
             except PeerLost as exc:
                 self._c["failed"] += 1
                 last = tries >= self.driver.config.max_attempts
@@ -181,20 +192,29 @@ class PointToPoint:
                 await self.driver.reform(after=d.revision)
 
     async def _exchange(self, d: Decision, prefix: bytes, outgoing: dict[str, Any],
-                        sources: list[str], deadline: float, what: str) -> dict[str, Any]:
+                        sources: list[str], deadline: float, what: str,
+                        history: bytes | None = None) -> dict[str, Any]:
         """Send ``outgoing[p]`` to each member ``p`` and receive one array from
-        each of ``sources``; then agree. Returns what arrived, by sender."""
+        each of ``sources``; then agree. Returns what arrived, by sender. With
+        a ``history`` mark (``collectives.history``), every sender's is compared
+        with it before its data counts."""
         got: dict[str, Any] = {}
+        marks: dict[str, bytes] = {}
         lost: set[str] = set(d.members) & self.driver.core.suspects
 
         async def put(peer: str) -> None:
             try:
+                if history is not None:
+                    await send_to(self.driver, peer, prefix + b"m", history, deadline)
                 await self._put(peer, prefix, outgoing[peer], deadline)
             except PeerLost as exc:
                 lost.update(exc.peers)
 
         async def get(peer: str) -> None:
             try:
+                if history is not None:
+                    marks[peer] = bytes(await recv_from(self.driver, peer, prefix + b"m",
+                                                        deadline, what))
                 got[peer] = await self._get(peer, prefix, deadline, what)
             except PeerLost as exc:
                 lost.update(exc.peers)
@@ -206,7 +226,17 @@ class PointToPoint:
                         nursery.start_soon(put, peer)
                     if peer in sources:
                         nursery.start_soon(get, peer)
-        await agree(self.driver, d, prefix, lost - {self.driver.me}, deadline, what)
+        me = self.driver.me
+        if history is not None and any(diverged(history, m) for m in marks.values()):
+            odd = odd_histories({**marks, me: history})
+            detail = f"{what}: completed a collective the other members did not (or the reverse)"
+            if me in odd:
+                with suppress(PeerLost):  # the others hear that this peer is out of line
+                    await agree(self.driver, d, prefix, {me}, deadline, what)
+                raise Diverged([me], detail)
+            self.driver.lost(odd, detail)
+            lost |= odd
+        await agree(self.driver, d, prefix, lost - {me}, deadline, what)
         return got
 
     async def all_gather(self, array: Any, *, tag: str = "gather",
@@ -216,11 +246,13 @@ class PointToPoint:
         own = as_array(array)
 
         async def attempt(d: Decision) -> tuple[list[Any], tuple[str, ...]]:
-            prefix = op_prefix("ag", self.driver.run, d, tag, self._next(d, "g", tag))
+            seq = self._next(d, "g", tag)
+            prefix = op_prefix("ag", self.driver.run, d, tag, seq)
             others = [p for p in d.members if p != self.driver.me]
             deadline = self._deadline(nbytes_of(own) * len(d.members))
             got = await self._exchange(d, prefix, dict.fromkeys(others, own), others, deadline,
-                                       f"all_gather {tag!r}")
+                                       f"all_gather {tag!r}", self._history.of(("g", tag)))
+            self._history.record(("g", tag), d.revision, seq)
             got[self.driver.me] = copy_of(own)
             return [got[p] for p in d.members], d.members
 
@@ -257,13 +289,15 @@ class PointToPoint:
         acc_type: Any = np.float64 if flat.dtype == np.float64 else np.float32
 
         async def attempt(d: Decision) -> Scattered:
-            prefix = op_prefix("rs", self.driver.run, d, tag, self._next(d, "rs", tag))
+            seq = self._next(d, "rs", tag)
+            prefix = op_prefix("rs", self.driver.run, d, tag, seq)
             bounds = chunk_bounds(flat.size, len(d.members))
             out = {p: flat[lo:hi] for p, (lo, hi) in zip(d.members, bounds, strict=True)}
             lo, hi = bounds[d.members.index(self.driver.me)]
             others = [p for p in d.members if p != self.driver.me]
             got = await self._exchange(d, prefix, out, others, self._deadline(flat.nbytes * 2),
-                                       f"reduce_scatter {tag!r}")
+                                       f"reduce_scatter {tag!r}", self._history.of(("rs", tag)))
+            self._history.record(("rs", tag), d.revision, seq)
             got[self.driver.me] = flat[lo:hi]
             acc: Any = np.zeros(hi - lo, dtype=acc_type)
             for p in d.members:

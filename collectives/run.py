@@ -33,16 +33,8 @@ from typing import Any
 
 import trio
 
-from collectives.allreduce import (
-    NO_HISTORY,
-    Counters,
-    Diverged,
-    RingJob,
-    commit,
-    last_commit_mark,
-    ring_all_reduce,
-)
-from collectives.api import AllReduceResult, Quant, ReduceOp, View
+from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
+from collectives.api import AllReduceResult, Quant, ReduceOp
 from collectives.arrays import flatten
 from collectives.chunking import layout
 from collectives.driver import (
@@ -53,6 +45,7 @@ from collectives.driver import (
     view_digest,
 )
 from collectives.fabric import Fabric
+from collectives.history import Diverged, Histories
 from collectives.quant import codec_for
 from collectives.view import Decision
 from peerd.errors import ConfigError, PeerLost
@@ -63,7 +56,6 @@ log = logging.getLogger("collectives.run")
 __all__ = ["Engine", "EngineConfig", "Evicted", "open_engine"]
 
 _OK = b"\x01"
-_FIRST_MEMBERS = b"first"  # the history mark of a tag none of the first members committed yet
 _FAILED = b"\x00"
 
 
@@ -91,19 +83,8 @@ class Engine(MembershipDriver):
         super().__init__(fabric, run, config)
         self._active: dict[str, _Op] = {}
         self._seq: dict[tuple[int, str], int] = {}
-        # Per tag, where this peer last committed (see ``allreduce.diverged``).
-        # A peer that starts as one of the run's first members shares their
-        # (empty) history; one that joins has none to compare until it commits.
-        self._history: dict[str, bytes] = {}
-        self._no_history = _FIRST_MEMBERS
+        self._history = Histories(self)  # per tag, where this peer last committed
         self.on_lost(self._abort_ops)
-
-    async def join(self, timeout: float | None = None) -> View:
-        # Whatever this peer committed before is not the run's history since:
-        # it was away (or never here) while the others went on.
-        self._history.clear()
-        self._no_history = NO_HISTORY
-        return await super().join(timeout)
 
     def _abort_ops(self, peers: frozenset[str]) -> None:
         for op in self._active.values():
@@ -201,7 +182,7 @@ class Engine(MembershipDriver):
             prefix,
             now + phase,
             now + 2 * phase,
-            self._history.get(tag, self._no_history),
+            self._history.of(tag),
         )
         state = _Op(members)
         self._active[tag] = state
@@ -230,7 +211,7 @@ class Engine(MembershipDriver):
             self._send_status(d, prefix, _OK)
             await self._await_status(d, prefix, now + 3 * phase)
             commit(job, gathered)
-            self._history[tag] = last_commit_mark(d.revision, seq)
+            self._history.record(tag, d.revision, seq)
         finally:
             del self._active[tag]
             self.fabric.drop_data(prefix)

@@ -9,9 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from collectives.allreduce import NO_HISTORY, diverged, last_commit_mark, odd_histories
 from collectives.api import AllReduceResult
 from collectives.driver import Evicted
+from collectives.history import NO_HISTORY, diverged, odd_histories
+from collectives.history import mark as last_commit_mark
 from collectives.memfabric import MemFabric
 from peerd.errors import PeerLost
 from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
@@ -241,7 +242,7 @@ async def test_a_peer_that_committed_a_round_the_others_did_not_is_left_out(
     async with swarm(4) as s:
         await run_round(s, 64, retry=True)  # a first commit everyone shares
         engine = s.engines["p02"]
-        engine._history["default"] = last_commit_mark(engine.core.view.revision, 99)  # type: ignore[union-attr]
+        engine._history.record("default", engine.core.view.revision, 99)  # type: ignore[union-attr]
         data, arrays, out = await run_round(s, 64, retry=True, seed=9)
         ok = {p: r for p, r in out.items() if isinstance(r, AllReduceResult)}
         assert sorted(ok) == ["p00", "p01", "p03"], out

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from collectives.api import ReduceOp
+from collectives.driver import Evicted
 from collectives.p2p import PointToPoint, Scattered, chunk_bounds
 from collectives.run import Engine
 from peerd.errors import ConfigError, PeerLost
@@ -154,6 +155,7 @@ async def test_all_gather_retries_over_survivors_and_broadcast_fails_everywhere(
 
         def kill_root(src: str, dst: str, key: bytes) -> None:
             if src == "p00" and key.startswith(b"bc/") and dst == "p02":
+                s.net.on_send = None  # once: sends already under way still call this
                 s.kill("p00")
 
         s.net.on_send = kill_root
@@ -162,3 +164,24 @@ async def test_all_gather_retries_over_survivors_and_broadcast_fails_everywhere(
         for p, r in res.items():
             assert isinstance(r, PeerLost) and "p00" in r.peers, r
             assert not np.any(arrays[p])
+
+
+async def test_a_member_that_gathered_a_round_the_others_did_not_is_left_out(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """After a split (p02 completed an all_gather that the others then retried
+    without it), p02's next call must not be gathered as theirs: every member
+    sees p02's differing history before using its array, the others go on
+    without it, and p02 is evicted until it rejoins."""
+    async with swarm(4) as s:
+        await s.each(lambda p, e: p2p(e).all_gather(np.zeros(2, np.float32), tag="idx"))
+        lone = p2p(s.engines["p02"])
+        lone._history.record(("g", "idx"), s.engines["p02"].view().revision, 99)
+        mine = {p: np.full(3, i, np.float32) for i, p in enumerate(ids(4))}
+        res = await s.each(lambda p, e: p2p(e).all_gather(mine[p], tag="idx"))
+        assert isinstance(res["p02"], Evicted), res["p02"]
+        rest = ["p00", "p01", "p03"]
+        for p in rest:
+            arrays, peers = res[p]
+            assert peers == tuple(rest), res
+            assert all(np.array_equal(a, mine[q]) for a, q in zip(arrays, peers, strict=True))
