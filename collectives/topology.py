@@ -109,19 +109,43 @@ def _score(tour: tuple[str, ...], cls: Classes) -> tuple[tuple[float, ...], int]
 
 
 def _two_opt(tour: tuple[str, ...], cls: Classes) -> tuple[str, ...]:
-    """Reverse segments while that improves the score (bounded passes)."""
-    best, best_score = tour, _score(tour, cls)
+    """Reverse segments while that improves the score (bounded passes).
+
+    Classes are symmetric, so reversing ``tour[i..j]`` changes only the two
+    hops at its ends, and whether it improves the score follows from those
+    four hops alone (``_better``): O(1) per candidate instead of rescoring
+    the whole tour (a 32-peer view took 0.93 s of the event loop that way).
+    """
+    best = list(tour)
+    n = len(best)
     for _ in range(TWO_OPT_PASSES):
         improved = False
-        for i in range(1, len(best) - 1):
-            for j in range(i + 1, len(best)):
-                cand = best[:i] + best[i : j + 1][::-1] + best[j + 1 :]
-                score = _score(cand, cls)
-                if score > best_score:
-                    best, best_score, improved = cand, score, True
+        for i in range(1, n - 1):
+            for j in range(i + 1, n):
+                a, b, c, d = best[i - 1], best[i], best[j], best[(j + 1) % n]
+                if _better((cls[a, b], cls[c, d]), (cls[a, c], cls[b, d])):
+                    best[i : j + 1] = best[i : j + 1][::-1]
+                    improved = True
         if not improved:
             break
-    return best
+    return tuple(best)
+
+
+def _better(gone: tuple[tuple[float, int], ...], new: tuple[tuple[float, int], ...]) -> bool:
+    """Whether a tour whose hops ``gone`` are replaced by ``new`` scores higher
+    (``_score``). Its sorted bandwidth classes differ from the current ones
+    only in these values; the first position where two sorted sequences of
+    one length differ holds the smallest value whose count differs, and the
+    sequence with fewer of it is the larger. Equal sequences leave latency."""
+    delta: dict[float, int] = {}
+    for h in gone:
+        delta[h[0]] = delta.get(h[0], 0) - 1
+    for h in new:
+        delta[h[0]] = delta.get(h[0], 0) + 1
+    changed = [v for v, k in delta.items() if k]
+    if changed:
+        return delta[min(changed)] < 0
+    return sum(h[1] for h in new) < sum(h[1] for h in gone)
 
 
 def order_ring(members: Iterable[str], links: Links) -> tuple[str, ...]:

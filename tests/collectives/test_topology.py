@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collectives.topology import (
+    TWO_OPT_PASSES,
     LinkEstimate,
+    _two_opt,
     bottleneck,
     canonical,
     link_class,
@@ -102,3 +104,39 @@ def test_ring_is_a_deterministic_permutation_no_worse_than_sorted(case, rnd) -> 
     rnd.shuffle(shuffled)
     assert order_ring(shuffled, dict(reversed(list(links.items())))) == ring
     assert bottleneck(ring, links) >= bottleneck(tuple(members), links)
+
+
+def _rescored_two_opt(tour: tuple[str, ...], cls: dict) -> tuple[str, ...]:  # type: ignore[type-arg]
+    """2-opt that rescores every candidate tour in full: what ``_two_opt``
+    must match while looking at only the two hops a reversal changes."""
+
+    def score(t: tuple[str, ...]) -> tuple[tuple[float, ...], int]:
+        hops = [cls[t[i - 1], t[i]] for i in range(len(t))]
+        return tuple(sorted(h[0] for h in hops)), -sum(h[1] for h in hops)
+
+    best, best_score = tour, score(tour)
+    for _ in range(TWO_OPT_PASSES):
+        improved = False
+        for i in range(1, len(best) - 1):
+            for j in range(i + 1, len(best)):
+                cand = best[:i] + best[i : j + 1][::-1] + best[j + 1 :]
+                if score(cand) > best_score:
+                    best, best_score, improved = cand, score(cand), True
+        if not improved:
+            break
+    return best
+
+
+@given(st.integers(3, 12), st.randoms())
+@settings(max_examples=150)
+def test_two_opt_looking_at_two_hops_matches_full_rescoring(n, rnd) -> None:  # type: ignore[no-untyped-def]
+    members = [f"p{i:02d}" for i in range(n)]
+    links = {
+        (a, b): LinkEstimate(rnd.choice([1e5, 3e6, 1e7, 1e8, 2e9]) * rnd.uniform(0.7, 1.3),
+                             rnd.choice([0.0005, 0.002, 0.05]))
+        for a in members for b in members if a != b and rnd.random() < 0.85
+    }
+    cls = {(a, b): link_class(links, a, b) for a in members for b in members if a != b}
+    tour = list(members)
+    rnd.shuffle(tour)
+    assert _two_opt(tuple(tour), cls) == _rescored_two_opt(tuple(tour), cls)
