@@ -16,6 +16,8 @@ File format (every key optional)::
     metrics   = "127.0.0.1:9474"        # omit to disable the metrics endpoint
     socket    = "control.sock"
     log_level = "info"                  # debug | info | warning | error
+    data_channels = 2                   # TCP connections per peer link (1-64); more
+                                        # for long fat pipes (bandwidth x RTT > a few MB)
     [limits]
     max_peers = 512
     max_pending_handshakes = 64
@@ -61,12 +63,14 @@ class DaemonConfig:
     metrics: tuple[str, int] | None
     log_level: str
     limits: Limits
+    data_channels: int = 2  # peerd.config.NodeConfig's default
 
 
 _TOP_KEYS: dict[str, type] = {
     "data_dir": str, "identity": str, "swarm_key": str, "listen": str, "bootstrap": list,
-    "metrics": str, "socket": str, "log_level": str, "limits": dict,
+    "metrics": str, "socket": str, "log_level": str, "limits": dict, "data_channels": int,
 }
+MAX_DATA_CHANNELS = 64  # what a peer accepts (peerd.dataplane.MAX_CHANNELS)
 _LIMIT_KEYS = ("max_peers", "max_pending_handshakes", "max_clients", "max_inflight")
 _LIMIT_RANGES = {"max_peers": (1, 100_000), "max_pending_handshakes": (1, 100_000),
                  "max_clients": (1, 4096), "max_inflight": (1, 4096)}
@@ -113,10 +117,13 @@ def check_values(raw: Mapping[str, Any], where: str, base: Path | None = None) -
             raise ConfigError(f"{where}: unknown key {key!r}; known keys are "
                               + ", ".join(sorted(_TOP_KEYS)))
         want = _TOP_KEYS[key]
-        if not isinstance(raw_value, want):
-            kind = "a table" if want is dict else "a list" if want is list else "a string"
+        if type(raw_value) is not want and not (want is not int and isinstance(raw_value, want)):
+            kind = {dict: "a table", list: "a list", int: "an integer"}.get(want, "a string")
             raise ConfigError(f"{where}: {key} must be {kind}, got {type(value).__name__} "
                               f"{value!r}")
+        if key == "data_channels" and not 1 <= value <= MAX_DATA_CHANNELS:
+            raise ConfigError(f"{where}: data_channels = {value} is out of range; use a value "
+                              f"between 1 and {MAX_DATA_CHANNELS}")
         if key == "bootstrap" and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: bootstrap must be a list of \"HOST:PORT\" strings")
         if key in ("data_dir", "identity", "swarm_key", "socket") and base is not None:
@@ -171,4 +178,5 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
         swarm_key=_in_data_dir(data_dir, merged.get("swarm_key"), SWARM_KEY_NAME),
         socket=sock, listen=listen, bootstrap=bootstrap, metrics=metrics,
         log_level=level, limits=limits,
+        data_channels=merged.get("data_channels", DaemonConfig.data_channels),
     )

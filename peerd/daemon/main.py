@@ -99,7 +99,8 @@ def _first_config_error(group: BaseExceptionGroup) -> ConfigError | None:
 async def _serve(cfg: DaemonConfig, identity: Identity, swarm_key: SwarmKey) -> int:
     node_cfg = NodeConfig(listen=cfg.listen, data_dir=cfg.data_dir,
                           max_peers=cfg.limits.max_peers,
-                          max_pending_handshakes=cfg.limits.max_pending_handshakes)
+                          max_pending_handshakes=cfg.limits.max_pending_handshakes,
+                          data_channels=cfg.data_channels)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         started = False
         try:

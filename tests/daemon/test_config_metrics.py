@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerd.config import NodeConfig
 from peerd.daemon.config import check_values, default_data_dir, default_socket, resolve
 from peerd.daemon.metrics import Sample, answer, parse_request, render
 from peerd.errors import ConfigError
@@ -28,18 +29,21 @@ def test_defaults_follow_xdg() -> None:
     assert cfg.swarm_key == cfg.data_dir / "swarm.key"
     assert cfg.socket == cfg.data_dir / "control.sock"
     assert cfg.listen == ("0.0.0.0", 4747) and cfg.metrics is None
+    assert cfg.data_channels == NodeConfig().data_channels
 
 
 def test_flags_win_over_file_values(tmp_path: Path) -> None:
     file_values = check_values({"listen": "127.0.0.1:1000", "bootstrap": ["10.0.0.1:1"],
                                 "data_dir": "state", "identity": "me.key",
-                                "limits": {"max_peers": 9}}, "f.toml", base=tmp_path)
+                                "limits": {"max_peers": 9}, "data_channels": 8}, "f.toml",
+                               base=tmp_path)
     cfg = resolve(file_values, {"listen": "127.0.0.1:2000", "bootstrap": None}, ENV)
     assert cfg.listen == ("127.0.0.1", 2000)
     assert cfg.bootstrap == (("10.0.0.1", 1),)
     assert cfg.data_dir == tmp_path / "state"  # relative to the config file
     assert cfg.identity == tmp_path / "state" / "me.key"  # relative to the data dir
     assert cfg.limits.max_peers == 9
+    assert cfg.data_channels == 8
 
 
 def test_overlong_socket_path_is_a_config_error() -> None:

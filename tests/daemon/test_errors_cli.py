@@ -34,6 +34,9 @@ CASES = [
     ("[limits]\nmax_friends = 3\n", "unknown key limits.max_friends"),
     ('log_level = "chatty"\n', "log_level 'chatty' is not one of"),
     ("listen = \n", "not valid TOML"),
+    ("data_channels = 0\n", "data_channels = 0 is out of range"),
+    ('data_channels = "two"\n', "data_channels must be an integer"),
+    ("data_channels = true\n", "data_channels must be an integer"),
 ]
 
 
