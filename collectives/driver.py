@@ -256,8 +256,8 @@ class MembershipDriver(Liveness):
     def _start(self, nursery: trio.Nursery, members: tuple[str, ...] | None) -> None:
         self._nursery = nursery
         if members is None:
-            self.history_base = NO_HISTORY
-        if members is not None:
+            self.history_base = NO_HISTORY  # a joiner: nothing to compare yet
+        else:
             if self.me not in members:
                 raise ConfigError(f"initial members of run {self.run!r} must include this peer")
             self._install(initial_view(members))

@@ -12,9 +12,10 @@ plus the collectives. An all-reduce:
    vanishes after the ring completed cannot make the others disagree). The
    status goes to suspects too: one that is alive after all (a false
    suspicion) hears the failure instead of committing a view the others
-   leave. What no status exchange can settle is a peer whose status is
-   lost on the way to only some others; it commits a result the rest do
-   not, and the next view evicts it, so it resyncs its state before it
+   leave. What no status exchange can settle is a peer that gives up on
+   another just before that one's failure report arrives: it commits a
+   result the rest retry. Its next call then fails the history check
+   (``collectives.history``) and it leaves, to rejoin and resync before it
    contributes again;
 3. copies the result into the caller's array.
 
