@@ -214,6 +214,13 @@ class MembershipDriver(Liveness):
                 nursery.start_soon(self._quiet_call, peer, "leave", msg)
         self._install(Decision(d.revision + 1, tuple(p for p in d.members if p != self.me)))
 
+    async def step_out(self, why: PeerLost) -> Evicted:
+        """This peer's history is out of line with the others' (``collectives.history``):
+        leave (the others drop it at once) and return the ``Evicted`` to raise, so
+        that the caller's ``join()`` readmits it with a fresh history."""
+        await self.leave()
+        return Evicted(self.me, str(why))
+
     # ------------------------------------------------------------ for the ops
 
     def on_lost(self, callback: Callable[[frozenset[str]], None]) -> None:

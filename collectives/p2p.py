@@ -179,11 +179,8 @@ class PointToPoint:
             try:
                 return await attempt(d)
             except Diverged as exc:
-                # Leave (the others drop this peer at once) so that the caller's
-                # join() readmits it with a fresh history.
                 self._c["failed"] += 1
-                await self.driver.leave()
-                raise Evicted(self.driver.me, str(exc)) from exc
+                raise await self.driver.step_out(exc) from exc
             except PeerLost as exc:
                 self._c["failed"] += 1
                 last = tries >= self.driver.config.max_attempts

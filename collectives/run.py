@@ -199,11 +199,9 @@ class Engine(MembershipDriver):
                     state.lost |= set(exc.peers) & members
                     self.lost(set(exc.peers) & members, str(exc))
             if out_of_line is not None:
-                # Leave (the others drop this peer at once) so that the caller's
-                # join() readmits it with a fresh history. Outside the op's scope,
-                # which the others' reaction may already have cancelled.
-                await self.leave()
-                raise Evicted(self.me, str(out_of_line)) from out_of_line
+                # Outside the op's scope, which the others' reaction may already
+                # have cancelled.
+                raise await self.step_out(out_of_line) from out_of_line
             if gathered is None:
                 lost = state.lost or (members - {self.me})
                 self._send_status(d, prefix, _FAILED + ",".join(sorted(lost)).encode())

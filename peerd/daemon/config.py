@@ -63,7 +63,7 @@ class DaemonConfig:
     metrics: tuple[str, int] | None
     log_level: str
     limits: Limits
-    data_channels: int = 2  # peerd.config.NodeConfig's default
+    data_channels: int
 
 
 _TOP_KEYS: dict[str, type] = {
@@ -154,7 +154,7 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
     """Merge defaults < file values < flags (``None`` flags are unset)."""
     # Imported here so that clients, which only need ``default_socket``, do not
     # load the QUIC stack that ``peerd.config`` pulls in.
-    from peerd.config import DEFAULT_PORT, parse_address
+    from peerd.config import DEFAULT_PORT, NodeConfig, parse_address
 
     merged: dict[str, Any] = dict(file_values)
     merged.update({k: v for k, v in flags.items() if v is not None})
@@ -178,5 +178,5 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
         swarm_key=_in_data_dir(data_dir, merged.get("swarm_key"), SWARM_KEY_NAME),
         socket=sock, listen=listen, bootstrap=bootstrap, metrics=metrics,
         log_level=level, limits=limits,
-        data_channels=merged.get("data_channels", DaemonConfig.data_channels),
+        data_channels=merged.get("data_channels", NodeConfig.data_channels),
     )
