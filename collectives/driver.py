@@ -229,9 +229,11 @@ class MembershipDriver(Liveness):
     def changed(self) -> trio.Event:
         return self._changed
 
-    def lost(self, peers: set[str] | frozenset[str], reason: str) -> frozenset[str]:
-        """Record peers as gone: abort collectives using them, tell the other members."""
-        new = self.core.suspect(peers)
+    def lost(self, peers: set[str] | frozenset[str], reason: str,
+             reported: bool = False) -> frozenset[str]:
+        """Record peers as gone (this peer found them so, or another member
+        ``reported`` it): abort collectives using them, tell the other members."""
+        new = self.core.suspect(peers, observed=not reported)
         if not new:
             return new
         self.peers_lost += len(new)
@@ -240,7 +242,8 @@ class MembershipDriver(Liveness):
             callback(new)
         d = self.core.view
         assert d is not None
-        msg = encode(m.Abort(self.run, d.revision, tuple(sorted(new)), reason[:1000]))
+        msg = encode(m.Abort(self.run, d.revision, tuple(sorted(new)), reason[:1000],
+                             tuple(sorted(new & self.core.observed))))
         for peer in self.core.others():
             if peer not in self.core.suspects:
                 self._spawn(self._quiet_call, peer, "abort", msg)
@@ -341,9 +344,14 @@ class MembershipDriver(Liveness):
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
         if self.core.speaks_for_view(peer, msg.revision):
-            # Someone naming this peer as gone cannot talk to it: treat them alike.
-            gone = (set(msg.lost) - {self.me}) | ({peer} if self.me in msg.lost else set())
-            self.lost(gone, f"{peer}: {msg.reason}")
+            if self.me in msg.observed:
+                # It found this peer gone itself, so it cannot talk to this peer:
+                # treat it alike. Only its own finding counts: a loss it passes
+                # on from a third member says nothing about the link between the
+                # two of them, and taking it so spread one cut link between two
+                # members until no side had a quorum.
+                self.lost({peer}, f"{peer} cannot reach this peer: {msg.reason}")
+            self.lost(set(msg.lost) - {self.me}, f"{peer}: {msg.reason}", reported=True)
         return self._ack()
 
     async def _on_leave(self, peer: str, payload: bytes) -> bytes:
@@ -417,7 +425,7 @@ class MembershipDriver(Liveness):
         )
         if self.core.view is not None and ready.revision == self.core.view.revision:
             # Go through lost(), not just the core, so our own collectives abort too.
-            self.lost(set(ready.suspects) - {self.me}, f"reported by {peer}")
+            self.lost(set(ready.suspects) - {self.me}, f"reported by {peer}", reported=True)
         before = self.core.view
         outcome = self.core.offer(ready, trio.current_time())
         self._sync(before)

@@ -47,7 +47,8 @@ class Liveness:
     _probe_seq: int
 
     # Provided by the driver.
-    def lost(self, peers: set[str] | frozenset[str], reason: str) -> frozenset[str]:
+    def lost(self, peers: set[str] | frozenset[str], reason: str,
+             reported: bool = False) -> frozenset[str]:
         raise NotImplementedError
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -115,7 +116,8 @@ class Liveness:
         """One heartbeat to ``peer``: our revision, suspects and incarnation; its ack."""
         d = self.core.view
         assert d is not None
-        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation)
+        msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation,
+                          tuple(sorted(self.core.observed)))
         return await self.fabric.call(
             peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
         )
@@ -208,16 +210,21 @@ class Liveness:
         now = trio.current_time()
         same_view = d is not None and msg.revision == d.revision and peer in d.members
         if same_view and self.me in msg.suspects:
-            # A probe from across a partition: the sender cannot count on this
-            # peer, so this peer must not count on it (and its other suspects
-            # are this side of the partition, alive).
-            self.lost({peer}, f"{peer} reports this peer gone")
+            # A probe from across a partition: its other suspects are this side
+            # of it, alive, and none is taken up. If the sender found this peer
+            # gone itself, it cannot count on this peer, so this peer must not
+            # count on it; a loss it was only told of says nothing about the
+            # link between the two (see ``_on_abort``).
+            if self.me in msg.observed:
+                self.lost({peer}, f"{peer} reports this peer gone")
+            else:
+                self.core.heard(peer, now)
             return self._ack()
         self.core.heard(peer, now)
         if self.core.speaks_for_view(peer, msg.revision):
             reported = set(msg.suspects) - {self.me}
             if reported:
-                self.lost(reported, f"reported by {peer}")
+                self.lost(reported, f"reported by {peer}", reported=True)
         return self._ack()
 
     async def _on_probe(self, peer: str, payload: bytes) -> bytes:

@@ -57,6 +57,10 @@ class Membership:
         self.timing = timing
         self.view: Decision | None = None
         self.suspects: set[str] = set()
+        # The suspects this peer found gone itself (silence, a broken connection,
+        # a failed transfer), as against those others reported: only what a peer
+        # observed says that it cannot reach someone (see ``speaks_for_view``).
+        self.observed: set[str] = set()
         self._last_seen: dict[str, float] = {}
         self._joiners: dict[str, float] = {}
         self._readies: dict[str, Ready] = {}
@@ -84,6 +88,7 @@ class Membership:
             self.suspects.clear()
             self._last_seen.update(dict.fromkeys(members, now))
         self.suspects &= members
+        self.observed &= self.suspects
         for m in members - self._last_seen.keys():
             self._last_seen[m] = now  # a grace period for newcomers
         for gone in set(self._last_seen) - members - self._joiners.keys():
@@ -147,11 +152,15 @@ class Membership:
         if peer in self._last_seen:
             self._last_seen[peer] = max(self._last_seen[peer], now)
 
-    def suspect(self, peers: set[str] | frozenset[str]) -> frozenset[str]:
-        """Mark members of the view as gone; returns those newly suspected."""
+    def suspect(self, peers: set[str] | frozenset[str], observed: bool = True) -> frozenset[str]:
+        """Mark members of the view as gone, ``observed`` by this peer or reported
+        by another; returns those newly suspected."""
         members = set(self.view.members) if self.view else set()
-        new = frozenset((set(peers) & members) - self.suspects - {self.me})
+        named = (set(peers) & members) - {self.me}
+        new = frozenset(named - self.suspects)
         self.suspects |= new
+        if observed:
+            self.observed |= named
         return new
 
     def expired(self, now: float) -> frozenset[str]:
@@ -189,7 +198,7 @@ class Membership:
             # The sender saw a view decided while this peer missed the commit.
             self.install(Decision(ready.revision, ready.members), now)
         if self.speaks_for_view(ready.peer, ready.revision):
-            self.suspect(ready.suspects - {self.me})
+            self.suspect(ready.suspects - {self.me}, observed=False)
         if ready.peer not in self.view.members:
             return NotMember(f"{ready.peer} is not in revision {self.view.revision}")
         if ready.revision < self.view.revision and not self._readies:

@@ -29,6 +29,12 @@ def _check_ids(ids: tuple[str, ...], what: str) -> None:
             raise ValueError(f"{what}: bad peer id length")
 
 
+def _check_observed(observed: tuple[str, ...], named: tuple[str, ...]) -> None:
+    _check_ids(observed, "observed")
+    if not set(observed) <= set(named):
+        raise ValueError("observed peers must be among those named gone")
+
+
 def _check_run(run: str, revision: int = 0) -> None:
     if not 0 < len(run) <= MAX_ID:
         raise ValueError("bad run name length")
@@ -44,17 +50,20 @@ def _check_incarnation(incarnation: int) -> None:
 @message(200)
 @dataclass(frozen=True)
 class Heartbeat:
-    """'I am alive', plus whom the sender believes gone in its current view."""
+    """'I am alive', plus whom the sender believes gone in its current view
+    (``observed``: those of them it found gone itself, not told by others)."""
 
     run: str
     revision: int
     suspects: tuple[str, ...]
     incarnation: int = 0  # the sender's process (collectives/incarnation.py); 0: not sent
+    observed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.suspects, "suspects")
         _check_incarnation(self.incarnation)
+        _check_observed(self.observed, self.suspects)
 
 
 @message(201)
@@ -158,16 +167,19 @@ class ViewRefused:
 @message(207)
 @dataclass(frozen=True)
 class Abort:
-    """Collectives of ``revision`` that involve ``lost`` must stop: they are gone."""
+    """Collectives of ``revision`` that involve ``lost`` must stop: they are gone
+    (``observed``: those the sender found gone itself, not told by others)."""
 
     run: str
     revision: int
     lost: tuple[str, ...]
     reason: str
+    observed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.lost, "lost")
+        _check_observed(self.observed, self.lost)
         if len(self.reason) > 1024:
             raise ValueError("reason too long")
 

@@ -13,6 +13,7 @@ from peerd.wire import decode_untrusted, encode, registered_types
 SAMPLES = [
     m.Heartbeat("r", 3, ("a", "b")),
     m.Heartbeat("r", 3, (), 2**63 - 1),
+    m.Heartbeat("r", 3, ("a", "b"), 1, ("b",)),
     m.Ack("r", 0),
     m.Ack("r", 5, False, 77),
     m.JoinRequest("r"),
@@ -21,6 +22,7 @@ SAMPLES = [
     m.ViewReady("r", 2, ("a", "b"), ("c",), True, (m.LinkReport("b", 1e6, 0.01),)),
     m.ViewRefused("r", m.RefuseReason.NOT_MEMBER, "gone"),
     m.Abort("r", 1, ("c",), "deadline"),
+    m.Abort("r", 1, ("c", "d"), "silent", ("c",)),
     m.Leave("r", 4),
     m.Probe("r", b"k", 10),
 ]
@@ -50,6 +52,8 @@ def test_type_ids_in_our_range() -> None:
         lambda: m.Heartbeat("r", 0, (), -1),
         lambda: m.Ack("r", 0, True, 2**63),
         lambda: m.JoinRequest("r", incarnation=-5),
+        lambda: m.Heartbeat("r", 0, ("a",), 0, ("b",)),  # observed but not a suspect
+        lambda: m.Abort("r", 0, ("a",), "x", ("a", "a")),
     ],
 )
 def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]

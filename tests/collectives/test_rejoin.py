@@ -149,19 +149,39 @@ def mock_clock() -> trio.testing.MockClock:
 
 async def test_probe_naming_the_receiver_makes_it_drop_the_sender(
         mock_clock: trio.testing.MockClock) -> None:
-    """A heartbeat that names its receiver as gone comes from across a
+    """A heartbeat whose sender found its receiver gone comes from across a
     partition: the receiver drops the sender, and not the sender's suspects
     (they are on the receiver's own side)."""
     async with swarm(5) as s:
         e = s.engines["p00"]
-        hb = m.Heartbeat(RUN, 0, ("p00", "p01", "p02"))
+        gone = ("p00", "p01", "p02")
+        hb = m.Heartbeat(RUN, 0, gone, observed=gone)
         reply = decode_untrusted(await e._on_heartbeat("p04", encode(hb)), expect=m.Ack)
         assert reply.revision == 0
         assert e.core.suspects == {"p04"}
         # A heartbeat of another revision changes nothing.
-        stale = m.Heartbeat(RUN, 7, ("p00", "p01"))
+        stale = m.Heartbeat(RUN, 7, ("p00", "p01"), observed=("p00",))
         await e._on_heartbeat("p03", encode(stale))
         assert e.core.suspects == {"p04"}
+
+
+async def test_a_loss_passed_on_names_no_link(mock_clock: trio.testing.MockClock) -> None:
+    """A member that was only told this peer is gone can still reach it: a
+    heartbeat or an abort naming this peer without having observed it makes
+    this peer drop neither the sender nor the sender's other suspects (a
+    heartbeat) and only the others named (an abort)."""
+    async with swarm(5) as s:
+        e = s.engines["p00"]
+        hb = m.Heartbeat(RUN, 0, ("p00", "p01"), observed=("p01",))
+        await e._on_heartbeat("p04", encode(hb))
+        assert e.core.suspects == set()
+        abort = m.Abort(RUN, 0, ("p00", "p02"), "told by p01", observed=("p02",))
+        await e._on_abort("p03", encode(abort))
+        assert e.core.suspects == {"p02"} and e.core.observed == set()
+        # The same abort from a member that found this peer gone itself.
+        found = m.Abort(RUN, 0, ("p00",), "silent", observed=("p00",))
+        await e._on_abort("p04", encode(found))
+        assert e.core.suspects == {"p02", "p04"} and e.core.observed == {"p04"}
 
 
 async def test_minority_stays_put_until_the_majority_moves_on(
