@@ -5,8 +5,9 @@ that makes a collective all-or-nothing (trio helpers over a membership driver).
 soon as the membership driver suspects that member (heartbeats, an abort
 from someone else), the link breaks, or the deadline passes.
 
-``agree`` ends a collective the way the all-reduce ends its ring: every
-member tells every other whether it has everything it needs. A peer succeeds
+``agree`` ends every collective (the all-reduce after its ring, the p2p
+collectives, state sync): every member tells every other whether it has
+everything it needs, and ``fail`` is the side of a member that has not. A peer succeeds
 only if no live member reports a failure, so survivors either all succeed
 with the same data or all raise ``PeerLost`` (a member that vanishes after
 reporting success cannot make the others disagree). Reports go to suspects
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from typing import NoReturn
 
 import trio
 
@@ -92,18 +94,13 @@ async def agree(
     driver: MembershipDriver, d: Decision, prefix: bytes, lost: set[str], deadline: float,
     what: str,
 ) -> None:
-    """Report success (``lost`` empty) or failure naming ``lost`` to every live
-    member of ``d``, then wait for their reports. Raises ``PeerLost`` when this
-    peer failed or any live member reports a failure."""
-    key = prefix + b"st"
-    status = OK if not lost else FAILED + ",".join(sorted(lost)).encode()
-    # Suspects too: one that is alive after all (a false suspicion) must hear
-    # a failure rather than succeed alone while the others retry without it.
-    for peer in d.members:
-        if peer != driver.me:
-            driver.spawn(_quiet_send, driver, peer, key, status, deadline)
+    """Report success (``lost`` empty) or failure naming ``lost`` to every
+    member of ``d``, then wait for the live members' reports. Raises
+    ``PeerLost`` when this peer failed or any live member reports a failure."""
     if lost:
-        raise PeerLost(lost, f"{what} failed in revision {d.revision}")
+        fail(driver, d, prefix, lost, deadline, what)
+    key = prefix + b"st"
+    _tell(driver, d, key, OK, deadline)
     reports: dict[str, bytes] = {}
 
     async def one(peer: str) -> None:
@@ -121,6 +118,24 @@ async def agree(
             named |= set(reports[p][1:].decode("utf-8", "replace").split(","))
         named &= set(d.members) - {driver.me}
         raise PeerLost(named or failed, f"{what}: failure reported by {', '.join(sorted(failed))}")
+
+
+def fail(driver: MembershipDriver, d: Decision, prefix: bytes, lost: set[str] | frozenset[str],
+         deadline: float, what: str) -> NoReturn:
+    """This peer's side of ``agree`` when it failed: report the failure naming
+    ``lost`` to every member of ``d`` (sent in the background until
+    ``deadline``) and raise ``PeerLost(lost)``."""
+    _tell(driver, d, prefix + b"st", FAILED + ",".join(sorted(lost)).encode(), deadline)
+    raise PeerLost(lost, f"{what} failed in revision {d.revision}")
+
+
+def _tell(driver: MembershipDriver, d: Decision, key: bytes, status: bytes,
+          deadline: float) -> None:
+    # Suspects too: one that is alive after all (a false suspicion) must hear
+    # a failure rather than succeed alone while the others retry without it.
+    for peer in d.members:
+        if peer != driver.me:
+            driver.spawn(_quiet_send, driver, peer, key, status, deadline)
 
 
 async def _quiet_send(

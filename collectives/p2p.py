@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import trio
 
-from collectives.agree import agree, live_others, op_prefix, recv_from, send_to
+from collectives.agree import agree, fail, live_others, op_prefix, recv_from, send_to
 from collectives.api import ReduceOp
 from collectives.arrayio import (
     as_array,
@@ -229,7 +229,7 @@ class PointToPoint:
             detail = f"{what}: completed a collective the other members did not (or the reverse)"
             if me in odd:
                 with suppress(PeerLost):  # the others hear that this peer is out of line
-                    await agree(self.driver, d, prefix, {me}, deadline, what)
+                    fail(self.driver, d, prefix, {me}, deadline, what)
                 raise Diverged([me], detail)
             self.driver.lost(odd, detail)
             lost |= odd

@@ -6,13 +6,14 @@ plus the collectives. An all-reduce:
 
 1. runs the pipelined ring (``collectives.allreduce``) on the current view,
    into a scratch buffer; the caller's array is untouched so far;
-2. exchanges a one-byte status with every member: a peer commits only when it
-   has the whole result and no live member reports a failure, so survivors
-   either all commit the same bytes or all raise ``PeerLost`` (a peer that
-   vanishes after the ring completed cannot make the others disagree). The
-   status goes to suspects too: one that is alive after all (a false
-   suspicion) hears the failure instead of committing a view the others
-   leave. What no status exchange can settle is a peer that gives up on
+2. exchanges a one-byte status with every member (``collectives.agree``, the
+   round the p2p collectives and state sync end with too): a peer commits
+   only when it has the whole result and no live member reports a failure,
+   so survivors either all commit the same bytes or all raise ``PeerLost``
+   (a peer that vanishes after the ring completed cannot make the others
+   disagree). The status goes to suspects too: one that is alive after all
+   (a false suspicion) hears the failure instead of committing a view the
+   others leave. What no status exchange can settle is a peer that gives up on
    another just before that one's failure report arrives: it commits a
    result the rest retry. Its next call then fails the history check
    (``collectives.history``) and it leaves, to rejoin and resync before it
@@ -28,12 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from collectives.agree import agree, fail
 from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
 from collectives.api import AllReduceResult, Quant, ReduceOp
 from collectives.arrays import flatten
@@ -55,9 +57,6 @@ from peerd.log import event
 log = logging.getLogger("collectives.run")
 
 __all__ = ["Engine", "EngineConfig", "Evicted", "open_engine"]
-
-_OK = b"\x01"
-_FAILED = b"\x00"
 
 
 def parse_op(op: ReduceOp | str) -> ReduceOp:
@@ -164,10 +163,11 @@ class Engine(MembershipDriver):
         self._seq[(d.revision, tag)] = seq + 1
         prefix = f"ar/{self.run}/{d.revision}.{view_digest(d)}/{tag}/{seq}/".encode()
         members = frozenset(d.members)
+        what = f"all-reduce {tag!r}"
         gone = members & self.core.suspects
         if gone:
-            self._send_status(d, prefix, _FAILED + ",".join(sorted(gone)).encode())
-            raise PeerLost(gone, "already known to be gone")
+            fail(self, d, prefix, gone, trio.current_time() + self.config.phase_timeout,
+                 f"{what} (already known to be gone)")
         peers = len(d.members)
         lay = layout(flat.size, peers, sub_chunk_elems(self.config, flat.size, peers),
                      codec.wire_size)
@@ -204,63 +204,14 @@ class Engine(MembershipDriver):
                 raise await self.step_out(out_of_line) from out_of_line
             if gathered is None:
                 lost = state.lost or (members - {self.me})
-                self._send_status(d, prefix, _FAILED + ",".join(sorted(lost)).encode())
-                raise PeerLost(lost, f"all-reduce {tag!r} aborted in revision {d.revision}")
-            state.in_status = True
-            self._send_status(d, prefix, _OK)
-            await self._await_status(d, prefix, now + 3 * phase)
+                fail(self, d, prefix, lost, trio.current_time() + self.config.phase_timeout, what)
+            state.in_status = True  # from here on only the status round decides
+            await agree(self, d, prefix, set(), now + 3 * phase, what)
             commit(job, gathered)
             self._history.record(tag, d.revision, seq)
         finally:
             del self._active[tag]
             self.fabric.drop_data(prefix)
-
-    def _send_status(self, d: Decision, prefix: bytes, status: bytes) -> None:
-        # Suspects too: a suspicion may be wrong (a missed heartbeat under load),
-        # and a live suspect that finished its ring and heard no failure would
-        # commit this view's result while everyone else retries without it.
-        for peer in d.members:
-            if peer != self.me:
-                self.spawn(self._status_to, peer, prefix + b"st", status)
-
-    async def _status_to(self, peer: str, key: bytes, status: bytes) -> None:
-        with trio.move_on_after(self.config.phase_timeout):
-            with suppress(PeerLost):
-                await self.fabric.send_data(peer, key, status)
-
-    async def _await_status(self, d: Decision, prefix: bytes, deadline: float) -> None:
-        """Wait for every live member's status; raise ``PeerLost`` if any reports failure."""
-        reports: dict[str, bytes] = {}
-
-        async def one(peer: str) -> None:
-            with trio.move_on_at(deadline) as timer:
-                async with trio.open_nursery() as nursery:
-
-                    async def watch() -> None:
-                        while peer not in self.core.suspects:
-                            await self.changed().wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(watch)
-                    try:
-                        reports[peer] = bytes(await self.fabric.recv_data(peer, prefix + b"st"))
-                    except PeerLost:
-                        self.lost({peer}, "lost while exchanging all-reduce status")
-                    nursery.cancel_scope.cancel()
-            if timer.cancelled_caught:
-                self.lost({peer}, "all-reduce status deadline passed")
-
-        async with trio.open_nursery() as nursery:
-            for peer in d.members:
-                if peer != self.me:
-                    nursery.start_soon(one, peer)
-        failed = {p: r for p, r in reports.items() if r != _OK}
-        if failed:
-            named: set[str] = set()
-            for report in failed.values():
-                named |= set(report[1:].decode("utf-8", "replace").split(","))
-            named &= set(d.members) - {self.me}
-            raise PeerLost(named or failed.keys(), f"reported by {', '.join(sorted(failed))}")
 
 
 @asynccontextmanager
