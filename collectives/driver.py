@@ -40,7 +40,14 @@ from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
-from peerd.errors import ConfigError, PeerLost, ProtocolError, RemoteError, Timeout
+from peerd.errors import (  # Evicted: imported from here by callers before it moved
+    ConfigError,
+    Evicted,
+    PeerLost,
+    ProtocolError,
+    RemoteError,
+    Timeout,
+)
 from peerd.log import event
 from peerd.wire import decode_untrusted, encode
 
@@ -56,15 +63,6 @@ PROBE_BYTES = 1 << 20  # bandwidth probe size per peer pair
 # 4 peers x 10M fp32, CPU per all-reduce 1 MiB: 0.21 s, 2.5-4 MiB: 0.13 s, 16 MiB: 0.15 s).
 AUTO_SUB_MIN = 1 << 20
 AUTO_SUB_MAX = 4 << 20
-
-
-class Evicted(PeerLost):
-    """This peer is not in the run's current view (declared gone, left, or
-    stranded by a partition); ``join()`` again, or for a stranded peer call
-    ``update_view()``/``sync_state()`` at the next round boundary."""
-
-    def __init__(self, me: str, detail: str = "") -> None:
-        super().__init__([me], detail or "this peer is not a member of the view")
 
 
 @dataclass(frozen=True)
@@ -485,6 +483,20 @@ class MembershipDriver(Liveness):
             raise failed[0]
         return reply[0] if reply else None
 
+    async def _left_behind(self) -> bool:
+        """Without a quorum, whether the others went on without this peer.
+
+        This side then probes the members it lost every heartbeat interval,
+        and one that answers with a newer revision strands it. A peer that was
+        stopped (SIGSTOP, a laptop asleep) finds every member silent when it
+        resumes, and its first answer comes within an interval or two: waiting
+        that long tells its caller to rejoin (``Evicted``) rather than that
+        the run lost its quorum (``PeerLost``), which no retry would mend."""
+        with trio.move_on_after(3 * self.config.timing.heartbeat_interval):
+            while not self.core.stranded:
+                await self.changed().wait()
+        return self.core.stranded
+
     async def _change_view(self, *, admit: bool, after: int | None) -> None:
         async with self._reform_lock:
             d = self.core.view
@@ -496,6 +508,8 @@ class MembershipDriver(Liveness):
             for _ in range(4 * self.config.max_attempts):
                 if not self._quorate():
                     # This side of a partition cannot form a view; the other may.
+                    if await self._left_behind():
+                        raise self._evicted()
                     now_view = self.core.view
                     assert now_view is not None
                     alive = set(now_view.members) - self.core.suspects

@@ -121,8 +121,9 @@ class Engine(MembershipDriver):
         while True:
             attempts += 1
             d = self.core.view
-            if d is None or self.me not in d.members:
-                raise Evicted(self.me) if d is not None else ConfigError("join the run first")
+            if d is None or not self.core.is_member:
+                # A stranded peer's view still names it, but the others went on.
+                raise self._evicted() if d is not None else ConfigError("join the run first")
             counters = Counters()
             try:
                 await self._attempt(d, flat, codec, reduce_op, tag, counters)

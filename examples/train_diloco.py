@@ -119,6 +119,14 @@ def _schedule(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def advance(sched: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Move the learning-rate schedule on by ``steps`` steps taken elsewhere."""
+    with warnings.catch_warnings():  # stepping a scheduler without the optimizer warns
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            sched.step()
+
+
 def train_worker(
     collective: Collective,
     cfg: TrainConfig,
@@ -140,13 +148,11 @@ def train_worker(
     ddp = DataParallel(model, collective) if cfg.method == "ddp" else None
     outer = build_outer(cfg, model, opt, collective, joining=joining)
     start = outer.global_step if outer is not None else 0
-    with warnings.catch_warnings():  # a joiner continues the run's schedule
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start):
-            sched.step()
+    advance(sched, start)  # a joiner continues the run's schedule
     stream = ByteStream(train, seq_len, seed=cfg.seed * 1000 + worker + 7919 * start)
     losses: list[float] = []
-    for step in range(start, cfg.steps):
+    step = start
+    while step < cfg.steps:
         x, y = stream.batch(cfg.batch_size)
         opt.zero_grad(set_to_none=True)
         loss = lm_loss(model, x, y)
@@ -156,11 +162,17 @@ def train_worker(
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         opt.step()
         sched.step()
+        done = step
+        step += 1
         if outer is not None:
             outer.step()
+            # A member evicted and readmitted in that step (``OuterLoop.round_lost``)
+            # received the run's state: it goes on from the run's step.
+            advance(sched, outer.global_step - step)
+            step = outer.global_step
         losses.append(float(loss.detach()))
         if hook is not None:
-            hook(step, outer)
+            hook(done, outer)
     if isinstance(outer, DelayedDiLoCo):
         outer.flush()
     eval_loss = evaluate(model, held_out_batches(held, seq_len, cfg.eval_batches, 16))

@@ -83,9 +83,8 @@ class DiLoCo(OuterLoop):
                 quant=self.quant,
                 retry=self.on_peer_lost == "retry",
             )
-        except PeerLost:
-            if self.on_peer_lost == "retry":
-                raise
+        except PeerLost as exc:
+            self.round_lost(exc)
             return None
 
     def round(self) -> RoundRecord:
@@ -130,9 +129,11 @@ class DelayedDiLoCo(DiLoCo):
         self._pending = None
         try:
             return handle.wait(), buf
-        except PeerLost:
-            if self.on_peer_lost == "retry":
-                raise
+        except PeerLost as exc:
+            # An evicted member's reduce in flight also fails after it rejoined
+            # (started before that), so it receives at the next sync too, as a
+            # joiner does.
+            self.round_lost(exc)
             return None, None
 
     def round(self) -> RoundRecord:

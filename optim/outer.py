@@ -15,6 +15,10 @@ Failure policy (``on_peer_lost``): ``"retry"`` lets the collective redo a
 round over the survivors (the average is over exactly those who took part);
 ``"skip"`` makes every survivor drop the round when the collective raises
 ``PeerLost``: local weights are restored from the snapshot, as torchft does.
+Under either policy a member that the others went on without (``Evicted``:
+stopped or cut off past the heartbeat timeout, or out of line with their
+history) drops the round and rejoins at its sync, receiving the run's state
+like a joiner; training goes on from the run's step (``global_step`` may jump).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from collectives.api import Collective, SyncResult, SyncStrategy
-from peerd.errors import ConfigError
+from peerd.errors import ConfigError, Evicted, PeerLost
 
 OnPeerLost = Literal["retry", "skip"]
 
@@ -81,6 +85,7 @@ class OuterLoop:
         self.members: tuple[str, ...] = ()
         self.revision = 0
         self._receive_only_syncs = 1 if joining else 0
+        self.rejoins = 0  # times this member was evicted and rejoined
         self._sync_sent = 0
         self._sync_received = 0
 
@@ -124,6 +129,19 @@ class OuterLoop:
         """Call after every inner optimizer step; returns a record when a round finished."""
         self.counters[1] += 1
         return self.on_step()
+
+    def round_lost(self, exc: PeerLost) -> None:
+        """A round's collective raised ``exc``; returns when this member drops the
+        round (the caller then restores what the round would have consumed):
+        always when it was evicted, for it rejoins at this round's sync and
+        receives the state the others reached, else under the ``"skip"`` policy.
+        Under ``"retry"`` the collective already retried: ``exc`` is raised."""
+        if isinstance(exc, Evicted):
+            self.rejoins += 1
+            self._receive_only_syncs = max(self._receive_only_syncs, 1)
+            return
+        if self.on_peer_lost == "retry":
+            raise exc
 
     def sync(self) -> SyncResult:
         """Round boundary: make the shared state identical (popular state wins)."""

@@ -126,9 +126,8 @@ class SparseLoCo(OuterLoop):
         try:
             avg = gather_average(self.collective, payload, self.decode_dense, tag="sparseloco",
                                  retry=self.on_peer_lost == "retry")
-        except PeerLost:
-            if self.on_peer_lost == "retry":
-                raise
+        except PeerLost as exc:
+            self.round_lost(exc)
             avg = None
             self.error[idx] += vals  # nobody applied it: keep it for the next round
         if avg is not None:

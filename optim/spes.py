@@ -28,7 +28,7 @@ from collectives.api import AllReduceResult, Collective, ReduceOp
 from optim.experts import expert_holders, merge_alpha, merge_experts
 from optim.flat import FlatParams
 from optim.outer import OnPeerLost, OuterLoop, RoundRecord
-from peerd.errors import ConfigError, PeerLost
+from peerd.errors import ConfigError, Evicted, PeerLost
 
 Experts = Sequence[Sequence[Sequence[torch.nn.Parameter]]]  # layers x experts x params
 
@@ -112,16 +112,20 @@ class SPES(OuterLoop):
         try:
             res = self.collective.all_reduce(shared, ReduceOp.AVG, tag="spes/shared",
                                              retry=self.on_peer_lost == "retry")
-        except PeerLost:
-            if self.on_peer_lost == "retry":
-                raise
+        except PeerLost as exc:
+            self.round_lost(exc)
             res = None
         sent = received = 0
         if res is not None:
             own = torch.cat(self._expert_payload(local, self.me) or [torch.zeros(0)])
             # Always retried, whatever the policy: the shared average above is already
             # committed, and a lost holder's experts just keep their global value.
-            arrays, peers = self.collective.all_gather(own.numpy(), tag="spes/experts")
+            try:
+                arrays, peers = self.collective.all_gather(own.numpy(), tag="spes/experts")
+            except Evicted as exc:  # the others finish this round without this member
+                self.round_lost(exc)
+                res = None
+        if res is not None:
             sent = own.numel() * 4 * (len(peers) - 1)
             received = sum(np.asarray(a).nbytes for a in arrays) - own.numel() * 4
             new = self.theta.clone()

@@ -27,7 +27,7 @@ from optim.exchange import Pending, start_dense, start_gather
 from optim.flat import FlatParams, outer_sgd_step
 from optim.lowbit import e3m0_decode, e3m0_encode
 from optim.outer import OnPeerLost, OuterLoop, RoundRecord
-from peerd.errors import ConfigError, PeerLost
+from peerd.errors import ConfigError, Evicted, PeerLost
 
 
 def strided_fragments(model: torch.nn.Module, n: int) -> list[list[torch.nn.Parameter]]:
@@ -142,9 +142,9 @@ class StreamingDiLoCo(OuterLoop):
         self._in_flight = None
         try:
             avg = pending.finish()
-        except PeerLost:
-            if self.on_peer_lost == "retry" and self.quant is None:
-                raise
+        except PeerLost as exc:
+            if self.quant is None or isinstance(exc, Evicted):
+                self.round_lost(exc)
             avg = None
         if avg is None:  # every survivor drops this fragment's round
             self.spaces[p].write(self.thetas[p])

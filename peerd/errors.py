@@ -51,3 +51,22 @@ class PeerLost(PeerdError):
         if detail:
             text += f" ({detail})"
         super().__init__(text)
+
+    @classmethod
+    def restored(cls, peers: Iterable[str], message: str) -> PeerLost:
+        """The error another process reported as ``peers`` and ``str(error)``
+        (a daemon to its client), with that message as it was."""
+        exc = cls.__new__(cls)
+        PeerdError.__init__(exc, message)
+        exc.peers = tuple(sorted(set(peers)))
+        return exc
+
+
+class Evicted(PeerLost):
+    """This peer is not in the run's current view (declared gone, left, or
+    stranded by a partition): the others went on without it. ``join()`` again,
+    or call ``update_view()``/``sync_state()`` at the next round boundary,
+    which readmits it (``optim.OuterLoop`` does so and resyncs its state)."""
+
+    def __init__(self, me: str, detail: str = "") -> None:
+        super().__init__([me], detail or "this peer is not a member of the view")

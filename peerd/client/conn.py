@@ -34,6 +34,7 @@ from peerd.daemon.shm import (
 from peerd.errors import (
     AuthError,
     ConfigError,
+    Evicted,
     PeerdError,
     PeerLost,
     ProtocolError,
@@ -51,8 +52,9 @@ class DaemonUnavailable(PeerdError):
 
 def error_from(reply: p.CtlError) -> PeerdError:
     """The local exception for a daemon's error reply."""
-    if reply.kind == "PeerLost":
-        return PeerLost(reply.peers, reply.message)
+    if reply.kind in ("PeerLost", "Evicted"):
+        lost = Evicted if reply.kind == "Evicted" else PeerLost
+        return lost.restored(reply.peers, reply.message)
     simple: dict[str, type[PeerdError]] = {
         "Timeout": Timeout, "ConfigError": ConfigError, "ProtocolError": ProtocolError,
         "AuthError": AuthError,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from collectives import messages as m
 from collectives.membership import Membership, Timing
 from collectives.view import Decision, has_quorum, probe_targets, stranded
-from peerd.errors import PeerLost
+from peerd.errors import Evicted, PeerLost
 from peerd.wire import decode_untrusted, encode
 
 from .conftest import RUN, swarm
@@ -182,6 +182,30 @@ async def test_a_loss_passed_on_names_no_link(mock_clock: trio.testing.MockClock
         found = m.Abort(RUN, 0, ("p00",), "silent", observed=("p00",))
         await e._on_abort("p04", encode(found))
         assert e.core.suspects == {"p02", "p04"} and e.core.observed == {"p04"}
+
+
+async def test_a_stopped_peer_learns_on_its_next_call_that_the_others_went_on(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Stalled past the heartbeat timeout (what SIGSTOP does to a process) while
+    the others formed a view without it: running again, it finds every member
+    silent, so it holds no quorum. Its next call waits for their answers to its
+    probes and raises ``Evicted`` (rejoin at the next boundary), not a lost
+    quorum that no retry could mend."""
+    async with swarm(3) as s:
+        s.net.stall("p02")
+        views = await s.each(lambda p, e: e.update_view(), ["p00", "p01"])
+        assert all(not isinstance(v, PeerLost) and v.members == ("p00", "p01")
+                   for v in views.values()), views
+        e = s.engines["p02"]
+        with trio.fail_after(30):
+            while not {"p00", "p01"} <= e.core.suspects:
+                await e.changed().wait()
+        assert not e.core.stranded
+        s.net.resume("p02")
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True),
+                           ["p02"])
+        assert isinstance(out["p02"], Evicted), out
+        assert e.core.stranded and e.current_view() is None
 
 
 async def test_minority_stays_put_until_the_majority_moves_on(

@@ -140,6 +140,14 @@ class TrainingSwarm:
         w.proc.join(10)
         w.daemon.proc.wait(10)
 
+    def pause_daemon(self, w: Worker) -> None:
+        """SIGSTOP the worker's daemon: it stays connected but answers nothing
+        (a stalled process, a laptop asleep). ``close`` ends it even stopped."""
+        os.kill(w.daemon.pid, signal.SIGSTOP)
+
+    def resume_daemon(self, w: Worker) -> None:
+        os.kill(w.daemon.pid, signal.SIGCONT)
+
     # ------------------------------------------------------------ events
 
     def next_event(self, timeout: float = EVENT_TIMEOUT) -> tuple[Worker, dict[str, Any]]:
