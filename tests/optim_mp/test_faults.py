@@ -34,6 +34,13 @@ JOBS: dict[str, dict[str, Any]] = {
     "spes": {"method": "spes"},
 }
 SLOW = pytest.mark.slow
+# DiLoCo in the default suite, the other optimizers on demand (-m slow).
+EVERY_METHOD = pytest.mark.parametrize("method", [
+    "diloco",
+    pytest.param("sparseloco", marks=SLOW),
+    pytest.param("streaming", marks=SLOW),
+    pytest.param("spes", marks=SLOW),
+])
 
 
 def job(method: str, **extra: Any) -> dict[str, Any]:
@@ -107,12 +114,7 @@ def test_skip_policy_drops_the_interrupted_round_on_every_survivor(method: str) 
         assert s[0]["params"] == agreed[KILL_AFTER]["params"]
 
 
-@pytest.mark.parametrize("method", [
-    "diloco",
-    pytest.param("sparseloco", marks=SLOW),
-    pytest.param("streaming", marks=SLOW),
-    pytest.param("spes", marks=SLOW),
-])
+@EVERY_METHOD
 def test_joiner_receives_state_and_matches_from_its_first_outer_step(method: str) -> None:
     k = per_round(method)
     hold = 2 * H  # members wait after round 2 until the joiner is about to ask
@@ -143,12 +145,7 @@ def test_joiner_receives_state_and_matches_from_its_first_outer_step(method: str
     assert curve[-1] < curve[0], curve
 
 
-@pytest.mark.parametrize("method", [
-    "diloco",
-    pytest.param("sparseloco", marks=SLOW),
-    pytest.param("streaming", marks=SLOW),
-    pytest.param("spes", marks=SLOW),
-])
+@EVERY_METHOD
 def test_a_member_stopped_past_the_heartbeat_timeout_rejoins_and_trains_on(method: str) -> None:
     """The victim's daemon is SIGSTOPped just before round KILL_AFTER + 1; the
     others drop it after the heartbeat timeout and go on. Resumed once they have
