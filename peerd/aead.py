@@ -1,12 +1,17 @@
-"""AEGIS-256 (libsodium, via pynacl) sealing and opening in caller-owned buffers.
+"""AEGIS-128L (libsodium, via pynacl) sealing and opening in caller-owned buffers.
 
-The data plane's bulk cipher. AEGIS-256 is an AES-round based AEAD (CAESAR
-final portfolio, IRTF CFRG draft) with a 256-bit key, a 256-bit nonce and a
-256-bit tag; libsodium runs it on AES-NI (or ARMv8 crypto) instructions.
-Measured per core on this project's CPUs (AES-NI, no VAES), 1 MiB records,
-in place: AEGIS-256 ~50 Gbit/s each way, AES-256-GCM (OpenSSL via
-``cryptography``'s ``encrypt_into``/``decrypt_into``) ~21, ChaCha20-Poly1305
-~6. It therefore replaces AES-256-GCM at the same key size with a longer tag.
+The data plane's bulk cipher. AEGIS-128L is an AES-round based AEAD (CAESAR
+final portfolio winner for high performance, IRTF CFRG draft) with a 128-bit
+key, a 128-bit nonce and (in libsodium) a 256-bit tag; libsodium runs it on
+AES-NI (or ARMv8 crypto) instructions. Measured per core on this project's
+CPUs (AES-NI, no VAES), 1 MiB records, in place: AEGIS-128L 9.8 GB/s,
+AEGIS-256 6.3 GB/s (the cipher before), AES-256-GCM (OpenSSL) ~2.6 GB/s.
+
+Why 128-bit keys: the keys come from an X25519 exchange authenticated by
+Ed25519 signatures, both at the ~128-bit security level, so a 256-bit record
+key bought no security the handshake had; it cost 1.56x the CPU per byte, and
+the data plane is CPU-bound wherever links outrun a core (a 4-peer all-reduce
+on one 2-core machine spent a quarter of its CPU in the cipher).
 
 pynacl's public bindings return new ``bytes`` for every call; here its cffi
 library is called directly so ciphertext and plaintext land in the caller's
@@ -22,10 +27,10 @@ from typing import Any, Final
 import nacl.bindings  # noqa: F401 - runs sodium_init (CPU feature detection)
 from nacl._sodium import ffi, lib
 
-KEY_SIZE: Final = int(lib.crypto_aead_aegis256_keybytes())
-NONCE_SIZE: Final = int(lib.crypto_aead_aegis256_npubbytes())
-TAG_SIZE: Final = int(lib.crypto_aead_aegis256_abytes())
-NAME: Final = "AEGIS-256"
+KEY_SIZE: Final = int(lib.crypto_aead_aegis128l_keybytes())
+NONCE_SIZE: Final = int(lib.crypto_aead_aegis128l_npubbytes())
+TAG_SIZE: Final = int(lib.crypto_aead_aegis128l_abytes())
+NAME: Final = "AEGIS-128L"
 
 Buffer = bytes | bytearray | memoryview
 
@@ -34,7 +39,7 @@ class AuthenticationFailed(Exception):
     """The ciphertext, tag, nonce or associated data do not match."""
 
 
-class Aegis256:
+class Aegis128L:
     """One key. ``seal_into``/``open_into`` never allocate a payload-sized object."""
 
     __slots__ = ("_key",)
@@ -54,7 +59,7 @@ class Aegis256:
             raise ValueError("output buffer must be plaintext + tag bytes")
         # The buffers are given back when the call returns (see open_into).
         with ffi.from_buffer(out, require_writable=True) as dst, ffi.from_buffer(plaintext) as src:
-            lib.crypto_aead_aegis256_encrypt(
+            lib.crypto_aead_aegis128l_encrypt(
                 dst, ffi.NULL, src, n, aad, len(aad), ffi.NULL, nonce, self._key
             )
 
@@ -73,7 +78,7 @@ class Aegis256:
         # through the exception, and the garbage collector crashed the process
         # (SIGSEGV) tearing that cycle down.
         with ffi.from_buffer(out, require_writable=True) as dst, ffi.from_buffer(body) as src:
-            rc = lib.crypto_aead_aegis256_decrypt(
+            rc = lib.crypto_aead_aegis128l_decrypt(
                 dst, ffi.NULL, ffi.NULL, src, n + TAG_SIZE, aad, len(aad), nonce, self._key
             )
         if rc != 0:

@@ -17,11 +17,11 @@ from typing import Final
 from peerd.errors import ProtocolError
 
 MAGIC: Final = b"PEERDDAT"
-# 2: AEGIS-256 records (32-byte tags) and v2 key labels; 1 was AES-256-GCM.
-DATA_VERSION: Final = 2
+# 3: AEGIS-128L records and v3 key labels; 2 was AEGIS-256, 1 AES-256-GCM.
+DATA_VERSION: Final = 3
 TOKEN_SIZE: Final = 32
 PREAMBLE_SIZE: Final = len(MAGIC) + 1 + TOKEN_SIZE
-CONFIRM_TEXT: Final = b"peerd data confirm v2"
+CONFIRM_TEXT: Final = b"peerd data confirm v3"
 MAX_HEADER: Final = 0xFFFF
 MAX_KEY: Final = 255
 MAX_PARTS: Final = 1 << 16
