@@ -59,7 +59,7 @@ class Membership:
         self.suspects: set[str] = set()
         # The suspects this peer found gone itself (silence, a broken connection,
         # a failed transfer), as against those others reported: only what a peer
-        # observed says that it cannot reach someone (see ``speaks_for_view``).
+        # observed says that it cannot reach someone (``MembershipDriver._on_abort``).
         self.observed: set[str] = set()
         self._last_seen: dict[str, float] = {}
         self._joiners: dict[str, float] = {}
