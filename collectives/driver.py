@@ -40,7 +40,7 @@ from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
-from peerd.errors import (  # Evicted: imported from here by callers before it moved
+from peerd.errors import (
     ConfigError,
     Evicted,
     PeerLost,

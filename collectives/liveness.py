@@ -209,18 +209,17 @@ class Liveness:
         d = self.core.view
         now = trio.current_time()
         same_view = d is not None and msg.revision == d.revision and peer in d.members
-        if same_view and self.me in msg.suspects:
-            # A probe from across a partition: its other suspects are this side
-            # of it, alive, and none is taken up. If the sender found this peer
-            # gone itself, it cannot count on this peer, so this peer must not
-            # count on it; a loss it was only told of says nothing about the
-            # link between the two (see ``_on_abort``).
-            if self.me in msg.observed:
-                self.lost({peer}, f"{peer} reports this peer gone")
-            else:
-                self.core.heard(peer, now)
+        if same_view and self.me in msg.observed:
+            # The sender found this peer gone itself, so it cannot count on this
+            # peer, and this peer must not count on it; a loss it was only told
+            # of says nothing about the link between the two (see ``_on_abort``).
+            self.lost({peer}, f"{peer} reports this peer gone")
             return self._ack()
         self.core.heard(peer, now)
+        if same_view and self.me in msg.suspects:
+            # A probe from across a partition: its other suspects are this side
+            # of it, alive, and none is taken up.
+            return self._ack()
         if self.core.speaks_for_view(peer, msg.revision):
             reported = set(msg.suspects) - {self.me}
             if reported:

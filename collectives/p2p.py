@@ -36,11 +36,11 @@ from collectives.arrayio import (
     unpack,
     write_into,
 )
-from collectives.driver import Evicted, MembershipDriver
+from collectives.driver import MembershipDriver
 from collectives.history import Diverged, Histories, diverged, odd_histories
 from collectives.statemsg import ArrayHeader
 from collectives.view import Decision
-from peerd.errors import ConfigError, PeerLost, ProtocolError
+from peerd.errors import ConfigError, Evicted, PeerLost, ProtocolError
 from peerd.wire import decode_untrusted
 
 T = TypeVar("T")

@@ -40,18 +40,12 @@ from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
 from collectives.api import AllReduceResult, Quant, ReduceOp
 from collectives.arrays import flatten
 from collectives.chunking import layout
-from collectives.driver import (
-    EngineConfig,
-    Evicted,
-    MembershipDriver,
-    sub_chunk_elems,
-    view_digest,
-)
+from collectives.driver import EngineConfig, MembershipDriver, sub_chunk_elems, view_digest
 from collectives.fabric import Fabric
 from collectives.history import Diverged, Histories
 from collectives.quant import codec_for
 from collectives.view import Decision
-from peerd.errors import ConfigError, PeerLost
+from peerd.errors import ConfigError, Evicted, PeerLost
 from peerd.log import event
 
 log = logging.getLogger("collectives.run")

@@ -30,13 +30,13 @@ import trio
 
 from collectives.agree import agree, live_others, op_prefix, recv_from, send_to
 from collectives.api import SyncResult, SyncStrategy
-from collectives.driver import Evicted, MembershipDriver
+from collectives.driver import MembershipDriver
 from collectives.state import Popular, Vote, needed_pieces, plan_downloads, popular
 from collectives.statebuf import RawTensor, capture, describe
 from collectives.statefetch import Download, Exposure, download_bytes, serve
 from collectives.statemsg import Announce, TensorEntry
 from collectives.view import Decision
-from peerd.errors import ConfigError, PeerLost, ProtocolError
+from peerd.errors import ConfigError, Evicted, PeerLost, ProtocolError
 from peerd.log import event
 from peerd.wire import decode_untrusted, encode
 

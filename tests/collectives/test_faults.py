@@ -10,11 +10,10 @@ import trio
 import trio.testing
 
 from collectives.api import AllReduceResult
-from collectives.driver import Evicted
 from collectives.history import NO_HISTORY, diverged, odd_histories
 from collectives.history import mark as last_commit_mark
 from collectives.memfabric import MemFabric
-from peerd.errors import PeerLost
+from peerd.errors import Evicted, PeerLost
 from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
 
 HB = FAST.timing

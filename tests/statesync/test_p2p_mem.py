@@ -10,10 +10,9 @@ import trio
 import trio.testing
 
 from collectives.api import ReduceOp
-from collectives.driver import Evicted
 from collectives.p2p import PointToPoint, Scattered, chunk_bounds
 from collectives.run import Engine
-from peerd.errors import ConfigError, PeerLost
+from peerd.errors import ConfigError, Evicted, PeerLost
 
 from .conftest import ids, swarm
 
