@@ -47,6 +47,10 @@ class NodeConfig:
     # cost no time. One stream's window (a few MB) covers a path's bandwidth x
     # round trip up to ~0.5 Gbit/s at 100 ms; raise this for fatter pipes.
     data_channels: int = 2
+    # Large data messages moved (socket I/O and cipher) by worker threads, so a
+    # node's channels run on several cores; None: on where this process may use
+    # at least 4 cores (on fewer, shared, the hand-off costs more than it gains).
+    data_threads: bool | None = None
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:

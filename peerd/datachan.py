@@ -70,11 +70,12 @@ class DataConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     rekey_interval: int = DEFAULT_REKEY_INTERVAL
-    # Seal/open large records on worker threads (GIL released), overlapping the
-    # cipher with this thread's socket I/O. Worth it only where cores are idle:
-    # on 2 busy cores the hand-off cost ~60% more CPU per byte (see the transport
-    # benchmark), while on 16 cores 4 peers' 100M fp32 all-reduce took 0.62 s
-    # instead of 0.75. None: on when this process may run on CRYPTO_THREAD_CORES.
+    # Move large messages on worker threads: socket I/O and cipher of a whole
+    # message per thread hop, GIL released for both (``DataChannel``). Worth it
+    # only where cores are idle: on 2 busy cores the hand-off cost ~60% more CPU
+    # per byte (see the transport benchmark), while on 16 cores 4 peers' 100M
+    # fp32 all-reduce took 0.34-0.39 s instead of 0.72 with the event loop
+    # doing the I/O. None: on when this process may run on CRYPTO_THREAD_CORES.
     crypto_threads: bool | None = None
 
     def offload(self) -> bool:

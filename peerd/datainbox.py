@@ -18,6 +18,7 @@ import trio
 from peerd.dataproto import Part, PartTracker, parse_part
 from peerd.datastream import DataChannel, as_bytes_view, lazy_buffer
 from peerd.errors import PeerdError, PeerLost, ProtocolError
+from peerd.writegate import WriteGate
 
 _DISCARD_MEMORY: Final = 256
 
@@ -32,10 +33,8 @@ class _Assembly:
         self.abandoned = False
         self.error: PeerdError | None = None
         self.counted = 0  # bytes charged to the unclaimed-buffer budget
-        self.writing = 0
-        self.idle = trio.Event()
+        self.gate = WriteGate()  # readers' writes into ``target``, closed on abandon
         self.done = trio.Event()
-
 
 
 class Inbox:
@@ -97,11 +96,7 @@ class Inbox:
             # Stripes still to come go to scratch; one being decrypted into the
             # caller's buffer right now must finish before we hand it back.
             asm.abandoned = True
-            with trio.CancelScope(shield=True):
-                while asm.writing:
-                    if asm.idle.is_set():
-                        asm.idle = trio.Event()
-                    await asm.idle.wait()
+            await asm.gate.close()
             if asm.tracker is not None and asm.tracker.received == asm.tracker.count:
                 self._forget(key, asm)
             raise
@@ -194,21 +189,11 @@ class Inbox:
             header, plen = await chan.receive_head()
             part = parse_part(header, plen, self._max_total)
             asm = await self._place(part)
-            off, end = part.offset, part.offset + plen
-            while off < end:
-                n = await chan.next_payload_record()
-                live = asm is not None and not asm.abandoned and asm.target is not None
-                if live and asm is not None and asm.target is not None:
-                    asm.writing += 1
-                    try:
-                        await chan.read_payload_into(asm.target[off : off + n])
-                    finally:
-                        asm.writing -= 1
-                        if not asm.writing:
-                            asm.idle.set()
-                else:
-                    await chan.read_payload_into(scratch[:n])
-                off += n
+            if asm is not None and asm.target is not None and not asm.abandoned:
+                dest = asm.target[part.offset : part.offset + plen]
+                await chan.receive_payload(dest, asm.gate, scratch)
+            else:
+                await chan.receive_payload(None, None, scratch)
             self.bytes_received += plen
             self.parts_received += 1
             if asm is not None and asm.tracker is not None and asm.tracker.finish():

@@ -9,16 +9,26 @@ needs from the runtime.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import trio
 
 KEEPALIVE_IDLE: Final = 60
+# How often an I/O thread blocked on its socket looks at its stop flag; closing
+# the channel shuts the socket down, which wakes it at once anyway.
+POLL_TICK_MS: Final = 200
+# Threads doing blocking I/O wait on peers, so they must never queue behind one
+# another for a thread (a receiver holding the last token while the sender it
+# waits for cannot start would deadlock): the bound only catches runaways.
+_IO_THREADS: Final = 4096
 
 _limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_crypto")
+_io_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_io")
 
 
 def _crypto_limiter() -> trio.CapacityLimiter:
@@ -32,6 +42,56 @@ def _crypto_limiter() -> trio.CapacityLimiter:
 
 async def run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
+
+
+async def run_io(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking socket I/O ``fn`` on a worker thread. Not cancellable
+    here: callers stop ``fn`` through its stop flag and socket shutdown."""
+    try:
+        lim = _io_limiter.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(_IO_THREADS)
+        _io_limiter.set(lim)
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=lim)
+
+
+def _wait_fd(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll(POLL_TICK_MS)
+
+
+def write_all_blocking(fd: int, data: memoryview, stopped: Callable[[], bool]) -> None:
+    """Write all of ``data`` to the non-blocking ``fd`` from a worker thread
+    (the GIL is released while the kernel copies); raises ``BrokenPipeError``
+    once ``stopped()``."""
+    view = data
+    while view:
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            if stopped():
+                raise BrokenPipeError("data channel stopped") from None
+            _wait_fd(fd, select.POLLOUT)
+            continue
+        view = view[sent:]
+
+
+def read_exactly_blocking(fd: int, view: memoryview, stopped: Callable[[], bool]) -> None:
+    """Fill ``view`` from the non-blocking ``fd`` from a worker thread; a stream
+    that ends first raises ``EOFError(bytes got)``, a stop ``BrokenPipeError``."""
+    got = 0
+    while got < len(view):
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            if stopped():
+                raise BrokenPipeError("data channel stopped") from None
+            _wait_fd(fd, select.POLLIN)
+            continue
+        if n == 0:
+            raise EOFError(got)
+        got += n
 
 
 class Transport(Protocol):
@@ -92,6 +152,15 @@ class SocketTransport:
 
     def close(self) -> None:
         self.sock.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on the socket (it sees EOF or an error);
+        the descriptor stays open until ``close``, so it is never reused under them."""
+        with suppress(OSError):  # not connected any more: nothing is blocked on it
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def buffer_sizes(self) -> tuple[int, int]:
         """(SO_SNDBUF, SO_RCVBUF) as granted by the kernel."""

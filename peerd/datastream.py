@@ -4,14 +4,21 @@ A message is one HEAD record (caller's header + payload length) followed by
 PAYLOAD records of at most ``max_record`` bytes each; CLOSE ends the stream
 cleanly. The driver reads each record body into its own buffer and decrypts it
 straight into the caller's destination, so a payload is touched once by the
-kernel and once by the cipher on each side. Large records are sealed/opened on
-worker threads (libsodium, called through cffi, releases the GIL), which lets
-crypto overlap with socket I/O of the other channels.
+kernel and once by the cipher on each side.
+
+With ``offload`` (where cores are to spare) a large message is sent, and a
+large payload received (``receive_payload``), by one worker thread that does
+the socket I/O and the cipher for all its records: both release the GIL, so
+the channels of a node move bytes in parallel and the event loop only
+dispatches messages. The loop itself still reads every head, and small
+messages stay on it, where a thread hop would cost more than the work.
 """
 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Final
 
 import trio
@@ -22,12 +29,16 @@ from peerd.datasock import (
     SocketTransport,
     Transport,
     as_bytes_view,
+    read_exactly_blocking,
     recv_exactly,
     run_crypto,
+    run_io,
     tune_socket,
+    write_all_blocking,
 )
 from peerd.errors import PeerLost, ProtocolError
 from peerd.record import HEADER, TAG_SIZE, RecordOpener, RecordSealer, record_size
+from peerd.writegate import WriteGate
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE", "DEFAULT_SOCKET_BUFFER", "ChannelStats", "DataChannel",
@@ -36,7 +47,7 @@ __all__ = [
 
 DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1 << 30
-# Below this many bytes a thread hop costs more than the crypto it would offload.
+# Below this many bytes a thread hop costs more than the work it would offload.
 OFFLOAD_MIN: Final = 64 * 1024
 # Worker threads only pay off when a core is free to run them: measured on a
 # busy 2-core machine, the hand-off and cross-core cache traffic cost ~60% more
@@ -79,6 +90,10 @@ class DataChannel:
         self._offload_min = OFFLOAD_MIN if offload else 1 << 62
         self.token = token
         self._t = transport
+        # Whole messages on I/O threads: needs a socket (and records to open).
+        self._sock = (transport if offload and isinstance(transport, SocketTransport)
+                      and sealer is not None and opener is not None else None)
+        self._io_threads = 0  # worker threads using the socket; it closes after the last
         self._sealer = sealer
         self._opener = opener
         self._max_record = max_record
@@ -137,6 +152,9 @@ class DataChannel:
                 raise
 
     async def _send_locked(self, head: memoryview, view: memoryview) -> None:
+        if self._sock is not None and len(view) >= self._offload_min:
+            await self._in_thread(self._send_sync, self._sock.fileno(), head, view)
+            return
         pos = self._seal(Kind.HEAD, head, 0)
         if self._sealer is None:
             self._wbuf[pos : pos + len(head)] = head
@@ -164,6 +182,60 @@ class DataChannel:
         self._sent[1] += 1
         self._sent[2] += 1
 
+    def _send_sync(self, fd: int, head: memoryview, view: memoryview) -> None:
+        """``_send_locked`` on an I/O thread: one write per record."""
+        pos = self._seal(Kind.HEAD, head, 0)
+        off = 0
+        while off < len(view):
+            n = min(self._max_record, len(view) - off)
+            if pos + record_size(n) > len(self._wbuf):
+                self._write_sync(fd, self._wbuf[:pos])
+                pos = 0
+            pos += self._seal(Kind.PAYLOAD, view[off : off + n], pos)
+            off += n
+            self._sent[1] += 1
+        if pos:
+            self._write_sync(fd, self._wbuf[:pos])
+        self._sent[1] += 1
+        self._sent[2] += 1
+
+    def _write_sync(self, fd: int, data: memoryview) -> None:
+        try:
+            write_all_blocking(fd, data, self._is_closed)
+        except OSError as exc:
+            raise self._lost(exc, "send failed") from None
+        self._sent[0] += len(data)
+
+    def _is_closed(self) -> bool:
+        return self._closed
+
+    async def _in_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` (blocking I/O on this channel's socket) on a worker thread.
+        A cancelled caller stops it by closing the channel, and waits for it:
+        the thread may be writing into the caller's buffer."""
+        finished = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def work() -> None:
+            try:
+                fn(*args)
+            finally:
+                with suppress(trio.RunFinishedError):
+                    token.run_sync_soon(finished.set)
+
+        self._io_threads += 1
+        try:
+            await run_io(work)
+        except trio.Cancelled:
+            self.abort()
+            with trio.CancelScope(shield=True):
+                await finished.wait()
+            raise
+        finally:
+            self._io_threads -= 1
+            if self._closed and not self._io_threads:
+                self._t.close()
+
     # ------------------------------------------------------------ receiving
 
     async def _recv_exact(self, view: memoryview) -> None:
@@ -179,10 +251,16 @@ class DataChannel:
         try:
             await self._recv_exact(self._hdr)
         except EOFError as exc:
-            what = "ended without close" if exc.args[0] == 0 else "truncated inside a header"
-            raise PeerLost([self.peer], f"data channel {what}") from None
+            raise self._eof_in_header(exc) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise self._lost(exc, "receive failed") from None
+        return self._parse_header()
+
+    def _eof_in_header(self, exc: EOFError) -> PeerLost:
+        what = "ended without close" if exc.args[0] == 0 else "truncated inside a header"
+        return PeerLost([self.peer], f"data channel {what}")
+
+    def _parse_header(self) -> tuple[int, int]:
         self._recv[1] += 1
         self._recv[0] += HEADER.size
         if self._opener is not None:
@@ -255,8 +333,7 @@ class DataChannel:
             raise RuntimeError("no payload record expected")
         try:
             kind, n = await self._read_header()
-            if kind != Kind.PAYLOAD or not 0 < n <= self._payload_left:
-                raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) in a payload")
+            self._check_payload_record(kind, n)
             if self._opener is not None:
                 await self._read_body(n)
         except BaseException:  # mid-message: nothing after this can be trusted
@@ -264,6 +341,73 @@ class DataChannel:
             raise
         self._pending = n
         return n
+
+    def _check_payload_record(self, kind: int, n: int) -> None:
+        if kind != Kind.PAYLOAD or not 0 < n <= self._payload_left:
+            raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) in a payload")
+
+    async def receive_payload(
+        self, dest: memoryview | None, gate: WriteGate | None, scratch: memoryview
+    ) -> None:
+        """Read the whole payload of the message from ``receive_head``: each
+        record is decrypted into its place in ``dest`` (exactly the payload's
+        length) while ``gate`` admits writes, else into ``scratch`` (one
+        record's size) and dropped. With offload a large payload is read by
+        one I/O thread."""
+        if self._closed:
+            raise PeerLost([self.peer], "data channel closed")
+        if self._pending:
+            raise RuntimeError("a payload record is pending")
+        if self._sock is not None and self._payload_left >= self._offload_min:
+            try:
+                await self._in_thread(
+                    self._receive_payload_sync, self._sock.fileno(), dest, gate, scratch)
+            except BaseException:  # mid-message: nothing after this can be trusted
+                self.abort()
+                raise
+            return
+        off = 0
+        while self._payload_left:
+            n = await self.next_payload_record()
+            if dest is not None and gate is not None and gate.enter():
+                try:
+                    await self.read_payload_into(dest[off : off + n])
+                finally:
+                    gate.leave()
+            else:
+                await self.read_payload_into(scratch[:n])
+            off += n
+
+    def _receive_payload_sync(
+        self, fd: int, dest: memoryview | None, gate: WriteGate | None, scratch: memoryview
+    ) -> None:
+        off = 0
+        while self._payload_left:
+            try:
+                read_exactly_blocking(fd, self._hdr, self._is_closed)
+            except EOFError as exc:
+                raise self._eof_in_header(exc) from None
+            except OSError as exc:
+                raise self._lost(exc, "receive failed") from None
+            kind, n = self._parse_header()
+            self._check_payload_record(kind, n)
+            body = self._rbuf[: n + TAG_SIZE]
+            try:
+                read_exactly_blocking(fd, body, self._is_closed)
+            except EOFError:
+                raise PeerLost([self.peer], "data channel truncated inside a record") from None
+            except OSError as exc:
+                raise self._lost(exc, "receive failed") from None
+            self._recv[0] += len(body)
+            if dest is not None and gate is not None and gate.enter():
+                try:
+                    self._open(kind, body, dest[off : off + n])
+                finally:
+                    gate.leave()
+            else:
+                self._open(kind, body, scratch[:n])
+            off += n
+            self._payload_left -= n
 
     async def read_payload_into(self, out: memoryview) -> None:
         """Authenticate and decrypt the record from ``next_payload_record``
@@ -312,12 +456,21 @@ class DataChannel:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self._t.close()
+            self._release_socket()
 
     def abort(self) -> None:
         """Close at once, without a CLOSE record (the peer sees a failure)."""
         self._closed = True
-        self._t.close()
+        self._release_socket()
+
+    def _release_socket(self) -> None:
+        # An I/O thread still on the socket must not see its descriptor closed
+        # (and perhaps reused): shut it down to wake the thread, and let the
+        # last one out close it.
+        if self._io_threads and self._sock is not None:
+            self._sock.shutdown()
+        else:
+            self._t.close()
 
     def statistics(self) -> ChannelStats:
         s = self._sealer.statistics() if self._sealer else None

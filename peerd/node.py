@@ -22,6 +22,7 @@ from collectives.run import Engine
 from crdt.driver import SyncDriver
 from crdt.store import Store
 from peerd.config import NodeConfig, format_address, parse_address
+from peerd.datachan import DataConfig
 from peerd.datalink import DataLink
 from peerd.dataplane import DATA_OPEN_METHOD, DATA_PUNCH_METHOD, DATA_REVERSE_METHOD, DataPlane
 from peerd.dht.node import Dht
@@ -116,7 +117,7 @@ class Node(RunsMixin):
                                      self._on_accept, config.max_pending_handshakes)
         self.nat = NatState([self.endpoint.local_address])
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0],
-                              self.call_session)
+                              self.call_session, DataConfig(crypto_threads=config.data_threads))
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
         self.register(DATA_PUNCH_METHOD, self._handle_data_punch)

@@ -107,6 +107,7 @@ class _FaultFabric:
 
 
 async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> None:
+    from peerd.config import NodeConfig
     from peerd.identity import SwarmKey
     from peerd.jsonlines import commands, emit
     from peerd.node import open_node
@@ -117,7 +118,11 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
     if not os.environ.get("PEERD_PEERPROC_NO_TORCH"):
         import torch  # noqa: F401
 
-    async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen) as node:
+    # Tests of the threaded data path force it on or off whatever the cores.
+    threads = os.environ.get("PEERD_PEERPROC_DATA_THREADS")
+    config = NodeConfig(data_threads=None if threads is None else threads == "1")
+    async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen,
+                         config=config) as node:
         fault = _FaultFabric(node.fabric)
         node.fabric = fault  # type: ignore[assignment]
         emit(event="ready", index=index, peer=node.peer_id.text,
@@ -359,11 +364,13 @@ class LocalSwarm:
     """
 
     def __init__(self, n: int, run: str = "run", key_hex: str | None = None,
-                 factory: Callable[[str, int], PeerProcess] | None = None) -> None:
+                 factory: Callable[[str, int], PeerProcess] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """``env`` is added to the environment of peers the default factory starts."""
         self.key_hex = key_hex or os.urandom(32).hex()
         self.run = run
         self.peers: list[PeerProcess] = []
-        self._factory = factory or PeerProcess
+        self._factory = factory or (lambda key, i: PeerProcess(key, i, env=env))
         try:
             for i in range(n):
                 self.peers.append(self._factory(self.key_hex, i))

@@ -77,10 +77,20 @@ def test_half_precision_dtypes(dtype: str, rtol: float, tmp_path: Path) -> None:
 FAULT_SIZE = 2_000_000
 
 
-@pytest.mark.parametrize("die_at", ["before", "r:3", "g:2"])
-@pytest.mark.parametrize("retry", [False, True])
-def test_sigkill_at_named_phase(die_at: str, retry: bool, tmp_path: Path) -> None:
-    with LocalSwarm(4) as sw:
+# Peers whose data channels move large messages on I/O threads (the default
+# on machines with cores to spare; this 2-core CI machine runs them inline).
+IO_THREADS = {"PEERD_PEERPROC_DATA_THREADS": "1"}
+
+
+@pytest.mark.parametrize(("die_at", "retry", "env"), [
+    ("before", False, None), ("before", True, None), ("r:3", False, None),
+    ("r:3", True, None), ("g:2", False, None), ("g:2", True, None),
+    ("r:3", True, IO_THREADS), ("g:2", False, IO_THREADS),
+], ids=lambda v: "io-threads" if v == IO_THREADS else None)
+def test_sigkill_at_named_phase(
+    die_at: str, retry: bool, env: dict[str, str] | None, tmp_path: Path
+) -> None:
+    with LocalSwarm(4, env=env) as sw:
         victim = sw.peers[2]
         survivors = [p for p in sw.peers if p is not victim]
         # A clean round first, so links are warm and the kill lands mid-run.
@@ -105,8 +115,11 @@ def test_sigkill_at_named_phase(die_at: str, retry: bool, tmp_path: Path) -> Non
         assert victim.peer not in res[0]["participants"]
 
 
-def test_sigstop_detected_within_heartbeat_timeout(tmp_path: Path) -> None:
-    with LocalSwarm(3) as sw:
+@pytest.mark.parametrize("env", [None, IO_THREADS], ids=["inline", "io-threads"])
+def test_sigstop_detected_within_heartbeat_timeout(
+    env: dict[str, str] | None, tmp_path: Path
+) -> None:
+    with LocalSwarm(3, env=env) as sw:
         check_round(sw, sw.all_reduce(sw.peers, size=100, seed=1, round=0, out=str(tmp_path)),
                     1, 0, 100, tmp_path)
         stopped = sw.peers[1]
@@ -114,9 +127,11 @@ def test_sigstop_detected_within_heartbeat_timeout(tmp_path: Path) -> None:
         try:
             survivors = [sw.peers[0], sw.peers[2]]
             t0 = time.monotonic()
-            res = sw.all_reduce(survivors, size=1000, seed=4, round=1, out=str(tmp_path))
+            # Large enough that the stopped peer's sockets fill up under the sends.
+            res = sw.all_reduce(survivors, size=FAULT_SIZE, seed=4, round=1,
+                                out=str(tmp_path))
             elapsed = time.monotonic() - t0
-            check_round(sw, res, 4, 1, 1000, tmp_path)
+            check_round(sw, res, 4, 1, FAULT_SIZE, tmp_path)
             assert stopped.peer not in res[0]["participants"]
             # Detection by heartbeat silence, plus one view change and the rerun.
             assert elapsed < HEARTBEAT_TIMEOUT + 5, elapsed

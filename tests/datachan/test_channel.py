@@ -18,8 +18,10 @@ from peerd.datachan import (
     dial_data_channel,
 )
 from peerd.dataproto import MAGIC, PREAMBLE_SIZE, TOKEN_SIZE, Kind, encode_head, encode_preamble
+from peerd.datastream import DataChannel
 from peerd.errors import AuthError, PeerLost, ProtocolError
 from peerd.record import TAG_SIZE
+from peerd.writegate import WriteGate
 
 from .conftest import open_rig
 
@@ -215,3 +217,92 @@ def test_crypto_threads_follow_the_cores_unless_set(
 ) -> None:
     monkeypatch.setattr(datachan, "usable_cores", lambda: cores)
     assert DataConfig(crypto_threads=setting).offload() is offload
+
+
+# ------------------------------------------------------------ payloads on I/O threads
+
+RECORD = 64 * 1024  # OFFLOAD_MIN: a payload of four records goes to an I/O thread
+
+
+async def _stalled_payload(
+    a: DataChannel, b: DataChannel, records: list[bytes], total: int
+) -> None:
+    """``a`` announces a ``total``-byte message and sends only ``records``;
+    ``b`` has read its head."""
+    assert a._sealer is not None
+    await a._t.send_all(a._sealer.seal(Kind.HEAD, encode_head(b"h", total)))
+    for rec in records:
+        await a._t.send_all(a._sealer.seal(Kind.PAYLOAD, rec))
+    assert await b.receive_head() == (b"h", total)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    # The writer is an OS thread: there is no trio event to wait on.
+    with trio.fail_after(5):
+        while not check():
+            await trio.sleep(0.005)
+
+
+async def test_an_io_thread_stops_writing_into_a_buffer_once_its_gate_closes() -> None:
+    async with open_rig(DataConfig(max_record=RECORD, crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        data = [os.urandom(RECORD) for _ in range(4)]
+        await _stalled_payload(a, b, data[:2], 4 * RECORD)
+        dest = bytearray(4 * RECORD)
+        gate = WriteGate()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.receive_payload, memoryview(dest), gate,
+                               memoryview(bytearray(RECORD)))
+            await _until(lambda: dest[RECORD:2 * RECORD] == data[1])
+            await gate.close()  # the receiver gives up: the rest goes to scratch
+            assert a._sealer is not None
+            for rec in data[2:]:
+                await a._t.send_all(a._sealer.seal(Kind.PAYLOAD, rec))
+        assert dest == data[0] + data[1] + bytes(2 * RECORD)
+        await a.send(b"next", b"still in step")  # the stream is intact
+        assert await b.receive() == (b"next", bytearray(b"still in step"))
+
+
+async def test_a_cancelled_io_thread_read_closes_the_channel_at_once() -> None:
+    async with open_rig(DataConfig(max_record=RECORD, crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        await _stalled_payload(a, b, [os.urandom(RECORD)], 4 * RECORD)
+        dest = bytearray(4 * RECORD)
+        with trio.fail_after(5):
+            with trio.move_on_after(0.2) as scope:  # the sender never sends the rest
+                await b.receive_payload(memoryview(dest), WriteGate(),
+                                        memoryview(bytearray(RECORD)))
+        assert scope.cancelled_caught
+        with pytest.raises(PeerLost, match="closed"):
+            await b.receive_head()
+        with trio.fail_after(5), pytest.raises(PeerLost):
+            await a.receive()  # the far side sees the connection go
+
+
+async def test_a_sender_vanishing_mid_payload_fails_the_io_thread_read() -> None:
+    async with open_rig(DataConfig(max_record=RECORD, crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        await _stalled_payload(a, b, [os.urandom(RECORD)], 4 * RECORD)
+
+        async def vanish() -> None:
+            await _until(lambda: b._io_threads == 1)  # its read is on a thread
+            a.abort()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vanish)
+            with trio.fail_after(5), pytest.raises(PeerLost, match=r"ended|truncated|failed"):
+                await b.receive_payload(memoryview(bytearray(4 * RECORD)), WriteGate(),
+                                        memoryview(bytearray(RECORD)))
+
+
+async def test_a_forged_record_is_refused_on_an_io_thread() -> None:
+    async with open_rig(DataConfig(max_record=RECORD, crypto_threads=True)) as rig:
+        a, b = await rig.pair()
+        await _stalled_payload(a, b, [os.urandom(RECORD)], 2 * RECORD)
+        forged = struct.pack(">BI", Kind.PAYLOAD, RECORD + TAG_SIZE) + os.urandom(RECORD + TAG_SIZE)
+        await a._t.send_all(forged)
+        with trio.fail_after(5), pytest.raises(ProtocolError, match="authentication"):
+            await b.receive_payload(memoryview(bytearray(2 * RECORD)), WriteGate(),
+                                    memoryview(bytearray(RECORD)))
+        with pytest.raises(PeerLost):  # nothing after a refused record is trusted
+            await b.receive_head()

@@ -9,13 +9,22 @@ import numpy as np
 import pytest
 import trio
 
-from peerd.datachan import DataConfig
+from peerd import datachan
+from peerd.datachan import CRYPTO_THREAD_CORES, DataConfig
 from peerd.datalink import DataLink, LinkConfig, open_data_link
 from peerd.errors import PeerLost, ProtocolError
 
 from .conftest import open_rig
 
 MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, params=["inline", "io-threads"])
+def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with messages moved by the event loop, and again with
+    large ones moved by I/O threads (the default where cores are to spare)."""
+    cores = CRYPTO_THREAD_CORES if request.param == "io-threads" else 1
+    monkeypatch.setattr(datachan, "usable_cores", lambda: cores)
 
 
 async def test_mixed_sizes_any_order() -> None:
