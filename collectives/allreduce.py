@@ -27,6 +27,10 @@ Scratch buffers come from ``collectives.scratch.POOL`` and go back to it once
 the result is copied out or the ring has stopped: the next round of the same
 size then writes memory that is already mapped (first-touch page faults cost
 more than the encryption of the same bytes).
+
+With ``job.threads`` (cores to spare) the reductions of large blocks and the
+final copy run on worker threads: numpy releases the GIL for them, so the
+event loop keeps feeding the data channels meanwhile.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ RECEIVE_AHEAD = 256
 # one channel, which costs fewer records and wakeups than four stripes of each
 # (measured ~10% less CPU per byte), and the channels stay busy.
 SEND_AHEAD = 4
+# Below this many bytes a block is reduced on the event loop: a thread hop
+# costs more than the addition.
+THREAD_MIN = 256 * 1024
+# Worker threads the final copy is split over (it is memory-bound: more do not help).
+COMMIT_THREADS = 4
 
 
 @dataclass
@@ -81,6 +90,7 @@ class RingJob:
     # This peer's last commit of the tag (``collectives.history``); members
     # exchange it before one uses another's data.
     history: bytes = NO_HISTORY
+    threads: bool = False  # reduce large blocks and copy the result on worker threads
 
     def key(self, phase: bytes, chunk: int, sub: int) -> bytes:
         return b"%s%s/%d.%d" % (self.prefix, phase, chunk, sub)
@@ -111,7 +121,7 @@ def _blocks(job: RingJob, buf: memoryview, phase: bytes, chunks: Sequence[int]) 
 
 async def _receive_in_order(
     fabric: Fabric, peer: str, blocks: list[_Block], counters: Counters,
-    consume: Callable[[_Block], None], gate: trio.Event,
+    consume: Callable[[_Block], Awaitable[None]], gate: trio.Event,
 ) -> None:
     """Receive ``blocks`` from ``peer`` into their places, calling ``consume``
     on each in order, none before ``gate`` is set; up to ``RECEIVE_AHEAD``
@@ -138,7 +148,7 @@ async def _receive_in_order(
                 posted += 1
             await done[i].wait()
             await gate.wait()
-            consume(block)
+            await consume(block)
     if error:
         raise error[0]
 
@@ -265,9 +275,14 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         last_step = size - 2
         divisor = size if job.average else 1
 
-        def reduce(b: _Block) -> None:
+        async def reduce(b: _Block) -> None:
             last = b.step == last_step
-            codec.accumulate(b.place, flat, b.span, divisor if last else 1)
+            args = (b.place, flat, b.span, divisor if last else 1)
+            if job.threads and len(b.place) >= THREAD_MIN:
+                # Not abandoned on cancel: the scratch buffer outlives the thread.
+                await trio.to_thread.run_sync(codec.accumulate, *args)
+            else:
+                codec.accumulate(*args)
             if last:
                 ag_tx.send_nowait((job.key(b"g", b.chunk, b.sub), b.place))
             else:
@@ -278,7 +293,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
             await _receive_in_order(fabric, left, blocks, counters, reduce, checked)
 
     async def ag_receiver() -> None:
-        def forward(b: _Block) -> None:
+        async def forward(b: _Block) -> None:
             if b.step < size - 2:
                 ag_tx2.send_nowait((b.key, b.place))
 
@@ -328,12 +343,24 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     return out
 
 
-def commit(job: RingJob, gathered: np.ndarray) -> None:
-    """Write the gathered result into the caller's array (no awaits: all or
-    nothing); ``gathered`` goes back to the scratch pool."""
+async def commit(job: RingJob, gathered: np.ndarray) -> None:
+    """Write the gathered result into the caller's array, all or nothing (a
+    cancel waits for the copy to end); ``gathered`` goes back to the scratch pool."""
     buf = gathered.data
-    for c, pieces in enumerate(job.layout.subs):
-        for k, span in enumerate(pieces):
-            job.codec.decode_into(buf[job.layout.region(c, k)], job.flat, span)
+    blocks = [(buf[job.layout.region(c, k)], span)
+              for c, pieces in enumerate(job.layout.subs) for k, span in enumerate(pieces)]
+
+    def copy(part: Sequence[tuple[memoryview, Span]]) -> None:
+        for place, span in part:
+            job.codec.decode_into(place, job.flat, span)
+
+    if job.threads and job.layout.total >= COMMIT_THREADS * THREAD_MIN:
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for i in range(COMMIT_THREADS):
+                    nursery.start_soon(trio.to_thread.run_sync, copy, blocks[i::COMMIT_THREADS])
+    else:
+        copy(blocks)
+    del blocks
     buf.release()
     POOL.give(gathered)

@@ -40,6 +40,7 @@ from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
+from peerd.datachan import CRYPTO_THREAD_CORES, usable_cores
 from peerd.errors import (
     ConfigError,
     Evicted,
@@ -77,6 +78,15 @@ class EngineConfig:
     probe_bytes: int = PROBE_BYTES
     max_attempts: int = 8
     join_timeout: float = 300.0
+    # Reduce large blocks and copy results on worker threads, as the data
+    # channels do their I/O (``peerd.datachan.DataConfig``); None: where this
+    # process may use enough cores for it to pay.
+    worker_threads: bool | None = None
+
+    def use_threads(self) -> bool:
+        if self.worker_threads is not None:
+            return self.worker_threads
+        return usable_cores() >= CRYPTO_THREAD_CORES
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,7 @@ class Engine(MembershipDriver):
             now + phase,
             now + 2 * phase,
             self._history.of(tag),
+            self.config.use_threads(),
         )
         state = _Op(members)
         self._active[tag] = state
@@ -202,7 +203,7 @@ class Engine(MembershipDriver):
                 fail(self, d, prefix, lost, trio.current_time() + self.config.phase_timeout, what)
             state.in_status = True  # from here on only the status round decides
             await agree(self, d, prefix, set(), now + 3 * phase, what)
-            commit(job, gathered)
+            await commit(job, gathered)
             self._history.record(tag, d.revision, seq)
         finally:
             del self._active[tag]

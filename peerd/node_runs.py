@@ -8,6 +8,7 @@ until the node leaves the run or closes.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -16,6 +17,7 @@ from collectives.api import AllReduceResult, Quant, ReduceOp, SyncResult, SyncSt
 from collectives.p2p import PointToPoint, Scattered
 from collectives.run import Engine, EngineConfig, open_engine
 from collectives.statesync import StateSync
+from peerd.config import NodeConfig
 from peerd.errors import ConfigError
 from peerd.fabric import NodeFabric
 from peerd.identity import PeerId
@@ -27,6 +29,7 @@ class RunsMixin:
     _nursery: trio.Nursery
     fabric: NodeFabric
     _runs: dict[str, tuple[Engine, trio.CancelScope]]
+    config: NodeConfig
 
     async def join_run(self, run: str, members: tuple[str, ...] | list[str] | None = None,
                        config: EngineConfig | None = None,
@@ -37,6 +40,11 @@ class RunsMixin:
         round boundary and returns once a view includes it."""
         if run in self._runs:
             return self._runs[run][0]
+        # One knob for the node's data path: the ring's numpy work goes to
+        # worker threads when its data channels' I/O does.
+        config = config or EngineConfig()
+        if config.worker_threads is None:
+            config = replace(config, worker_threads=self.config.data_threads)
 
         async def host(task_status: trio.TaskStatus[Engine]) -> None:
             with trio.CancelScope() as scope:

@@ -18,6 +18,8 @@ File format (every key optional)::
     log_level = "info"                  # debug | info | warning | error
     data_channels = 2                   # TCP connections per peer link (1-64); more
                                         # for long fat pipes (bandwidth x RTT > a few MB)
+    data_threads = true                 # move large data on worker threads; default:
+                                        # on where the daemon may use >= 4 cores
     [limits]
     max_peers = 512
     max_pending_handshakes = 64
@@ -64,11 +66,13 @@ class DaemonConfig:
     log_level: str
     limits: Limits
     data_channels: int
+    data_threads: bool | None = None
 
 
 _TOP_KEYS: dict[str, type] = {
     "data_dir": str, "identity": str, "swarm_key": str, "listen": str, "bootstrap": list,
     "metrics": str, "socket": str, "log_level": str, "limits": dict, "data_channels": int,
+    "data_threads": bool,
 }
 MAX_DATA_CHANNELS = 64  # what a peer accepts (peerd.dataplane.MAX_CHANNELS)
 _LIMIT_KEYS = ("max_peers", "max_pending_handshakes", "max_clients", "max_inflight")
@@ -118,7 +122,8 @@ def check_values(raw: Mapping[str, Any], where: str, base: Path | None = None) -
                               + ", ".join(sorted(_TOP_KEYS)))
         want = _TOP_KEYS[key]
         if type(raw_value) is not want and not (want is not int and isinstance(raw_value, want)):
-            kind = {dict: "a table", list: "a list", int: "an integer"}.get(want, "a string")
+            kind = {dict: "a table", list: "a list", int: "an integer",
+                    bool: "true or false"}.get(want, "a string")
             raise ConfigError(f"{where}: {key} must be {kind}, got {type(value).__name__} "
                               f"{value!r}")
         if key == "data_channels" and not 1 <= value <= MAX_DATA_CHANNELS:
@@ -179,4 +184,5 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
         socket=sock, listen=listen, bootstrap=bootstrap, metrics=metrics,
         log_level=level, limits=limits,
         data_channels=merged.get("data_channels", NodeConfig.data_channels),
+        data_threads=merged.get("data_threads", NodeConfig.data_threads),
     )

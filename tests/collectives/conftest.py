@@ -23,6 +23,9 @@ FAST = EngineConfig(
     phase_timeout=30.0,
     sub_chunk_bytes=64,  # 16 fp32 elements per sub-chunk: pipelining is exercised
     probe_bytes=4096,
+    # Inline whatever the cores: a mock clock jumps ahead while a task waits on
+    # a worker thread (tests/collectives/test_allreduce.py covers the threads).
+    worker_threads=False,
 )
 
 

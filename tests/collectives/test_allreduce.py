@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +13,10 @@ import trio
 import trio.testing
 
 from collectives.api import AllReduceResult, Quant, ReduceOp
+from collectives.quant import RawCodec
 from collectives.run import Engine
 from peerd.errors import ConfigError
-from tests.collectives.conftest import ids, inputs, reference, same_bytes, swarm
+from tests.collectives.conftest import FAST, ids, inputs, reference, same_bytes, swarm
 
 
 @pytest.mark.parametrize(
@@ -35,6 +40,37 @@ async def test_matches_float64_and_is_identical_everywhere(
         if size > 1:
             assert all(r.bytes_sent > 0 and r.bytes_received > 0 for r in results.values())
         assert s.net.pending_data(b"ar/") == 0
+
+
+async def test_worker_threads_give_the_same_bytes_as_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Real clock: 4 x 3M fp32 gives 1 MiB blocks, reduced and copied out on
+    # worker threads when they are on.
+    n = 3_000_017
+    outcomes = []
+    where: list[bool] = []  # per reduction: on the event loop's thread?
+    accumulate = RawCodec.accumulate
+
+    def spy(self: RawCodec, *args: Any) -> None:
+        where.append(threading.current_thread() is threading.main_thread())
+        accumulate(self, *args)
+
+    monkeypatch.setattr(RawCodec, "accumulate", spy)
+    for threads in (False, True):
+        where.clear()
+        config = replace(FAST, sub_chunk_bytes=0, worker_threads=threads)
+        async with swarm(4, config) as s:
+            data = inputs(s.alive(), n, seed=11)
+            arrays = {p: v.copy() for p, v in data.items()}
+            with trio.fail_after(60):
+                await s.each(lambda p, e, a=arrays: e.all_reduce(a[p]))
+            np.testing.assert_allclose(arrays["p00"], reference(data, s.alive(), True),
+                                       rtol=1e-5, atol=1e-5)
+            assert same_bytes(list(arrays.values()))
+            outcomes.append(arrays["p00"].tobytes())
+        assert where and all(where) is not threads
+    assert outcomes[0] == outcomes[1]
 
 
 async def test_reruns_are_bit_identical_whatever_the_timing(

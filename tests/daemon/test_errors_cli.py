@@ -37,6 +37,8 @@ CASES = [
     ("data_channels = 0\n", "data_channels = 0 is out of range"),
     ('data_channels = "two"\n', "data_channels must be an integer"),
     ("data_channels = true\n", "data_channels must be an integer"),
+    ('data_threads = "yes"\n', "data_threads must be true or false"),
+    ("data_threads = 1\n", "data_threads must be true or false"),
 ]
 
 
