@@ -63,7 +63,9 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
                             quant=int(quant), timeout=900)
         bad = [r for r in res if r["event"] != "result"]
         if bad:
-            raise RuntimeError(f"peerd all-reduce failed: {bad}")
+            logs = "\n".join(f"--- peer {p.index} ({p.peer[:8]}):\n{p.stderr_tail(2000)}"
+                             for p in sw.peers)
+            raise RuntimeError(f"peerd all-reduce failed: {bad}\n{logs}")
         if len({r["sha256"] for r in res}) != 1:
             # Say enough to tell a broken guarantee (same participants and
             # revision, different bytes) from results over different views.

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import queue
 import signal
@@ -118,6 +119,9 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
     if not os.environ.get("PEERD_PEERPROC_NO_TORCH"):
         import torch  # noqa: F401
 
+    if level := os.environ.get("PEERD_PEERPROC_LOG"):  # e.g. "info", to explain a failure
+        logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                            format="%(relativeCreated)d %(name)s %(message)s")
     # Tests of the threaded data path force it on or off whatever the cores.
     threads = os.environ.get("PEERD_PEERPROC_DATA_THREADS")
     config = NodeConfig(data_threads=None if threads is None else threads == "1")
