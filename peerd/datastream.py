@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any, Final
 
 import trio
@@ -213,23 +212,23 @@ class DataChannel:
         """Run ``fn`` (blocking I/O on this channel's socket) on a worker thread.
         A cancelled caller stops it by closing the channel, and waits for it:
         the thread may be writing into the caller's buffer."""
-        finished = trio.Event()
-        token = trio.lowlevel.current_trio_token()
+        # The thread "writes" from start to end; only a cancelled caller waits
+        # for it, so a normal return costs no second wakeup of the event loop.
+        running = WriteGate()
+        running.enter()
 
         def work() -> None:
             try:
                 fn(*args)
             finally:
-                with suppress(trio.RunFinishedError):
-                    token.run_sync_soon(finished.set)
+                running.leave()
 
         self._io_threads += 1
         try:
             await run_io(work)
         except trio.Cancelled:
             self.abort()
-            with trio.CancelScope(shield=True):
-                await finished.wait()
+            await running.close()
             raise
         finally:
             self._io_threads -= 1

@@ -153,6 +153,7 @@ async def _command(
     import trio
 
     from collectives.api import Quant
+    from collectives.driver import EngineConfig
 
     kind = cmd["cmd"]
     if kind == "connect":
@@ -160,7 +161,10 @@ async def _command(
         return {"event": "connected", "peer": peer.text}
     if kind == "join":
         members = cmd.get("members")
-        engine = await node.join_run(cmd["run"], members, timeout=cmd.get("timeout"))
+        # Benchmarks sweep the ring's pipelining unit (bytes; unset: automatic).
+        sub = int(os.environ.get("PEERD_PEERPROC_SUB_CHUNK_BYTES", "0"))
+        engine = await node.join_run(cmd["run"], members, timeout=cmd.get("timeout"),
+                                     config=EngineConfig(sub_chunk_bytes=sub))
         return {"event": "joined", "view": list(engine.view().members),
                 "revision": engine.view().revision}
     if kind == "update_view":
