@@ -17,7 +17,7 @@ messages stay on it, where a thread hop would cost more than the work.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import trio
@@ -154,6 +154,18 @@ class DataChannel:
         if self._sock is not None and len(view) >= self._offload_min:
             await self._in_thread(self._send_sync, self._sock.fileno(), head, view)
             return
+        for data in self._writes(head, view):
+            await self._write(data)
+
+    def _send_sync(self, fd: int, head: memoryview, view: memoryview) -> None:
+        """``_send_locked`` on an I/O thread."""
+        for data in self._writes(head, view):
+            self._write_sync(fd, data)
+
+    def _writes(self, head: memoryview, view: memoryview) -> Iterator[memoryview]:
+        """The message as the byte strings to write, in order: one per record
+        (the head shares the first payload record's). Each must be written
+        before the next is taken: they share the channel's write buffer."""
         pos = self._seal(Kind.HEAD, head, 0)
         if self._sealer is None:
             self._wbuf[pos : pos + len(head)] = head
@@ -163,38 +175,17 @@ class DataChannel:
             n = min(self._max_record, len(view) - off)
             chunk = view[off : off + n]
             if pos + record_size(n) > len(self._wbuf):
-                await self._write(self._wbuf[:pos])
+                yield self._wbuf[:pos]
                 pos = 0
-            if self._sealer is None:
-                pos += self._seal(Kind.PAYLOAD, chunk, pos)
-                await self._write(self._wbuf[:pos])
-                await self._write(chunk)
+            pos += self._seal(Kind.PAYLOAD, chunk, pos)
+            if self._sealer is None:  # plaintext: the payload goes from the caller's buffer
+                yield self._wbuf[:pos]
+                yield chunk
                 pos = 0
-            elif n >= self._offload_min:
-                pos += await run_crypto(self._seal, Kind.PAYLOAD, chunk, pos)
-            else:
-                pos += self._seal(Kind.PAYLOAD, chunk, pos)
             off += n
             self._sent[1] += 1
         if pos:
-            await self._write(self._wbuf[:pos])
-        self._sent[1] += 1
-        self._sent[2] += 1
-
-    def _send_sync(self, fd: int, head: memoryview, view: memoryview) -> None:
-        """``_send_locked`` on an I/O thread: one write per record."""
-        pos = self._seal(Kind.HEAD, head, 0)
-        off = 0
-        while off < len(view):
-            n = min(self._max_record, len(view) - off)
-            if pos + record_size(n) > len(self._wbuf):
-                self._write_sync(fd, self._wbuf[:pos])
-                pos = 0
-            pos += self._seal(Kind.PAYLOAD, view[off : off + n], pos)
-            off += n
-            self._sent[1] += 1
-        if pos:
-            self._write_sync(fd, self._wbuf[:pos])
+            yield self._wbuf[:pos]
         self._sent[1] += 1
         self._sent[2] += 1
 
