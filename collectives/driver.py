@@ -237,11 +237,13 @@ class MembershipDriver(Liveness):
     def changed(self) -> trio.Event:
         return self._changed
 
-    def lost(self, peers: set[str] | frozenset[str], reason: str,
-             reported: bool = False) -> frozenset[str]:
+    def lost(self, peers: set[str] | frozenset[str], reason: str, reported: bool = False,
+             found: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
         """Record peers as gone (this peer found them so, or another member
-        ``reported`` it): abort collectives using them, tell the other members."""
-        new = self.core.suspect(peers, observed=not reported)
+        ``reported`` it; ``found`` are more that this peer found itself):
+        abort collectives using them, tell the other members, in one message."""
+        new = (self.core.suspect(set(peers) - set(found), observed=not reported)
+               | self.core.suspect(found, observed=True))
         if not new:
             return new
         self.peers_lost += len(new)
@@ -352,14 +354,15 @@ class MembershipDriver(Liveness):
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
         if self.core.speaks_for_view(peer, msg.revision):
-            if self.me in msg.observed:
-                # It found this peer gone itself, so it cannot talk to this peer:
-                # treat it alike. Only its own finding counts: a loss it passes
-                # on from a third member says nothing about the link between the
-                # two of them, and taking it so spread one cut link between two
-                # members until no side had a quorum.
-                self.lost({peer}, f"{peer} cannot reach this peer: {msg.reason}")
-            self.lost(set(msg.lost) - {self.me}, f"{peer}: {msg.reason}", reported=True)
+            # If it found this peer gone itself, it cannot talk to this peer:
+            # treat it alike. Only its own finding counts: a loss it passes on
+            # from a third member says nothing about the link between the two
+            # of them, and taking it so spread one cut link between two members
+            # until no side had a quorum.
+            found = {peer} if self.me in msg.observed else set()
+            why = f"{peer} cannot reach this peer; " if found else ""
+            self.lost(set(msg.lost) - {self.me}, f"{why}{peer}: {msg.reason}", reported=True,
+                      found=found)
         return self._ack()
 
     async def _on_leave(self, peer: str, payload: bytes) -> bytes:

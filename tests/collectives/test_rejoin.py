@@ -184,6 +184,26 @@ async def test_a_loss_passed_on_names_no_link(mock_clock: trio.testing.MockClock
         assert e.core.suspects == {"p02", "p04"} and e.core.observed == {"p04"}
 
 
+async def test_an_abort_that_names_this_peer_is_passed_on_in_one_message(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A member that found this peer gone and reports a third one costs this
+    peer one abort to each remaining member, naming both."""
+    async with swarm(5) as s:
+        e = s.engines["p00"]
+        sent: list[tuple[str, m.Abort]] = []
+
+        async def spy(peer: str, name: str, payload: bytes) -> None:
+            if name == "abort":
+                sent.append((peer, decode_untrusted(payload, expect=m.Abort)))
+
+        e._quiet_call = spy  # type: ignore[method-assign]
+        abort = m.Abort(RUN, 0, ("p00", "p02"), "silent", observed=("p00", "p02"))
+        await e._on_abort("p04", encode(abort))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(peer for peer, _ in sent) == ["p01", "p03"]
+        assert all(msg.lost == ("p02", "p04") and msg.observed == ("p04",) for _, msg in sent)
+
+
 async def test_a_stopped_peer_learns_on_its_next_call_that_the_others_went_on(
         mock_clock: trio.testing.MockClock) -> None:
     """Stalled past the heartbeat timeout (what SIGSTOP does to a process) while
