@@ -127,9 +127,16 @@ class Liveness:
         assert d is not None
         start = trio.current_time()
         try:
-            reply = await self._call_heartbeat(peer)
-        except PeerLost:
-            self.lost({peer}, "heartbeat: connection lost")
+            try:
+                reply = await self._call_heartbeat(peer)
+            except PeerLost:
+                # The session under the call may have been closed as a duplicate
+                # of another to the same peer (two dials crossed; see
+                # ``peerd.node``), which says nothing of the peer. A heartbeat is
+                # idempotent: one more, on whatever session is current, tells.
+                reply = await self._call_heartbeat(peer)
+        except PeerLost as exc:
+            self.lost({peer}, f"heartbeat: connection lost ({exc})")
             return
         except (Timeout, RemoteError):
             return  # silence is judged by the timeout, not by one late reply

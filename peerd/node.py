@@ -147,13 +147,21 @@ class Node(RunsMixin):
     # ------------------------------------------------------------ sessions
 
     def peers(self) -> list[PeerId]:
-        return sorted(p for p, s in self._sessions.items() if s.alive)
+        return sorted(p for p in self._sessions if self._live_session(p) is not None)
 
     def session(self, peer: PeerId) -> Session:
-        s = self._sessions.get(peer)
-        if s is None or not s.alive:
+        s = self._live_session(peer)
+        if s is None:
             raise PeerLost([peer.text], "not connected")
         return s
+
+    def _live_session(self, peer: PeerId) -> Session | None:
+        s = self._sessions.get(peer)
+        if s is not None and s.alive:
+            return s
+        # The session in use just closed (as a duplicate, say) and the survivor
+        # is not promoted yet (``_serve_session`` does that): use it already.
+        return next((x for x in reversed(self._spares.get(peer, [])) if x.alive), None)
 
     def peer_at(self, address: str) -> PeerId | None:
         """The connected peer whose packets come from ``address``, if any."""

@@ -260,3 +260,44 @@ async def test_a_peer_that_committed_a_round_the_others_did_not_is_left_out(
         data, arrays, out = await run_round(s, 64, retry=True, seed=10)
         assert {r.participants for r in out.values()} == {("p00", "p01", "p02", "p03")}, out
         assert same_bytes(list(arrays.values()))
+
+
+class DropsOneCallSession:
+    """A fabric whose first heartbeat call to ``peer`` fails with ``PeerLost``,
+    as a call does on a session closed under it as a duplicate of another."""
+
+    def __init__(self, inner: MemFabric, peer: str) -> None:
+        self._inner, self._peer, self.dropped = inner, peer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def me(self) -> str:
+        return self._inner.me
+
+    async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
+        if peer == self._peer and method.endswith("/hb") and not self.dropped:
+            self.dropped += 1
+            raise PeerLost([peer], "duplicate session")
+        return await self._inner.call(peer, method, payload, timeout)
+
+
+async def test_a_heartbeat_cut_off_by_a_replaced_session_loses_no_peer(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """One heartbeat failing with ``PeerLost`` while the peer is still there
+    (its session was replaced) must not make the peer a suspect: it cost a
+    4-peer benchmark one member, evicted mid-run."""
+    fabrics: list[DropsOneCallSession] = []
+
+    def wrap(f: MemFabric) -> DropsOneCallSession:
+        fabrics.append(DropsOneCallSession(f, "p01"))
+        return fabrics[-1]
+
+    async with swarm(3, wrap={"p00": wrap}) as s:
+        await trio.sleep(3 * FAST.timing.heartbeat_interval)
+        assert fabrics[0].dropped == 1
+        assert s.engines["p00"].core.suspects == set()
+        data, arrays, out = await run_round(s, 3 * 16, retry=False)
+        assert len(assert_one_outcome(out, data, arrays)) == 3

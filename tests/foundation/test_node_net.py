@@ -112,6 +112,22 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
         assert lost == [b.peer_id, a.peer_id] or lost == [a.peer_id, b.peer_id]
 
 
+async def test_a_closed_session_in_use_falls_back_to_a_live_duplicate_at_once() -> None:
+    """The session in use closes (as a duplicate, from the far side) while a
+    duplicate lives: calls made before this node's session task has promoted
+    the survivor already go on it, so nobody sees the peer missing."""
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        a.register("echo", echo)
+        await a.connect(b.listen_address)
+        await a.connect(b.listen_address)
+        await wait_until(lambda: len(b._spares.get(a.peer_id, [])) == 1)
+        in_use, (spare,) = b._sessions[a.peer_id], b._spares[a.peer_id]
+        in_use.conn.close(0, "duplicate session")
+        assert b.peers() == [a.peer_id]  # no await yet: nothing was promoted
+        assert b.session(a.peer_id) is spare
+        assert await b.call(a.peer_id, "echo", b"x") == b.peer_id.raw + b"x"
+
+
 async def test_a_restarted_peer_replaces_its_old_session_at_once() -> None:
     """b's process is replaced by a new one with the same identity before a
     noticed the old one die: a's calls must reach the new process at once,
