@@ -24,7 +24,7 @@ Measured (session 8), ratio peerd / gloo:
       same host, event-loop I/O   2.92 (0.72 s vs gloo 0.25)
     2 cores, 4 peers share them   1.93-2.19 (CPU-bound: sum of  ~2.2
                                   all peers' CPU, cipher incl.)
-    netns, 200 Mbit/s tbf (10M):  bus bandwidth / limit 0.88-0.94, median 0.90
+    netns, 200 Mbit/s tbf (10M):  bus bandwidth / limit 0.87-0.94, median 0.91 (20 runs)
 
 On the 16-core host, smaller sub-chunks cost time (10M: 2.5 MB auto 0.043 s,
 1 MiB 0.074, 512 KiB 0.133, 256 KiB 0.243): each block crosses threads a

@@ -1,9 +1,10 @@
 """Socket plumbing of the data plane: the transport seam, socket tuning, buffers.
 
 ``Transport`` is what a ``DataChannel`` needs from a byte stream, so tests can
-substitute memory streams; ``SocketTransport`` is the TCP one. Crypto hand-off
-to worker threads lives here too, since it is the only other thing the channel
-needs from the runtime.
+substitute memory streams; ``SocketTransport`` is the TCP one. Hand-offs to
+worker threads live here too (a record's crypto; a whole message's blocking
+socket I/O, which polls the non-blocking descriptor itself), since they are
+the only other things the channel needs from the runtime.
 """
 
 from __future__ import annotations
