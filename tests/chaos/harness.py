@@ -35,7 +35,9 @@ from peerd.peerproc import LocalSwarm, PeerProcess, digest
 # Inputs are fp32 in a tensor this size: big enough that reduce-scatter and
 # all-gather each take several sends on 3-5 peers (so "r:2" is mid-phase),
 # small enough for 2 busy cores.
-DEFAULT_SIZE = 60_000
+# Elements per all-reduce; PEERD_CHAOS_SIZE overrides it (e.g. 2_000_000, whose
+# 1 MiB blocks go through the I/O-thread data path under PEERD_PEERPROC_DATA_THREADS=1).
+DEFAULT_SIZE = int(os.environ.get("PEERD_CHAOS_SIZE", "60000"))
 ROUND_TIMEOUT = 90.0  # seconds one step may take before the harness gives up on it
 KILL_PHASES = ("before", "r:1", "r:2", "g:1", "g:2")
 
