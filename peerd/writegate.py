@@ -42,10 +42,6 @@ class WriteGate:
             with suppress(trio.RunFinishedError):  # nobody is left to wake
                 self._token.run_sync_soon(idle.set)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def close(self) -> None:
         """Admit no more writes and wait, shielded, for those in progress."""
         with self._lock:
