@@ -40,7 +40,7 @@ from collectives.liveness import Liveness
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.topology import LinkEstimate
 from collectives.view import Decision, Ready, has_quorum, initial_view
-from peerd.datachan import CRYPTO_THREAD_CORES, usable_cores
+from peerd.datachan import threads_pay
 from peerd.errors import (
     ConfigError,
     Evicted,
@@ -84,9 +84,7 @@ class EngineConfig:
     worker_threads: bool | None = None
 
     def use_threads(self) -> bool:
-        if self.worker_threads is not None:
-            return self.worker_threads
-        return usable_cores() >= CRYPTO_THREAD_CORES
+        return threads_pay(self.worker_threads)
 
 
 @dataclass(frozen=True)

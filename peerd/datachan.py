@@ -79,9 +79,16 @@ class DataConfig:
     crypto_threads: bool | None = None
 
     def offload(self) -> bool:
-        if self.crypto_threads is not None:
-            return self.crypto_threads
-        return usable_cores() >= CRYPTO_THREAD_CORES
+        return threads_pay(self.crypto_threads)
+
+
+def threads_pay(setting: bool | None) -> bool:
+    """Whether bulk work goes to worker threads: ``setting`` if given, else
+    whether this process may use CRYPTO_THREAD_CORES (the data channels and
+    the ring's reductions decide alike)."""
+    if setting is not None:
+        return setting
+    return usable_cores() >= CRYPTO_THREAD_CORES
 
 
 async def _confirm(
