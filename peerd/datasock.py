@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
@@ -56,10 +57,19 @@ async def run_io(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=lim)
 
 
-def _wait_fd(fd: int, events: int) -> None:
-    poller = select.poll()
-    poller.register(fd, events)
-    poller.poll(POLL_TICK_MS)
+def _when_ready(op: Callable[[], int], fd: int, events: int, stopped: Callable[[], bool]) -> int:
+    """``op()`` (a syscall on the non-blocking ``fd``) from a worker thread,
+    polled for ``events`` until it no longer would block; ``BrokenPipeError``
+    once ``stopped()``."""
+    while True:
+        try:
+            return op()
+        except BlockingIOError:
+            if stopped():
+                raise BrokenPipeError("data channel stopped") from None
+            poller = select.poll()
+            poller.register(fd, events)
+            poller.poll(POLL_TICK_MS)
 
 
 def write_all_blocking(fd: int, data: memoryview, stopped: Callable[[], bool]) -> None:
@@ -68,14 +78,7 @@ def write_all_blocking(fd: int, data: memoryview, stopped: Callable[[], bool]) -
     once ``stopped()``."""
     view = data
     while view:
-        try:
-            sent = os.write(fd, view)
-        except BlockingIOError:
-            if stopped():
-                raise BrokenPipeError("data channel stopped") from None
-            _wait_fd(fd, select.POLLOUT)
-            continue
-        view = view[sent:]
+        view = view[_when_ready(partial(os.write, fd, view), fd, select.POLLOUT, stopped):]
 
 
 def read_exactly_blocking(fd: int, view: memoryview, stopped: Callable[[], bool]) -> None:
@@ -83,13 +86,7 @@ def read_exactly_blocking(fd: int, view: memoryview, stopped: Callable[[], bool]
     that ends first raises ``EOFError(bytes got)``, a stop ``BrokenPipeError``."""
     got = 0
     while got < len(view):
-        try:
-            n = os.readv(fd, [view[got:]])
-        except BlockingIOError:
-            if stopped():
-                raise BrokenPipeError("data channel stopped") from None
-            _wait_fd(fd, select.POLLIN)
-            continue
+        n = _when_ready(partial(os.readv, fd, [view[got:]]), fd, select.POLLIN, stopped)
         if n == 0:
             raise EOFError(got)
         got += n
