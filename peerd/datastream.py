@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import trio
@@ -62,6 +63,21 @@ def lazy_buffer(size: int) -> memoryview:
     would otherwise hold megabytes per channel (bytearray zero-fills eagerly).
     """
     return memoryview(mmap.mmap(-1, size))
+
+
+@contextmanager
+def _landing(dest: memoryview | None, gate: WriteGate | None, off: int, n: int,
+             scratch: memoryview) -> Iterator[memoryview]:
+    """Where the payload bytes ``[off, off + n)`` are decrypted: their place
+    in ``dest`` while ``gate`` admits writes (held for the decryption), else
+    ``scratch``, to be dropped."""
+    if dest is not None and gate is not None and gate.enter():
+        try:
+            yield dest[off : off + n]
+        finally:
+            gate.leave()
+    else:
+        yield scratch[:n]
 
 
 class DataChannel:
@@ -250,6 +266,9 @@ class DataChannel:
         what = "ended without close" if exc.args[0] == 0 else "truncated inside a header"
         return PeerLost([self.peer], f"data channel {what}")
 
+    def _eof_in_record(self, exc: EOFError) -> PeerLost:
+        return PeerLost([self.peer], "data channel truncated inside a record")
+
     def _parse_header(self) -> tuple[int, int]:
         self._recv[1] += 1
         self._recv[0] += HEADER.size
@@ -268,8 +287,8 @@ class DataChannel:
     async def _fill(self, view: memoryview) -> None:
         try:
             await self._recv_exact(view)
-        except EOFError:
-            raise PeerLost([self.peer], "data channel truncated inside a record") from None
+        except EOFError as exc:
+            raise self._eof_in_record(exc) from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise self._lost(exc, "receive failed") from None
         self._recv[0] += len(view)
@@ -359,13 +378,8 @@ class DataChannel:
         off = 0
         while self._payload_left:
             n = await self.next_payload_record()
-            if dest is not None and gate is not None and gate.enter():
-                try:
-                    await self.read_payload_into(dest[off : off + n])
-                finally:
-                    gate.leave()
-            else:
-                await self.read_payload_into(scratch[:n])
+            with _landing(dest, gate, off, n, scratch) as out:
+                await self.read_payload_into(out)
             off += n
 
     def _receive_payload_sync(
@@ -373,31 +387,25 @@ class DataChannel:
     ) -> None:
         off = 0
         while self._payload_left:
-            try:
-                read_exactly_blocking(fd, self._hdr, self._is_closed)
-            except EOFError as exc:
-                raise self._eof_in_header(exc) from None
-            except OSError as exc:
-                raise self._lost(exc, "receive failed") from None
+            self._read_sync(fd, self._hdr, self._eof_in_header)
             kind, n = self._parse_header()
             self._check_payload_record(kind, n)
             body = self._rbuf[: n + TAG_SIZE]
-            try:
-                read_exactly_blocking(fd, body, self._is_closed)
-            except EOFError:
-                raise PeerLost([self.peer], "data channel truncated inside a record") from None
-            except OSError as exc:
-                raise self._lost(exc, "receive failed") from None
+            self._read_sync(fd, body, self._eof_in_record)
             self._recv[0] += len(body)
-            if dest is not None and gate is not None and gate.enter():
-                try:
-                    self._open(kind, body, dest[off : off + n])
-                finally:
-                    gate.leave()
-            else:
-                self._open(kind, body, scratch[:n])
+            with _landing(dest, gate, off, n, scratch) as out:
+                self._open(kind, body, out)
             off += n
             self._payload_left -= n
+
+    def _read_sync(self, fd: int, view: memoryview,
+                   on_eof: Callable[[EOFError], PeerLost]) -> None:
+        try:
+            read_exactly_blocking(fd, view, self._is_closed)
+        except EOFError as exc:
+            raise on_eof(exc) from None
+        except OSError as exc:
+            raise self._lost(exc, "receive failed") from None
 
     async def read_payload_into(self, out: memoryview) -> None:
         """Authenticate and decrypt the record from ``next_payload_record``
