@@ -72,7 +72,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
     for memory (nothing of this size was allocated before, so the allocator
     cannot hide it) but not timed; then ``iters`` timed ones."""
     per_iter: list[float] = []
-    cpu: list[float] = []
+    cpu: list[tuple[float, float, float]] = []
     peak = 0
     sent = 0
     for i in range(iters + 2):
@@ -96,11 +96,11 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
         if i < 2:
             continue
         per_iter.append(max(r["seconds"] for r in res))
-        cpu.append(max(r["cpu_seconds"] for r in res))
+        cpu.append(max((r["cpu_seconds"], r["cpu_user"], r["cpu_system"]) for r in res))
         sent = max(r["bytes_sent"] for r in res)
     return {"median_s": statistics.median(per_iter), "min_s": min(per_iter),
             "peak_extra_bytes": peak, "bytes_sent_per_peer": sent,
-            "cpu_s": statistics.median(cpu)}
+            **dict(zip(("cpu_s", "user_s", "sys_s"), sorted(cpu)[len(cpu) // 2], strict=True))}
 
 
 def netns_factory(rate: str) -> tuple[Any, Any]:
@@ -141,7 +141,8 @@ def main() -> int:
         with LocalSwarm(args.peers, factory=factory) as sw:
             print(f"{args.peers} peers, quant={args.quant}, netns={args.netns}")
             print(f"{'elements':>12} {'system':>8} {'time s':>8} {'bus Gbit/s':>11} "
-                  f"{'peak extra MB':>14} {'x tensor':>9} {'CPU s/peer':>11}")
+                  f"{'peak extra MB':>14} {'x tensor':>9} {'CPU s/peer':>11} {'user':>7} "
+                  f"{'kernel':>7}")
             for n, elements in enumerate(args.elements):
                 nbytes = elements * 4
                 ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
@@ -152,7 +153,8 @@ def main() -> int:
                     print(f"{elements:>12} {name:>8} {r['median_s']:>8.3f} "
                           f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
                           f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
-                          f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f}")
+                          f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
+                          f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f}")
                 if quant is not Quant.NONE or n == 0:
                     fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
                     sent = ours["bytes_sent_per_peer"]

@@ -76,14 +76,17 @@ def main() -> None:
     ap.add_argument("--diloco-sync-every", type=int, default=15)
     ap.add_argument("--sparseloco-sync-every", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--d-model", type=int, default=64, help="tiny GPT width")
+    ap.add_argument("--layers", type=int, default=2, help="tiny GPT depth")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per peer per step")
     ap.add_argument("--methods", default="all",
                     help="comma-separated subset of the runs below (default all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    small = GPTConfig(n_layer=2, n_head=4, d_model=64, seq_len=64)
+    small = GPTConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, seq_len=64)
     moe = MoEConfig(n_layer=2, n_head=4, d_model=64, seq_len=64, n_experts=8, expert_hidden=64)
     base = TrainConfig(steps=args.steps, sync_every=args.sync_every, model=small, moe=moe,
-                       seed=args.seed)
+                       seed=args.seed, batch_size=args.batch)
     load_corpus(base.train_bytes, base.eval_bytes)
     h = args.sync_every
     runs = {

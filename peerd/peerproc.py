@@ -71,6 +71,14 @@ def reset_rss_peak() -> bool:
     return True
 
 
+def cpu_times() -> tuple[float, float]:
+    """This process's (user, kernel) CPU seconds so far, all threads."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime
+
+
 def rss_peak() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -206,7 +214,7 @@ async def _command(
 
             target = torch.from_numpy(data).view(torch.bfloat16)
         rss_before = rss_now() if reset_rss_peak() else rss_peak()
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, (user0, sys0) = time.perf_counter(), cpu_times()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
                                            tag=cmd.get("tag", "default"),
@@ -217,7 +225,7 @@ async def _command(
                                                    original.view(np.uint8))
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
                     "peers": list(exc.peers), "input_intact": bool(intact)}
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        seconds, (user1, sys1) = time.perf_counter() - t0, cpu_times()
         peak = max(0, rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
@@ -225,7 +233,8 @@ async def _command(
         sha = await trio.to_thread.run_sync(digest, data)
         return {"event": "result", "round": rnd, "participants": list(result.participants),
                 "revision": result.revision, "sha256": sha, "seconds": seconds,
-                "cpu_seconds": cpu, "bytes_sent": result.bytes_sent,
+                "cpu_seconds": user1 - user0 + sys1 - sys0, "cpu_user": user1 - user0,
+                "cpu_system": sys1 - sys0, "bytes_sent": result.bytes_sent,
                 "attempts": result.attempts, "peak_extra_bytes": peak}
     if kind in _NAT_COMMANDS:
         return await _nat_command(node, kind, cmd)
