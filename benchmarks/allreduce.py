@@ -29,6 +29,18 @@ Measured (session 8), ratio peerd / gloo:
 On the 16-core host, smaller sub-chunks cost time (10M: 2.5 MB auto 0.043 s,
 1 MiB 0.074, 512 KiB 0.133, 256 KiB 0.243): each block crosses threads a
 few times, and those wakeups, not bytes, bound small blocks there.
+
+Where the 2-core gap comes from (session 9, 100M, per peer, median of 3;
+the user and kernel columns): kernel time is the same for both systems
+(peerd 0.34-0.39 s, gloo 0.32-0.38 s: the loopback TCP copies), while
+peerd spends 0.42-0.47 s in user space against gloo's 0.04-0.08 s. Of
+that, the cipher is 0.12-0.16 s (sealing and opening 600 MB each way;
+0.117 s in isolation), the all-or-nothing copy into the caller's array
+0.035-0.055 s, the sums 0.02-0.03 s, and the rest (~0.2 s) is the event
+loop's Python across ~1200 records and ~600 stripes. With 4 peers on 2
+cores the time is total CPU / 2, so even with no Python at all the ratio
+would sit near (0.17 + 0.36) / (0.05 + 0.36), about 1.3-1.5. Ratios that
+day: 1.58, 1.80, 1.75, 1.51, 1.94 (median 1.75); 10M 1.7-1.8.
 """
 
 from __future__ import annotations

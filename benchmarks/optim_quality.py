@@ -31,6 +31,18 @@ DiLoCo's gap to DDP widens over the same steps and no outer setting closes it
 (540 steps, seed 0, H200: lr 0.4-1.0 x momentum 0-0.9 at H=13/15, best is
 this default; fp32 instead of int8 pseudo-gradients: 2.008 vs 2.007 here).
 ``--steps 540`` with ``--methods diloco,sparseloco`` shows the second aim.
+
+A larger model or batch does not bring the two aims together either
+(session 9, seed 0, this machine; --d-model/--layers/--batch):
+
+    setting                          diloco/ddp   sparseloco/diloco
+    d_model 128, 4 layers (0.86M)    1.067        1.011      (180 steps)
+    batch 64 (4x tokens)             1.034        1.054      (180 steps)
+    batch 64 (12x tokens)            1.080        1.040      (540 steps)
+
+More tokens per step help DiLoCo against DDP but hurt SparseLoCo, whose
+global model moves only where its few entries per round land: what it
+needs is more rounds, which is what DiLoCo's gap to DDP grows with.
 """
 
 from __future__ import annotations
