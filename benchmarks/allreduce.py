@@ -32,7 +32,7 @@ few times, and those wakeups, not bytes, bound small blocks there.
 
 Where the 2-core gap comes from (session 9, 100M, per peer, median of 3;
 the user and kernel columns): kernel time is the same for both systems
-(peerd 0.34-0.39 s, gloo 0.32-0.38 s: the loopback TCP copies), while
+(peerd 0.34-0.39 s, gloo 0.28-0.38 s: the loopback TCP copies), while
 peerd spends 0.42-0.47 s in user space against gloo's 0.04-0.08 s. Of
 that, the cipher is 0.12-0.16 s (sealing and opening 600 MB each way;
 0.117 s in isolation), the all-or-nothing copy into the caller's array
