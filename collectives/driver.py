@@ -477,8 +477,10 @@ class MembershipDriver(Liveness):
 
             async def call() -> None:
                 try:
-                    reply.append(await self.fabric.call(coord, self._method("ready"), payload,
-                                                        timeout))
+                    # A ready may arrive twice (the coordinator keeps one per
+                    # peer): a cut-off call must not make a live coordinator
+                    # a suspect.
+                    reply.append(await self.call_idempotent(coord, "ready", payload, timeout))
                 except (PeerLost, Timeout, RemoteError) as exc:
                     failed.append(exc)
                 nursery.cancel_scope.cancel()

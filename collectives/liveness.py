@@ -112,29 +112,35 @@ class Liveness:
                     self._spawn(self._heartbeat, peer)
             await trio.sleep(timing.heartbeat_interval)
 
+    async def call_idempotent(self, peer: str, name: str, payload: bytes,
+                              timeout: float) -> bytes:
+        """Call this run's method ``name`` on ``peer``, once more on ``PeerLost``:
+        for requests that may safely run twice, whose ``PeerLost`` would make
+        ``peer`` a suspect. The session under the first call may have been
+        closed as a duplicate of another to the same peer (two dials crossed;
+        see ``peerd.node``), which says nothing of the peer; the second goes
+        on whatever session is current, and fails at once if none is."""
+        method = self._method(name)
+        try:
+            return await self.fabric.call(peer, method, payload, timeout)
+        except PeerLost:
+            return await self.fabric.call(peer, method, payload, timeout)
+
     async def _call_heartbeat(self, peer: str) -> bytes:
         """One heartbeat to ``peer``: our revision, suspects and incarnation; its ack."""
         d = self.core.view
         assert d is not None
         msg = m.Heartbeat(self.run, d.revision, tuple(sorted(self.core.suspects)), self.incarnation,
                           tuple(sorted(self.core.observed)))
-        return await self.fabric.call(
-            peer, self._method("hb"), encode(msg), self.config.timing.heartbeat_interval * 2
-        )
+        return await self.call_idempotent(peer, "hb", encode(msg),
+                                          self.config.timing.heartbeat_interval * 2)
 
     async def _heartbeat(self, peer: str) -> None:
         d = self.core.view
         assert d is not None
         start = trio.current_time()
         try:
-            try:
-                reply = await self._call_heartbeat(peer)
-            except PeerLost:
-                # The session under the call may have been closed as a duplicate
-                # of another to the same peer (two dials crossed; see
-                # ``peerd.node``), which says nothing of the peer. A heartbeat is
-                # idempotent: one more, on whatever session is current, tells.
-                reply = await self._call_heartbeat(peer)
+            reply = await self._call_heartbeat(peer)
         except PeerLost as exc:
             self.lost({peer}, f"heartbeat: connection lost ({exc})")
             return

@@ -263,11 +263,12 @@ async def test_a_peer_that_committed_a_round_the_others_did_not_is_left_out(
 
 
 class DropsOneCallSession:
-    """A fabric whose first heartbeat call to ``peer`` fails with ``PeerLost``,
-    as a call does on a session closed under it as a duplicate of another."""
+    """A fabric whose first call of ``method`` (a heartbeat unless told) to
+    ``peer`` fails with ``PeerLost``, as a call does on a session closed under
+    it as a duplicate of another."""
 
-    def __init__(self, inner: MemFabric, peer: str) -> None:
-        self._inner, self._peer, self.dropped = inner, peer, 0
+    def __init__(self, inner: MemFabric, peer: str, method: str = "hb") -> None:
+        self._inner, self._peer, self._method, self.dropped = inner, peer, method, 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -277,7 +278,7 @@ class DropsOneCallSession:
         return self._inner.me
 
     async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
-        if peer == self._peer and method.endswith("/hb") and not self.dropped:
+        if peer == self._peer and method.endswith("/" + self._method) and not self.dropped:
             self.dropped += 1
             raise PeerLost([peer], "duplicate session")
         return await self._inner.call(peer, method, payload, timeout)
@@ -299,5 +300,27 @@ async def test_a_heartbeat_cut_off_by_a_replaced_session_loses_no_peer(
         await trio.sleep(3 * FAST.timing.heartbeat_interval)
         assert fabrics[0].dropped == 1
         assert s.engines["p00"].core.suspects == set()
+        data, arrays, out = await run_round(s, 3 * 16, retry=False)
+        assert len(assert_one_outcome(out, data, arrays)) == 3
+
+
+async def test_a_ready_cut_off_by_a_replaced_session_keeps_the_coordinator(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A member's ready to the coordinator failing with ``PeerLost`` while the
+    coordinator is still there (the session under the call was replaced) must
+    not make the coordinator a suspect, nor drop it from the view."""
+    fabrics: list[DropsOneCallSession] = []
+
+    def wrap(f: MemFabric) -> DropsOneCallSession:
+        fabrics.append(DropsOneCallSession(f, "p00", method="ready"))
+        return fabrics[-1]
+
+    async with swarm(3, wrap={"p01": wrap}) as s:
+        views = await s.each(lambda p, e: e.update_view())
+        assert fabrics[0].dropped == 1  # p01 asked p00, the coordinator, and was cut off
+        assert {v.members for v in views.values()} == {("p00", "p01", "p02")}, views
+        assert len({v.revision for v in views.values()}) == 1
+        assert all(not e.core.suspects for e in s.engines.values())
         data, arrays, out = await run_round(s, 3 * 16, retry=False)
         assert len(assert_one_outcome(out, data, arrays)) == 3
