@@ -344,10 +344,13 @@ class MembershipDriver(Liveness):
             raise ProtocolError(f"message for run {msg.run!r} on run {self.run!r}")
         return msg
 
-    def _ack(self) -> bytes:
+    def _ack(self, peer: str) -> bytes:
+        """The answer to ``peer``: our revision, whether we hold a view with
+        ourselves in it, and whether that view has ``peer`` in it too."""
         d = self.core.view
         member = d is not None and self.me in d.members
-        return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation))
+        return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation,
+                            d is not None and peer in d.members))
 
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
@@ -361,12 +364,12 @@ class MembershipDriver(Liveness):
             why = f"{peer} cannot reach this peer; " if found else ""
             self.lost(set(msg.lost) - {self.me}, f"{why}{peer}: {msg.reason}", reported=True,
                       found=found)
-        return self._ack()
+        return self._ack(peer)
 
     async def _on_leave(self, peer: str, payload: bytes) -> bytes:
         self._decode(payload, m.Leave)
         self.lost({peer}, "left the run")
-        return self._ack()
+        return self._ack(peer)
 
     # ------------------------------------------------------------ joining
 
@@ -402,7 +405,7 @@ class MembershipDriver(Liveness):
         msg: m.ViewCommit = self._decode(payload, m.ViewCommit)
         if self.me in msg.members:
             self._install(Decision(msg.revision, msg.members))
-        return self._ack()
+        return self._ack(peer)
 
     # ------------------------------------------------------------ view agreement
 

@@ -60,7 +60,7 @@ class Liveness:
     def _decode(self, payload: bytes, cls: type[Any]) -> Any:
         raise NotImplementedError
 
-    def _ack(self) -> bytes:
+    def _ack(self, peer: str) -> bytes:
         raise NotImplementedError
 
     def _notify(self) -> None:
@@ -158,7 +158,7 @@ class Liveness:
             # waiting on data the old process will never send.
             self.lost({peer}, f"{peer} restarted (answers without a view of this run)")
             return
-        self._answered(peer, ack.revision)
+        self._answered(peer, ack.revision, excluded=not ack.knows_you)
         if peer in self.core.suspects:
             return  # a probe across a partition: no RTT sample, still suspected
         now = trio.current_time()
@@ -177,10 +177,11 @@ class Liveness:
         self.lost({peer}, f"{peer} restarted (a new process with the same identity)")
         return True
 
-    def _answered(self, peer: str, revision: int) -> None:
-        """A member answered a heartbeat with its ``revision``."""
+    def _answered(self, peer: str, revision: int, excluded: bool = False) -> None:
+        """A member answered a heartbeat with its ``revision`` (``excluded``: and
+        a view of it that leaves this peer out)."""
         was = self.core.stranded
-        if self.core.reported(peer, revision) and not was:
+        if self.core.reported(peer, revision, excluded) and not was:
             d = self.core.view
             event(log, "collectives.stranded", me=self.me, run=self.run,
                   revision=d.revision if d else None, newer=revision, by=peer)
@@ -218,7 +219,7 @@ class Liveness:
     async def _on_heartbeat(self, peer: str, payload: bytes) -> bytes:
         msg: m.Heartbeat = self._decode(payload, m.Heartbeat)
         if self._restarted(peer, msg.incarnation):
-            return self._ack()
+            return self._ack(peer)
         d = self.core.view
         now = trio.current_time()
         same_view = d is not None and msg.revision == d.revision and peer in d.members
@@ -227,17 +228,17 @@ class Liveness:
             # peer, and this peer must not count on it; a loss it was only told
             # of says nothing about the link between the two (see ``_on_abort``).
             self.lost({peer}, f"{peer} reports this peer gone")
-            return self._ack()
+            return self._ack(peer)
         self.core.heard(peer, now)
         if same_view and self.me in msg.suspects:
             # A probe from across a partition: its other suspects are this side
             # of it, alive, and none is taken up.
-            return self._ack()
+            return self._ack(peer)
         if self.core.speaks_for_view(peer, msg.revision):
             reported = set(msg.suspects) - {self.me}
             if reported:
                 self.lost(reported, f"reported by {peer}", reported=True)
-        return self._ack()
+        return self._ack(peer)
 
     async def _on_probe(self, peer: str, payload: bytes) -> bytes:
         msg: m.Probe = self._decode(payload, m.Probe)
@@ -245,4 +246,4 @@ class Liveness:
             data = await self.fabric.recv_data(peer, msg.key)
         if len(data) != msg.nbytes:
             raise ProtocolError("probe size mismatch")
-        return self._ack()
+        return self._ack(peer)

@@ -130,12 +130,23 @@ class Membership:
         self._behind = self._behind or bool(self._newer)
         return self.stranded
 
-    def reported(self, peer: str, revision: int) -> bool:
-        """A member answered with its revision; returns whether this peer is
-        stranded as a result (newly or still)."""
+    def reported(self, peer: str, revision: int, excluded: bool = False) -> bool:
+        """A member answered with its revision (``excluded``: and a view of that
+        revision without this peer); returns whether this peer is stranded as
+        a result (newly or still)."""
         v = self.view
-        if v is not None and revision > v.revision and peer in v.members:
+        if v is None or peer not in v.members:
+            return self.stranded
+        if revision > v.revision:
             self._newer.add(peer)
+        elif revision == v.revision and excluded and self.me in v.members:
+            # Two views of one revision: the member's ready reached one
+            # coordinator, then a suspicion of that coordinator (a cut link
+            # between it and another member) moved it to the next, and both
+            # decided. The quorum rule assumes one view per revision, so this
+            # side cannot tell whether it may go on (a pair's lower id would,
+            # alone): it rejoins the view that member holds.
+            self._behind = True
         return self.stranded
 
     def probes(self) -> frozenset[str]:

@@ -75,6 +75,9 @@ class Ack:
     # member (same identity, new process) or a joiner not yet admitted.
     member: bool = True
     incarnation: int = 0
+    # False when the responder's view leaves the caller out: at the caller's
+    # own revision, two views of one revision (``Membership.reported``).
+    knows_you: bool = True
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)

@@ -4,6 +4,7 @@ the membership core's stranded state, and the driver's probe handling."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from collectives.view import Decision, has_quorum, probe_targets, stranded
 from peerd.errors import Evicted, PeerLost
 from peerd.wire import decode_untrusted, encode
 
-from .conftest import RUN, swarm
+from .conftest import FAST, RUN, swarm
 
 MEMBERS = ("a", "b", "c", "d", "e")
 
@@ -285,3 +286,45 @@ async def test_members_recover_from_a_flap_that_left_no_quorum(
         assert all(not isinstance(v, PeerLost) for v in views.values()), (out, views)
         assert {(v.revision, v.members) for v in views.values()} == {
             (views["p00"].revision, ("p00", "p01", "p02"))}, views
+
+
+
+async def _one_view_among_members(s: Any) -> Decision:
+    """Wait until every peer in good standing holds one and the same view."""
+    with trio.fail_after(30):
+        while True:
+            views = {e.core.view for e in s.engines.values() if e.core.is_member}
+            if len(views) == 1:
+                return views.pop()
+            await trio.sleep(0.5)
+
+
+@pytest.mark.parametrize("trial", range(8))  # the split below happens in about half
+async def test_two_views_of_one_revision_strand_the_side_left_out(
+        mock_clock: trio.testing.MockClock, trial: int) -> None:
+    """A link between the coordinator and a member is cut during a view change.
+    That member's ready never arrives; it suspects the coordinator and tells the
+    third member, whose ready the coordinator may already hold, and both go on
+    to the next coordinator: then each side decides revision 1, with different
+    members. The side that the shared member's view leaves out must not go on
+    (as the lower id of a pair it would, alone, training apart from the run for
+    good): the shared member's heartbeat answers strand it, and it rejoins."""
+    async with swarm(3) as s:
+        s.net.cut("p00", "p01")
+        await s.each(lambda p, e: e.update_view())
+        view = await _one_view_among_members(s)
+        assert view.revision == 1 and len(view.members) == 2, view
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
+        for p, r in out.items():
+            if p in view.members:
+                assert r.participants == view.members, out
+            else:
+                assert isinstance(r, Evicted), out
+        s.net.heal("p00", "p01")
+        (left_out,) = set(s.engines) - set(view.members)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.engines[left_out].join)
+            await trio.sleep(2 * FAST.timing.heartbeat_interval)  # its join requests are pending
+            await s.each(lambda p, e: e.update_view(), list(view.members))
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
+        assert {r.participants for r in out.values()} == {("p00", "p01", "p02")}, out
