@@ -17,7 +17,10 @@ Partitions: a peer whose reachable members are no quorum of its view raises
 with a newer revision, the other side went on without it: the peer is
 *stranded* (``current_view()`` is ``None``, collectives raise ``Evicted``)
 and its next round boundary (``update_view``, ``StateSync.sync``) rejoins
-the run as a joiner, like a dynamic join.
+the run as a joiner, like a dynamic join. A member that answers with this
+peer's revision but a view without this peer strands it too: two
+coordinators decided that revision differently (a cut link during a view
+change can do it), and the quorum rule only holds within one view.
 """
 
 from __future__ import annotations
