@@ -349,11 +349,12 @@ class MembershipDriver(Liveness):
 
     def _ack(self, peer: str) -> bytes:
         """The answer to ``peer``: our revision, whether we hold a view with
-        ourselves in it, and whether that view has ``peer`` in it too."""
+        ourselves in it, and whether that view has ``peer`` in it too (a
+        stranded peer's view is dead and claims nothing about anyone)."""
         d = self.core.view
         member = d is not None and self.me in d.members
-        return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation,
-                            d is not None and peer in d.members))
+        knows = d is None or not self.core.is_member or peer in d.members
+        return encode(m.Ack(self.run, d.revision if d else 0, member, self.incarnation, knows))
 
     async def _on_abort(self, peer: str, payload: bytes) -> bytes:
         msg: m.Abort = self._decode(payload, m.Abort)
