@@ -118,6 +118,24 @@ def test_core_strands_only_on_a_newer_revision_from_a_member_without_quorum() ->
     assert core.stranded and not core.is_member
 
 
+def test_core_strands_when_a_member_holds_its_revision_without_it() -> None:
+    """Two views of one revision: whatever the quorum says (here every member
+    answers), a member that holds this revision without this peer strands it;
+    the same answer from a member that holds it with this peer, from a member
+    at an older revision, or from a stranger does not."""
+    core = core_of("d")
+    assert not core.reported("b", 0)
+    assert not core.reported("b", 0, excluded=False)
+    assert not core.reported("x", 0, excluded=True)  # not a member of the view
+    core.install(Decision(1, MEMBERS), 1.0)
+    assert not core.reported("b", 0, excluded=True)  # behind us: says nothing of revision 1
+    assert core.is_member
+    assert core.reported("b", 1, excluded=True)
+    assert core.stranded and not core.is_member
+    assert core.install(Decision(2, MEMBERS), 2.0)  # readmitted
+    assert core.is_member and not core.stranded
+
+
 def test_core_rejoin_starts_afresh() -> None:
     core = core_of("d")
     core.suspect({"a", "b", "c"})
@@ -328,3 +346,21 @@ async def test_two_views_of_one_revision_strand_the_side_left_out(
             await s.each(lambda p, e: e.update_view(), list(view.members))
         out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
         assert {r.participants for r in out.values()} == {("p00", "p01", "p02")}, out
+
+
+async def test_heartbeat_answers_say_whether_the_view_holds_the_caller(
+        mock_clock: trio.testing.MockClock) -> None:
+    """``Ack.knows_you``: whether the answering member's view holds the caller;
+    a stranded member's view is dead, so its answers claim nothing."""
+    async with swarm(3) as s:
+        e = s.engines["p00"]
+
+        def ack_to(peer: str) -> m.Ack:
+            return decode_untrusted(e._ack(peer), expect=m.Ack)
+
+        assert ack_to("p01").knows_you
+        assert not ack_to("p07").knows_you
+        e.core.suspect({"p01", "p02"})
+        e.core.reported("p01", 5)  # the others went on without it
+        assert e.core.stranded
+        assert ack_to("p07").knows_you
