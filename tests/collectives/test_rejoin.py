@@ -308,13 +308,21 @@ async def test_members_recover_from_a_flap_that_left_no_quorum(
 
 
 async def _one_view_among_members(s: Any) -> Decision:
-    """Wait until every peer in good standing holds one and the same view."""
+    """Wait until every peer in good standing holds one and the same view
+    (woken by any engine's change: a view installed, a peer stranded)."""
     with trio.fail_after(30):
         while True:
             views = {e.core.view for e in s.engines.values() if e.core.is_member}
             if len(views) == 1:
                 return views.pop()
-            await trio.sleep(0.5)
+            async with trio.open_nursery() as nursery:
+                for e in s.engines.values():
+                    nursery.start_soon(_wait_then_cancel, e.changed(), nursery.cancel_scope)
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 @pytest.mark.parametrize("trial", range(8))  # the split below happens in about half
