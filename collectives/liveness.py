@@ -119,10 +119,12 @@ class Liveness:
                               timeout: float) -> bytes:
         """Call this run's method ``name`` on ``peer``, once more on ``PeerLost``:
         for requests that may safely run twice, whose ``PeerLost`` would make
-        ``peer`` a suspect. The session under the first call may have been
-        closed as a duplicate of another to the same peer (two dials crossed;
-        see ``peerd.node``), which says nothing of the peer; the second goes
-        on whatever session is current, and fails at once if none is."""
+        ``peer`` a suspect. The session under the first call may have died
+        while another to the same peer lives (``peerd.node`` retires a
+        duplicate only once the calls on it have ended, but gives up waiting
+        after ``RETIRE_TIMEOUT``, and a path can fail on its own), which says
+        nothing of the peer; the second goes on whatever session is current,
+        and fails at once if none is."""
         method = self._method(name)
         try:
             return await self.fabric.call(peer, method, payload, timeout)

@@ -36,7 +36,7 @@ from peerd.natstate import NatState
 from peerd.node_runs import RunsMixin
 from peerd.quic import IDLE_TIMEOUT, QuicConn, QuicEndpoint
 from peerd.rpc import DEFAULT_CALL_TIMEOUT, Handler, RpcRegistry, call_on_stream, serve_stream
-from peerd.session import Session, client_session, server_session
+from peerd.session import HANDSHAKE_TIMEOUT, Session, client_session, server_session
 from peerd.tlscert import private_key_of, self_signed_certificate
 from peerd.traversal import Traversal
 
@@ -47,7 +47,11 @@ ALPN = "peerd/1"
 # (e.g. the data plane's QUIC fallback) on one round trip per MiB.
 QUIC_MAX_DATA = 16 * 1024 * 1024
 QUIC_MAX_STREAM_DATA = 4 * 1024 * 1024
-DUPLICATE_GRACE = 10.0  # seconds a superseded duplicate session stays open
+# The dialler of a superseded duplicate asks the far end to stop using it, waits
+# for the calls on it to end, then closes it (``Node._retire``): how long the
+# far end may take to let its calls on it finish before the close cuts them.
+RETIRE_TIMEOUT = 60.0
+RETIRE_METHOD = "peerd.session.retire"
 
 PeerCallback = Callable[[PeerId], None]
 
@@ -91,6 +95,7 @@ class Node(RunsMixin):
         self._sessions: dict[PeerId, Session] = {}
         self._slots: dict[PeerId, trio.CapacityLimiter] = {}
         self._spares: dict[PeerId, list[Session]] = {}  # live duplicates, not in use
+        self._admitted = trio.Event()  # set (and replaced) at each admission
         self._connected_cbs: list[PeerCallback] = []
         self._lost_cbs: list[PeerCallback] = []
         self._counters = {"handshakes_ok": 0, "handshakes_failed": 0, "rpc_served": 0,
@@ -121,6 +126,7 @@ class Node(RunsMixin):
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
         self.register(DATA_PUNCH_METHOD, self._handle_data_punch)
+        self.register(RETIRE_METHOD, self._handle_retire)
         self.traversal = Traversal(self)  # NAT traversal: connect_peer, paths, relaying
         self.on_peer_lost(self.data.peer_lost)
         self.data.on_broken = self._data_link_broken
@@ -156,12 +162,13 @@ class Node(RunsMixin):
         return s
 
     def _live_session(self, peer: PeerId) -> Session | None:
-        s = self._sessions.get(peer)
-        if s is not None and s.alive:
-            return s
-        # The session in use just closed (as a duplicate, say) and the survivor
-        # is not promoted yet (``_serve_session`` does that): use it already.
-        return next((x for x in reversed(self._spares.get(peer, [])) if x.alive), None)
+        # The session in use, else a spare: the one in use may just have closed
+        # and the survivor not be promoted yet (``_serve_session`` does that).
+        # One being retired is used only when there is nothing else.
+        in_use = self._sessions.get(peer)
+        live = [s for s in [in_use, *reversed(self._spares.get(peer, []))]
+                if s is not None and s.alive]
+        return next((s for s in live if not s.retiring), live[0] if live else None)
 
     def peer_at(self, address: str) -> PeerId | None:
         """The connected peer whose packets come from ``address``, if any."""
@@ -230,6 +237,8 @@ class Node(RunsMixin):
 
     def _admit(self, session: Session) -> None:
         self._counters["handshakes_ok"] += 1
+        self._admitted.set()
+        self._admitted = trio.Event()
         on_network = self.traversal.admitted(session)  # False for relayed sessions
         if session.observed is not None and on_network:
             self.observed[session.peer] = session.observed
@@ -249,9 +258,9 @@ class Node(RunsMixin):
             self._spares.setdefault(session.peer, []).append(drop)
             self._nursery.start_soon(self._serve_session, session)
             # Two sessions dialled by the peer may reach us in another order than
-            # they completed there, so only the dialler may pick which one dies;
-            # we keep serving both and fall back to the survivor.
-            if not keep.client_id == drop.client_id == session.peer:
+            # they completed there, so only the dialler of the one that goes
+            # retires it; the far end serves both until then.
+            if drop.initiator:
                 self._nursery.start_soon(self._retire, drop)
             return
         self._sessions[session.peer] = session
@@ -271,11 +280,45 @@ class Node(RunsMixin):
             cb(peer)
 
     async def _retire(self, session: Session) -> None:
-        """Close a duplicate session once calls already on it had time to finish,
-        unless it became the one in use meanwhile (the other one died)."""
-        await trio.sleep(DUPLICATE_GRACE)
-        if self._sessions.get(session.peer) is not session:
-            session.conn.close(0, "duplicate session")
+        """Close a duplicate we dialled without cutting off anything on it.
+
+        The far end may still be using it: it may have admitted the two
+        sessions in the other order, or not admitted the one we keep yet. So
+        we ask it to stop (``_handle_retire``), which it answers once it has
+        switched and its own calls on this one have ended; then our calls on
+        it end too and we close it. It stays open if it became the one in use
+        meanwhile (the other one died)."""
+        session.retiring = True
+        try:
+            await self.call_session(session, RETIRE_METHOD, b"", timeout=RETIRE_TIMEOUT)
+        except PeerdError as exc:
+            event(log, "peer.retire_unanswered", logging.DEBUG, peer=session.peer.short,
+                  error=exc)
+        if self._sessions.get(session.peer) is session:
+            return
+        with trio.move_on_after(RETIRE_TIMEOUT):
+            await session.drained()
+        session.conn.close(0, "duplicate session")
+
+    async def _handle_retire(self, peer: PeerId, payload: bytes) -> bytes:
+        """The peer dialled this session and retires it as a duplicate: move
+        to the other one (waiting for its admission if it has not reached us
+        yet), let our calls on this one end, then answer, so that the close
+        that follows cuts off nothing of ours."""
+        session = CURRENT_SESSION.get()
+        session.retiring = True
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            while (successor := self._live_session(peer)) is session:
+                await self._admitted.wait()
+        if successor is not None and successor is not session \
+                and self._sessions.get(peer) is session:
+            spares = self._spares.setdefault(peer, [])
+            spares.remove(successor)
+            spares.append(session)
+            self._sessions[peer] = successor
+            event(log, "peer.session_replaced", peer=peer.short, reason="duplicate retired")
+        await session.drained()
+        return b""
 
     async def _serve_session(self, session: Session) -> None:
         slots = self._slots.setdefault(
@@ -287,10 +330,10 @@ class Node(RunsMixin):
         if session in spares:
             spares.remove(session)
         if self._sessions.get(session.peer) is session:
-            if alive := [s for s in spares if s.alive]:
+            if (successor := self._live_session(session.peer)) is not None:
                 # A duplicate outlived the session in use: the peer is still here.
-                self._sessions[session.peer] = alive[-1]
-                spares.remove(alive[-1])
+                self._sessions[session.peer] = successor
+                spares.remove(successor)
                 event(log, "peer.session_replaced", peer=session.peer.short,
                       reason=session.conn.close_reason)
                 return
@@ -328,24 +371,20 @@ class Node(RunsMixin):
         self._registry.unregister(method)
 
     async def call_session(self, session: Session, method: str, payload: bytes = b"",
-                           timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
+                           timeout: float = DEFAULT_CALL_TIMEOUT, oneway: bool = False) -> bytes:
         """Call over one particular session (its secret keys what the call sets up)."""
-        stream = session.conn.open_stream()
-        return await call_on_stream(stream, session.peer, method, payload, timeout,
-                                    self.config.rpc)
+        with session.outgoing_call():
+            stream = session.conn.open_stream()
+            return await call_on_stream(stream, session.peer, method, payload, timeout,
+                                        self.config.rpc, oneway=oneway)
 
     async def call(self, peer: PeerId, method: str, payload: bytes = b"",
                    timeout: float = DEFAULT_CALL_TIMEOUT) -> bytes:
-        session = self.session(peer)
-        stream = session.conn.open_stream()
-        return await call_on_stream(stream, peer, method, payload, timeout, self.config.rpc)
+        return await self.call_session(self.session(peer), method, payload, timeout)
 
     async def notify(self, peer: PeerId, method: str, payload: bytes = b"") -> None:
         """One-way message: no answer, no remote error."""
-        session = self.session(peer)
-        stream = session.conn.open_stream()
-        await call_on_stream(stream, peer, method, payload, DEFAULT_CALL_TIMEOUT,
-                             self.config.rpc, oneway=True)
+        await self.call_session(self.session(peer), method, payload, oneway=True)
 
     # ------------------------------------------------------------ data plane
 

@@ -49,6 +49,11 @@ def stream_backlog(quic: QuicConnection, stream_id: int) -> int:
     return len(stream.sender._buffer)
 
 
+def unacked_bytes(quic: QuicConnection) -> int:
+    """Bytes sent on any stream of the connection but not yet acknowledged."""
+    return sum(stream_backlog(quic, sid) for sid in list(quic._streams))
+
+
 class DatagramSink(Protocol):
     """What a ``QuicConn`` needs from the thing that carries its datagrams:
     the node's UDP socket (``QuicEndpoint``) or a relay circuit (``peerd.nat_pipe``)."""
@@ -212,6 +217,12 @@ class QuicConn:
     @property
     def addr_text(self) -> str:
         return f"{self.addr[0]}:{self.addr[1]}"
+
+    async def wait_acknowledged(self) -> None:
+        """Until the peer has acknowledged everything sent on any stream (a
+        one-way message counts as sent once queued), or the connection ends."""
+        while not self.closed and unacked_bytes(self.quic):
+            await self._wait_progress()
 
     async def _wait_progress(self) -> None:
         if self.closed:

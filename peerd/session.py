@@ -9,7 +9,9 @@ but the handshake stream, so a stranger cannot reach any RPC handler.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import trio
 
@@ -35,10 +37,33 @@ class Session:
     initiator: bool  # True when we dialled
     observed: tuple[str, int] | None  # our address as the peer saw it
     incarnation: bytes = b""  # the peer's process (peerd/handshake.py)
+    # A duplicate its dialler retires (peerd/node.py): start no new calls on it.
+    retiring: bool = False
+    calls_out: int = 0  # our calls on it that have not ended yet
+    _calls_ended: trio.Event = field(default_factory=trio.Event)
 
     @property
     def alive(self) -> bool:
         return not self.conn.closed
+
+    @contextmanager
+    def outgoing_call(self) -> Iterator[None]:
+        """Count one of our calls on this session while it runs."""
+        self.calls_out += 1
+        try:
+            yield
+        finally:
+            self.calls_out -= 1
+            if self.calls_out == 0:
+                self._calls_ended.set()
+                self._calls_ended = trio.Event()
+
+    async def drained(self) -> None:
+        """Until our calls on it have ended and the peer holds everything we
+        sent on it (so closing loses no one-way message), or it closed."""
+        while self.calls_out and self.alive:
+            await self._calls_ended.wait()
+        await self.conn.wait_acknowledged()
 
     @property
     def client_id(self) -> PeerId:

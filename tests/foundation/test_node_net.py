@@ -76,7 +76,6 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
     (as happens under load), so each end first uses a different one. Only the
     dialler retires a duplicate, and b falls back to the survivor: the pair
     stays connected and nobody sees the peer lost."""
-    monkeypatch.setattr("peerd.node.DUPLICATE_GRACE", 0.2)
     async with open_node(KEY) as a, open_node(KEY) as b:
         a.register("echo", echo)
         b.register("echo", echo)
@@ -100,7 +99,6 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
         await wait_until(lambda: len(b._spares.get(a.peer_id, [])) == 1)
         first, second = accepted
         assert a._sessions[b.peer_id].secret == second.secret
-        assert b._sessions[a.peer_id] is first  # admitted last, so the newer one to b
         await wait_until(lambda: first.conn.closed and b._sessions[a.peer_id] is second)
         assert await a.call(b.peer_id, "echo", b"1") == a.peer_id.raw + b"1"
         assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
@@ -110,6 +108,54 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
         # both, not just b's (a's callback can come later under load).
         await wait_until(lambda: b.peers() == [] and len(lost) >= 2)
         assert lost == [b.peer_id, a.peer_id] or lost == [a.peer_id, b.peer_id]
+
+
+async def test_a_retired_duplicate_closes_only_after_the_calls_on_it_end() -> None:
+    """a dials b twice and retires the first session while b still has a
+    slow call and then a one-way message on it: a closes the session only
+    after b's call got its answer and the message reached a, and the pair
+    stays connected throughout (before: closed after a fixed grace, cutting
+    off whatever was still on it)."""
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        entered, release, noted = trio.Event(), trio.Event(), trio.Event()
+        notes: list[bytes] = []
+
+        async def slow(peer: PeerId, payload: bytes) -> bytes:
+            entered.set()
+            await release.wait()
+            return b"late " + payload
+
+        async def note(peer: PeerId, payload: bytes) -> bytes:
+            notes.append(payload)
+            noted.set()
+            return b""
+
+        a.register("slow", slow)
+        a.register("note", note)
+        lost: list[PeerId] = []
+        a.on_peer_lost(lost.append)
+        b.on_peer_lost(lost.append)
+        await a.connect(b.listen_address)
+        await wait_until(lambda: a.peer_id in b._sessions)
+        first = b._sessions[a.peer_id]
+        answers: list[bytes] = []
+
+        async def slow_call() -> None:
+            answers.append(await b.call(a.peer_id, "slow", b"answer", timeout=30))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_call)
+            await entered.wait()
+            await a.connect(b.listen_address)  # a keeps the newer and retires `first`
+            await wait_until(lambda: first.retiring)  # b got a's request to retire it
+            await b.call_session(first, "note", b"sent while retiring", oneway=True)
+            release.set()
+        await first.conn.closed_event.wait()
+        await noted.wait()
+        assert answers == [b"late answer"] and notes == [b"sent while retiring"]
+        assert b._sessions[a.peer_id] is not first and b.session(a.peer_id).alive
+        assert await b.call(a.peer_id, "note", b"after") == b""
+        assert lost == [] and b.peers() == [a.peer_id] and a.peers() == [b.peer_id]
 
 
 async def test_a_closed_session_in_use_falls_back_to_a_live_duplicate_at_once() -> None:
