@@ -117,6 +117,7 @@ class _FaultFabric:
 
 async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> None:
     from peerd.config import NodeConfig
+    from peerd.heap import freeze_startup_heap
     from peerd.identity import SwarmKey
     from peerd.jsonlines import commands, emit
     from peerd.node import open_node
@@ -137,6 +138,7 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
                          config=config) as node:
         fault = _FaultFabric(node.fabric)
         node.fabric = fault  # type: ignore[assignment]
+        freeze_startup_heap()
         emit(event="ready", index=index, peer=node.peer_id.text,
              addr=node.listen_addresses[0], pid=os.getpid())
         prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -24,6 +24,7 @@ from peerd.daemon.control import serve_control
 from peerd.daemon.metrics import serve_metrics
 from peerd.daemon.service import ControlService
 from peerd.errors import ConfigError
+from peerd.heap import freeze_startup_heap
 from peerd.identity import Identity, SwarmKey
 from peerd.log import event
 from peerd.node import open_node
@@ -118,6 +119,7 @@ async def _serve(cfg: DaemonConfig, identity: Identity, swarm_key: SwarmKey) -> 
                                         cfg.limits.max_clients, cfg.limits.max_inflight)
                     for addr in cfg.bootstrap:
                         nursery.start_soon(keep_connected, node, addr, service.counters)
+                    freeze_startup_heap()
                     event(log, "daemon.ready", peer=node.peer_id.text,
                           listen=",".join(node.listen_addresses), socket=cfg.socket,
                           metrics=service.metrics_address or "off", swarm=swarm_key.fingerprint,
