@@ -216,7 +216,9 @@ async def _command(
 
             target = torch.from_numpy(data).view(torch.bfloat16)
         rss_before = rss_now() if reset_rss_peak() else rss_peak()
-        t0, (user0, sys0) = time.perf_counter(), cpu_times()
+        # Monotonic clock stamps too: ``perf record -k CLOCK_MONOTONIC`` then
+        # profiles exactly the all-reduce (``perf report --time start,end``).
+        started, t0, (user0, sys0) = time.monotonic(), time.perf_counter(), cpu_times()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
                                            tag=cmd.get("tag", "default"),
@@ -227,7 +229,7 @@ async def _command(
                                                    original.view(np.uint8))
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
                     "peers": list(exc.peers), "input_intact": bool(intact)}
-        seconds, (user1, sys1) = time.perf_counter() - t0, cpu_times()
+        seconds, ended, (user1, sys1) = time.perf_counter() - t0, time.monotonic(), cpu_times()
         peak = max(0, rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
@@ -237,7 +239,8 @@ async def _command(
                 "revision": result.revision, "sha256": sha, "seconds": seconds,
                 "cpu_seconds": user1 - user0 + sys1 - sys0, "cpu_user": user1 - user0,
                 "cpu_system": sys1 - sys0, "bytes_sent": result.bytes_sent,
-                "attempts": result.attempts, "peak_extra_bytes": peak}
+                "attempts": result.attempts, "peak_extra_bytes": peak,
+                "monotonic_start": started, "monotonic_end": ended}
     if kind in _NAT_COMMANDS:
         return await _nat_command(node, kind, cmd)
     if kind == "node_stats":
