@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,14 +44,15 @@ def stream_backlog(quic: QuicConnection, stream_id: int) -> int:
     its sender buffer (a test pins it).
     """
     stream = quic._streams.get(stream_id)
-    if stream is None:
-        return 0
+    if stream is None or stream.sender._reset_error_code is not None:
+        return 0  # a reset stream's leftover bytes will never be sent
     return len(stream.sender._buffer)
 
 
-def unacked_bytes(quic: QuicConnection) -> int:
-    """Bytes sent on any stream of the connection but not yet acknowledged."""
-    return sum(stream_backlog(quic, sid) for sid in list(quic._streams))
+def unacked_bytes(quic: QuicConnection, skip: Container[int] = ()) -> int:
+    """Bytes sent on the connection's streams (but those in ``skip``) and not
+    yet acknowledged."""
+    return sum(stream_backlog(quic, sid) for sid in list(quic._streams) if sid not in skip)
 
 
 class DatagramSink(Protocol):
@@ -219,9 +220,11 @@ class QuicConn:
         return f"{self.addr[0]}:{self.addr[1]}"
 
     async def wait_acknowledged(self) -> None:
-        """Until the peer has acknowledged everything sent on any stream (a
-        one-way message counts as sent once queued), or the connection ends."""
-        while not self.closed and unacked_bytes(self.quic):
+        """Until the peer has acknowledged what was sent on the streams this
+        side is done with (a one-way message is done once queued), or the
+        connection ends. Streams still open (a relay circuit, say) are not
+        waited for: they may never fall quiet."""
+        while not self.closed and unacked_bytes(self.quic, skip=self._streams):
             await self._wait_progress()
 
     async def _wait_progress(self) -> None:

@@ -390,7 +390,7 @@ async def test_peer_lost_callback_on_close() -> None:
 
 
 async def test_aioquic_private_accessors_still_work() -> None:
-    """peerd reads two private aioquic attributes in one place each; pin them."""
+    """peerd reads private aioquic attributes in one place each; pin them."""
     from peerd.quic import stream_backlog
 
     async with open_node(KEY) as a, open_node(KEY) as b:
@@ -401,4 +401,6 @@ async def test_aioquic_private_accessors_still_work() -> None:
         stream = conn.open_stream()
         conn.quic.send_stream_data(stream.stream_id, b"x" * 5000)
         assert stream_backlog(conn.quic, stream.stream_id) == 5000
+        stream.reset()
+        assert stream_backlog(conn.quic, stream.stream_id) == 0  # never to be sent
         conn.close()
