@@ -42,7 +42,8 @@ def op_prefix(kind: str, run: str, d: Decision, tag: str, seq: int) -> bytes:
 async def recv_from(
     driver: MembershipDriver, peer: str, key: bytes, deadline: float, what: str
 ) -> bytes | memoryview:
-    """The bytes ``peer`` sent under ``key``; ``PeerLost([peer])`` if it is lost first.
+    """The bytes ``peer`` sent under ``key``; ``PeerLost([peer])`` if it is lost
+    first, ``Evicted`` if this peer is stranded first (its view is dead).
 
     A broken link or a passed deadline is reported to the driver (``lost``),
     so the other members and the next view learn of it too.
@@ -53,7 +54,7 @@ async def recv_from(
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                while peer not in driver.core.suspects:
+                while peer not in driver.core.suspects and not driver.core.stranded:
                     await driver.changed().wait()
                 nursery.cancel_scope.cancel()
 
@@ -65,6 +66,8 @@ async def recv_from(
             nursery.cancel_scope.cancel()
     if result:
         return result[0]
+    if driver.core.stranded:
+        raise driver.evicted()
     if timer.cancelled_caught:
         reason = f"{what}: deadline passed"
     if reason:

@@ -138,6 +138,8 @@ class MembershipDriver(Liveness):
         self._probing: set[str] = set()
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
+        self._on_stranded: list[Callable[[], None]] = []
+        self._stranded_seen = False
         self._probe_seq = 0
         self.incarnation = new_incarnation()
         self._incarnations = Incarnations()
@@ -157,10 +159,10 @@ class MembershipDriver(Liveness):
     def view(self) -> View:
         v = self.current_view()
         if v is None:
-            raise self._evicted() if self.core.view else ConfigError("join the run first")
+            raise self.evicted() if self.core.view else ConfigError("join the run first")
         return v
 
-    def _evicted(self, detail: str = "") -> Evicted:
+    def evicted(self, detail: str = "") -> Evicted:
         if self.core.stranded:
             d = self.core.view
             assert d is not None
@@ -235,6 +237,11 @@ class MembershipDriver(Liveness):
     def on_lost(self, callback: Callable[[frozenset[str]], None]) -> None:
         self._on_lost.append(callback)
 
+    def on_stranded(self, callback: Callable[[], None]) -> None:
+        """``callback()`` when this peer becomes stranded: the view its
+        collectives run on is dead, so they may end at once."""
+        self._on_stranded.append(callback)
+
     def changed(self) -> trio.Event:
         return self._changed
 
@@ -305,6 +312,10 @@ class MembershipDriver(Liveness):
             self._nursery.start_soon(fn, *args)
 
     def _notify(self) -> None:
+        was, self._stranded_seen = self._stranded_seen, self.core.stranded
+        if self._stranded_seen and not was:
+            for callback in list(self._on_stranded):
+                callback()
         self._changed.set()
         self._changed = trio.Event()
 
@@ -521,7 +532,7 @@ class MembershipDriver(Liveness):
         async with self._reform_lock:
             d = self.core.view
             if d is None or not self.core.is_member:
-                raise self._evicted()
+                raise self.evicted()
             if after is not None and d.revision > after:
                 return  # another task already re-formed the view past the failed one
             start = d.revision
@@ -529,7 +540,7 @@ class MembershipDriver(Liveness):
                 if not self._quorate():
                     # This side of a partition cannot form a view; the other may.
                     if await self._left_behind():
-                        raise self._evicted()
+                        raise self.evicted()
                     now_view = self.core.view
                     assert now_view is not None
                     alive = set(now_view.members) - self.core.suspects
@@ -564,7 +575,7 @@ class MembershipDriver(Liveness):
                     await trio.sleep(self.config.timing.heartbeat_interval)
             if self.core.agreement_failed():
                 self._notify()
-                raise self._evicted()
+                raise self.evicted()
             # Cut off from the coordinator side without being declared gone: to
             # the caller that is losing the peers it cannot agree with.
             unreachable = self.core.suspects or (set(d.members) - {self.me})

@@ -79,12 +79,21 @@ class Engine(MembershipDriver):
         self._seq: dict[tuple[int, str], int] = {}
         self._history = Histories(self)  # per tag, where this peer last committed
         self.on_lost(self._abort_ops)
+        self.on_stranded(self._end_ops)
 
     def _abort_ops(self, peers: frozenset[str]) -> None:
         for op in self._active.values():
             hit = op.members & peers
             if hit and not op.in_status:
                 op.lost |= hit
+                op.scope.cancel()
+
+    def _end_ops(self) -> None:
+        """Stranded: the view the running ops use is dead, and waiting for
+        their deadlines (minutes for a large tensor) would only stall the
+        caller; they end now and raise ``Evicted``."""
+        for op in self._active.values():
+            if not op.in_status:
                 op.scope.cancel()
 
     async def all_reduce(
@@ -117,7 +126,7 @@ class Engine(MembershipDriver):
             d = self.core.view
             if d is None or not self.core.is_member:
                 # A stranded peer's view still names it, but the others went on.
-                raise self._evicted() if d is not None else ConfigError("join the run first")
+                raise self.evicted() if d is not None else ConfigError("join the run first")
             counters = Counters()
             try:
                 await self._attempt(d, flat, codec, reduce_op, tag, counters)
@@ -132,6 +141,8 @@ class Engine(MembershipDriver):
                     attempt=attempts,
                     error=str(exc),
                 )
+                if self.core.stranded and not isinstance(exc, Evicted):
+                    raise self.evicted() from exc
                 if isinstance(exc, Evicted) or not retry or attempts >= self.config.max_attempts:
                     raise
                 await self.reform(after=d.revision)

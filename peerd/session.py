@@ -38,9 +38,9 @@ class Session:
     observed: tuple[str, int] | None  # our address as the peer saw it
     incarnation: bytes = b""  # the peer's process (peerd/handshake.py)
     # A duplicate its dialler retires (peerd/node.py): start no new calls on it.
-    retiring: bool = False
-    calls_out: int = 0  # our calls on it that have not ended yet
-    _calls_ended: trio.Event = field(default_factory=trio.Event)
+    retiring: bool = field(default=False, init=False)
+    calls_out: int = field(default=0, init=False)  # our calls on it not ended yet
+    _calls_ended: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
 
     @property
     def alive(self) -> bool:

@@ -356,6 +356,29 @@ async def test_two_views_of_one_revision_strand_the_side_left_out(
         assert {r.participants for r in out.values()} == {("p00", "p01", "p02")}, out
 
 
+@pytest.mark.parametrize("trial", range(8))  # the split below happens in about half
+async def test_a_peer_stranded_mid_round_raises_evicted_at_once(
+        mock_clock: trio.testing.MockClock, trial: int) -> None:
+    """As above with four peers and the link p00-p03 cut: p00 may decide a
+    view of revision 1 of its own, which the other members' views leave out.
+    Its all-reduce on that view waits for members that went on; their
+    heartbeat answers strand p00 within an interval or two, and the round
+    must end there with ``Evicted`` rather than at its phase deadline (before:
+    30 s here, the deadline plus size / 10 Mbit/s in a real run)."""
+    async with swarm(4) as s:
+        s.net.cut("p00", "p03")
+        await s.each(lambda p, e: e.update_view())
+        main = s.engines["p01"].core.view
+        assert main is not None and "p00" not in main.members, main
+        start = trio.current_time()
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
+        took = trio.current_time() - start
+        assert isinstance(out["p00"], Evicted), out
+        assert "went on without this peer" in str(out["p00"]), out
+        assert all(r.participants == main.members for p, r in out.items() if p != "p00"), out
+        assert took < FAST.phase_timeout / 3, (took, s.engines["p00"].core.view)
+
+
 async def test_heartbeat_answers_say_whether_the_view_holds_the_caller(
         mock_clock: trio.testing.MockClock) -> None:
     """``Ack.knows_you``: whether the answering member's view holds the caller;
