@@ -100,6 +100,12 @@ async def agree(
     """Report success (``lost`` empty) or failure naming ``lost`` to every
     member of ``d``, then wait for the live members' reports. Raises
     ``PeerLost`` when this peer failed or any live member reports a failure."""
+    if driver.core.stranded:
+        # Its view is dead (the run went on without it): whatever arrived, this
+        # peer must not claim success, nor hand out a result.
+        with contextlib.suppress(PeerLost):
+            fail(driver, d, prefix, {driver.me}, deadline, what)
+        raise driver.evicted()
     if lost:
         fail(driver, d, prefix, lost, deadline, what)
     key = prefix + b"st"
@@ -114,6 +120,8 @@ async def agree(
         for peer in d.members:
             if peer != driver.me:
                 nursery.start_soon(one, peer)
+    if driver.core.stranded:  # while waiting (``recv_from`` ends the waits then)
+        raise driver.evicted()
     failed = {p for p, r in reports.items() if r != OK}
     if failed:
         named: set[str] = set()

@@ -14,7 +14,7 @@ from collectives.p2p import PointToPoint, Scattered, chunk_bounds
 from collectives.run import Engine
 from peerd.errors import ConfigError, Evicted, PeerLost
 
-from .conftest import ids, swarm
+from .conftest import FAST, ids, swarm
 
 
 def p2p(e: Engine) -> PointToPoint:
@@ -184,3 +184,29 @@ async def test_a_member_that_gathered_a_round_the_others_did_not_is_left_out(
             arrays, peers = res[p]
             assert peers == tuple(rest), res
             assert all(np.array_equal(a, mine[q]) for a, q in zip(arrays, peers, strict=True))
+
+
+@pytest.mark.parametrize("trial", range(8))  # p00 decides a view of its own in about half
+async def test_a_peer_stranded_mid_exchange_raises_evicted_at_once(
+        mock_clock: trio.testing.MockClock, trial: int) -> None:
+    """The point-to-point side of tests/collectives/test_rejoin.py's stranding
+    test: with the link p00-p03 cut during a view change, p00 may hold a view
+    of revision 1 the others left it out of. Its all_gather waits in
+    ``recv_from`` for members that went on; once their heartbeat answers
+    strand it, the wait ends with ``Evicted``, not at the deadline."""
+    async with swarm(4) as s:
+        s.net.cut("p00", "p03")
+        await s.each(lambda p, e: e.update_view())
+        main = s.engines["p01"].core.view
+        assert main is not None and "p00" not in main.members, main
+        start = trio.current_time()
+        out = await s.each(lambda p, e: p2p(e).all_gather(np.full(3, int(p[1:]), np.int32)))
+        took = trio.current_time() - start
+        assert isinstance(out["p00"], Evicted), out
+        assert "went on without this peer" in str(out["p00"]), out
+        for p, r in out.items():
+            if p != "p00":
+                arrays, members = r
+                assert members == main.members
+                assert [int(a[0]) for a in arrays] == [int(m[1:]) for m in main.members]
+        assert took < FAST.phase_timeout / 3, (took, s.engines["p00"].core.view)
