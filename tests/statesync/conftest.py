@@ -8,11 +8,18 @@ import numpy as np
 
 from collectives.memfabric import MemFabric
 from collectives.statebuf import capture, describe
-from tests.collectives.conftest import FAST, Swarm, ids, mock_clock, swarm
+from tests.collectives.conftest import (
+    FAST,
+    Swarm,
+    ids,
+    mock_clock,
+    run_while_p00_is_stranded,
+    swarm,
+)
 
 # The engine swarm is the collectives tests' one; only state helpers live here.
 __all__ = ["FAST", "CorruptingFabric", "Swarm", "digest_of", "ids", "make_state", "mock_clock",
-           "swarm"]
+           "run_while_p00_is_stranded", "swarm"]
 
 
 def make_state(seed: int, sizes: dict[str, int]) -> dict[str, np.ndarray]:

@@ -36,4 +36,4 @@ def test_freezing_collects_first_and_leaves_later_objects_collectable() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     word, count = out.stdout.split()
-    assert word == "ok" and int(count) > 1000  # everything alive at the call, not just this script's
+    assert word == "ok" and int(count) > 1000  # all that was alive, not just ours
