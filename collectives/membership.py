@@ -139,6 +139,11 @@ class Membership:
             return self.stranded
         if revision > v.revision:
             self._newer.add(peer)
+            if excluded and self.me in v.members:
+                # A later view leaves this peer out: the run went on without it,
+                # whatever quorum its own view still seems to have (the rest of
+                # that view may be about to learn the same).
+                self._behind = True
         elif revision == v.revision and excluded and self.me in v.members:
             # Two views of one revision: the member's ready reached one
             # coordinator, then a suspicion of that coordinator (a cut link

@@ -136,6 +136,20 @@ def test_core_strands_when_a_member_holds_its_revision_without_it() -> None:
     assert core.is_member and not core.stranded
 
 
+def test_core_strands_when_a_later_view_leaves_it_out() -> None:
+    """A member that answers from a later revision whose view leaves this peer
+    out strands it at once, however many members this peer still hears (it
+    keeps a quorum of its own view here); from a later view that holds this
+    peer, the answer only says the run moved on."""
+    core = core_of("a")
+    assert not core.reported("b", 1, excluded=False)
+    assert core.is_member and not core.stranded
+    assert core.reported("c", 1, excluded=True)
+    assert core.stranded and not core.is_member
+    assert core.install(Decision(2, MEMBERS), 2.0)  # readmitted
+    assert core.is_member and not core.stranded
+
+
 def test_core_rejoin_starts_afresh() -> None:
     core = core_of("d")
     core.suspect({"a", "b", "c"})
@@ -368,6 +382,42 @@ async def test_a_peer_stranded_mid_round_raises_evicted_at_once(
     members, out = await run_while_p00_is_stranded(
         lambda p, e: e.all_reduce(np.ones(4, np.float32), retry=True))
     assert all(r.participants == members for p, r in out.items() if p != "p00"), out
+
+
+@pytest.mark.parametrize("trial", range(4))
+async def test_a_coordinator_cut_off_mid_round_is_evicted_at_once(
+        mock_clock: trio.testing.MockClock, trial: int) -> None:
+    """The link between the coordinator p00 and p01 is cut mid-round. p01
+    reports p00 lost, and the other three go on in revision 1 without it.
+    p00 sees only p01 gone and still holds a quorum of revision 0, so it
+    tries to coordinate the next view itself. The answers of the members it
+    still hears come from revision 1, which leaves it out: they must strand
+    it, and its retry must end there with ``Evicted``. Before this, it waited
+    out the view timeouts and got ``Evicted`` after 52 s."""
+    async with swarm(4) as s:
+        for i in range(4):
+            for j in range(i + 1, 4):  # latency, so that the cut lands mid-round
+                s.net.set_link(f"p0{i}", f"p0{j}", latency=0.002 * (1 + (i + j + trial) % 3))
+
+        async def cut() -> None:
+            await trio.sleep(0.05)
+            s.net.cut("p00", "p01")
+
+        start = trio.current_time()
+        done: dict[str, float] = {}
+
+        async def round_(p: str, e: Any) -> Any:
+            try:
+                return await e.all_reduce(np.ones(4096, np.float32), retry=True)
+            finally:
+                done[p] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut)
+            out = await s.each(round_)
+        assert isinstance(out["p00"], Evicted), out
+        assert all(out[p].participants == ("p01", "p02", "p03") for p in ("p01", "p02", "p03"))
+        assert done["p00"] < FAST.phase_timeout / 3, done
 
 
 async def test_heartbeat_answers_say_whether_the_view_holds_the_caller(
