@@ -41,6 +41,18 @@ loop's Python across ~1200 records and ~600 stripes. With 4 peers on 2
 cores the time is total CPU / 2, so even with no Python at all the ratio
 would sit near (0.17 + 0.36) / (0.05 + 0.36), about 1.3-1.5. Ratios that
 day: 1.58, 1.80, 1.75, 1.51, 1.94 (median 1.75); 10M 1.7-1.8.
+
+Session 10, same machine, 8 runs, 100M: 1.54 1.55 1.46 1.34 1.62 1.15
+1.36 1.64 (median 1.50; 10M 1.37 1.45 1.73 1.68 1.42 1.65). These spread
+with gloo, whose time ran from 0.95 to 1.40 s, while peerd's stayed at
+1.56-1.78 s; in the two quietest runs (gloo 1.01-1.02 s) the ratio was
+1.54-1.55. The code of session 9's end, in the same hour: 1.56, 1.59
+(peerd 1.68-1.70 s): a few percent at most, within the noise. Profiled
+on the exact all-reduce window (the peer's result carries monotonic start
+and end for ``perf record -k CLOCK_MONOTONIC``): kernel 35-44%, Python
+22-28%, AEGIS 18-29%, memmove 6-7%, numpy sums 3-4% of all CPU; py-spy
+inside one peer's all-reduce: os.write 37%, os.readv 20%, cipher 27%, the
+rest spread over frames of under 1% each. No hotspot is left to take out.
 """
 
 from __future__ import annotations
