@@ -557,7 +557,9 @@ class MembershipDriver(Liveness):
                 raise self.evicted()
 
     async def _agree_next(self, admit: bool, d: Decision) -> None:
-        """The view after ``d``, as ``_change_view`` describes."""
+        """Agree on the view after ``d`` (admitting joiners if ``admit``): as
+        coordinator, or by asking it, until one is installed; ``PeerLost``
+        without a quorum or an agreement, ``Evicted`` when left out."""
         start = d.revision
         for _ in range(4 * self.config.max_attempts):
             if not self._quorate():
