@@ -138,8 +138,6 @@ class MembershipDriver(Liveness):
         self._probing: set[str] = set()
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
-        self._on_stranded: list[Callable[[], None]] = []
-        self._stranded_seen = False
         self._member_scopes: set[trio.CancelScope] = set()  # see ``_while_member``
         self._probe_seq = 0
         self.incarnation = new_incarnation()
@@ -238,18 +236,17 @@ class MembershipDriver(Liveness):
     def on_lost(self, callback: Callable[[frozenset[str]], None]) -> None:
         self._on_lost.append(callback)
 
-    def on_stranded(self, callback: Callable[[], None]) -> None:
-        """``callback()`` when this peer becomes stranded: the view its
-        collectives run on is dead, so they may end at once."""
-        self._on_stranded.append(callback)
-
     def changed(self) -> trio.Event:
         return self._changed
 
     @contextlib.contextmanager
     def _while_member(self) -> Iterator[trio.CancelScope]:
-        """A cancel scope that this peer's stranding cancels."""
+        """A cancel scope that this peer's stranding cancels: the view that
+        what runs in it works on is dead, and its deadlines (minutes for a
+        large tensor) would only stall the caller, who gets ``Evicted``."""
         with trio.CancelScope() as scope:
+            if self.core.stranded:
+                scope.cancel()
             self._member_scopes.add(scope)
             try:
                 yield scope
@@ -323,12 +320,9 @@ class MembershipDriver(Liveness):
             self._nursery.start_soon(fn, *args)
 
     def _notify(self) -> None:
-        was, self._stranded_seen = self._stranded_seen, self.core.stranded
-        if self._stranded_seen and not was:
+        if self.core.stranded:
             for scope in self._member_scopes:
                 scope.cancel()
-            for callback in list(self._on_stranded):
-                callback()
         self._changed.set()
         self._changed = trio.Event()
 

@@ -79,21 +79,12 @@ class Engine(MembershipDriver):
         self._seq: dict[tuple[int, str], int] = {}
         self._history = Histories(self)  # per tag, where this peer last committed
         self.on_lost(self._abort_ops)
-        self.on_stranded(self._end_ops)
 
     def _abort_ops(self, peers: frozenset[str]) -> None:
         for op in self._active.values():
             hit = op.members & peers
             if hit and not op.in_status:
                 op.lost |= hit
-                op.scope.cancel()
-
-    def _end_ops(self) -> None:
-        """Stranded: the view the running ops use is dead, and waiting for
-        their deadlines (minutes for a large tensor) would only stall the
-        caller; they end now and raise ``Evicted``."""
-        for op in self._active.values():
-            if not op.in_status:
                 op.scope.cancel()
 
     async def all_reduce(
@@ -197,7 +188,7 @@ class Engine(MembershipDriver):
         try:
             gathered = None
             out_of_line: Diverged | None = None
-            with state.scope:
+            with state.scope, self._while_member():
                 try:
                     gathered = await ring_all_reduce(self.fabric, job, counters)
                 except Diverged as exc:

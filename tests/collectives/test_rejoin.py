@@ -384,6 +384,29 @@ async def test_a_peer_stranded_mid_round_raises_evicted_at_once(
     assert all(r.participants == members for p, r in out.items() if p != "p00"), out
 
 
+async def test_a_ring_waiting_on_members_that_went_on_ends_when_stranded(
+        mock_clock: trio.testing.MockClock) -> None:
+    """p00's ring waits for data from members that never send it (they went
+    on without p00, and nobody suspects them). The moment an answer from a
+    later view that leaves p00 out strands it, the ring ends with
+    ``Evicted`` instead of waiting for the phase deadline."""
+    async with swarm(3) as s:
+        e = s.engines["p00"]
+        d = e.core.view
+        assert d is not None
+
+        async def answer_from_a_later_view() -> None:
+            await trio.sleep(1.0)
+            e._answered("p01", d.revision + 1, excluded=True)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_from_a_later_view)
+            with pytest.raises(Evicted, match="went on without this peer"):
+                await e.all_reduce(np.ones(4, np.float32), retry=True)
+        assert trio.current_time() - start < FAST.phase_timeout / 3
+
+
 @pytest.mark.parametrize("trial", range(4))
 async def test_a_coordinator_cut_off_mid_round_is_evicted_at_once(
         mock_clock: trio.testing.MockClock, trial: int) -> None:
