@@ -15,6 +15,7 @@ from collectives.view import (
     Ready,
     coordinator_of,
     decide_view,
+    has_quorum,
     probe_targets,
     stranded,
 )
@@ -170,9 +171,24 @@ class Membership:
 
     def suspect(self, peers: set[str] | frozenset[str], observed: bool = True) -> frozenset[str]:
         """Mark members of the view as gone, ``observed`` by this peer or reported
-        by another; returns those newly suspected."""
+        by another; returns those newly suspected.
+
+        A reported loss is taken up only while the members left still make a
+        quorum: it says that the reporter cannot reach that member, not that
+        this peer cannot, and giving up on members it reaches would leave this
+        peer no side to be on. With two crossing cut links among four peers,
+        every member took up the others' losses until none held a quorum, and
+        no view formed while the cuts lasted; now each keeps the members it
+        reaches, and the coordinator's view drops one end of each cut link."""
         members = set(self.view.members) if self.view else set()
         named = (set(peers) & members) - {self.me}
+        if not observed:
+            kept = members - self.suspects
+            for peer in sorted(named - self.suspects):
+                if has_quorum(members, kept - {peer}):
+                    kept.discard(peer)
+                else:
+                    named.discard(peer)
         new = frozenset(named - self.suspects)
         self.suspects |= new
         if observed:

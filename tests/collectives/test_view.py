@@ -178,6 +178,19 @@ def test_liveness_expiry_and_suspicion() -> None:
     assert c.suspects == set()
 
 
+def test_a_reported_loss_is_taken_up_only_while_a_quorum_remains() -> None:
+    """What another member lost says that it cannot reach them, not that this
+    peer cannot: a reported loss that would leave this peer without a quorum
+    is not taken up. What this peer found itself always is."""
+    c = core("b")
+    assert c.suspect({"d"}) == {"d"}  # b cannot reach d
+    assert c.suspect({"a"}, observed=False) == frozenset()  # c lost a: a, b of 4 would be no quorum
+    assert c.suspects == {"d"} and c.coordinator() == "a"
+    five = core("a", members=("a", "b", "c", "d", "e"))
+    assert five.suspect({"e", "d", "c"}, observed=False) == {"c", "d"}  # e is one too many
+    assert five.suspect({"e"}) == {"e"} and five.observed == {"e"}
+
+
 def test_install_ignores_older_views() -> None:
     c = core("a", revision=3)
     assert not c.install(Decision(3, ("a",)), 1.0)
