@@ -11,7 +11,10 @@ failure retries, because a joiner is not running the interrupted operation).
 Partitions: only the side holding a quorum of the view goes on. The other
 side keeps probing the members it lost (``probe_targets``); once one of them
 answers with a newer revision, the peer is ``stranded`` and rejoins the run
-as a joiner at the next round boundary.
+as a joiner at the next round boundary. A loss that another member reports
+counts only while the members left make a quorum
+(``Membership.suspect``): it says who cannot reach whom, and taking up
+every such report of a partial partition can leave no side with a quorum.
 """
 
 from __future__ import annotations
