@@ -62,6 +62,9 @@ class Membership:
         # a failed transfer), as against those others reported: only what a peer
         # observed says that it cannot reach someone (``MembershipDriver._on_abort``).
         self.observed: set[str] = set()
+        # Losses other members reported, in the order they came; which of them
+        # count is weighed again whenever this peer finds one itself (``_settle``).
+        self._reported: dict[str, None] = {}
         self._last_seen: dict[str, float] = {}
         self._joiners: dict[str, float] = {}
         self._readies: dict[str, Ready] = {}
@@ -86,10 +89,14 @@ class Membership:
         if outside:
             # Suspicions and silences from before (re)joining say nothing
             # about the members of this view: start afresh.
-            self.suspects.clear()
+            self.observed.clear()
+            self._reported.clear()
             self._last_seen.update(dict.fromkeys(members, now))
-        self.suspects &= members
-        self.observed &= self.suspects
+        self.observed &= members
+        # A report not taken up was weighed against a view that has now
+        # settled it: only suspicions of members that stay carry over.
+        self._reported = {p: None for p in self._reported if p in members & self.suspects}
+        self._settle()
         for m in members - self._last_seen.keys():
             self._last_seen[m] = now  # a grace period for newcomers
         for gone in set(self._last_seen) - members - self._joiners.keys():
@@ -182,18 +189,29 @@ class Membership:
         reaches, and the coordinator's view drops one end of each cut link."""
         members = set(self.view.members) if self.view else set()
         named = (set(peers) & members) - {self.me}
-        if not observed:
-            kept = members - self.suspects
-            for peer in sorted(named - self.suspects):
-                if has_quorum(members, kept - {peer}):
-                    kept.discard(peer)
-                else:
-                    named.discard(peer)
-        new = frozenset(named - self.suspects)
-        self.suspects |= new
+        before = set(self.suspects)
         if observed:
             self.observed |= named
-        return new
+        else:
+            self._reported.update(dict.fromkeys(sorted(named)))
+        self._settle()
+        return frozenset(self.suspects - before)
+
+    def _settle(self) -> None:
+        """The suspects: every member this peer found gone, then those others
+        reported, in the order they came, while the members left make a
+        quorum. A loss found later can so outweigh one reported earlier: with
+        two crossing cut links, a report that the coordinator was lost came
+        while a quorum was left, the member found its own cut link a moment
+        later, and keeping the report sent its ready to no one, though it
+        reached the coordinator (which waited out its view timeout, 60 s)."""
+        members = set(self.view.members) if self.view else set()
+        gone = (self.observed & members) - {self.me}
+        for peer in self._reported:
+            if peer in members and peer != self.me and peer not in gone and has_quorum(
+                    members, members - gone - {peer}):
+                gone.add(peer)
+        self.suspects = gone
 
     def expired(self, now: float) -> frozenset[str]:
         """Members not yet suspected that have been silent past the heartbeat timeout."""

@@ -54,6 +54,7 @@ BIG, SMALL = (0, 1, 2), (3, 4)
 SPLIT_ROUNDS = 15  # bound on all-reduce rounds while split
 LOSS_PERCENT = 10  # packets dropped on entering each daemon's namespace
 LOSSY_ROUNDS = 3
+CROSSING_ROUNDS = 6  # bound on all-reduce rounds after the crossing cuts
 # A session that saw no packet for the QUIC idle timeout (20 s) is gone; a
 # daemon redials its bootstrap peers (every lower-numbered one), so a healed
 # link is reconnected whichever side lost the session.
@@ -259,15 +260,16 @@ def digest(state: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(b"".join(state[k].tobytes() for k in sorted(state))).hexdigest()
 
 
-@pytest.fixture
-def cluster() -> Iterator[Cluster]:
+@contextmanager
+def joined_cluster(n: int) -> Iterator[Cluster]:
+    """``n`` daemons in a full mesh, all members of revision 0 of the run."""
     require_lab()
     sweep_stale()
     workdir = Path(tempfile.mkdtemp(prefix="pdpart", dir="/tmp"))
     lab = Lab()
     c: Cluster | None = None
     try:
-        c = Cluster(lab, workdir)
+        c = Cluster(lab, workdir, n)
         c.wait_mesh()
         members = [p.id for p in c.peers]
         views = c.each(lambda p: p.client.join(members, run=RUN, timeout=CALL))
@@ -278,6 +280,12 @@ def cluster() -> Iterator[Cluster]:
             c.close()
         lab.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with joined_cluster(5) as c:
+        yield c
 
 
 def test_split_three_two_then_heal(cluster: Cluster) -> None:
@@ -395,3 +403,33 @@ def _lossy_rounds(c: Cluster) -> None:
         for p in c.peers:
             c.lab.clear_loss(p.host.ns)
     print(f"\nresults per lossy round: {results}", file=sys.stderr)
+
+
+
+def test_two_crossing_cut_links_leave_a_pair_going_on() -> None:
+    """Four daemons; the links 0-2 and 1-3 are cut. Each still reaches two
+    of the three others, but no three reach each other: the run must go on
+    with the lowest id and one of its two neighbours (half the view with
+    its lowest id, a quorum), every result exact over that pair, while the
+    other two get clean errors. When every daemon took up the losses the
+    others reported, none kept a quorum and no view formed while the cuts
+    lasted."""
+    with joined_cluster(4) as c, c.diagnosed():
+        by_id = {p.id: p.index for p in c.peers}
+        outcomes, arrays = all_reduce(c, c.peers, 0)
+        check_exact(c, 0, outcomes, arrays, c.peers, c.peers)
+        p = c.peers
+        cut(c.lab, [p[0]], [p[2]])
+        cut(c.lab, [p[1]], [p[3]])
+        lowest = by_id[min(by_id)]
+        pairs = [{lowest, (lowest + 1) % 4}, {lowest, (lowest + 3) % 4}]
+        went_on: list[set[int]] = []
+        for rnd in range(1, CROSSING_ROUNDS + 1):
+            outcomes, arrays = all_reduce(c, c.peers, rnd)
+            check_exact_or_failed(rnd, outcomes, arrays, c.peers, by_id)
+            ok = {by_id[q] for r in outcomes if isinstance(r, AllReduceResult)
+                  for q in r.participants}
+            went_on.append(ok)
+            if len(went_on) >= 2 and went_on[-1] == went_on[-2] in pairs:
+                break
+        assert went_on[-1] in pairs and went_on[-2] == went_on[-1], (pairs, went_on)

@@ -189,6 +189,29 @@ def test_a_reported_loss_is_taken_up_only_while_a_quorum_remains() -> None:
     five = core("a", members=("a", "b", "c", "d", "e"))
     assert five.suspect({"e", "d", "c"}, observed=False) == {"c", "d"}  # e is one too many
     assert five.suspect({"e"}) == {"e"} and five.observed == {"e"}
+    assert five.suspects == {"c", "e"}  # what it found outweighs d, reported earlier
+
+
+def test_a_loss_found_later_outweighs_one_reported_earlier() -> None:
+    """Links a-c and b-d cut: c reports a lost while b still has a quorum
+    without it; b then finds d gone itself. b must go back to its
+    coordinator a, which it reaches, rather than stay without a quorum."""
+    c = core("b")
+    assert c.suspect({"a"}, observed=False) == {"a"}
+    assert c.coordinator() == "b"
+    assert c.suspect({"d"}) == {"d"}
+    assert c.suspects == {"d"} and c.coordinator() == "a"
+    c.install(Decision(1, ("a", "b")), 2.0)
+    assert c.suspects == set() and c.observed == set()
+
+
+def test_a_report_not_taken_up_is_forgotten_with_the_view_that_settled_it() -> None:
+    c = core("a")
+    c.suspect({"c"})
+    assert c.suspect({"d", "b"}, observed=False) == {"b"}  # d too would leave no quorum
+    assert c.suspect({"d"}) == {"d"} and c.suspects == {"c", "d"}  # b outweighed
+    c.install(Decision(1, ("a", "b")), 2.0)  # b is in: the report of b is settled
+    assert c.suspects == set() and c.coordinator() == "a"
 
 
 def test_install_ignores_older_views() -> None:
