@@ -103,6 +103,15 @@ class Swarm:
         return sorted(self.engines)
 
 
+def uneven_links(s: Swarm, trial: int) -> None:
+    """Link latencies of 2-6 ms among the first four peers, varied by
+    ``trial``, so that a fault injected 50 ms in lands mid-round at
+    different points of it."""
+    for i in range(4):
+        for j in range(i + 1, 4):
+            s.net.set_link(f"p0{i}", f"p0{j}", latency=0.002 * (1 + (i + j + trial) % 3))
+
+
 @asynccontextmanager
 async def swarm(n: int, config: EngineConfig = FAST,
                 wrap: dict[str, Callable[[MemFabric], Any]] | None = None) -> AsyncIterator[Swarm]:

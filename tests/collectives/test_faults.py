@@ -14,7 +14,15 @@ from collectives.history import NO_HISTORY, diverged, odd_histories
 from collectives.history import mark as last_commit_mark
 from collectives.memfabric import MemFabric
 from peerd.errors import Evicted, PeerLost
-from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
+from tests.collectives.conftest import (
+    FAST,
+    Swarm,
+    inputs,
+    reference,
+    same_bytes,
+    swarm,
+    uneven_links,
+)
 
 HB = FAST.timing
 
@@ -160,9 +168,7 @@ async def test_two_crossing_cut_links_leave_a_pair_going_on(
     while the cuts lasted, and every peer got ``PeerLost`` (4 of these 6
     trials, the last after 32-52 s)."""
     async with swarm(4) as s:
-        for i in range(4):
-            for j in range(i + 1, 4):  # latency, so that the cuts land mid-round
-                s.net.set_link(f"p0{i}", f"p0{j}", latency=0.002 * (1 + (i + j + trial) % 3))
+        uneven_links(s, trial)
 
         async def cut() -> None:
             await trio.sleep(0.05)

@@ -19,7 +19,7 @@ from collectives.view import Decision, has_quorum, probe_targets, stranded
 from peerd.errors import Evicted, PeerLost
 from peerd.wire import decode_untrusted, encode
 
-from .conftest import FAST, RUN, run_while_p00_is_stranded, swarm
+from .conftest import FAST, RUN, run_while_p00_is_stranded, swarm, uneven_links
 
 MEMBERS = ("a", "b", "c", "d", "e")
 
@@ -418,9 +418,7 @@ async def test_a_coordinator_cut_off_mid_round_is_evicted_at_once(
     it, and its retry must end there with ``Evicted``. Before this, it waited
     out the view timeouts and got ``Evicted`` after 52 s."""
     async with swarm(4) as s:
-        for i in range(4):
-            for j in range(i + 1, 4):  # latency, so that the cut lands mid-round
-                s.net.set_link(f"p0{i}", f"p0{j}", latency=0.002 * (1 + (i + j + trial) % 3))
+        uneven_links(s, trial)
 
         async def cut() -> None:
             await trio.sleep(0.05)
