@@ -185,8 +185,9 @@ class Membership:
         this peer cannot, and giving up on members it reaches would leave this
         peer no side to be on. With two crossing cut links among four peers,
         every member took up the others' losses until none held a quorum, and
-        no view formed while the cuts lasted; now each keeps the members it
-        reaches, and the coordinator's view drops one end of each cut link."""
+        no view formed while the cuts lasted; now each keeps those it has not
+        found gone itself, and the coordinator's view drops one end of each
+        cut link."""
         members = set(self.view.members) if self.view else set()
         named = (set(peers) & members) - {self.me}
         before = set(self.suspects)
