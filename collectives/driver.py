@@ -261,20 +261,18 @@ class MembershipDriver(Liveness):
         new = (self.core.suspect(set(peers) - set(found), observed=not reported)
                | self.core.suspect(found, observed=True))
         d = self.core.view
+        # Reported but not taken up (this peer would lose its quorum): still,
+        # the reporter cannot reach them, so a collective that needs them all
+        # cannot finish. It ends now, not at its phase deadline (30 s and
+        # more), which outlasted a client's call.
         refused = (set(peers) & set(d.members if d else ())) - self.core.suspects - {self.me}
-        if refused:
-            # Reported, but not taken up (this peer would lose its quorum):
-            # still, the reporter cannot reach them, so a collective that
-            # needs them all cannot finish. End it now, not at its phase
-            # deadline (30 s and more), which outlasted a client's call.
+        if new or refused:
             for callback in list(self._on_lost):
-                callback(frozenset(refused))
+                callback(new | refused)
         if not new:
             return new
         self.peers_lost += len(new)
         event(log, "collectives.peer_lost", me=self.me, run=self.run, peers=sorted(new), why=reason)
-        for callback in list(self._on_lost):
-            callback(new)
         assert d is not None
         msg = encode(m.Abort(self.run, d.revision, tuple(sorted(new)), reason[:1000],
                              tuple(sorted(new & self.core.observed))))

@@ -95,7 +95,8 @@ class Membership:
         self.observed &= members
         # A report not taken up was weighed against a view that has now
         # settled it: only suspicions of members that stay carry over.
-        self._reported = {p: None for p in self._reported if p in members & self.suspects}
+        staying = members & self.suspects
+        self._reported = {p: None for p in self._reported if p in staying}
         self._settle()
         for m in members - self._last_seen.keys():
             self._last_seen[m] = now  # a grace period for newcomers
@@ -206,11 +207,12 @@ class Membership:
         while a quorum was left, the member found its own cut link a moment
         later, and keeping the report sent its ready to no one, though it
         reached the coordinator (which waited out its view timeout, 60 s)."""
+        # Both hold only members of the view other than this peer: ``suspect``
+        # adds no others, and ``install`` drops those the new view leaves out.
         members = set(self.view.members) if self.view else set()
-        gone = (self.observed & members) - {self.me}
+        gone = set(self.observed)
         for peer in self._reported:
-            if peer in members and peer != self.me and peer not in gone and has_quorum(
-                    members, members - gone - {peer}):
+            if peer not in gone and has_quorum(members, members - gone - {peer}):
                 gone.add(peer)
         self.suspects = gone
 

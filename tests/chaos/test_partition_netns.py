@@ -405,7 +405,6 @@ def _lossy_rounds(c: Cluster) -> None:
     print(f"\nresults per lossy round: {results}", file=sys.stderr)
 
 
-
 def test_two_crossing_cut_links_leave_a_pair_going_on() -> None:
     """Four daemons; the links 0-2 and 1-3 are cut. Each still reaches two
     of the three others, but no three reach each other: the run must go on
