@@ -34,11 +34,11 @@ def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any)
     for _ in range(iters):
         t.fill_(float(rank + 1))
         dist.barrier()
-        t0, (user0, sys0) = time.perf_counter(), cpu_times()
+        t0, (user0, sys0, faults0) = time.perf_counter(), cpu_times()
         dist.all_reduce(t)
         times.append(time.perf_counter() - t0)
-        user1, sys1 = cpu_times()
-        cpu.append((user1 - user0 + sys1 - sys0, user1 - user0, sys1 - sys0))
+        user1, sys1, faults1 = cpu_times()
+        cpu.append((user1 - user0 + sys1 - sys0, user1 - user0, sys1 - sys0, faults1 - faults0))
     expected = world * (world + 1) / 2
     ok = bool(torch.all(t == expected))
     q.put((rank, times, peak, ok, sorted(cpu)[len(cpu) // 2]))  # median by total CPU
@@ -86,7 +86,8 @@ def run_gloo(world: int, elements: int, iters: int, port: int = 0) -> dict[str, 
         "min_s": min(per_iter),
         "median_s": statistics.median(per_iter),
         "peak_extra_bytes": max(r[2] for r in results),
-        **dict(zip(("cpu_s", "user_s", "sys_s"), max(r[4] for r in results), strict=True)),
+        **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), max(r[4] for r in results),
+                   strict=True)),
     }
 
 

@@ -2,8 +2,11 @@
 
 Runs P peer processes that all-reduce N fp32 elements with peerd (encrypted,
 fault-tolerant, striped TCP) and then the same with gloo, and prints per size:
-time per all-reduce, bus bandwidth (2(P-1)/P * bytes / time), and each peer's
-peak extra resident memory. The LAST line is the ratio peerd-time / gloo-time
+time per all-reduce, bus bandwidth (2(P-1)/P * bytes / time), each peer's
+peak extra resident memory, and the CPU seconds and minor page faults of the
+peer that spent most (first-touch faults cost ~15 us per 4 KiB page on the
+2-core VMs, 0.26 GB/s: peerd's scratch pool keeps its buffers mapped, so a
+timed 100M round takes 8-14 faults; gloo's ~500). The LAST line is the ratio peerd-time / gloo-time
 for the largest size.
 
     python benchmarks/allreduce.py                     # 4 peers, 10M and 100M
@@ -96,7 +99,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
     for memory (nothing of this size was allocated before, so the allocator
     cannot hide it) but not timed; then ``iters`` timed ones."""
     per_iter: list[float] = []
-    cpu: list[tuple[float, float, float]] = []
+    cpu: list[tuple[float, float, float, int]] = []
     peak = 0
     sent = 0
     for i in range(iters + 2):
@@ -120,11 +123,13 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
         if i < 2:
             continue
         per_iter.append(max(r["seconds"] for r in res))
-        cpu.append(max((r["cpu_seconds"], r["cpu_user"], r["cpu_system"]) for r in res))
+        cpu.append(max((r["cpu_seconds"], r["cpu_user"], r["cpu_system"], r["page_faults"])
+                       for r in res))
         sent = max(r["bytes_sent"] for r in res)
     return {"median_s": statistics.median(per_iter), "min_s": min(per_iter),
             "peak_extra_bytes": peak, "bytes_sent_per_peer": sent,
-            **dict(zip(("cpu_s", "user_s", "sys_s"), sorted(cpu)[len(cpu) // 2], strict=True))}
+            **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), sorted(cpu)[len(cpu) // 2],
+                       strict=True))}
 
 
 def netns_factory(rate: str) -> tuple[Any, Any]:
@@ -166,7 +171,7 @@ def main() -> int:
             print(f"{args.peers} peers, quant={args.quant}, netns={args.netns}")
             print(f"{'elements':>12} {'system':>8} {'time s':>8} {'bus Gbit/s':>11} "
                   f"{'peak extra MB':>14} {'x tensor':>9} {'CPU s/peer':>11} {'user':>7} "
-                  f"{'kernel':>7}")
+                  f"{'kernel':>7} {'faults':>7}")
             for n, elements in enumerate(args.elements):
                 nbytes = elements * 4
                 ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
@@ -178,7 +183,7 @@ def main() -> int:
                           f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
                           f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
                           f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
-                          f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f}")
+                          f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
                 if quant is not Quant.NONE or n == 0:
                     fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
                     sent = ours["bytes_sent_per_peer"]

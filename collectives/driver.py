@@ -445,8 +445,10 @@ class MembershipDriver(Liveness):
             for p in self.core.others()
             if p in self._bandwidth
         )
+        joiners = tuple(sorted(self.core.joiners(trio.current_time()))) if admit else ()
         return m.ViewReady(
-            self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links
+            self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links,
+            joiners,
         )
 
     def _poll_round(self) -> None:
@@ -462,6 +464,7 @@ class MembershipDriver(Liveness):
             frozenset(msg.suspects),
             msg.admit,
             {r.peer: LinkEstimate(r.bandwidth, r.latency) for r in msg.links},
+            frozenset(msg.joiners),
         )
         if self.core.view is not None and ready.revision == self.core.view.revision:
             # Go through lost(), not just the core, so our own collectives abort too.

@@ -140,11 +140,13 @@ class ViewReady:
     suspects: tuple[str, ...]
     admit: bool  # may joiners be admitted (explicit boundary) or not (failure retry)
     links: tuple[LinkReport, ...]
+    joiners: tuple[str, ...] = ()  # joiners whose requests reached the sender lately
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
         _check_ids(self.suspects, "suspects")
+        _check_ids(self.joiners, "joiners")
         if len(self.links) > MAX_MEMBERS:
             raise ValueError("too many link reports")
 

@@ -6,7 +6,9 @@ fails, survivors suspect it and the next lowest takes over. Members at a round
 boundary send the coordinator a ``Ready``; it decides once every member it
 expects is ready, or at the deadline without the missing ones. Joiners are
 admitted only when every ready member allows it (explicit boundaries, not
-failure retries, because a joiner is not running the interrupted operation).
+failure retries, because a joiner is not running the interrupted operation)
+and has heard the joiner's request: a member that cannot reach a joiner
+would fail every round the joiner is in.
 
 Partitions: only the side holding a quorum of the view goes on. The other
 side keeps probing the members it lost (``probe_targets``); once one of them
@@ -35,6 +37,7 @@ class Ready:
     suspects: frozenset[str] = frozenset()
     admit: bool = True
     links: Mapping[str, LinkEstimate] = field(default_factory=dict)
+    joiners: frozenset[str] = frozenset()  # joiners whose requests reached this member
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,11 @@ def decide_view(
     """The next view, or ``None`` while it is too early to decide.
 
     Members in the next view: current members that are ready and not
-    suspected, plus ``joiners`` when every ready member admits them; never
-    without a quorum of the current members (``has_quorum``). Ready
-    peers that are not current members are ignored. Nothing is decided while
-    an expected member (not suspected) is missing, until the deadline passes.
+    suspected, plus the ``joiners`` that every ready member heard from, when
+    every ready member admits joiners; never without a quorum of the current
+    members (``has_quorum``). Ready peers that are not current members are
+    ignored. Nothing is decided while an expected member (not suspected) is
+    missing, until the deadline passes.
     """
     current = set(members)
     gone = set(suspects)
@@ -129,7 +133,11 @@ def decide_view(
     if not chosen or not has_quorum(current, chosen):
         return None
     if all(readies[p].admit for p in ready):
-        chosen |= set(joiners) - gone
+        # Each member needs a session to a joiner (heartbeats, and data links
+        # where the ring puts them side by side): one that never heard from it
+        # cannot reach it, and the joiner waits for a boundary where all can.
+        heard = set(joiners).intersection(*(readies[p].joiners for p in ready))
+        chosen |= heard - gone
     relevant = {p: r for p, r in readies.items() if p in ready}
     return Decision(revision + 1, order_ring(chosen, link_matrix(relevant)))
 

@@ -71,12 +71,13 @@ def reset_rss_peak() -> bool:
     return True
 
 
-def cpu_times() -> tuple[float, float]:
-    """This process's (user, kernel) CPU seconds so far, all threads."""
+def cpu_times() -> tuple[float, float, int]:
+    """This process's (user, kernel) CPU seconds and minor page faults so
+    far, all threads."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
 
 
 def rss_peak() -> int:
@@ -218,7 +219,7 @@ async def _command(
         rss_before = rss_now() if reset_rss_peak() else rss_peak()
         # Monotonic clock stamps too: ``perf record -k CLOCK_MONOTONIC`` then
         # profiles exactly the all-reduce (``perf report --time start,end``).
-        started, t0, (user0, sys0) = time.monotonic(), time.perf_counter(), cpu_times()
+        started, t0, (user0, sys0, faults0) = time.monotonic(), time.perf_counter(), cpu_times()
         try:
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
                                            tag=cmd.get("tag", "default"),
@@ -229,7 +230,8 @@ async def _command(
                                                    original.view(np.uint8))
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
                     "peers": list(exc.peers), "input_intact": bool(intact)}
-        seconds, ended, (user1, sys1) = time.perf_counter() - t0, time.monotonic(), cpu_times()
+        seconds, ended, (user1, sys1, faults1) = (time.perf_counter() - t0, time.monotonic(),
+                                                  cpu_times())
         peak = max(0, rss_peak() - rss_before)
         out = cmd.get("out")
         if out:
@@ -238,7 +240,8 @@ async def _command(
         return {"event": "result", "round": rnd, "participants": list(result.participants),
                 "revision": result.revision, "sha256": sha, "seconds": seconds,
                 "cpu_seconds": user1 - user0 + sys1 - sys0, "cpu_user": user1 - user0,
-                "cpu_system": sys1 - sys0, "bytes_sent": result.bytes_sent,
+                "cpu_system": sys1 - sys0, "page_faults": faults1 - faults0,
+                "bytes_sent": result.bytes_sent,
                 "attempts": result.attempts, "peak_extra_bytes": peak,
                 "monotonic_start": started, "monotonic_end": ended}
     if kind in _NAT_COMMANDS:

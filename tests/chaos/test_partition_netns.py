@@ -161,27 +161,14 @@ def _outcome(f: Future[Any]) -> Any:
 
 
 def cut(lab: Lab, a: list[Peer], b: list[Peer]) -> None:
-    """Drop every packet between ``a`` and ``b`` (rules in ``b``'s namespaces,
-    both directions, so neither side hears the other)."""
-    far = ", ".join(p.host.ip for p in a)
+    """Drop every packet between ``a`` and ``b`` (rules in ``b``'s namespaces)."""
     for p in b:
-        lab._sh(p.host.ns, "nft", "-f", "-", stdin=f"""
-table inet partition {{
-  chain in {{
-    type filter hook input priority -300; policy accept;
-    ip saddr {{ {far} }} drop
-  }}
-  chain out {{
-    type filter hook output priority -300; policy accept;
-    ip daddr {{ {far} }} drop
-  }}
-}}
-""")
+        lab.block(p.host, [q.host for q in a])
 
 
 def heal(lab: Lab, b: list[Peer]) -> None:
     for p in b:
-        lab._sh(p.host.ns, "nft", "delete", "table", "inet", "partition")
+        lab.unblock(p.host)
 
 
 def inputs(rnd: int, index: int) -> np.ndarray:

@@ -43,6 +43,52 @@ async def test_joiner_takes_part_from_the_next_round(mock_clock: trio.testing.Mo
         assert same_bytes(list(arrays.values()))
 
 
+async def test_joiner_one_member_cannot_reach_waits_until_it_can(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A joiner that one member cannot reach (here the link p01-p03 is cut;
+    on the internet, a NAT neither side gets through) is not admitted: in
+    the ring that member would need a link to it, so every round would fail.
+    The members go on among themselves, and admit it at the first boundary
+    after the link works."""
+    async with swarm(3) as s:
+        members = s.alive()
+        s.add_fabric("p03")
+        s.net.cut("p01", "p03")
+        joiner = await s.start("p03", None)
+        joined = trio.Event()
+
+        async def join() -> None:
+            await joiner.join()
+            joined.set()
+
+        s.nursery.start_soon(join)
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
+        views = await s.each(lambda p, e: e.update_view(), members)
+        assert {v.members for v in views.values()} == {views["p00"].members}
+        assert sorted(views["p00"].members) == members, views
+        data = inputs(members, 33, seed=1)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), members)
+        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == members
+                   for r in out.values()), out
+        assert same_bytes(list(arrays.values()))
+        assert not joined.is_set() and joiner.current_view() is None
+
+        s.net.heal("p01", "p03")
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p01 hears the joiner again
+        views = await s.each(lambda p, e: e.update_view(), members)
+        await joined.wait()
+        assert sorted(views["p01"].members) == ["p00", "p01", "p02", "p03"], views
+        data = inputs(s.alive(), 33, seed=2)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]))
+        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == s.alive()
+                   for r in out.values()), out
+        np.testing.assert_allclose(arrays["p03"], reference(data, s.alive(), True), rtol=1e-5)
+        assert same_bytes(list(arrays.values()))
+
+
 async def test_failure_retry_does_not_admit_joiners(mock_clock: trio.testing.MockClock) -> None:
     async with swarm(3) as s:
         joiner = await s.start("p09", None)

@@ -34,33 +34,40 @@ def test_coordinator_is_lowest_unsuspected() -> None:
 
 def test_decide_view_exhaustively() -> None:
     checked = 0
-    for ready_set in subsets((*MEMBERS, "z")):  # z: a ready peer that is not a member
-        for suspects in subsets(MEMBERS):
-            for joiners in subsets(JOINERS):
-                for admit_all in (True, False):
-                    for passed in (False, True):
-                        readies = {
-                            p: Ready(p, 3, MEMBERS, admit=admit_all or p != min(ready_set))
-                            for p in ready_set
-                        }
-                        got = decide_view(3, MEMBERS, readies, suspects, joiners, passed)
-                        expected = set(MEMBERS) - suspects
-                        ready = ready_set & set(MEMBERS)
-                        chosen = ready & expected
-                        # Quorum: a strict majority of the 4 members, or exactly
-                        # half including the lowest id ("a").
-                        quorum = len(chosen) >= 3 or (len(chosen) == 2 and "a" in chosen)
-                        if (not passed and not expected <= ready) or not quorum:
-                            assert got is None
-                            continue
-                        assert got is not None
-                        admit = all(readies[p].admit for p in ready)
-                        want = chosen | (set(joiners) if admit else set())
-                        assert got.revision == 4
-                        assert sorted(got.members) == sorted(want)
-                        assert "z" not in got.members
-                        checked += 1
-    assert checked > 900
+    cases = itertools.product(
+        subsets((*MEMBERS, "z")),  # ready peers; z: one that is not a member
+        subsets(MEMBERS),  # suspects
+        subsets(JOINERS),  # joiners the coordinator heard from
+        (False, True),  # one ready member never heard from joiner "x"
+        (True, False),  # every ready member admits joiners
+        (False, True),  # the deadline passed
+    )
+    for ready_set, suspects, joiners, deaf_to_x, admit_all, passed in cases:
+        ready = ready_set & set(MEMBERS)
+        deaf = max(ready) if deaf_to_x and ready else None
+        readies = {
+            p: Ready(p, 3, MEMBERS, admit=admit_all or p != min(ready_set),
+                     joiners=frozenset(JOINERS) - ({"x"} if p == deaf else set()))
+            for p in ready_set
+        }
+        got = decide_view(3, MEMBERS, readies, suspects, joiners, passed)
+        expected = set(MEMBERS) - suspects
+        chosen = ready & expected
+        # Quorum: a strict majority of the 4 members, or exactly
+        # half including the lowest id ("a").
+        quorum = len(chosen) >= 3 or (len(chosen) == 2 and "a" in chosen)
+        if (not passed and not expected <= ready) or not quorum:
+            assert got is None
+            continue
+        assert got is not None
+        admit = all(readies[p].admit for p in ready)
+        reachable = set(joiners) - ({"x"} if deaf else set())
+        want = chosen | (reachable if admit else set())
+        assert got.revision == 4
+        assert sorted(got.members) == sorted(want), (ready_set, suspects, joiners, deaf)
+        assert "z" not in got.members
+        checked += 1
+    assert checked > 1800
 
 
 def test_quorum_rule() -> None:
@@ -150,9 +157,23 @@ def test_joiners_only_at_explicit_boundaries() -> None:
     for admit, want in ((True, {"a", "b", "x"}), (False, {"a", "b"})):
         c = core("a", members=("a", "b"))
         c.join_request("x", 0.5)
-        c.offer(ready("b", members=("a", "b"), admit=admit), 1.0)
-        d = c.offer(ready("a", members=("a", "b"), admit=admit), 1.0)
+        heard = frozenset({"x"})
+        c.offer(ready("b", members=("a", "b"), admit=admit, joiners=heard), 1.0)
+        d = c.offer(ready("a", members=("a", "b"), admit=admit, joiners=heard), 1.0)
         assert isinstance(d, Decision) and set(d.members) == want
+
+
+def test_joiner_waits_while_a_member_has_not_heard_from_it() -> None:
+    c = core("a", members=("a", "b", "c"))
+    c.join_request("x", 0.5)
+    for p, heard in (("b", {"x"}), ("c", set()), ("a", {"x"})):
+        d = c.offer(ready(p, members=("a", "b", "c"), joiners=frozenset(heard)), 1.0)
+    assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c"}
+    view = d.members
+    c.join_request("x", 1.5)  # still asking; now c hears it too
+    for p in ("b", "c", "a"):
+        d = c.offer(ready(p, revision=1, members=view, joiners=frozenset({"x"})), 2.0)
+    assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c", "x"}
 
 
 def test_stale_joiner_is_not_admitted() -> None:
@@ -160,8 +181,9 @@ def test_stale_joiner_is_not_admitted() -> None:
     c.join_request("x", 0.0)
     assert c.joiners(5.0) == {"x"}
     assert c.joiners(5.5) == frozenset()
-    c.offer(ready("b", members=("a", "b")), 6.0)
-    d = c.offer(ready("a", members=("a", "b")), 6.0)
+    heard = frozenset({"x"})  # the members heard it too, but it has gone quiet
+    c.offer(ready("b", members=("a", "b"), joiners=heard), 6.0)
+    d = c.offer(ready("a", members=("a", "b"), joiners=heard), 6.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b"}
 
 

@@ -257,6 +257,28 @@ table inet labloss {{
         _run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "labloss"],
              check=False)
 
+    def block(self, node: Node, far: list[Node]) -> None:
+        """Drop every packet between ``node`` and each of ``far`` (rules in
+        ``node``'s namespace, both directions, so neither side hears the
+        other); further calls add to the set."""
+        addrs = ", ".join(f.ip for f in far)
+        self._sh(node.ns, "nft", "-f", "-", stdin=f"""
+table inet labblock {{
+  chain in {{
+    type filter hook input priority -300; policy accept;
+    ip saddr {{ {addrs} }} drop
+  }}
+  chain out {{
+    type filter hook output priority -300; policy accept;
+    ip daddr {{ {addrs} }} drop
+  }}
+}}
+""")
+
+    def unblock(self, node: Node) -> None:
+        """Remove every ``block`` rule of ``node``'s namespace."""
+        self._sh(node.ns, "nft", "delete", "table", "inet", "labblock")
+
     def add_delay(self, node: Node, ms: int) -> bool:
         """netem delay when the kernel has it; returns False (and changes
         nothing) where it does not."""
