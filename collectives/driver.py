@@ -136,6 +136,9 @@ class MembershipDriver(Liveness):
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
         self._probing: set[str] = set()
+        # Peers whose answer to this joiner's last join request did not come:
+        # it does not reach them, though a session may stand (until it times out).
+        self._join_unanswered: set[str] = set()
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
         self._member_scopes: set[trio.CancelScope] = set()  # see ``_while_member``
@@ -402,15 +405,19 @@ class MembershipDriver(Liveness):
     # ------------------------------------------------------------ joining
 
     async def _send_join(self, peer: str) -> None:
+        reaches = sorted(self.fabric.peers() - self._join_unanswered)[:m.MAX_MEMBERS]
         try:
             reply = await self.fabric.call(
                 peer,
                 self._method("join"),
-                encode(m.JoinRequest(self.run, incarnation=self.incarnation)),
+                encode(m.JoinRequest(self.run, incarnation=self.incarnation,
+                                     reaches=tuple(reaches))),
                 self.config.timing.heartbeat_interval * 2,
             )
         except (PeerLost, Timeout, RemoteError):
+            self._join_unanswered.add(peer)
             return
+        self._join_unanswered.discard(peer)
         msg = decode_untrusted(reply)
         if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
             self._install(Decision(msg.revision, msg.members))
@@ -426,7 +433,7 @@ class MembershipDriver(Liveness):
             # view has dropped the old one.
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         "an earlier process of this peer is being dropped"))
-        self.core.join_request(peer, trio.current_time())
+        self.core.join_request(peer, trio.current_time(), frozenset(msg.reaches))
         return encode(m.ViewCommit(self.run, d.revision, d.members))
 
     async def _on_commit(self, peer: str, payload: bytes) -> bytes:

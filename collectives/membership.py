@@ -67,6 +67,7 @@ class Membership:
         self._reported: dict[str, None] = {}
         self._last_seen: dict[str, float] = {}
         self._joiners: dict[str, float] = {}
+        self._joiner_reach: dict[str, frozenset[str]] = {}  # the peers each joiner reaches
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
         self.last_decided: Decision | None = None  # the last view this peer decided
@@ -104,6 +105,7 @@ class Membership:
             del self._last_seen[gone]
         for j in members & self._joiners.keys():
             del self._joiners[j]
+            self._joiner_reach.pop(j, None)
         return True
 
     @property
@@ -227,16 +229,23 @@ class Membership:
 
     # -------------------------------------------------------------- joiners
 
-    def join_request(self, peer: str, now: float) -> None:
+    def join_request(self, peer: str, now: float, reaches: frozenset[str] = frozenset()) -> None:
+        """``peer`` asks to join; ``reaches``: the peers it holds sessions with."""
         if self.view is not None and peer in self.view.members:
             return
         self._joiners[peer] = now
+        self._joiner_reach[peer] = reaches
         self._last_seen[peer] = now
 
     def joiners(self, now: float) -> frozenset[str]:
         """Joiners heard from within the heartbeat timeout."""
         limit = self.timing.heartbeat_timeout
         return frozenset(j for j, t in self._joiners.items() if now - t <= limit)
+
+    def joiner_reach(self, now: float) -> dict[str, frozenset[str]]:
+        """Each joiner heard from within the heartbeat timeout, with the peers
+        it said it reaches."""
+        return {j: self._joiner_reach.get(j, frozenset()) for j in self.joiners(now)}
 
     # -------------------------------------------------------------- agreement
 
@@ -278,7 +287,7 @@ class Membership:
             self.view.members,
             self._readies,
             self.suspects,
-            self.joiners(now),
+            self.joiner_reach(now),
             deadline is not None and now >= deadline,
         )
         if decision is not None:

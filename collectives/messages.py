@@ -92,10 +92,12 @@ class JoinRequest:
     run: str
     version: int = PROTOCOL_VERSION
     incarnation: int = 0
+    reaches: tuple[str, ...] = ()  # the peers the joiner holds sessions with
 
     def __post_init__(self) -> None:
         _check_run(self.run)
         _check_incarnation(self.incarnation)
+        _check_ids(self.reaches, "reaches")
 
 
 @message(203)

@@ -7,8 +7,8 @@ boundary send the coordinator a ``Ready``; it decides once every member it
 expects is ready, or at the deadline without the missing ones. Joiners are
 admitted only when every ready member allows it (explicit boundaries, not
 failure retries, because a joiner is not running the interrupted operation)
-and has heard the joiner's request: a member that cannot reach a joiner
-would fail every round the joiner is in.
+and has heard the joiner's request, and only joiners that reach each other:
+a peer that cannot reach another of the view would fail every round.
 
 Partitions: only the side holding a quorum of the view goes on. The other
 side keeps probing the members it lost (``probe_targets``); once one of them
@@ -111,15 +111,17 @@ def decide_view(
     members: Iterable[str],
     readies: Mapping[str, Ready],
     suspects: Iterable[str],
-    joiners: Iterable[str],
+    joiners: Mapping[str, Iterable[str]],
     deadline_passed: bool,
 ) -> Decision | None:
     """The next view, or ``None`` while it is too early to decide.
 
     Members in the next view: current members that are ready and not
-    suspected, plus the ``joiners`` that every ready member heard from, when
-    every ready member admits joiners; never without a quorum of the current
-    members (``has_quorum``). Ready peers that are not current members are
+    suspected, plus ``joiners`` (each with the peers it reaches) that reach
+    every ready member (the member heard the joiner, or the joiner says it
+    reaches the member) and each other, when every ready member admits
+    joiners; never without a quorum of the current members
+    (``has_quorum``). Ready peers that are not current members are
     ignored. Nothing is decided while an expected member (not suspected) is
     missing, until the deadline passes.
     """
@@ -133,11 +135,23 @@ def decide_view(
     if not chosen or not has_quorum(current, chosen):
         return None
     if all(readies[p].admit for p in ready):
-        # Each member needs a session to a joiner (heartbeats, and data links
-        # where the ring puts them side by side): one that never heard from it
-        # cannot reach it, and the joiner waits for a boundary where all can.
-        heard = set(joiners).intersection(*(readies[p].joiners for p in ready))
-        chosen |= heard - gone
+        # Each member needs a working session with a joiner (heartbeats, and
+        # data links where the ring puts them side by side). Either side's word
+        # shows one: the member heard the joiner's request, or the joiner holds
+        # a session with the member that answered its last request. Where
+        # neither does, the joiner waits for a boundary where every member can.
+        # (The members' word alone would miss a joiner whose first request is
+        # still on its way when a member sends its ready, as when a stranded
+        # peer asks at the very boundary the others hold.)
+        reachable = {j for j in set(joiners) - gone
+                     if all(j in readies[p].joiners or p in joiners[j] for p in ready)}
+        # Joiners need sessions with each other too: lowest id first, each one
+        # that reaches all those taken so far (a session either side holds).
+        taken: list[str] = []
+        for j in sorted(reachable):
+            if all(a in joiners[j] or j in joiners[a] for a in taken):
+                taken.append(j)
+        chosen |= set(taken)
     relevant = {p: r for p, r in readies.items() if p in ready}
     return Decision(revision + 1, order_ring(chosen, link_matrix(relevant)))
 

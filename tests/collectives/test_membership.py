@@ -89,6 +89,53 @@ async def test_joiner_one_member_cannot_reach_waits_until_it_can(
         assert same_bytes(list(arrays.values()))
 
 
+async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Two joiners whose link is cut (each reaches every member): admitting
+    both would fail every round, so the lower id comes in first, and the
+    other only after the link works."""
+    async with swarm(3) as s:
+        for j in ("p03", "p04"):
+            s.add_fabric(j)
+        s.net.cut("p03", "p04")
+        joined = {j: trio.Event() for j in ("p03", "p04")}
+
+        async def join(j: str) -> None:
+            await (await s.start(j, None)).join()
+            joined[j].set()
+
+        for j in joined:
+            s.nursery.start_soon(join, j)
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
+        members = ["p00", "p01", "p02"]
+        for want in (["p00", "p01", "p02", "p03"], ["p00", "p01", "p02", "p03"]):
+            views = await s.each(lambda p, e: e.update_view(), members)
+            assert {tuple(sorted(v.members)) for v in views.values()} == {tuple(want)}, views
+            members = want
+            await joined["p03"].wait()
+            data = inputs(members, 33, seed=len(members))
+            arrays = {p: v.copy() for p, v in data.items()}
+            out = await s.each(lambda p, e, a=arrays: e.all_reduce(a[p]), members)
+            assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == members
+                       for r in out.values()), out
+            assert same_bytes(list(arrays.values()))
+            assert not joined["p04"].is_set()
+
+        s.net.heal("p03", "p04")
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p03 hears p04's request
+        views = await s.each(lambda p, e: e.update_view(), members)
+        await joined["p04"].wait()
+        assert sorted(views["p03"].members) == s.alive() == [f"p0{i}" for i in range(5)]
+        data = inputs(s.alive(), 33, seed=5)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]))
+        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == s.alive()
+                   for r in out.values()), out
+        np.testing.assert_allclose(arrays["p04"], reference(data, s.alive(), True), rtol=1e-5)
+        assert same_bytes(list(arrays.values()))
+
+
 async def test_failure_retry_does_not_admit_joiners(mock_clock: trio.testing.MockClock) -> None:
     async with swarm(3) as s:
         joiner = await s.start("p09", None)

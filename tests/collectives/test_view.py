@@ -38,11 +38,13 @@ def test_decide_view_exhaustively() -> None:
         subsets((*MEMBERS, "z")),  # ready peers; z: one that is not a member
         subsets(MEMBERS),  # suspects
         subsets(JOINERS),  # joiners the coordinator heard from
-        (False, True),  # one ready member never heard from joiner "x"
+        (False, True),  # one ready member never heard from joiner "x"...
+        (False, True),  # ...but x says it reaches that member
+        (True, False),  # the joiners x and y reach each other
         (True, False),  # every ready member admits joiners
         (False, True),  # the deadline passed
     )
-    for ready_set, suspects, joiners, deaf_to_x, admit_all, passed in cases:
+    for ready_set, suspects, joiners, deaf_to_x, claims, linked, admit_all, passed in cases:
         ready = ready_set & set(MEMBERS)
         deaf = max(ready) if deaf_to_x and ready else None
         readies = {
@@ -50,7 +52,11 @@ def test_decide_view_exhaustively() -> None:
                      joiners=frozenset(JOINERS) - ({"x"} if p == deaf else set()))
             for p in ready_set
         }
-        got = decide_view(3, MEMBERS, readies, suspects, joiners, passed)
+        # The joiners reach every member (x the deaf one only if it claims so),
+        # and x and y each other when linked.
+        reach = {j: frozenset(MEMBERS) - ({deaf} if j == "x" and not claims else set())
+                 | ({"x", "y"} - {j} if linked else set()) for j in joiners}
+        got = decide_view(3, MEMBERS, readies, suspects, reach, passed)
         expected = set(MEMBERS) - suspects
         chosen = ready & expected
         # Quorum: a strict majority of the 4 members, or exactly
@@ -61,13 +67,15 @@ def test_decide_view_exhaustively() -> None:
             continue
         assert got is not None
         admit = all(readies[p].admit for p in ready)
-        reachable = set(joiners) - ({"x"} if deaf else set())
+        reachable = set(joiners) - ({"x"} if deaf and not claims else set())
+        if not linked and reachable == {"x", "y"}:
+            reachable = {"x"}  # the lower id of two that cannot reach each other
         want = chosen | (reachable if admit else set())
         assert got.revision == 4
         assert sorted(got.members) == sorted(want), (ready_set, suspects, joiners, deaf)
         assert "z" not in got.members
         checked += 1
-    assert checked > 1800
+    assert checked > 7200
 
 
 def test_quorum_rule() -> None:
@@ -174,6 +182,23 @@ def test_joiner_waits_while_a_member_has_not_heard_from_it() -> None:
     for p in ("b", "c", "a"):
         d = c.offer(ready(p, revision=1, members=view, joiners=frozenset({"x"})), 2.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c", "x"}
+
+
+def test_joiners_that_cannot_reach_each_other_come_one_at_a_time() -> None:
+    c = core("a", members=("a", "b"))
+    c.join_request("y", 0.5, frozenset({"a", "b"}))
+    c.join_request("x", 0.5, frozenset({"a", "b"}))
+    heard = frozenset({"x", "y"})
+    c.offer(ready("b", members=("a", "b"), joiners=heard), 1.0)
+    d = c.offer(ready("a", members=("a", "b"), joiners=heard), 1.0)
+    assert isinstance(d, Decision) and set(d.members) == {"a", "b", "x"}
+    # Next boundary: x, now a member, has not heard y, so y waits still.
+    view = d.members
+    c.join_request("y", 1.5, frozenset({"a", "b"}))
+    for p in ("b", "x", "a"):
+        d = c.offer(ready(p, revision=1, members=view,
+                          joiners=frozenset() if p == "x" else frozenset({"y"})), 2.0)
+    assert isinstance(d, Decision) and set(d.members) == {"a", "b", "x"}, d
 
 
 def test_stale_joiner_is_not_admitted() -> None:
