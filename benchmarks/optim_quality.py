@@ -111,7 +111,9 @@ def main() -> None:
                     help="H for Streaming DiLoCo and SPES")
     ap.add_argument("--diloco-sync-every", type=int, default=15)
     ap.add_argument("--sparseloco-sync-every", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0",
+                    help="seed, or comma-separated seeds: every method runs on each and "
+                         "the table shows the mean (single runs swing by 2-6%%)")
     ap.add_argument("--d-model", type=int, default=64, help="tiny GPT width")
     ap.add_argument("--layers", type=int, default=2, help="tiny GPT depth")
     ap.add_argument("--batch", type=int, default=16, help="sequences per peer per step")
@@ -122,7 +124,11 @@ def main() -> None:
     small = GPTConfig(n_layer=args.layers, n_head=4, d_model=args.d_model, seq_len=64)
     moe = MoEConfig(n_layer=2, n_head=4, d_model=64, seq_len=64, n_experts=8, expert_hidden=64)
     base = TrainConfig(steps=args.steps, sync_every=args.sync_every, model=small, moe=moe,
-                       seed=args.seed, batch_size=args.batch)
+                       seed=0, batch_size=args.batch)
+    try:
+        seeds = [int(x) for x in args.seed.split(",")]
+    except ValueError:
+        ap.error(f"--seed takes integers separated by commas, not {args.seed!r}")
     load_corpus(base.train_bytes, base.eval_bytes)
     h = args.sync_every
     runs = {
@@ -197,32 +203,42 @@ def main() -> None:
         if unknown:
             ap.error(f"unknown methods {sorted(unknown)}; choose from {sorted(runs)}")
         runs = {k: v for k, v in runs.items() if k in wanted}
-    results: dict[str, list[WorkerResult]] = {}
+    # Per method, per seed: (held-out loss averaged over the peers, total bytes, rounds).
+    results: dict[str, list[tuple[float, int, int]]] = {}
     print(f"{args.peers} peers, {args.steps} steps x batch {base.batch_size} x "
           f"{base.model.seq_len} tokens per peer, seed {args.seed}, H: diloco "
           f"{args.diloco_sync_every}, sparseloco {args.sparseloco_sync_every}, others {h}")
-    print(f"{'method':<12}{'held-out loss':>14}{'total bytes':>16}{'rounds':>8}{'secs':>8}")
+    per_seed = f"{'  per seed':<10}" if len(seeds) > 1 else ""
+    print(f"{'method':<12}{'held-out loss':>14}{'total bytes':>16}{'rounds':>8}{'secs':>8}"
+          f"{per_seed}")
     for name, cfg in runs.items():
         t0 = time.monotonic()
-        res = run(cfg, args.peers, local_collectives)
-        results[name] = res
-        mean_loss = sum(r.held_out_loss for r in res) / len(res)
-        n_bytes = sum(r.bytes_sent + r.bytes_received for r in res)
-        print(f"{name:<12}{mean_loss:>14.4f}{n_bytes:>16,d}{res[0].rounds:>8d}"
-              f"{time.monotonic() - t0:>8.1f}", flush=True)
-
-    def loss(k: str) -> float:
-        return sum(r.held_out_loss for r in results[k]) / len(results[k])
-
-    def total(k: str) -> int:
-        return sum(r.bytes_sent + r.bytes_received for r in results[k])
+        for seed in seeds:
+            res = run(replace(cfg, seed=seed), args.peers, local_collectives)
+            results.setdefault(name, []).append((
+                sum(r.held_out_loss for r in res) / len(res),
+                sum(r.bytes_sent + r.bytes_received for r in res), res[0].rounds))
+        losses = [r[0] for r in results[name]]
+        each = "  " + " ".join(f"{x:.4f}" for x in losses) if len(seeds) > 1 else ""
+        print(f"{name:<12}{loss(results, name):>14.4f}{total(results, name):>16,d}"
+              f"{results[name][0][2]:>8d}{time.monotonic() - t0:>8.1f}{each}", flush=True)
 
     for a, b, what in (("sparseloco", "diloco", "sparseloco vs diloco"),
                        ("spes-moe", "ddp-moe", "spes vs ddp on the MoE"),
                        ("diloco", "ddp", "diloco vs ddp")):
         if a in results and b in results:
-            print(f"{what}: {total(b) / max(1, total(a)):.1f}x fewer bytes, "
-                  f"loss ratio {loss(a) / loss(b):.4f}")
+            print(f"{what}: {total(results, b) / max(1, total(results, a)):.1f}x fewer bytes, "
+                  f"loss ratio {loss(results, a) / loss(results, b):.4f}")
+
+
+def loss(results: dict[str, list[tuple[float, int, int]]], method: str) -> float:
+    """Held-out loss of ``method``, the mean over its seeds."""
+    return sum(r[0] for r in results[method]) / len(results[method])
+
+
+def total(results: dict[str, list[tuple[float, int, int]]], method: str) -> int:
+    """Bytes ``method`` communicated, the mean over its seeds."""
+    return round(sum(r[1] for r in results[method]) / len(results[method]))
 
 
 if __name__ == "__main__":
