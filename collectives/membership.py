@@ -230,7 +230,7 @@ class Membership:
     # -------------------------------------------------------------- joiners
 
     def join_request(self, peer: str, now: float, reaches: frozenset[str] = frozenset()) -> None:
-        """``peer`` asks to join; ``reaches``: the peers it holds sessions with."""
+        """``peer`` asks to join; ``reaches``: the peers it says it reaches."""
         if self.view is not None and peer in self.view.members:
             return
         self._joiners[peer] = now

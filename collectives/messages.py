@@ -92,7 +92,9 @@ class JoinRequest:
     run: str
     version: int = PROTOCOL_VERSION
     incarnation: int = 0
-    reaches: tuple[str, ...] = ()  # the peers the joiner holds sessions with
+    # The peers the joiner holds sessions with, less those that did not
+    # answer its last request: the peers it reaches.
+    reaches: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run(self.run)

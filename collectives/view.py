@@ -6,9 +6,9 @@ fails, survivors suspect it and the next lowest takes over. Members at a round
 boundary send the coordinator a ``Ready``; it decides once every member it
 expects is ready, or at the deadline without the missing ones. Joiners are
 admitted only when every ready member allows it (explicit boundaries, not
-failure retries, because a joiner is not running the interrupted operation)
-and has heard the joiner's request, and only joiners that reach each other:
-a peer that cannot reach another of the view would fail every round.
+failure retries, because a joiner is not running the interrupted operation),
+and only joiners that reach every ready member and each other: a peer that
+cannot reach another of the view would fail every round.
 
 Partitions: only the side holding a quorum of the view goes on. The other
 side keeps probing the members it lost (``probe_targets``); once one of them
