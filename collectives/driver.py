@@ -452,10 +452,12 @@ class MembershipDriver(Liveness):
             for p in self.core.others()
             if p in self._bandwidth
         )
-        joiners = tuple(sorted(self.core.joiners(trio.current_time()))) if admit else ()
+        # Bounded like every id list on the wire; more joiners wait a boundary.
+        joiners = sorted(self.core.joiners(trio.current_time())) if admit else []
+        joiners = joiners[:m.MAX_MEMBERS]
         return m.ViewReady(
             self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links,
-            joiners,
+            tuple(joiners),
         )
 
     def _poll_round(self) -> None:
