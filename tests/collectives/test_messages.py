@@ -18,8 +18,10 @@ SAMPLES = [
     m.Ack("r", 5, False, 77),
     m.JoinRequest("r"),
     m.JoinRequest("r", incarnation=1),
+    m.JoinRequest("r", incarnation=1, reaches=("a", "b")),
     m.ViewCommit("r", 9, ("b", "a", "c")),
     m.ViewReady("r", 2, ("a", "b"), ("c",), True, (m.LinkReport("b", 1e6, 0.01),)),
+    m.ViewReady("r", 2, ("a", "b"), (), True, (), ("x", "y")),
     m.ViewRefused("r", m.RefuseReason.NOT_MEMBER, "gone"),
     m.Abort("r", 1, ("c",), "deadline"),
     m.Abort("r", 1, ("c", "d"), "silent", ("c",)),
@@ -54,6 +56,9 @@ def test_type_ids_in_our_range() -> None:
         lambda: m.JoinRequest("r", incarnation=-5),
         lambda: m.Heartbeat("r", 0, ("a",), 0, ("b",)),  # observed but not a suspect
         lambda: m.Abort("r", 0, ("a",), "x", ("a", "a")),
+        lambda: m.JoinRequest("r", reaches=("a", "a")),
+        lambda: m.JoinRequest("r", reaches=tuple(f"p{i}" for i in range(m.MAX_MEMBERS + 1))),
+        lambda: m.ViewReady("r", 0, ("a",), (), True, (), ("",)),
     ],
 )
 def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]
