@@ -8,20 +8,27 @@ import trio.testing
 
 from collectives.api import AllReduceResult
 from collectives.run import Engine
-from tests.collectives.conftest import FAST, inputs, reference, same_bytes, swarm
+from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
+
+
+async def start_joiner(s: Swarm, peer: str) -> trio.Event:
+    """Start ``peer`` and have it ask to join; the event is set once it is admitted."""
+    joiner = await s.start(peer, None)
+    joined = trio.Event()
+
+    async def join() -> None:
+        await joiner.join()
+        joined.set()
+
+    s.nursery.start_soon(join)
+    return joined
 
 
 async def test_joiner_takes_part_from_the_next_round(mock_clock: trio.testing.MockClock) -> None:
     async with swarm(3) as s:
         members = s.alive()
-        joiner = await s.start("p03", None)
-        joined = trio.Event()
-
-        async def join() -> None:
-            await joiner.join()
-            joined.set()
-
-        s.nursery.start_soon(join)
+        joined = await start_joiner(s, "p03")
+        joiner = s.engines["p03"]
         await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
         # round 1: the joiner waits; the others reduce among themselves
         data = inputs(members, 33, seed=1)
@@ -55,14 +62,8 @@ async def test_joiner_one_member_cannot_reach_waits_until_it_can(
         members = s.alive()
         s.add_fabric("p03")
         s.net.cut("p01", "p03")
-        joiner = await s.start("p03", None)
-        joined = trio.Event()
-
-        async def join() -> None:
-            await joiner.join()
-            joined.set()
-
-        s.nursery.start_soon(join)
+        joined = await start_joiner(s, "p03")
+        joiner = s.engines["p03"]
         await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
         views = await s.each(lambda p, e: e.update_view(), members)
         assert {v.members for v in views.values()} == {views["p00"].members}
@@ -99,14 +100,7 @@ async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
         for j in ("p03", "p04"):
             s.add_fabric(j)
         s.net.cut("p03", "p04")
-        joined = {j: trio.Event() for j in ("p03", "p04")}
-
-        async def join(j: str) -> None:
-            await (await s.start(j, None)).join()
-            joined[j].set()
-
-        for j in joined:
-            s.nursery.start_soon(join, j)
+        joined = {j: await start_joiner(s, j) for j in ("p03", "p04")}
         await trio.sleep(2 * FAST.timing.heartbeat_interval)  # join requests are pending
         members = ["p00", "p01", "p02"]
         for want in (["p00", "p01", "p02", "p03"], ["p00", "p01", "p02", "p03"]):

@@ -16,15 +16,14 @@ Processes are stopped by pid and the namespaces removed whatever happens.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from netns import Lab, Node
 
 from peerd.peerproc import LocalSwarm, PeerProcess
-from tests.lab.netns import Lab, Node, require_lab, sweep_stale
 
 pytestmark = pytest.mark.lab
 
@@ -32,17 +31,6 @@ SIZE = 10_007  # fp32 elements per all-reduce (a prime: uneven chunks)
 CUT_ROUNDS = 3  # round boundaries and all-reduces while the link is cut
 ADMIT_SECONDS = 30.0  # bound on rounds until the healed joiner is admitted
 TIMEOUT = 60.0
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    require_lab()
-    sweep_stale()
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def boundary(members: list[PeerProcess], run: str) -> list[str]:
