@@ -24,6 +24,18 @@ async def start_joiner(s: Swarm, peer: str) -> trio.Event:
     return joined
 
 
+async def exact_round(s: Swarm, peers: list[str], seed: int) -> None:
+    """An all-reduce on ``peers``: each result covers exactly them, equals the
+    float64 average and is byte-identical across them."""
+    data = inputs(peers, 33, seed=seed)
+    arrays = {p: v.copy() for p, v in data.items()}
+    out = await s.each(lambda p, e: e.all_reduce(arrays[p]), peers)
+    assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == sorted(peers)
+               for r in out.values()), out
+    np.testing.assert_allclose(arrays[peers[-1]], reference(data, peers, True), rtol=1e-5)
+    assert same_bytes(list(arrays.values()))
+
+
 async def test_joiner_takes_part_from_the_next_round(mock_clock: trio.testing.MockClock) -> None:
     async with swarm(3) as s:
         members = s.alive()
@@ -68,26 +80,15 @@ async def test_joiner_one_member_cannot_reach_waits_until_it_can(
         views = await s.each(lambda p, e: e.update_view(), members)
         assert {v.members for v in views.values()} == {views["p00"].members}
         assert sorted(views["p00"].members) == members, views
-        data = inputs(members, 33, seed=1)
-        arrays = {p: v.copy() for p, v in data.items()}
-        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), members)
-        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == members
-                   for r in out.values()), out
-        assert same_bytes(list(arrays.values()))
+        await exact_round(s, members, seed=1)
         assert not joined.is_set() and joiner.current_view() is None
 
         s.net.heal("p01", "p03")
         await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p01 hears the joiner again
         views = await s.each(lambda p, e: e.update_view(), members)
         await joined.wait()
-        assert sorted(views["p01"].members) == ["p00", "p01", "p02", "p03"], views
-        data = inputs(s.alive(), 33, seed=2)
-        arrays = {p: v.copy() for p, v in data.items()}
-        out = await s.each(lambda p, e: e.all_reduce(arrays[p]))
-        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == s.alive()
-                   for r in out.values()), out
-        np.testing.assert_allclose(arrays["p03"], reference(data, s.alive(), True), rtol=1e-5)
-        assert same_bytes(list(arrays.values()))
+        assert sorted(views["p01"].members) == s.alive() == ["p00", "p01", "p02", "p03"], views
+        await exact_round(s, s.alive(), seed=2)
 
 
 async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
@@ -108,12 +109,7 @@ async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
             assert {tuple(sorted(v.members)) for v in views.values()} == {tuple(want)}, views
             members = want
             await joined["p03"].wait()
-            data = inputs(members, 33, seed=len(members))
-            arrays = {p: v.copy() for p, v in data.items()}
-            out = await s.each(lambda p, e, a=arrays: e.all_reduce(a[p]), members)
-            assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == members
-                       for r in out.values()), out
-            assert same_bytes(list(arrays.values()))
+            await exact_round(s, members, seed=len(members))
             assert not joined["p04"].is_set()
 
         s.net.heal("p03", "p04")
@@ -121,13 +117,7 @@ async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
         views = await s.each(lambda p, e: e.update_view(), members)
         await joined["p04"].wait()
         assert sorted(views["p03"].members) == s.alive() == [f"p0{i}" for i in range(5)]
-        data = inputs(s.alive(), 33, seed=5)
-        arrays = {p: v.copy() for p, v in data.items()}
-        out = await s.each(lambda p, e: e.all_reduce(arrays[p]))
-        assert all(isinstance(r, AllReduceResult) and sorted(r.participants) == s.alive()
-                   for r in out.values()), out
-        np.testing.assert_allclose(arrays["p04"], reference(data, s.alive(), True), rtol=1e-5)
-        assert same_bytes(list(arrays.values()))
+        await exact_round(s, s.alive(), seed=5)
 
 
 async def test_failure_retry_does_not_admit_joiners(mock_clock: trio.testing.MockClock) -> None:
