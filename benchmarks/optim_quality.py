@@ -7,7 +7,7 @@ per method. LAST line: DiLoCo's bytes reduction over DDP and its loss ratio.
 The members run as threads on a ``LocalGroup``; ``make_collectives`` is the
 one place to swap in another ``Collective`` (daemon clients, in-process nodes).
 
-    python benchmarks/optim_quality.py [--steps 180] [--peers 4] [--seed 0]
+    python benchmarks/optim_quality.py [--steps 180] [--peers 4] [--seed 0,1,2,3,4]
 
 Every method sees the same tokens per peer (``--steps`` x batch x seq_len);
 ``--seed`` sets model init and data order for all of them. The outer settings
@@ -67,6 +67,24 @@ SparseLoCo's outer lr 0.8 / 1.0 / 1.2 / 1.5 at 4e-3..5.5e-3 (best 5e-3,
 DDP was undersold at 3e-3 (its global batch is 4x a peer's); tuned, it
 takes back part of DiLoCo's margin, and SparseLoCo comes to within 0.3% of
 DiLoCo, not below it.
+
+Session 12: the session-11 settings on seeds 5-9, which no choice had used,
+gave diloco/ddp 1.045 and sparseloco/diloco 0.997, but SparseLoCo lost on 4
+of the 5 seeds (seed 7, where DDP and DiLoCo both ended high, carried the
+mean); over seeds 0-9, 1.045 and 1.000 (per-seed median 1.011). SparseLoCo's
+EF decay and k were then swept at its tuned inner lr over seeds 0-9 (the
+comment at its settings): top-21 of 4096 with EF beta 0.90 gave 0.987 (7 of
+10 seeds at or below DiLoCo), at 20.7x fewer bytes. Checked on seeds 10-19,
+which played no part in any choice (loss ratio of the means, per-seed
+median in brackets):
+
+                        seeds 0-9 (tuning)   seeds 10-19 (fresh)
+    diloco/ddp          1.045 (1.052)        1.037 (1.048)
+    sparseloco/diloco   0.987 (0.994)        0.986 (0.992)
+
+On seeds 10-19 SparseLoCo is at or below DiLoCo on 6 seeds and at most 1.1%
+above on the other 4. A single seed says little either way (seed 0 alone:
+1.007), so the default run averages five.
 """
 
 from __future__ import annotations
@@ -111,9 +129,10 @@ def main() -> None:
                     help="H for Streaming DiLoCo and SPES")
     ap.add_argument("--diloco-sync-every", type=int, default=15)
     ap.add_argument("--sparseloco-sync-every", type=int, default=5)
-    ap.add_argument("--seed", default="0",
-                    help="seed, or comma-separated seeds: every method runs on each and "
-                         "the table shows the mean (single runs swing by 2-6%%)")
+    ap.add_argument("--seed", default="0,1,2,3,4",
+                    help="comma-separated seeds: every method runs on each and the table "
+                         "shows the mean (single runs swing by 2-6%%, more than the gaps "
+                         "the aims are about)")
     ap.add_argument("--d-model", type=int, default=64, help="tiny GPT width")
     ap.add_argument("--layers", type=int, default=2, help="tiny GPT depth")
     ap.add_argument("--batch", type=int, default=16, help="sequences per peer per step")
@@ -185,14 +204,20 @@ def main() -> None:
         # Nothing closes the gap: outer momentum hurts (the EF already carries it),
         # and the bytes saved by shared or block index sets do not buy back what
         # precise top-k selection gives.
-        # Chosen: H=5, top-18 of each 4096-element chunk (0.44%, below the paper's 1-3%,
-        # which at H=5 would cost more bytes than the 20x aim allows), lr 1.2: 23.3x
-        # fewer bytes than DiLoCo, held-out 2.431 vs 2.392 (seed 0), 2.389 vs 2.378
-        # (seed 1), 2.458 vs 2.393 (seed 2, checked after choosing), i.e. 1.6%, 0.5%
-        # and 2.7% worse: the loss aim (no worse than DiLoCo) is not met.
+        # Session 4 chose H=5, top-18 of each 4096-element chunk (0.44%, below the
+        # paper's 1-3%, which at H=5 would cost more bytes than the 20x aim allows).
+        # Session 12, at inner lr 5e-3, mean held-out over seeds 0-9 (DiLoCo 2.3980;
+        # session-11 setting, top-18 with EF beta 0.95: 2.3981, 23.3x):
+        #   top-21 (20.7x) 2.3832   H=4 top-14 (22.4x) 2.3868   beta 0.90 2.3850
+        #   top-21 beta 0.90 2.3658 (7 of 10 seeds at or below DiLoCo)
+        #   top-21 beta 0.85 2.3831 (6 seeds)   beta 0.98 2.4322 (4)   H=6 top-22 2.4110 (2)
+        # Chosen: top-21, beta 0.90 (20.7x fewer bytes than DiLoCo), checked on seeds
+        # 10-19, which played no part in the choice (docstring). Likely why the
+        # shorter EF memory helps here: with beta 0.95 a residual lasts ~20 of the
+        # run's 36 rounds, so late rounds still spend entries on early directions.
         "sparseloco": replace(base, method="sparseloco", sync_every=args.sparseloco_sync_every,
                               lr=5e-3,
-                              outer={"outer_lr": 1.0, "beta": 0.95, "density": 18 / 4096,
+                              outer={"outer_lr": 1.0, "beta": 0.90, "density": 21 / 4096,
                                      "chunk": 4096, "bits": 2, "aggregate": "index_mean"}),
         "ddp-moe": replace(base, method="ddp", use_moe=True),
         "spes-moe": replace(base, method="spes", outer={"merge_interval": h}),
