@@ -6,8 +6,8 @@ time per all-reduce, bus bandwidth (2(P-1)/P * bytes / time), each peer's
 peak extra resident memory, and the CPU seconds and minor page faults of the
 peer that spent most (first-touch faults cost ~15 us per 4 KiB page on the
 2-core VMs, 0.26 GB/s: peerd's scratch pool keeps its buffers mapped, so a
-timed 100M round takes 8-14 faults; gloo's ~500). The LAST line is the ratio peerd-time / gloo-time
-for the largest size.
+timed 100M round takes 8-14 faults; gloo's ~500). The LAST line is the ratio
+peerd-time / gloo-time for the largest size.
 
     python benchmarks/allreduce.py                     # 4 peers, 10M and 100M
     python benchmarks/allreduce.py --quant int8        # peerd with int8 on the wire

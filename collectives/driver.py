@@ -210,8 +210,12 @@ class MembershipDriver(Liveness):
         with trio.fail_after(timeout if timeout is not None else self.config.join_timeout):
             while self.current_view() is None:
                 changed = self._changed
-                for peer in sorted(self.fabric.peers()):
-                    self._spawn(self._send_join, peer)
+                peers = self.fabric.peers()
+                reaches = sorted(peers - self._join_unanswered)[:m.MAX_MEMBERS]
+                request = encode(m.JoinRequest(self.run, incarnation=self.incarnation,
+                                               reaches=tuple(reaches)))
+                for peer in sorted(peers):
+                    self._spawn(self._send_join, peer, request)
                 with trio.move_on_after(self.config.timing.heartbeat_interval):
                     await changed.wait()
         return self.view()
@@ -404,16 +408,10 @@ class MembershipDriver(Liveness):
 
     # ------------------------------------------------------------ joining
 
-    async def _send_join(self, peer: str) -> None:
-        reaches = sorted(self.fabric.peers() - self._join_unanswered)[:m.MAX_MEMBERS]
+    async def _send_join(self, peer: str, request: bytes) -> None:
         try:
             reply = await self.fabric.call(
-                peer,
-                self._method("join"),
-                encode(m.JoinRequest(self.run, incarnation=self.incarnation,
-                                     reaches=tuple(reaches))),
-                self.config.timing.heartbeat_interval * 2,
-            )
+                peer, self._method("join"), request, self.config.timing.heartbeat_interval * 2)
         except (PeerLost, Timeout, RemoteError):
             self._join_unanswered.add(peer)
             return
@@ -453,8 +451,7 @@ class MembershipDriver(Liveness):
             if p in self._bandwidth
         )
         # Bounded like every id list on the wire; more joiners wait a boundary.
-        joiners = sorted(self.core.joiners(trio.current_time())) if admit else []
-        joiners = joiners[:m.MAX_MEMBERS]
+        joiners = sorted(self.core.joiners(trio.current_time()))[:m.MAX_MEMBERS] if admit else []
         return m.ViewReady(
             self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links,
             tuple(joiners),

@@ -66,8 +66,8 @@ class Membership:
         # count is weighed again whenever this peer finds one itself (``_settle``).
         self._reported: dict[str, None] = {}
         self._last_seen: dict[str, float] = {}
-        self._joiners: dict[str, float] = {}
-        self._joiner_reach: dict[str, frozenset[str]] = {}  # the peers each joiner reaches
+        # Each joiner: when its request last came, and the peers it said it reaches.
+        self._joiners: dict[str, tuple[float, frozenset[str]]] = {}
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
         self.last_decided: Decision | None = None  # the last view this peer decided
@@ -105,7 +105,6 @@ class Membership:
             del self._last_seen[gone]
         for j in members & self._joiners.keys():
             del self._joiners[j]
-            self._joiner_reach.pop(j, None)
         return True
 
     @property
@@ -233,19 +232,18 @@ class Membership:
         """``peer`` asks to join; ``reaches``: the peers it says it reaches."""
         if self.view is not None and peer in self.view.members:
             return
-        self._joiners[peer] = now
-        self._joiner_reach[peer] = reaches
+        self._joiners[peer] = (now, reaches)
         self._last_seen[peer] = now
 
     def joiners(self, now: float) -> frozenset[str]:
         """Joiners heard from within the heartbeat timeout."""
         limit = self.timing.heartbeat_timeout
-        return frozenset(j for j, t in self._joiners.items() if now - t <= limit)
+        return frozenset(j for j, (t, _) in self._joiners.items() if now - t <= limit)
 
     def joiner_reach(self, now: float) -> dict[str, frozenset[str]]:
         """Each joiner heard from within the heartbeat timeout, with the peers
         it said it reaches."""
-        return {j: self._joiner_reach.get(j, frozenset()) for j in self.joiners(now)}
+        return {j: self._joiners[j][1] for j in self.joiners(now)}
 
     # -------------------------------------------------------------- agreement
 

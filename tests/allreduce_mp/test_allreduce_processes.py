@@ -12,20 +12,9 @@ import pytest
 
 from collectives.membership import HEARTBEAT_TIMEOUT
 from peerd.peerproc import LocalSwarm, make_input
+from tests.allreduce_mp.checks import check_round
 
 SIZES = [1, 2, 3, 7, 1009, 65_537, 1_000_003]
-
-
-def check_round(sw: LocalSwarm, results: list[dict], seed: int, rnd: int, size: int,
-                out: Path, op: str = "avg", rtol: float = 1e-5) -> None:
-    assert all(r["event"] == "result" for r in results), results
-    participants = results[0]["participants"]
-    assert all(r["participants"] == participants for r in results)
-    assert len({r["sha256"] for r in results}) == 1, "results differ between peers"
-    ref = sw.reference(participants, seed, rnd, size, op)
-    for r in results:
-        got = np.load(out / f"r{rnd}_{sw.by_peer(r['participants'][0]).index}.npy")
-        np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
