@@ -91,6 +91,9 @@ def bus_gbit(peers: int, nbytes: int, seconds: float) -> float:
 
 
 WARMUP_ELEMENTS = 4096
+# Peers start each timed all-reduce at one instant, this long after the driver
+# sends the commands (gloo's workers start after a barrier).
+START_IN = 0.05
 
 
 def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
@@ -100,12 +103,13 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
     cannot hide it) but not timed; then ``iters`` timed ones."""
     per_iter: list[float] = []
     cpu: list[tuple[float, float, float, int]] = []
+    phases: list[dict[str, float]] = []
     peak = 0
     sent = 0
     for i in range(iters + 2):
         size = WARMUP_ELEMENTS if i == 0 else elements
         res = sw.all_reduce(sw.peers, size=size, seed=11, round=first_round + i,
-                            quant=int(quant), timeout=900)
+                            quant=int(quant), timeout=900, start_in=START_IN)
         bad = [r for r in res if r["event"] != "result"]
         if bad:
             logs = "\n".join(f"--- peer {p.index} ({p.peer[:8]}):\n{p.stderr_tail(2000)}"
@@ -122,12 +126,15 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
             peak = max(r["peak_extra_bytes"] for r in res)
         if i < 2:
             continue
-        per_iter.append(max(r["seconds"] for r in res))
+        slowest = max(res, key=lambda r: r["seconds"])
+        per_iter.append(slowest["seconds"])
+        phases.append(slowest["phases"])
         cpu.append(max((r["cpu_seconds"], r["cpu_user"], r["cpu_system"], r["page_faults"])
                        for r in res))
         sent = max(r["bytes_sent"] for r in res)
     return {"median_s": statistics.median(per_iter), "min_s": min(per_iter),
             "peak_extra_bytes": peak, "bytes_sent_per_peer": sent,
+            "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
             **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), sorted(cpu)[len(cpu) // 2],
                        strict=True))}
 
@@ -184,6 +191,8 @@ def main() -> int:
                           f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
                           f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
                           f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
+                split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ours["phases"].items())
+                print(f"{'':>12} peerd phases of the slowest peer (median): {split}")
                 if quant is not Quant.NONE or n == 0:
                     fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
                     sent = ours["bytes_sent_per_peer"]

@@ -65,6 +65,10 @@ class AllReduceResult:
     bytes_received: int
     seconds: float
     attempts: int = 1
+    # Where the last attempt's time went, in seconds: the ring ("ring"), the
+    # status round that decides it ("status") and the copy into the caller's
+    # array ("copy"); empty where the transport does not say (client, local).
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

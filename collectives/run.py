@@ -120,7 +120,7 @@ class Engine(MembershipDriver):
                 raise self.evicted() if d is not None else ConfigError("join the run first")
             counters = Counters()
             try:
-                await self._attempt(d, flat, codec, reduce_op, tag, counters)
+                phases = await self._attempt(d, flat, codec, reduce_op, tag, counters)
             except PeerLost as exc:
                 self.counters["failed"] += 1
                 event(
@@ -150,11 +150,12 @@ class Engine(MembershipDriver):
                 total.received,
                 trio.current_time() - start,
                 attempts,
+                phases,
             )
 
     async def _attempt(
         self, d: Decision, flat: Any, codec: Any, op: ReduceOp, tag: str, counters: Counters
-    ) -> None:
+    ) -> tuple[tuple[str, float], ...]:
         seq = self._seq.get((d.revision, tag), 0)
         self._seq = {k: v for k, v in self._seq.items() if k[0] >= d.revision}
         self._seq[(d.revision, tag)] = seq + 1
@@ -204,9 +205,13 @@ class Engine(MembershipDriver):
                 lost = state.lost or (members - {self.me})
                 fail(self, d, prefix, lost, trio.current_time() + self.config.phase_timeout, what)
             state.in_status = True  # from here on only the status round decides
+            ringed = trio.current_time()
             await agree(self, d, prefix, set(), now + 3 * phase, what)
+            agreed = trio.current_time()
             await commit(job, gathered)
             self._history.record(tag, d.revision, seq)
+            return (("ring", ringed - now), ("status", agreed - ringed),
+                    ("copy", trio.current_time() - agreed))
         finally:
             del self._active[tag]
             self.fabric.drop_data(prefix)

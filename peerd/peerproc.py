@@ -217,6 +217,10 @@ async def _command(
 
             target = torch.from_numpy(data).view(torch.bfloat16)
         rss_before = rss_now() if reset_rss_peak() else rss_peak()
+        if (at := cmd.get("start_at")) is not None:
+            # All peers start together, as after gloo's barrier: commands reach
+            # the peers one after another, milliseconds apart on a busy host.
+            await trio.sleep(max(0.0, at - time.monotonic()))
         # Monotonic clock stamps too: ``perf record -k CLOCK_MONOTONIC`` then
         # profiles exactly the all-reduce (``perf report --time start,end``).
         started, t0, (user0, sys0, faults0) = time.monotonic(), time.perf_counter(), cpu_times()
@@ -243,6 +247,7 @@ async def _command(
                 "cpu_system": sys1 - sys0, "page_faults": faults1 - faults0,
                 "bytes_sent": result.bytes_sent,
                 "attempts": result.attempts, "peak_extra_bytes": peak,
+                "phases": dict(result.phases),
                 "monotonic_start": started, "monotonic_end": ended}
     if kind in _NAT_COMMANDS:
         return await _nat_command(node, kind, cmd)
@@ -426,11 +431,16 @@ class LocalSwarm:
     def all_reduce(self, peers: list[PeerProcess], timeout: float = 120.0,
                    **cmd: Any) -> list[dict[str, Any]]:
         """Run one all-reduce on ``peers``; they start it together, after each
-        has made its input (a barrier through this driver)."""
+        has made its input (a barrier through this driver). With ``start_in``
+        (seconds) each peer waits until that long after the commands go out,
+        so their timers start at the same instant."""
+        start_in = cmd.pop("start_in", None)
         for p in peers:
             p.send(cmd="prepare", **cmd)
         for p in peers:
             p.expect("prepared", timeout=timeout)
+        if start_in is not None:
+            cmd["start_at"] = time.monotonic() + start_in
         for p in peers:
             p.send(cmd="allreduce", run=self.run, **cmd)
         return [p.expect("result", "error", timeout=timeout) for p in peers]
