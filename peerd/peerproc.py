@@ -134,7 +134,13 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
                             format="%(relativeCreated)d %(name)s %(message)s")
     # Tests of the threaded data path force it on or off whatever the cores.
     threads = os.environ.get("PEERD_PEERPROC_DATA_THREADS")
-    config = NodeConfig(data_threads=None if threads is None else threads == "1")
+    # Benchmarks sweep the transport's knobs through the environment.
+    config = NodeConfig(
+        data_threads=None if threads is None else threads == "1",
+        data_channels=int(os.environ.get("PEERD_PEERPROC_DATA_CHANNELS", "0"))
+        or NodeConfig.data_channels,
+        switch_interval=float(os.environ.get("PEERD_PEERPROC_SWITCH_INTERVAL", "0"))
+        or NodeConfig.switch_interval)
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen,
                          config=config) as node:
         fault = _FaultFabric(node.fabric)
@@ -255,9 +261,30 @@ async def _command(
         import dataclasses
 
         return {"event": "node_stats", **dataclasses.asdict(node.statistics())}
+    if kind == "tune":
+        return _tune(node, cmd)
     if kind == "stats":
         return {"event": "stats", "engine": repr(node.engine(cmd["run"]).statistics())}
     raise PeerdError(f"unknown command {kind!r}")
+
+
+def _tune(node: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    """Benchmarks compare data-path knobs round by round on one swarm (the
+    machine's state drifts more between swarms than the knobs matter)."""
+    import dataclasses
+
+    from collectives import allreduce
+
+    if "switch_interval" in cmd:
+        sys.setswitchinterval(float(cmd["switch_interval"]))
+    for name in ("SEND_AHEAD", "RECEIVE_AHEAD", "THREAD_MIN", "COMMIT_THREADS"):
+        if name.lower() in cmd:
+            setattr(allreduce, name, int(cmd[name.lower()]))
+    if "sub_chunk_bytes" in cmd:
+        engine = node.engine(cmd["run"])
+        engine.config = dataclasses.replace(engine.config,
+                                            sub_chunk_bytes=int(cmd["sub_chunk_bytes"]))
+    return {"event": "tuned"}
 
 
 _NAT_COMMANDS = ("connect_peer", "disconnect", "path", "relay_to", "try_upgrade", "data_send",
