@@ -162,12 +162,15 @@ class DataLink:
         try:
             await fn(chan)
         except (PeerdError, ValueError, RuntimeError) as exc:
-            # A peer's fault or a dead socket; ValueError/RuntimeError mean a
-            # stream we can no longer trust, so the link goes down either way.
-            first = self._error is None and not self._closing
-            self._fail(exc)
-            if first and self.on_broken is not None:
-                self.on_broken(self.peer)
+            self._broken(exc)
+
+    def _broken(self, exc: Exception) -> None:
+        # A peer's fault or a dead socket; ValueError/RuntimeError mean a
+        # stream we can no longer trust, so the link goes down either way.
+        first = self._error is None and not self._closing
+        self._fail(exc)
+        if first and self.on_broken is not None:
+            self.on_broken(self.peer)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -181,6 +184,14 @@ class DataLink:
         self._check()
         view = as_bytes_view(payload)
         total = len(view)
+        if total < self._cfg.min_part and not self._queued:
+            # One stripe with nothing queued: onto an idle channel from this
+            # task, sparing the hand-off to a sender task and back (most of a
+            # small message's cost: status reports, the ring's small blocks).
+            chan = next((c for c in self._channels if not c.sending), None)
+            if chan is not None:
+                await self._send_direct(chan, Part(key, 0, 1, 0, total), view)
+                return
         # Stripe over the channels that are idle: a lone message uses them
         # all, while concurrent sends each go whole (up to ``part_size``) on
         # one channel, which spares records, wakeups and reassembly.
@@ -205,6 +216,25 @@ class DataLink:
             raise
         if op.failed:
             raise self._error or PeerLost([self.peer], "data link stopped")
+
+    async def _send_direct(self, chan: DataChannel, part: Part, view: memoryview) -> None:
+        self._queued += 1  # concurrent sends see the channel taken
+        try:
+            # A message half written cannot be taken back (the channel would be
+            # lost), so a cancel waits for it, as for queued stripes.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SEND_DRAIN_TIMEOUT
+                await chan.send(encode_part(part), view)
+            if scope.cancelled_caught:
+                raise PeerLost([self.peer], "a send could not drain")
+        except (PeerdError, ValueError, RuntimeError) as exc:
+            self._broken(exc)
+            raise self._error or PeerLost([self.peer], "data link stopped") from None
+        finally:
+            self._queued -= 1
+        self._n[0] += len(view)
+        self._n[1] += 1
+        await trio.lowlevel.checkpoint_if_cancelled()  # the cancel the shield held off
 
     def _part_done(self) -> None:
         self._queued -= 1

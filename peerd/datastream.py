@@ -132,6 +132,11 @@ class DataChannel:
     def max_record(self) -> int:
         return self._max_record
 
+    @property
+    def sending(self) -> bool:
+        """Whether a send holds (or waits for) this channel."""
+        return self._send_lock.locked()
+
     # ------------------------------------------------------------ sending
 
     def _lost(self, exc: BaseException, what: str) -> PeerLost:
