@@ -51,17 +51,10 @@ class NodeConfig:
     # node's channels run on several cores; None: on where this process may use
     # at least 4 cores (on fewer, shared, the hand-off costs more than it gains).
     data_threads: bool | None = None
-    # With data threads: how long (seconds) a thread may hold the GIL while
-    # another waits for it (Python's default is 5 ms). A worker thread takes
-    # the GIL back after every socket call and every record it opens; beside a
-    # busy event loop each of those waits could last the whole interval.
-    switch_interval: float = 0.0002
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
         if self.max_pending_handshakes < 1:
             raise ConfigError("max_pending_handshakes must be at least 1")
-        if not 0 < self.switch_interval <= 0.1:
-            raise ConfigError("switch_interval must be above 0 and at most 0.1 seconds")
         if not 1 <= self.data_channels <= 64:
             raise ConfigError("data_channels must be between 1 and 64")

@@ -11,7 +11,6 @@ import contextvars
 import logging
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -485,10 +484,6 @@ async def open_node(
 ) -> AsyncIterator[Node]:
     """Run a node for the duration of the ``async with`` block."""
     cfg = config or NodeConfig()
-    if DataConfig(crypto_threads=cfg.data_threads).offload():
-        # Process-wide, and only ever lowered: other threads of the process
-        # (the training loop's) lose nothing by shorter GIL turns.
-        sys.setswitchinterval(min(sys.getswitchinterval(), cfg.switch_interval))
     addr = parse_address(listen, "listen address") if isinstance(listen, str) else listen
     identity = identity or Identity.generate()
     udp = _bind_udp(*addr)

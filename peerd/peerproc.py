@@ -138,9 +138,7 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
     config = NodeConfig(
         data_threads=None if threads is None else threads == "1",
         data_channels=int(os.environ.get("PEERD_PEERPROC_DATA_CHANNELS", "0"))
-        or NodeConfig.data_channels,
-        switch_interval=float(os.environ.get("PEERD_PEERPROC_SWITCH_INTERVAL", "0"))
-        or NodeConfig.switch_interval)
+        or NodeConfig.data_channels)
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen,
                          config=config) as node:
         fault = _FaultFabric(node.fabric)
