@@ -121,8 +121,10 @@ class Node(RunsMixin):
         self.endpoint = QuicEndpoint(udp, client_config, server_config, nursery,
                                      self._on_accept, config.max_pending_handshakes)
         self.nat = NatState([self.endpoint.local_address])
+        data_config = DataConfig(max_record=config.data_record,
+                                 crypto_threads=config.data_threads)
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0],
-                              self.call_session, DataConfig(crypto_threads=config.data_threads))
+                              self.call_session, data_config)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
         self.register(DATA_REVERSE_METHOD, self._handle_data_reverse)
         self.register(DATA_PUNCH_METHOD, self._handle_data_punch)

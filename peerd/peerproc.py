@@ -138,7 +138,9 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
     config = NodeConfig(
         data_threads=None if threads is None else threads == "1",
         data_channels=int(os.environ.get("PEERD_PEERPROC_DATA_CHANNELS", "0"))
-        or NodeConfig.data_channels)
+        or NodeConfig.data_channels,
+        data_record=int(os.environ.get("PEERD_PEERPROC_DATA_RECORD", "0"))
+        or NodeConfig.data_record)
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen,
                          config=config) as node:
         fault = _FaultFabric(node.fabric)

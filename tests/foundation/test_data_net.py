@@ -6,8 +6,11 @@ import os
 
 import blake3
 import numpy as np
+import pytest
 import trio
 
+from peerd.config import NodeConfig
+from peerd.errors import ConfigError, PeerLost
 from peerd.identity import SwarmKey
 from peerd.node import open_node
 
@@ -65,3 +68,46 @@ async def test_tcp_garbage_leaves_data_port_serving() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(link.send, b"after", b"still serving")
                 assert bytes(await inbound.receive(b"after")) == b"still serving"
+
+
+async def test_larger_records_carry_each_stripe_in_one_record() -> None:
+    cfg = NodeConfig(data_record=4 * MIB)
+    async with open_node(KEY, config=cfg) as a, open_node(KEY, config=cfg) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 2)
+        inbound = await b.accept_data_channels(a.peer_id)
+        data = np.random.default_rng(3).integers(0, 256, size=6 * MIB, dtype=np.uint8)
+        buf = np.empty_like(data)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.send, b"big", data)
+                await inbound.receive_into(b"big", buf)
+        assert np.array_equal(buf, data)
+        stats = out.statistics()
+        # Two stripes of 3 MiB, one record each, plus each message's head record
+        # (1 MiB records would have taken 3 payload records per stripe).
+        assert stats.parts_sent == 2
+        assert sum(c.records_sent for c in stats.per_channel) == 2 * 2
+
+
+def test_record_size_out_of_range_is_refused_with_the_range() -> None:
+    for bad in (1024, 64 * MIB):
+        with pytest.raises(ConfigError, match="use 64 KiB to 16 MiB, the same on every peer"):
+            NodeConfig(data_record=bad)
+
+
+async def test_small_message_on_a_broken_link_raises_peer_lost_and_fails_the_link() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 2)
+        inbound = await b.accept_data_channels(a.peer_id)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.send, b"first", b"goes direct")
+                assert bytes(await inbound.receive(b"first")) == b"goes direct"
+            await inbound.aclose()  # the far end goes away
+            with pytest.raises(PeerLost):
+                for i in range(100):  # the first writes may still land in the kernel
+                    await out.send(b"k%d" % i, b"x" * 100)
+                    await trio.sleep(0.01)
+        assert out.failed
