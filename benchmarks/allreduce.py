@@ -56,6 +56,27 @@ and end for ``perf record -k CLOCK_MONOTONIC``): kernel 35-44%, Python
 22-28%, AEGIS 18-29%, memmove 6-7%, numpy sums 3-4% of all CPU; py-spy
 inside one peer's all-reduce: os.write 37%, os.readv 20%, cipher 27%, the
 rest spread over frames of under 1% each. No hotspot is left to take out.
+
+Session 13: peers start each timed round at one instant (``start_in``), as
+gloo's workers do after their barrier; before, the driver's commands reached
+them 4-12 ms apart on 2 cores, and the first to start counted the wait. The
+phase line splits the slowest peer's time into ring, status round and copy.
+16-core hosts, 4 peers (ratio peerd / gloo; code before the thread hop below):
+
+    host                          10M                       100M
+    H200 (gVisor), 3 runs         3.5 1.81 1.70             1.88
+    H100 (Firecracker), 5 runs    3.2 1.8 2.02 1.91 2.04     2.27 1.13 1.37
+
+There 10M took peerd 49-53 ms (ring 41-46, status 1.4-2.6, copy 4-5) against
+gloo's 24-29 ms, once the machine had warmed up; the first run of a machine
+is slow. No knob moved it (``allreduce_knobs.py``), and the peers' user CPU
+(0.076-0.086 s per round against 0.043 on 2 cores without threads) pointed
+at the worker-thread path: ``trio.to_thread`` costs per hand-off (limiter,
+context copy, two thread renames) and a GIL hand-off per record. The data
+path now hops with ``peerd.datasock.hop``: on 2 cores with threads forced on,
+10M CPU per peer 0.109-0.119 s -> 0.095-0.097 (time 0.22-0.25 -> 0.20); a
+bulk link in one process moves 30% more per CPU second. Not yet measured on
+16 cores. 2 cores, default (no threads): 100M 1.31, 10M 1.63 (one run).
 """
 
 from __future__ import annotations

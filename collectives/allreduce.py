@@ -50,6 +50,7 @@ from collectives.history import NO_HISTORY, Diverged, diverged, odd_histories
 from collectives.quant import Codec
 from collectives.ring import all_gather_schedule, reduce_scatter_schedule
 from collectives.scratch import POOL
+from peerd.datasock import hop
 from peerd.errors import PeerLost
 
 # Receives posted ahead of the block being processed. A stripe that arrives
@@ -280,7 +281,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
             args = (b.place, flat, b.span, divisor if last else 1)
             if job.threads and len(b.place) >= THREAD_MIN:
                 # Not abandoned on cancel: the scratch buffer outlives the thread.
-                await trio.to_thread.run_sync(codec.accumulate, *args)
+                await hop(codec.accumulate, *args)
             else:
                 codec.accumulate(*args)
             if last:
@@ -358,7 +359,7 @@ async def commit(job: RingJob, gathered: np.ndarray) -> None:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 for i in range(COMMIT_THREADS):
-                    nursery.start_soon(trio.to_thread.run_sync, copy, blocks[i::COMMIT_THREADS])
+                    nursery.start_soon(hop, copy, blocks[i::COMMIT_THREADS])
     else:
         copy(blocks)
     del blocks

@@ -16,21 +16,56 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
+
+T = TypeVar("T")
 
 KEEPALIVE_IDLE: Final = 60
 # How often an I/O thread blocked on its socket looks at its stop flag; closing
 # the channel shuts the socket down, which wakes it at once anyway.
 POLL_TICK_MS: Final = 200
-# Threads doing blocking I/O wait on peers, so they must never queue behind one
-# another for a thread (a receiver holding the last token while the sender it
-# waits for cannot start would deadlock): the bound only catches runaways.
-_IO_THREADS: Final = 4096
 
 _limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_crypto")
-_io_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("peerd_io")
+
+
+async def hop(fn: Callable[..., T], *args: Any, on_cancel: Callable[[], None] | None = None) -> T:
+    """``fn(*args)`` on a worker thread of trio's cache, for the data path's
+    bulk work (whole messages' socket I/O, reductions, copies).
+
+    Leaner than ``trio.to_thread.run_sync``, which the data path called a few
+    times per megabyte: no capacity limiter, no context copy, no thread
+    renaming (two ``prctl`` calls per job). A cancel does not abandon ``fn``,
+    which may be writing into the caller's buffers: it calls ``on_cancel``
+    (e.g. shut the socket ``fn`` blocks on) and waits for ``fn`` to return,
+    then raises ``Cancelled``.
+    """
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    cancelled = False
+
+    def deliver(result: Any) -> None:  # an outcome.Outcome of fn
+        with suppress(trio.RunFinishedError):  # then the task is long gone
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        nonlocal cancelled
+        cancelled = True
+        if on_cancel is not None:
+            on_cancel()
+        return trio.lowlevel.Abort.FAILED
+
+    trio.lowlevel.start_thread_soon(partial(fn, *args), deliver)
+    try:
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+    except BaseException:
+        if cancelled:  # what fn raised after on_cancel is the cancel's doing
+            await trio.lowlevel.checkpoint()
+        raise
+    if cancelled:
+        await trio.lowlevel.checkpoint()  # the scope is still cancelled: raises
+    return result
 
 
 def _crypto_limiter() -> trio.CapacityLimiter:
@@ -44,17 +79,6 @@ def _crypto_limiter() -> trio.CapacityLimiter:
 
 async def run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
-
-
-async def run_io(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking socket I/O ``fn`` on a worker thread. Not cancellable
-    here: callers stop ``fn`` through its stop flag and socket shutdown."""
-    try:
-        lim = _io_limiter.get()
-    except LookupError:
-        lim = trio.CapacityLimiter(_IO_THREADS)
-        _io_limiter.set(lim)
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=lim)
 
 
 def _when_ready(op: Callable[[], int], fd: int, events: int, stopped: Callable[[], bool]) -> int:

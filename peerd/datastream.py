@@ -29,10 +29,10 @@ from peerd.datasock import (
     SocketTransport,
     Transport,
     as_bytes_view,
+    hop,
     read_exactly_blocking,
     recv_exactly,
     run_crypto,
-    run_io,
     tune_socket,
     write_all_blocking,
 )
@@ -224,24 +224,9 @@ class DataChannel:
         """Run ``fn`` (blocking I/O on this channel's socket) on a worker thread.
         A cancelled caller stops it by closing the channel, and waits for it:
         the thread may be writing into the caller's buffer."""
-        # The thread "writes" from start to end; only a cancelled caller waits
-        # for it, so a normal return costs no second wakeup of the event loop.
-        running = WriteGate()
-        running.enter()
-
-        def work() -> None:
-            try:
-                fn(*args)
-            finally:
-                running.leave()
-
         self._io_threads += 1
         try:
-            await run_io(work)
-        except trio.Cancelled:
-            self.abort()
-            await running.close()
-            raise
+            await hop(fn, *args, on_cancel=self.abort)
         finally:
             self._io_threads -= 1
             if self._closed and not self._io_threads:
