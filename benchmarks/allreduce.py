@@ -76,7 +76,11 @@ context copy, two thread renames) and a GIL hand-off per record. The data
 path now hops with ``peerd.datasock.hop``: on 2 cores with threads forced on,
 10M CPU per peer 0.109-0.119 s -> 0.095-0.097 (time 0.22-0.25 -> 0.20); a
 bulk link in one process moves 30% more per CPU second. Not yet measured on
-16 cores. 2 cores, default (no threads): 100M 1.31, 10M 1.63 (one run).
+16 cores; nor are 4 MiB records (``NodeConfig.data_record``), which cut
+threaded user CPU by another 20-27% on 2 cores. 2 cores, default (no threads),
+3 runs that day: 100M 1.31, 2.12 (gloo 0.70 s, its fastest), 1.45; 10M 1.63,
+2.05; peerd's own time 1.37-1.63 s, the same before and after that session's
+changes when run alternately (1.82, 1.57 against 1.63, 1.62).
 """
 
 from __future__ import annotations
