@@ -218,6 +218,7 @@ class DataLink:
             raise self._error or PeerLost([self.peer], "data link stopped")
 
     async def _send_direct(self, chan: DataChannel, part: Part, view: memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # nothing is sent yet: a clean cancel
         self._queued += 1  # concurrent sends see the channel taken
         try:
             # A message half written cannot be taken back (the channel would be
@@ -234,7 +235,9 @@ class DataLink:
             self._queued -= 1
         self._n[0] += len(view)
         self._n[1] += 1
-        await trio.lowlevel.checkpoint_if_cancelled()  # the cancel the shield held off
+        # A write that did not block yielded nowhere: a caller looping over
+        # small sends must not starve the heartbeats.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _part_done(self) -> None:
         self._queued -= 1

@@ -111,3 +111,21 @@ async def test_small_message_on_a_broken_link_raises_peer_lost_and_fails_the_lin
                     await out.send(b"k%d" % i, b"x" * 100)
                     await trio.sleep(0.01)
         assert out.failed
+
+
+async def test_a_small_send_cancelled_before_it_starts_sends_nothing() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 1)  # one channel: messages keep order
+        inbound = await b.accept_data_channels(a.peer_id)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await out.send(b"never", b"cancelled before it started")
+        assert scope.cancelled_caught
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.send, b"after", b"the link is still up")
+                assert bytes(await inbound.receive(b"after")) == b"the link is still up"
+        # "never" would have come first on the one channel.
+        stats = inbound.statistics()
+        assert stats.parts_received == 1 and stats.pending_keys == 0 and not out.failed
