@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import blake3
 import numpy as np
@@ -16,6 +17,14 @@ from peerd.node import open_node
 
 KEY = SwarmKey(b"d" * 32)
 MIB = 1024 * 1024
+
+
+async def send_and_receive(out: Any, inbound: Any, key: bytes, payload: bytes) -> None:
+    """Send ``payload`` over ``out`` and check that ``inbound`` gets it whole."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.send, key, payload)
+            assert bytes(await inbound.receive(key)) == payload
 
 
 async def test_one_gib_over_four_channels_with_checksums() -> None:
@@ -64,10 +73,7 @@ async def test_tcp_garbage_leaves_data_port_serving() -> None:
                 sock.close()
         link = await a.open_data_channels(b.peer_id, 2)
         inbound = await b.accept_data_channels(a.peer_id)
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(link.send, b"after", b"still serving")
-                assert bytes(await inbound.receive(b"after")) == b"still serving"
+        await send_and_receive(link, inbound, b"after", b"still serving")
 
 
 async def test_larger_records_carry_each_stripe_in_one_record() -> None:
@@ -101,10 +107,8 @@ async def test_small_message_on_a_broken_link_raises_peer_lost_and_fails_the_lin
         await a.connect(b.listen_address)
         out = await a.open_data_channels(b.peer_id, 2)
         inbound = await b.accept_data_channels(a.peer_id)
+        await send_and_receive(out, inbound, b"first", b"goes direct")
         with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.send, b"first", b"goes direct")
-                assert bytes(await inbound.receive(b"first")) == b"goes direct"
             await inbound.aclose()  # the far end goes away
             with pytest.raises(PeerLost):
                 for i in range(100):  # the first writes may still land in the kernel
@@ -122,10 +126,7 @@ async def test_a_small_send_cancelled_before_it_starts_sends_nothing() -> None:
             scope.cancel()
             await out.send(b"never", b"cancelled before it started")
         assert scope.cancelled_caught
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.send, b"after", b"the link is still up")
-                assert bytes(await inbound.receive(b"after")) == b"the link is still up"
+        await send_and_receive(out, inbound, b"after", b"the link is still up")
         # "never" would have come first on the one channel.
         stats = inbound.statistics()
         assert stats.parts_received == 1 and stats.pending_keys == 0 and not out.failed
