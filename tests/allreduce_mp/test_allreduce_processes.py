@@ -39,6 +39,22 @@ def test_eight_peers_small_tensors(tmp_path: Path) -> None:
             assert len(res[0]["participants"]) == 8
 
 
+def test_peers_start_together_and_results_split_their_time(tmp_path: Path) -> None:
+    with LocalSwarm(3) as sw:
+        asked = time.monotonic()
+        res = sw.all_reduce(sw.peers, size=65_537, seed=3, round=0, start_in=0.2,
+                            out=str(tmp_path))
+        check_round(sw, res, 3, 0, 65_537, tmp_path)
+        for r in res:
+            # No peer starts its timer before the common instant...
+            assert r["monotonic_start"] >= asked + 0.2
+            # ...and the phases of its (only) attempt account for its time.
+            phases = r["phases"]
+            assert set(phases) == {"ring", "status", "copy"}
+            assert all(v >= 0 for v in phases.values())
+            assert sum(phases.values()) <= r["seconds"] + 1e-3
+
+
 @pytest.mark.parametrize("dtype,rtol", [("float16", 2e-3), ("bfloat16", 2e-2)])
 def test_half_precision_dtypes(dtype: str, rtol: float, tmp_path: Path) -> None:
     with LocalSwarm(3) as sw:
