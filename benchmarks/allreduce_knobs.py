@@ -41,10 +41,16 @@ sys.path.append(str(_HERE))
 
 from _gloo import run_gloo  # noqa: E402
 
+from collectives import allreduce as ring  # noqa: E402
+from collectives.driver import EngineConfig  # noqa: E402
 from peerd.peerproc import LocalSwarm  # noqa: E402
 
-DEFAULTS = {"switch_interval": 0.005, "send_ahead": 4, "receive_ahead": 256,
-            "thread_min": 256 * 1024, "commit_threads": 4, "sub_chunk_bytes": 0}
+# Every knob a variant leaves out takes the code's own value (read here, so the
+# reference cannot drift from what the engine runs with).
+DEFAULTS = {"switch_interval": sys.getswitchinterval(), "send_ahead": ring.SEND_AHEAD,
+            "receive_ahead": ring.RECEIVE_AHEAD, "thread_min": ring.THREAD_MIN,
+            "commit_threads": ring.COMMIT_THREADS,
+            "sub_chunk_bytes": EngineConfig().sub_chunk_bytes}
 
 
 def measure(elements: int, rounds: int, variants: dict[str, dict[str, float]]
