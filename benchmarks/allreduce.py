@@ -64,13 +64,15 @@ phase line splits the slowest peer's time into ring, status round and copy.
 16-core hosts, 4 peers (ratio peerd / gloo; code before the thread hop below):
 
     host                          10M                       100M
-    H200 (gVisor), 3 runs         3.5 1.81 1.70             1.88
-    H100 (Firecracker), 5 runs    3.2 1.8 2.02 1.91 2.04     2.27 1.13 1.37
+    H200, 3 runs                  3.5 1.81 1.70             1.88
+    H100 (Firecracker), 5 runs    3.2 1.8 2.02 2.04 1.86     2.27 1.13 1.37
+      (10 MB sub-chunks: 1.91)
 
-There 10M took peerd 49-53 ms (ring 41-46, status 1.4-2.6, copy 4-5) against
-gloo's 24-29 ms, once the machine had warmed up; the first run of a machine
-is slow. No knob moved it (``allreduce_knobs.py``), and the peers' user CPU
-(0.076-0.086 s per round against 0.043 on 2 cores without threads) pointed
+There 10M took peerd 49-53 ms (ring 40-46, status 1.6-2.2, copy 3.9-4.4)
+against gloo's 24-29 ms, once the machine had warmed up; the first run of a
+machine is slow. No knob moved it (``allreduce_knobs.py``), and the peers'
+user CPU (0.076-0.086 s per round against 0.03-0.05 on 2 cores without
+threads) pointed
 at the worker-thread path: ``trio.to_thread`` costs per hand-off (limiter,
 context copy, two thread renames) and a GIL hand-off per record. The data
 path now hops with ``peerd.datasock.hop``: on 2 cores with threads forced on,
