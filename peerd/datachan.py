@@ -20,6 +20,7 @@ from typing import Final
 
 import trio
 
+from peerd import datapump
 from peerd.dataproto import (
     CONFIRM_TEXT,
     PREAMBLE_SIZE,
@@ -77,9 +78,15 @@ class DataConfig:
     # fp32 all-reduce took 0.34-0.39 s instead of 0.72 with the event loop
     # doing the I/O. None: on when this process may run on CRYPTO_THREAD_CORES.
     crypto_threads: bool | None = None
+    # Seal, write, read and open a message's records in native code
+    # (``peerd.datapump``). None: where it is built and not switched off.
+    native: bool | None = None
 
     def offload(self) -> bool:
         return threads_pay(self.crypto_threads)
+
+    def use_native(self) -> bool:
+        return datapump.available() if self.native is None else self.native and datapump.built()
 
 
 def threads_pay(setting: bool | None) -> bool:
@@ -113,7 +120,7 @@ async def _confirm(
         raise ProtocolError("wrong key confirmation text")
     return DataChannel(
         transport, sealer, opener, peer, token, config.max_record, config.max_message,
-        config.offload(),
+        config.offload(), config.use_native(),
     )
 
 

@@ -82,6 +82,16 @@ async def run_crypto(fn: Callable[..., Any], *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args, limiter=_crypto_limiter())
 
 
+def wait_fd(fd: int, events: int, stopped: Callable[[], bool]) -> None:
+    """From a worker thread: wait until ``fd`` has ``events`` or a poll tick
+    passed; ``BrokenPipeError`` once ``stopped()``."""
+    if stopped():
+        raise BrokenPipeError("data channel stopped")
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll(POLL_TICK_MS)
+
+
 def _when_ready(op: Callable[[], int], fd: int, events: int, stopped: Callable[[], bool]) -> int:
     """``op()`` (a syscall on the non-blocking ``fd``) from a worker thread,
     polled for ``events`` until it no longer would block; ``BrokenPipeError``
@@ -90,11 +100,7 @@ def _when_ready(op: Callable[[], int], fd: int, events: int, stopped: Callable[[
         try:
             return op()
         except BlockingIOError:
-            if stopped():
-                raise BrokenPipeError("data channel stopped") from None
-            poller = select.poll()
-            poller.register(fd, events)
-            poller.poll(POLL_TICK_MS)
+            wait_fd(fd, events, stopped)
 
 
 def write_all_blocking(fd: int, data: memoryview, stopped: Callable[[], bool]) -> None:

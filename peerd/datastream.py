@@ -6,6 +6,11 @@ cleanly. The driver reads each record body into its own buffer and decrypts it
 straight into the caller's destination, so a payload is touched once by the
 kernel and once by the cipher on each side.
 
+With ``native`` (``peerd.datapump`` built) a message's records are sealed
+and written, and a payload's records read and opened, by one C call per
+message, or per socket-full where the socket would block, instead of a
+Python round per record.
+
 With ``offload`` (where cores are to spare) a large message is sent, and a
 large payload received (``receive_payload``), by one worker thread that does
 the socket I/O and the cipher for all its records: both release the GIL, so
@@ -17,6 +22,8 @@ messages stay on it, where a thread hop would cost more than the work.
 from __future__ import annotations
 
 import mmap
+import os
+import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -24,6 +31,7 @@ from typing import Any, Final
 import trio
 
 from peerd.dataproto import Kind, encode_head, parse_head
+from peerd.datapump import ReceiveJob, SendJob, Status
 from peerd.datasock import (
     ChannelStats,
     SocketTransport,
@@ -34,6 +42,7 @@ from peerd.datasock import (
     recv_exactly,
     run_crypto,
     tune_socket,
+    wait_fd,
     write_all_blocking,
 )
 from peerd.errors import PeerLost, ProtocolError
@@ -67,16 +76,22 @@ def lazy_buffer(size: int) -> memoryview:
 
 @contextmanager
 def _landing(dest: memoryview | None, gate: WriteGate | None, off: int, n: int,
-             scratch: memoryview) -> Iterator[memoryview]:
+             scratch: memoryview | None) -> Iterator[memoryview]:
     """Where the payload bytes ``[off, off + n)`` are decrypted: their place
-    in ``dest`` while ``gate`` admits writes (held for the decryption), else
-    ``scratch``, to be dropped."""
-    if dest is not None and gate is not None and gate.enter():
+    in ``dest`` while ``gate`` (if any) admits writes (held for the
+    decryption), else ``scratch``, to be dropped."""
+    if dest is None:
+        assert scratch is not None
+        yield scratch[:n]
+    elif gate is None:
+        yield dest[off : off + n]
+    elif gate.enter():
         try:
             yield dest[off : off + n]
         finally:
             gate.leave()
     else:
+        assert scratch is not None
         yield scratch[:n]
 
 
@@ -100,14 +115,20 @@ class DataChannel:
         max_record: int = 1024 * 1024,
         max_message: int = DEFAULT_MAX_MESSAGE,
         offload: bool = False,
+        native: bool = False,
     ) -> None:
         self.peer = peer
         self._offload_min = OFFLOAD_MIN if offload else 1 << 62
         self.token = token
         self._t = transport
-        # Whole messages on I/O threads: needs a socket (and records to open).
-        self._sock = (transport if offload and isinstance(transport, SocketTransport)
-                      and sealer is not None and opener is not None else None)
+        # Whole messages on I/O threads, and the native record loops, need a
+        # socket (and records to seal and open).
+        sock = (transport if isinstance(transport, SocketTransport)
+                and sealer is not None and opener is not None else None)
+        self._sock = sock if offload else None
+        self._pump = sock if native else None
+        # Set on abort: a native sender blocked on the socket looks at it.
+        self._stop = bytearray(1)
         self._io_threads = 0  # worker threads using the socket; it closes after the last
         self._sealer = sealer
         self._opener = opener
@@ -131,6 +152,11 @@ class DataChannel:
     @property
     def max_record(self) -> int:
         return self._max_record
+
+    @property
+    def native(self) -> bool:
+        """Whether messages go through the native record loops."""
+        return self._pump is not None
 
     @property
     def sending(self) -> bool:
@@ -172,11 +198,45 @@ class DataChannel:
                 raise
 
     async def _send_locked(self, head: memoryview, view: memoryview) -> None:
+        if self._pump is not None:
+            await self._send_native(self._pump, head, view)
+            return
         if self._sock is not None and len(view) >= self._offload_min:
             await self._in_thread(self._send_sync, self._sock.fileno(), head, view)
             return
         for data in self._writes(head, view):
             await self._write(data)
+
+    async def _send_native(self, sock: SocketTransport, head: memoryview,
+                           view: memoryview) -> None:
+        assert self._sealer is not None
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = SendJob(self._sealer, Kind.PAYLOAD, view, self._wbuf,
+                      self._sealer.seal_into(Kind.HEAD, head, self._wbuf))
+        fd = sock.fileno()
+        if self._sock is not None and len(view) >= self._offload_min:
+            await self._in_thread(self._pump_send, job, fd, True)
+        else:
+            while not self._pump_send(job, fd, False):
+                try:
+                    await trio.lowlevel.wait_writable(sock.sock)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise self._lost(exc, "send failed") from None
+        self._sent[1] += job.records + 1
+        self._sent[2] += 1
+
+    def _pump_send(self, job: SendJob, fd: int, block: bool) -> bool:
+        """Write on natively; True once the message is written, False where
+        the socket is full (only without ``block``)."""
+        p = job.step(fd, block, self._stop)
+        self._sent[0] += p.nbytes
+        if p.status == Status.DONE:
+            return True
+        if p.status == Status.AGAIN:
+            return False
+        exc = (BrokenPipeError("data channel stopped") if p.status == Status.STOPPED
+               else OSError(p.errno, os.strerror(p.errno)))
+        raise self._lost(exc, "send failed")
 
     def _send_sync(self, fd: int, head: memoryview, view: memoryview) -> None:
         """``_send_locked`` on an I/O thread."""
@@ -220,7 +280,7 @@ class DataChannel:
     def _is_closed(self) -> bool:
         return self._closed
 
-    async def _in_thread(self, fn: Callable[..., None], *args: Any) -> None:
+    async def _in_thread(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn`` (blocking I/O on this channel's socket) on a worker thread.
         A cancelled caller stops it by closing the channel, and waits for it:
         the thread may be writing into the caller's buffer."""
@@ -346,17 +406,24 @@ class DataChannel:
             raise ProtocolError(f"unexpected record kind {kind} ({n} bytes) in a payload")
 
     async def receive_payload(
-        self, dest: memoryview | None, gate: WriteGate | None, scratch: memoryview
+        self, dest: memoryview | None, gate: WriteGate | None, scratch: memoryview | None
     ) -> None:
         """Read the whole payload of the message from ``receive_head``: each
         record is decrypted into its place in ``dest`` (exactly the payload's
-        length) while ``gate`` admits writes, else into ``scratch`` (one
-        record's size) and dropped. With offload a large payload is read by
-        one I/O thread."""
+        length) while ``gate`` (if given) admits writes, else into ``scratch``
+        (one record's size; needed unless ``dest`` is given without a gate)
+        and dropped. With offload a large payload is read by one I/O thread."""
         if self._closed:
             raise PeerLost([self.peer], "data channel closed")
         if self._pending:
             raise RuntimeError("a payload record is pending")
+        if self._pump is not None:
+            try:
+                await self._receive_native(self._pump, dest, gate, scratch)
+            except BaseException:  # mid-message: nothing after this can be trusted
+                self.abort()
+                raise
+            return
         if self._sock is not None and self._payload_left >= self._offload_min:
             try:
                 await self._in_thread(
@@ -372,8 +439,56 @@ class DataChannel:
                 await self.read_payload_into(out)
             off += n
 
+    async def _receive_native(self, sock: SocketTransport, dest: memoryview | None,
+                              gate: WriteGate | None, scratch: memoryview | None) -> None:
+        assert self._opener is not None
+        job = ReceiveJob(self._opener, Kind.PAYLOAD, self._payload_left, self._hdr, self._rbuf)
+        fd = sock.fileno()
+        if self._sock is not None and self._payload_left >= self._offload_min:
+            await self._in_thread(self._receive_native_sync, job, fd, dest, gate, scratch)
+            return
+        while not self._pump_receive(job, fd, dest, gate, scratch):
+            try:
+                await trio.lowlevel.wait_readable(sock.sock)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._lost(exc, "receive failed") from None
+
+    def _receive_native_sync(self, job: ReceiveJob, fd: int, dest: memoryview | None,
+                             gate: WriteGate | None, scratch: memoryview | None) -> None:
+        """``_receive_native`` on an I/O thread."""
+        while not self._pump_receive(job, fd, dest, gate, scratch):
+            try:
+                wait_fd(fd, select.POLLIN, self._is_closed)
+            except OSError as exc:
+                raise self._lost(exc, "receive failed") from None
+
+    def _pump_receive(self, job: ReceiveJob, fd: int, dest: memoryview | None,
+                      gate: WriteGate | None, scratch: memoryview | None) -> bool:
+        """Read on natively as far as the socket has bytes; True once the
+        payload is in. Decrypts into ``dest`` only inside ``gate`` (the call
+        never blocks, so the gate is held for a bounded time)."""
+        admitted = dest is not None and (gate is None or gate.enter())
+        try:
+            p = job.step(fd, dest if admitted else None, scratch)
+        finally:
+            if admitted and gate is not None:
+                gate.leave()
+        self._recv[0] += p.nbytes
+        self._recv[1] += p.records
+        self._payload_left = job.left
+        if p.status == Status.DONE:
+            return True
+        if p.status == Status.AGAIN:
+            return False
+        if p.status == Status.EOF:
+            if job.mid_record:
+                raise self._eof_in_record(EOFError(job.header_bytes))
+            raise self._eof_in_header(EOFError(job.header_bytes))
+        raise self._lost(OSError(p.errno, os.strerror(p.errno)), "receive failed")
+
     def _receive_payload_sync(
-        self, fd: int, dest: memoryview | None, gate: WriteGate | None, scratch: memoryview
+        self, fd: int, dest: memoryview | None, gate: WriteGate | None,
+        scratch: memoryview | None
     ) -> None:
         off = 0
         while self._payload_left:
@@ -420,12 +535,8 @@ class DataChannel:
         """The next whole message as ``(header, payload)``."""
         header, plen = await self.receive_head()
         payload = bytearray(plen)
-        view = memoryview(payload)
-        off = 0
-        while off < plen:
-            n = await self.next_payload_record()
-            await self.read_payload_into(view[off : off + n])
-            off += n
+        if plen:
+            await self.receive_payload(memoryview(payload), None, None)
         return header, payload
 
     # ------------------------------------------------------------ lifecycle
@@ -449,6 +560,7 @@ class DataChannel:
     def abort(self) -> None:
         """Close at once, without a CLOSE record (the peer sees a failure)."""
         self._closed = True
+        self._stop[0] = 1
         self._release_socket()
 
     def _release_socket(self) -> None:

@@ -97,8 +97,7 @@ class _KeySchedule:
         self.records = 0
         self.plaintext_bytes = 0
 
-    def next_nonce(self, plaintext_len: int) -> tuple[Aegis128L, bytes]:
-        """The cipher and nonce for the next record; advances the counter."""
+    def _rekey_if_due(self) -> None:
         if self.counter >= self._interval:
             if self.epoch >= _MAX_EPOCH:
                 raise ProtocolError("record key schedule exhausted")
@@ -106,11 +105,28 @@ class _KeySchedule:
             self._aead = Aegis128L(self._key)
             self.epoch += 1
             self.counter = 0
+
+    def next_nonce(self, plaintext_len: int) -> tuple[Aegis128L, bytes]:
+        """The cipher and nonce for the next record; advances the counter."""
+        self._rekey_if_due()
         nonce = self.epoch.to_bytes(4, "big") + self.counter.to_bytes(8, "big") + _NONCE_PAD
         self.counter += 1
         self.records += 1
         self.plaintext_bytes += plaintext_len
         return self._aead, nonce
+
+    def lease(self) -> tuple[bytes, int, int, int]:
+        """``(key, epoch, counter, records left)`` for a native loop that
+        seals or opens up to that many records, then reports them to
+        ``advance``; rekeys first where the key is used up."""
+        self._rekey_if_due()
+        return self._key, self.epoch, self.counter, self._interval - self.counter
+
+    def advance(self, records: int, plaintext_bytes: int) -> None:
+        """Count ``records`` sealed or opened under the leased key."""
+        self.counter += records
+        self.records += records
+        self.plaintext_bytes += plaintext_bytes
 
     def stats(self) -> RecordStats:
         return RecordStats(self.records, self.plaintext_bytes, self.epoch)
@@ -121,8 +137,8 @@ def record_size(plaintext_len: int) -> int:
     return HEADER.size + plaintext_len + TAG_SIZE
 
 
-class RecordSealer:
-    """Encrypts outgoing records of one direction."""
+class _Direction:
+    """What sealer and opener share: one direction's key schedule and limit."""
 
     def __init__(
         self,
@@ -132,6 +148,20 @@ class RecordSealer:
     ) -> None:
         self._keys = _KeySchedule(key, rekey_interval)
         self.max_plaintext = max_plaintext
+
+    def lease(self) -> tuple[bytes, int, int, int]:
+        """The key schedule for ``peerd.datapump`` (see ``_KeySchedule.lease``)."""
+        return self._keys.lease()
+
+    def advance(self, records: int, plaintext_bytes: int) -> None:
+        self._keys.advance(records, plaintext_bytes)
+
+    def statistics(self) -> RecordStats:
+        return self._keys.stats()
+
+
+class RecordSealer(_Direction):
+    """Encrypts outgoing records of one direction."""
 
     def seal_into(self, kind: int, plaintext: memoryview | bytes, out: memoryview) -> int:
         """Write one whole record for ``plaintext`` at the start of ``out``.
@@ -159,11 +189,8 @@ class RecordSealer:
         self.seal_into(kind, plaintext, memoryview(out))
         return bytes(out)
 
-    def statistics(self) -> RecordStats:
-        return self._keys.stats()
 
-
-class RecordOpener:
+class RecordOpener(_Direction):
     """Authenticates and decrypts incoming records of one direction.
 
     Two ways in, never mixed within one record: ``receive_data`` takes arbitrary
@@ -178,15 +205,19 @@ class RecordOpener:
         max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
         rekey_interval: int = DEFAULT_REKEY_INTERVAL,
     ) -> None:
-        self._keys = _KeySchedule(key, rekey_interval)
-        self.max_plaintext = max_plaintext
+        super().__init__(key, max_plaintext, rekey_interval)
         self._buf = bytearray()
         self._need = HEADER.size  # bytes the current header or record needs in _buf
         self._failed: ProtocolError | None = None
 
-    def _fail(self, why: str) -> ProtocolError:
+    def fail(self, why: str) -> ProtocolError:
+        """Mark the stream failed (every later use raises); returns the error."""
         self._failed = ProtocolError(why)
         return self._failed
+
+    def lease(self) -> tuple[bytes, int, int, int]:
+        self._check()  # a failed stream opens nothing more
+        return super().lease()
 
     def _check(self) -> None:
         if self._failed is not None:
@@ -199,12 +230,12 @@ class RecordOpener:
         """
         self._check()
         if len(header) != HEADER.size:
-            raise self._fail("short record header")
+            raise self.fail("short record header")
         kind, body = HEADER.unpack(header)
         if body < TAG_SIZE:
-            raise self._fail(f"record body of {body} bytes is shorter than its tag")
+            raise self.fail(f"record body of {body} bytes is shorter than its tag")
         if body - TAG_SIZE > self.max_plaintext:
-            raise self._fail(f"record of {body - TAG_SIZE} bytes exceeds {self.max_plaintext}")
+            raise self.fail(f"record of {body - TAG_SIZE} bytes exceeds {self.max_plaintext}")
         return kind, body - TAG_SIZE
 
     def open_into(
@@ -224,7 +255,7 @@ class RecordOpener:
         try:
             aead.open_into(nonce, body, aad, out)
         except AuthenticationFailed:
-            raise self._fail("record failed authentication") from None
+            raise self.fail("record failed authentication") from None
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Record]:
         """Consume a chunk of the stream; return every record it completed."""
@@ -256,14 +287,11 @@ class RecordOpener:
         """The stream ended; a partly received record means truncation."""
         self._check()
         if self._buf:
-            raise self._fail(f"stream truncated inside a record ({len(self._buf)} bytes)")
+            raise self.fail(f"stream truncated inside a record ({len(self._buf)} bytes)")
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
-
-    def statistics(self) -> RecordStats:
-        return self._keys.stats()
 
 
 def _default_keys(

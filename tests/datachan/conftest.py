@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
+from peerd import datapump
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel
@@ -68,3 +69,13 @@ def collect_after() -> Iterator[None]:
     one (a refused record on a crypto worker thread once did, with SIGSEGV)."""
     yield
     gc.collect()
+
+
+@pytest.fixture(params=["native", "python"])
+def record_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test over the native record loops, and again over the Python ones
+    (what a machine without a C compiler runs)."""
+    if request.param == "native":
+        assert datapump.built(), "peerd._datapump is not built: pip install -e . with a C compiler"
+    monkeypatch.setenv("PEERD_NATIVE", "1" if request.param == "native" else "0")
+    return str(request.param)

@@ -25,6 +25,8 @@ from peerd.writegate import WriteGate
 
 from .conftest import open_rig
 
+pytestmark = pytest.mark.usefixtures("record_loops")
+
 
 async def test_messages_roundtrip_and_statistics() -> None:
     async with open_rig(DataConfig(max_record=4096)) as rig:
@@ -41,6 +43,13 @@ async def test_messages_roundtrip_and_statistics() -> None:
         assert sa.records_sent == sb.records_received == 1 + 13 + 1  # heads + 4 KiB records
         assert sa.sndbuf > 0 and sb.rcvbuf > 0
         assert a.token == b.token and len(a.token) == TOKEN_SIZE
+
+
+async def test_channels_run_the_record_loops_asked_for(record_loops: str) -> None:
+    async with open_rig() as rig:
+        a, b = await rig.pair()
+        assert a.native == b.native == (record_loops == "native")
+        assert DataChannel(a._t, None, None, "p", native=True).native is False  # plaintext
 
 
 async def test_numpy_payload_without_copy_semantics() -> None:

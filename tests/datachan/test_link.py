@@ -18,6 +18,8 @@ from .conftest import open_rig
 
 MIB = 1024 * 1024
 
+pytestmark = pytest.mark.usefixtures("record_loops")
+
 
 @pytest.fixture(autouse=True, params=["inline", "io-threads"])
 def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:

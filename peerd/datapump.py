@@ -1,0 +1,167 @@
+"""The data plane's record loops in native code, where they were built.
+
+``peerd._datapump`` (C, built by ``pip install``; optional) seals and writes,
+or reads, authenticates and decrypts, all records of one message per call
+with the GIL released, instead of a Python round per record. Same records,
+nonces and keys as ``peerd.record``; the cipher is pynacl's libsodium, whose
+function addresses are handed over once at import.
+
+``SendJob`` and ``ReceiveJob`` keep one message's position between calls
+(a call returns when the socket would block, or at a rekey) and keep the
+sealer's or opener's key schedule in step. ``available()`` says whether the
+module is there and not switched off with ``PEERD_NATIVE=0``; where it is
+not, ``peerd.datastream`` runs its Python loops.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import nacl.bindings  # noqa: F401 - runs sodium_init (CPU feature detection)
+from nacl._sodium import ffi, lib
+
+from peerd.record import HEADER, RecordOpener, RecordSealer
+
+
+def _load() -> Any:
+    try:
+        _datapump = importlib.import_module("peerd._datapump")
+    except ImportError:
+        return None
+    _datapump.set_cipher(
+        int(ffi.cast("uintptr_t", ffi.addressof(lib, "crypto_aead_aegis128l_encrypt"))),
+        int(ffi.cast("uintptr_t", ffi.addressof(lib, "crypto_aead_aegis128l_decrypt"))),
+    )
+    return _datapump
+
+
+_native = _load()
+
+
+def built() -> bool:
+    """Whether the native module was built and loads."""
+    return _native is not None
+
+
+def available() -> bool:
+    """Whether channels use the native loops: built, and not switched off by
+    ``PEERD_NATIVE=0`` (for comparisons and for testing the Python loops)."""
+    return _native is not None and os.environ.get("PEERD_NATIVE", "1") != "0"
+
+
+class Status(IntEnum):
+    DONE = 0
+    AGAIN = 1
+    REKEY = 2
+    STOPPED = 3
+    OSERROR = 4
+    EOF = 5
+    BADHEADER = 6
+    AUTH = 7
+
+
+@dataclass
+class Progress:
+    """What one call did: its status (and errno), records, plaintext or read bytes."""
+
+    status: Status
+    errno: int = 0
+    records: int = 0
+    nbytes: int = 0
+
+
+class SendJob:
+    """One outgoing message: its sealed head in ``wbuf[:head_len]``, then the
+    payload's records. ``step`` until it returns ``DONE``."""
+
+    def __init__(self, sealer: RecordSealer, kind: int, payload: Any, wbuf: memoryview,
+                 head_len: int) -> None:
+        self._sealer = sealer
+        self._kind = kind
+        self._payload = payload
+        self._wbuf = wbuf
+        self._off = 0
+        self._wpos = 0
+        self._wlen = head_len
+        self.records = 0
+        self.written = 0
+
+    def step(self, fd: int, block: bool, stop: bytearray | None = None) -> Progress:
+        """Write on; ``AGAIN`` when the socket is full (only without ``block``),
+        ``STOPPED`` once ``stop[0]`` is set while blocked, ``OSERROR``; never
+        ``REKEY`` (it rekeys and goes on)."""
+        assert _native is not None
+        while True:
+            key, epoch, counter, limit = self._sealer.lease()
+            (status, err, self._off, self._wpos, self._wlen, records, plain,
+             written) = _native.send_step(
+                fd, block, stop, key, epoch, counter, limit, self._kind,
+                self._sealer.max_plaintext, self._payload, self._off, self._wbuf,
+                self._wpos, self._wlen)
+            self._sealer.advance(records, plain)
+            self.records += records
+            self.written += written
+            if status != Status.REKEY:
+                return Progress(Status(status), err, records, written)
+
+
+class ReceiveJob:
+    """The payload records of one incoming message (``length`` bytes), read
+    with ``hdr`` and ``rbuf`` (the channel's header and body buffers)."""
+
+    def __init__(self, opener: RecordOpener, kind: int, length: int, hdr: memoryview,
+                 rbuf: memoryview) -> None:
+        self._opener = opener
+        self._kind = kind
+        self._hdr = hdr
+        self._rbuf = rbuf
+        self._hdr_got = 0
+        self._body_got = 0
+        self.off = 0
+        self.left = length
+        self.records = 0
+        self.received = 0
+
+    @property
+    def mid_record(self) -> bool:
+        """Whether part of a record was read (an end of stream now is a truncation)."""
+        return self._hdr_got == HEADER.size or self._body_got > 0
+
+    @property
+    def header_bytes(self) -> int:
+        return self._hdr_got
+
+    def step(self, fd: int, dest: Any, scratch: memoryview | None) -> Progress:
+        """Read on without blocking, decrypting into ``dest`` (the whole
+        payload's buffer; None: into ``scratch``, dropped). ``AGAIN``,
+        ``DONE``, ``EOF``, ``OSERROR``; a bad header or record raises
+        ``ProtocolError`` (the opener stays failed)."""
+        assert _native is not None
+        while True:
+            key, epoch, counter, limit = self._opener.lease()
+            (status, err, self._hdr_got, self._body_got, off, self.left, records,
+             nread) = _native.recv_step(
+                fd, key, epoch, counter, limit, self._kind, self._opener.max_plaintext,
+                self._hdr, self._hdr_got, self._rbuf, self._body_got, dest, self.off,
+                self.left, scratch)
+            self._opener.advance(records, off - self.off)
+            self.off = off
+            self.records += records
+            self.received += nread
+            if status == Status.BADHEADER:
+                self._refuse_header()
+            if status == Status.AUTH:
+                raise self._opener.fail("record failed authentication")
+            if status != Status.REKEY:
+                return Progress(Status(status), err, records, nread)
+
+    def _refuse_header(self) -> None:
+        """Raise the error the Python loop raises for this header."""
+        kind, n = self._opener.parse_header(self._hdr)  # raises on a bad length
+        raise self._opener.fail(f"unexpected record kind {kind} ({n} bytes) in a payload "
+                                f"with {self.left} bytes left")
+
