@@ -12,7 +12,8 @@ round. Then gloo runs once on the same size.
 
 Knobs (the defaults are the code's): ``switch_interval`` (the GIL's, seconds),
 ``send_ahead``, ``receive_ahead``, ``thread_min``, ``commit_threads``
-(``collectives.allreduce``) and ``sub_chunk_bytes`` (the engine's). Settings
+(``collectives.allreduce``), ``sub_chunk_bytes`` (the engine's) and
+``native`` (1: the native record loops, 0: the Python ones). Settings
 fixed when a peer starts (data channels per link, worker threads) take the
 environment (``PEERD_PEERPROC_DATA_CHANNELS``, ``PEERD_PEERPROC_DATA_THREADS``)
 and a run of their own.
@@ -43,6 +44,7 @@ from _gloo import run_gloo  # noqa: E402
 
 from collectives import allreduce as ring  # noqa: E402
 from collectives.driver import EngineConfig  # noqa: E402
+from peerd import datapump  # noqa: E402
 from peerd.peerproc import LocalSwarm  # noqa: E402
 
 # Every knob a variant leaves out takes the code's own value (read here, so the
@@ -50,7 +52,8 @@ from peerd.peerproc import LocalSwarm  # noqa: E402
 DEFAULTS = {"switch_interval": sys.getswitchinterval(), "send_ahead": ring.SEND_AHEAD,
             "receive_ahead": ring.RECEIVE_AHEAD, "thread_min": ring.THREAD_MIN,
             "commit_threads": ring.COMMIT_THREADS,
-            "sub_chunk_bytes": EngineConfig().sub_chunk_bytes}
+            "sub_chunk_bytes": EngineConfig().sub_chunk_bytes,
+            "native": int(datapump.available())}
 
 
 def measure(elements: int, rounds: int, variants: dict[str, dict[str, float]]

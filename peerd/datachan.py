@@ -79,14 +79,14 @@ class DataConfig:
     # doing the I/O. None: on when this process may run on CRYPTO_THREAD_CORES.
     crypto_threads: bool | None = None
     # Seal, write, read and open a message's records in native code
-    # (``peerd.datapump``). None: where it is built and not switched off.
-    native: bool | None = None
+    # (``peerd.datapump``) where it is built and switched on; False: never.
+    native: bool = True
 
     def offload(self) -> bool:
         return threads_pay(self.crypto_threads)
 
     def use_native(self) -> bool:
-        return datapump.available() if self.native is None else self.native and datapump.built()
+        return self.native and datapump.built()
 
 
 def threads_pay(setting: bool | None) -> bool:

@@ -48,6 +48,7 @@ class Inbox:
         self._error = error
         self._asm: dict[bytes, _Assembly] = {}
         self._discarded: deque[bytes] = deque(maxlen=_DISCARD_MEMORY)
+        self._discarded_all: tuple[bytes, ...] = ()  # the same, for one startswith call
         self.buffered = 0
         self._budget = trio.Event()
         self.bytes_received = 0
@@ -134,6 +135,7 @@ class Inbox:
         """Drop unclaimed payloads whose key starts with ``prefix`` (e.g. of an
         aborted round) and ignore stripes of such keys that arrive later."""
         self._discarded.append(prefix)
+        self._discarded_all = tuple(self._discarded)
         dropped = 0
         for key, asm in list(self._asm.items()):
             if key.startswith(prefix) and not asm.claimed:
@@ -149,9 +151,7 @@ class Inbox:
         asm = self._asm.get(part.key)
         # A claimed key is wanted whatever was discarded (checked first: the
         # scan over up to _DISCARD_MEMORY prefixes is paid per stripe otherwise).
-        if (asm is None or not asm.claimed) and any(
-            part.key.startswith(p) for p in self._discarded
-        ):
+        if (asm is None or not asm.claimed) and part.key.startswith(self._discarded_all):
             return None
         if asm is None:
             asm = self._asm[part.key] = _Assembly()

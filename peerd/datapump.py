@@ -9,8 +9,9 @@ function addresses are handed over once at import.
 ``SendJob`` and ``ReceiveJob`` keep one message's position between calls
 (a call returns when the socket would block, or at a rekey) and keep the
 sealer's or opener's key schedule in step. ``available()`` says whether the
-module is there and not switched off with ``PEERD_NATIVE=0``; where it is
-not, ``peerd.datastream`` runs its Python loops.
+module is there and switched on (``PEERD_NATIVE=0`` or ``enable(False)``
+switches it off, per message, for comparisons); where it is not,
+``peerd.datastream`` runs its Python loops.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def _load() -> Any:
 
 
 _native = _load()
+_enabled = os.environ.get("PEERD_NATIVE", "1") != "0"
 
 
 def built() -> bool:
@@ -48,9 +50,16 @@ def built() -> bool:
 
 
 def available() -> bool:
-    """Whether channels use the native loops: built, and not switched off by
-    ``PEERD_NATIVE=0`` (for comparisons and for testing the Python loops)."""
-    return _native is not None and os.environ.get("PEERD_NATIVE", "1") != "0"
+    """Whether channels use the native loops now: built and switched on."""
+    return _native is not None and _enabled
+
+
+def enable(on: bool) -> None:
+    """Switch the native loops on or off for every channel of this process
+    from its next message on (benchmarks compare the two on one swarm; tests
+    run the Python loops)."""
+    global _enabled
+    _enabled = on
 
 
 class Status(IntEnum):

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import trio
 
+from peerd import datapump
 from peerd.dataproto import Kind, encode_head, parse_head
 from peerd.datapump import ReceiveJob, SendJob, Status
 from peerd.datasock import (
@@ -155,8 +156,8 @@ class DataChannel:
 
     @property
     def native(self) -> bool:
-        """Whether messages go through the native record loops."""
-        return self._pump is not None
+        """Whether the next message goes through the native record loops."""
+        return self._pump is not None and datapump.available()
 
     @property
     def sending(self) -> bool:
@@ -198,7 +199,7 @@ class DataChannel:
                 raise
 
     async def _send_locked(self, head: memoryview, view: memoryview) -> None:
-        if self._pump is not None:
+        if self._pump is not None and datapump.available():
             await self._send_native(self._pump, head, view)
             return
         if self._sock is not None and len(view) >= self._offload_min:
@@ -417,7 +418,7 @@ class DataChannel:
             raise PeerLost([self.peer], "data channel closed")
         if self._pending:
             raise RuntimeError("a payload record is pending")
-        if self._pump is not None:
+        if self._pump is not None and datapump.available():
             try:
                 await self._receive_native(self._pump, dest, gate, scratch)
             except BaseException:  # mid-message: nothing after this can be trusted

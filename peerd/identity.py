@@ -10,6 +10,7 @@ swarm; holding it is the membership credential.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import stat
@@ -57,8 +58,9 @@ class PeerId:
             raise ValueError(f"peer id is not valid base32: {text!r}") from exc
         return cls(raw)
 
-    @property
+    @functools.cached_property
     def text(self) -> str:
+        # Cached: the data path names peers by this text per message.
         return PEER_ID_PREFIX + base64.b32encode(self.raw).decode().rstrip("=").lower()
 
     @property

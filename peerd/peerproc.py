@@ -274,9 +274,12 @@ def _tune(node: Any, cmd: dict[str, Any]) -> dict[str, Any]:
     import dataclasses
 
     from collectives import allreduce
+    from peerd import datapump
 
     if "switch_interval" in cmd:
         sys.setswitchinterval(float(cmd["switch_interval"]))
+    if "native" in cmd:
+        datapump.enable(bool(cmd["native"]))
     for name in ("SEND_AHEAD", "RECEIVE_AHEAD", "THREAD_MIN", "COMMIT_THREADS"):
         if name.lower() in cmd:
             setattr(allreduce, name, int(cmd[name.lower()]))

@@ -77,5 +77,5 @@ def record_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     (what a machine without a C compiler runs)."""
     if request.param == "native":
         assert datapump.built(), "peerd._datapump is not built: pip install -e . with a C compiler"
-    monkeypatch.setenv("PEERD_NATIVE", "1" if request.param == "native" else "0")
+    monkeypatch.setattr(datapump, "_enabled", request.param == "native")
     return str(request.param)
