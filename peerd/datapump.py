@@ -75,7 +75,8 @@ class Status(IntEnum):
 
 @dataclass
 class Progress:
-    """What one call did: its status (and errno), records, plaintext or read bytes."""
+    """What one ``step`` did: its status (and errno), the records it sealed or
+    opened and the bytes it wrote or read, over every rekey it went through."""
 
     status: Status
     errno: int = 0
@@ -104,6 +105,7 @@ class SendJob:
         ``STOPPED`` once ``stop[0]`` is set while blocked, ``OSERROR``; never
         ``REKEY`` (it rekeys and goes on)."""
         assert _native is not None
+        done = Progress(Status.AGAIN)
         while True:
             key, epoch, counter, limit = self._sealer.lease()
             (status, err, self._off, self._wpos, self._wlen, records, plain,
@@ -114,8 +116,11 @@ class SendJob:
             self._sealer.advance(records, plain)
             self.records += records
             self.written += written
+            done.records += records
+            done.nbytes += written
             if status != Status.REKEY:
-                return Progress(Status(status), err, records, written)
+                done.status, done.errno = Status(status), err
+                return done
 
 
 class ReceiveJob:
@@ -150,6 +155,7 @@ class ReceiveJob:
         ``DONE``, ``EOF``, ``OSERROR``; a bad header or record raises
         ``ProtocolError`` (the opener stays failed)."""
         assert _native is not None
+        done = Progress(Status.AGAIN)
         while True:
             key, epoch, counter, limit = self._opener.lease()
             (status, err, self._hdr_got, self._body_got, off, self.left, records,
@@ -161,12 +167,15 @@ class ReceiveJob:
             self.off = off
             self.records += records
             self.received += nread
+            done.records += records
+            done.nbytes += nread
             if status == Status.BADHEADER:
                 self._refuse_header()
             if status == Status.AUTH:
                 raise self._opener.fail("record failed authentication")
             if status != Status.REKEY:
-                return Progress(Status(status), err, records, nread)
+                done.status, done.errno = Status(status), err
+                return done
 
     def _refuse_header(self) -> None:
         """Raise the error the Python loop raises for this header."""

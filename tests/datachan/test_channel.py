@@ -181,7 +181,10 @@ async def test_rekey_over_a_real_connection() -> None:
         payload = os.urandom(40_000)  # 40 records: several key changes each way
         await a.send(b"r", payload)
         assert await b.receive() == (b"r", bytearray(payload))
-        assert a.statistics().rekeys_sent == b.statistics().rekeys_received >= 5
+        sa, sb = a.statistics(), b.statistics()
+        assert sa.rekeys_sent == sb.rekeys_received >= 5
+        assert sa.records_sent == sb.records_received == 1 + 40  # counted across key changes
+        assert sa.bytes_sent == sb.bytes_received
 
 
 async def test_records_sealed_and_opened_on_worker_threads() -> None:

@@ -108,10 +108,12 @@ def test_rekeys_in_the_middle_of_a_message_stay_in_step(pair) -> None:
     a, b = pair
     sealer, opener = RecordSealer(KEY, MAX, rekey_interval=3), RecordOpener(KEY, MAX, 3)
     payload = os.urandom(10 * MAX)  # head + 10 records: three rekeys
-    send_all(a, sealer, b"", payload)
+    sent = send_all(a, sealer, b"", payload)
+    assert sent.records == 10 and sent.written == record_size(0) + 10 * record_size(MAX)
     dest = bytearray(len(payload))
     _, p = receive(b, opener, len(payload), dest)
     assert p.status == Status.DONE and bytes(dest) == payload
+    assert p.records == 10 and p.nbytes == 10 * record_size(MAX)  # over all four keys
     assert sealer.statistics().rekeys == opener.statistics().rekeys == 3
     # and the Python layer carries on with the same schedule afterwards
     a.sendall(sealer.seal(Kind.HEAD, b"next"))
