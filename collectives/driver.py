@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,15 @@ def view_digest(decision: Decision) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
+@dataclass
+class _JoinPass:
+    """One round of a joiner's requests: how many are still out, and whether
+    a peer answered that had not before (then the next round says so)."""
+
+    pending: int
+    news: bool = False
+
+
 class MembershipDriver(Liveness):
     """Membership, failure detection and round views of one run on one node."""
 
@@ -138,7 +148,7 @@ class MembershipDriver(Liveness):
         self._probing: set[str] = set()
         # Peers whose answer to this joiner's last join request did not come:
         # it does not reach them, though a session may stand (until it times out).
-        self._join_unanswered: set[str] = set()
+        self._answers: dict[str, float] = {}
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []
         self._member_scopes: set[trio.CancelScope] = set()  # see ``_while_member``
@@ -211,11 +221,19 @@ class MembershipDriver(Liveness):
             while self.current_view() is None:
                 changed = self._changed
                 peers = self.fabric.peers()
-                reaches = sorted(peers - self._join_unanswered)[:m.MAX_MEMBERS]
+                # Only peers that answered lately count as reached: a session
+                # can outlive its link (a silent cut is found at the idle
+                # timeout), and a joiner admitted on such a claim breaks the
+                # next ring. A stranded member's probes were answered; a new
+                # joiner's first pass claims nothing, and a pass whose requests
+                # all ended with new answers starts the next at once
+                # (``_send_join``), so its claim lags one round trip.
+                reaches = sorted(self._reached(peers))[:m.MAX_MEMBERS]
                 request = encode(m.JoinRequest(self.run, incarnation=self.incarnation,
                                                reaches=tuple(reaches)))
+                joint = _JoinPass(len(peers))
                 for peer in sorted(peers):
-                    self._spawn(self._send_join, peer, request)
+                    self._spawn(self._send_join, peer, request, joint)
                 with trio.move_on_after(self.config.timing.heartbeat_interval):
                     await changed.wait()
         return self.view()
@@ -408,17 +426,27 @@ class MembershipDriver(Liveness):
 
     # ------------------------------------------------------------ joining
 
-    async def _send_join(self, peer: str, request: bytes) -> None:
+    async def _send_join(self, peer: str, request: bytes, joint: _JoinPass) -> None:
         try:
             reply = await self.fabric.call(
                 peer, self._method("join"), request, self.config.timing.heartbeat_interval * 2)
         except (PeerLost, Timeout, RemoteError):
-            self._join_unanswered.add(peer)
-            return
-        self._join_unanswered.discard(peer)
-        msg = decode_untrusted(reply)
-        if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
-            self._install(Decision(msg.revision, msg.members))
+            self._answers.pop(peer, None)
+        else:
+            joint.news |= peer not in self._reached({peer})
+            self._answers[peer] = trio.current_time()
+            msg = decode_untrusted(reply)
+            if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
+                self._install(Decision(msg.revision, msg.members))
+        finally:
+            joint.pending -= 1
+            if not joint.pending and joint.news:
+                self._notify()  # the next request says this joiner reaches them
+
+    def _reached(self, peers: set[str]) -> set[str]:
+        """Those of ``peers`` that answered a call within the heartbeat timeout."""
+        since = trio.current_time() - self.config.timing.heartbeat_timeout
+        return {p for p in peers if self._answers.get(p, -math.inf) >= since}
 
     async def _on_join(self, peer: str, payload: bytes) -> bytes:
         msg: m.JoinRequest = self._decode(payload, m.JoinRequest)

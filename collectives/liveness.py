@@ -47,6 +47,7 @@ class Liveness:
     _bandwidth: dict[str, float]
     _probing: set[str]
     _seen_connected: set[str]
+    _answers: dict[str, float]  # when each peer last answered a call of this peer
     _probe_seq: int
 
     # Provided by the driver.
@@ -185,6 +186,7 @@ class Liveness:
     def _answered(self, peer: str, revision: int, excluded: bool = False) -> None:
         """A member answered a heartbeat with its ``revision`` (``excluded``: and
         a view of it that leaves this peer out)."""
+        self._answers[peer] = trio.current_time()
         was = self.core.stranded
         if self.core.reported(peer, revision, excluded) and not was:
             d = self.core.view

@@ -8,6 +8,7 @@ collected for the next view. Every method takes ``now``; the trio driver in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from collectives.view import (
@@ -280,10 +281,16 @@ class Membership:
         if self.view is None or not self._readies:
             return None
         deadline = self.deadline()
+        readies = dict(self._readies)
+        own = readies.get(self.me)
+        if own is not None and own.admit:
+            # This peer's own word is what it knows now, not when it got ready:
+            # a joiner heard since (one asking at this very boundary) counts.
+            readies[self.me] = dataclasses.replace(own, joiners=own.joiners | self.joiners(now))
         decision = decide_view(
             self.view.revision,
             self.view.members,
-            self._readies,
+            readies,
             self.suspects,
             self.joiner_reach(now),
             deadline is not None and now >= deadline,

@@ -45,6 +45,7 @@ class MemNetwork:
         self._dead: set[str] = set()
         self._stalled: set[str] = set()
         self._cut: set[frozenset[str]] = set()
+        self._silent: set[frozenset[str]] = set()  # see ``blackhole``
         self._links: dict[frozenset[str], LinkModel] = {}
         self._default = default_link
         self._mail: dict[tuple[str, str, bytes], bytes] = {}
@@ -80,8 +81,17 @@ class MemNetwork:
         self._cut.add(frozenset((a, b)))
         self._notify()
 
+    def blackhole(self, a: str, b: str) -> None:
+        """Cut the link silently, as a cable cut without a reset: traffic
+        between ``a`` and ``b`` waits (callers' timeouts end it) while each
+        still lists the other among its peers, as a session does until its
+        idle timeout. ``heal`` lets the waiting traffic through."""
+        self._silent.add(frozenset((a, b)))
+        self._notify()
+
     def heal(self, a: str, b: str) -> None:
         self._cut.discard(frozenset((a, b)))
+        self._silent.discard(frozenset((a, b)))
         self._notify()
 
     def set_link(
@@ -106,7 +116,7 @@ class MemNetwork:
         return a in self._dead or b in self._dead or frozenset((a, b)) in self._cut
 
     def _held(self, a: str, b: str) -> bool:
-        return a in self._stalled or b in self._stalled
+        return a in self._stalled or b in self._stalled or frozenset((a, b)) in self._silent
 
     async def _wait_until(self, ready: Callable[[], bool]) -> None:
         while not ready():

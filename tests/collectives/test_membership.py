@@ -91,6 +91,37 @@ async def test_joiner_one_member_cannot_reach_waits_until_it_can(
         await exact_round(s, s.alive(), seed=2)
 
 
+async def test_joiner_claims_only_members_that_answered_it(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A joiner's session to a member can outlive their link (a silent cut:
+    no reset; the session is known dead only at its idle timeout). The
+    joiner must not claim it reaches that member before the member answered
+    it: admitted on that claim, it would break the next ring. The members
+    go on among themselves and admit it once the link works."""
+    async with swarm(3) as s:
+        members = s.alive()
+        s.add_fabric("p03")
+        s.net.blackhole("p01", "p03")
+        joined = await start_joiner(s, "p03")
+        joiner = s.engines["p03"]
+        assert "p01" in joiner.fabric.peers()  # the session still looks alive
+        # p00 and p02 have answered; the request to p01 hangs (it times out
+        # after two heartbeat intervals)
+        await trio.sleep(FAST.timing.heartbeat_interval / 2)
+        views = await s.each(lambda p, e: e.update_view(), members)
+        assert sorted(views["p00"].members) == members, views
+        await exact_round(s, members, seed=1)
+        assert not joined.is_set() and joiner.current_view() is None
+
+        s.net.heal("p01", "p03")
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p01 answers the joiner
+        views = await s.each(lambda p, e: e.update_view(), members)
+        await joined.wait()
+        assert sorted(views["p01"].members) == s.alive() == ["p00", "p01", "p02", "p03"], views
+        await exact_round(s, s.alive(), seed=2)
+
+
 async def test_two_joiners_that_cannot_reach_each_other_come_one_at_a_time(
     mock_clock: trio.testing.MockClock,
 ) -> None:
