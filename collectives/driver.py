@@ -146,8 +146,8 @@ class MembershipDriver(Liveness):
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
         self._probing: set[str] = set()
-        # Peers whose answer to this joiner's last join request did not come:
-        # it does not reach them, though a session may stand (until it times out).
+        # When each peer last answered a heartbeat or join request of this
+        # peer: what a joiner may claim to reach (a session can outlive its link).
         self._answers: dict[str, float] = {}
         self._seen_connected: set[str] = set()
         self._on_lost: list[Callable[[frozenset[str]], None]] = []

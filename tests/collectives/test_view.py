@@ -184,6 +184,18 @@ def test_joiner_waits_while_a_member_has_not_heard_from_it() -> None:
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c", "x"}
 
 
+def test_coordinator_counts_a_joiner_it_heard_after_its_own_ready() -> None:
+    """A joiner asking at the very boundary: the coordinator's ready went out
+    before its request came, but the coordinator decides on what it knows
+    when it decides. Another member's stale word still holds it back."""
+    for b_heard, want in (({"x"}, {"a", "b", "x"}), (set(), {"a", "b"})):
+        c = core("a", members=("a", "b"))
+        c.offer(ready("a", members=("a", "b"), joiners=frozenset()), 1.0)
+        c.join_request("x", 1.2)  # says it reaches no one yet
+        d = c.offer(ready("b", members=("a", "b"), joiners=frozenset(b_heard)), 1.5)
+        assert isinstance(d, Decision) and set(d.members) == want, (b_heard, d)
+
+
 def test_joiners_that_cannot_reach_each_other_come_one_at_a_time() -> None:
     c = core("a", members=("a", "b"))
     c.join_request("y", 0.5, frozenset({"a", "b"}))
