@@ -13,7 +13,13 @@ from hypothesis.extra import numpy as hnp
 from collectives.api import Quant
 from collectives.arrays import Kind, flatten
 from collectives.chunking import Span
-from collectives.driver import AUTO_SUB_MAX, AUTO_SUB_MIN, EngineConfig, sub_chunk_elems
+from collectives.driver import (
+    AUTO_SUB_MAX,
+    AUTO_SUB_MIN,
+    AUTO_SUB_SPLIT,
+    EngineConfig,
+    sub_chunk_elems,
+)
 from collectives.memfabric import MemNetwork
 from collectives.quant import Codec, codec_for
 from peerd.errors import PeerLost
@@ -70,12 +76,12 @@ def test_explicit_sub_chunk_size_is_kept() -> None:
 
 @given(st.integers(0, 10**9), st.integers(1, 64))
 @settings(max_examples=100)
-def test_automatic_sub_chunks_are_a_bounded_quarter_of_a_chunk(n: int, peers: int) -> None:
+def test_automatic_sub_chunks_are_a_bounded_share_of_a_chunk(n: int, peers: int) -> None:
     elems = sub_chunk_elems(EngineConfig(), n, peers)
     assert AUTO_SUB_MIN // 4 <= elems <= AUTO_SUB_MAX // 4
     chunk = -(-n // peers)
     if AUTO_SUB_MIN // 4 < elems < AUTO_SUB_MAX // 4:
-        assert elems == chunk // 4
+        assert elems == 4 * chunk // AUTO_SUB_SPLIT // 4
 
 
 class _NoCopyReceives:
