@@ -96,7 +96,7 @@ slower, gloo 0.96-1.09 s at 100M): native 1.57, 1.61, 1.72; Python 1.56,
 is now mostly the cipher (~0.12 s per peer at 100M), the kernel's TCP copies
 (as gloo's) and the all-or-nothing copy into the caller's array; not yet
 measured on 16 cores, where each message now takes one GIL hand-off each
-way (counted: ~1.05 native calls per received message with threads).
+way (counted: 1.04-1.10 native calls per received message with threads).
 Automatic sub-chunks are now half a ring chunk (at most 8 MiB) instead of a
 quarter (at most 4 MiB): at 10M on 2 cores, 5 MB blocks took 11-14% less
 time than 2.5 MB ones (median of 10, 16 and 24 interleaved rounds); 100M
