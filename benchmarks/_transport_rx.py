@@ -19,10 +19,12 @@ sys.path.insert(0, str(_HERE.parent))
 
 import trio
 
+from peerd import aead
 from peerd.datachan import DataConfig, DataListener
 from peerd.datalink import LinkConfig, open_data_link
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel, SocketTransport, tune_socket
+from peerd.record import Keying
 
 MESSAGE = 64 * 1024 * 1024
 
@@ -41,7 +43,9 @@ async def main(mode: str, conns: int, count: int, secret: bytes, tokens: list[by
         if mode == "secure":
             table = TokenTable(entropy=_fixed(tokens))
             for _ in tokens:
-                table.issue("B", secret, 300.0, trio.current_time())
+                # The dialler picks the same: both run this install's first cipher.
+                table.issue("B", Keying(secret, aead.supported()[0]), 300.0,
+                            trio.current_time())
 
             def on_channel(peer: str, chan: DataChannel) -> None:
                 chans.append(chan)

@@ -33,11 +33,13 @@ sys.path.insert(0, str(_HERE.parent))
 
 import trio
 
+from peerd import aead
+from peerd.aead import KEY_SIZE
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.datalink import LinkConfig, open_data_link
 from peerd.dataproto import TOKEN_SIZE, TokenTable
 from peerd.datastream import DataChannel, SocketTransport, tune_socket
-from peerd.record import RecordOpener, RecordSealer, record_size
+from peerd.record import Keying, RecordOpener, RecordSealer, record_size
 
 MESSAGE = 64 * 1024 * 1024
 
@@ -65,7 +67,7 @@ async def _plain_channels(n: int, cfg: DataConfig) -> tuple[list[DataChannel], l
 async def _secure_channels(
     n: int, cfg: DataConfig, nursery: trio.Nursery
 ) -> tuple[list[DataChannel], list[DataChannel]]:
-    secret = os.urandom(32)
+    keying = Keying(os.urandom(32), aead.supported()[0])
     table = TokenTable()
     accepted: list[DataChannel] = []
     ready = trio.Event()
@@ -79,8 +81,8 @@ async def _secure_channels(
     port = await nursery.start(listener.serve)
     dialed = []
     for _ in range(n):
-        token = table.issue("A", secret, 30.0, trio.current_time())
-        dialed.append(await dial_data_channel("127.0.0.1", port, token, secret, "B", cfg))
+        token = table.issue("A", keying, 30.0, trio.current_time())
+        dialed.append(await dial_data_channel("127.0.0.1", port, token, keying, "B", cfg))
     await ready.wait()
     return dialed, accepted
 
@@ -134,8 +136,9 @@ async def measure_tcp(conns: int, secure: bool, total: int, cfg: DataConfig,
 
 def measure_crypto(record: int, total: int) -> float:
     """Gbit/s of seal + open of ``record``-byte records on one core."""
-    key = os.urandom(32)
-    sealer, opener = RecordSealer(key, record), RecordOpener(key, record)
+    key, cipher = os.urandom(KEY_SIZE), aead.supported()[0]
+    sealer = RecordSealer(key, record, cipher=cipher)
+    opener = RecordOpener(key, record, cipher=cipher)
     plain = memoryview(bytearray(os.urandom(record)))
     wire = memoryview(bytearray(record_size(record)))
     back = memoryview(bytearray(record))
@@ -201,7 +204,8 @@ async def measure_two_process(conns: int, secure: bool, total: int,
         assert child.stdout is not None
         port = int(child.stdout.readline().split()[1])
         if secure:
-            chans = [await dial_data_channel("127.0.0.1", port, t, secret, "B", cfg)
+            keying = Keying(secret, aead.supported()[0])
+            chans = [await dial_data_channel("127.0.0.1", port, t, keying, "B", cfg)
                      for t in tokens]
         else:
             chans = []

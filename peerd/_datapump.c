@@ -8,10 +8,11 @@
  *
  *   u8 kind | u32 big-endian body length | ciphertext | 32-byte tag
  *
- * AEGIS-128L, the 5 header bytes as associated data, the nonce
- * u32 epoch | u64 counter | 4 zero bytes (peerd/record.py is the reference).
- * The cipher is libsodium's, reached through function pointers that
- * peerd.datapump takes from pynacl's bundled library, so this module links
+ * AEGIS-128L or AEGIS-128X2 (the session's choice), the 5 header bytes as
+ * associated data, the nonce u32 epoch | u64 counter | 4 zero bytes
+ * (peerd/record.py is the reference). The ciphers are libsodium's (pynacl)
+ * and libaegis's (pyaegis), reached through function pointers that
+ * peerd.datapump takes from their cffi modules, so this module links
  * against nothing but libc.
  *
  * Nothing here owns state between calls: the caller passes the key schedule
@@ -38,17 +39,44 @@
  * down wakes it at once anyway. */
 #define POLL_TICK_MS 200
 
-typedef int (*enc_fn)(unsigned char *c, unsigned long long *clen, const unsigned char *m,
-                      unsigned long long mlen, const unsigned char *ad,
-                      unsigned long long adlen, const unsigned char *nsec,
-                      const unsigned char *npub, const unsigned char *k);
-typedef int (*dec_fn)(unsigned char *m, unsigned long long *mlen, unsigned char *nsec,
-                      const unsigned char *c, unsigned long long clen,
-                      const unsigned char *ad, unsigned long long adlen,
-                      const unsigned char *npub, const unsigned char *k);
+/* libsodium's combined-mode AEGIS-128L. */
+typedef int (*sodium_enc_fn)(unsigned char *c, unsigned long long *clen, const unsigned char *m,
+                             unsigned long long mlen, const unsigned char *ad,
+                             unsigned long long adlen, const unsigned char *nsec,
+                             const unsigned char *npub, const unsigned char *k);
+typedef int (*sodium_dec_fn)(unsigned char *m, unsigned long long *mlen, unsigned char *nsec,
+                             const unsigned char *c, unsigned long long clen,
+                             const unsigned char *ad, unsigned long long adlen,
+                             const unsigned char *npub, const unsigned char *k);
+/* libaegis's combined-mode AEGIS-128X2 (the tag length is an argument). */
+typedef int (*aegis_enc_fn)(uint8_t *c, size_t maclen, const uint8_t *m, size_t mlen,
+                            const uint8_t *ad, size_t adlen, const uint8_t *npub,
+                            const uint8_t *k);
+typedef int (*aegis_dec_fn)(uint8_t *m, const uint8_t *c, size_t clen, size_t maclen,
+                            const uint8_t *ad, size_t adlen, const uint8_t *npub,
+                            const uint8_t *k);
 
-static enc_fn g_encrypt = NULL;
-static dec_fn g_decrypt = NULL;
+/* Cipher ids (peerd.datapump.CIPHER_IDS); each has its library's signature. */
+enum { SODIUM_AEGIS128L = 0, LIBAEGIS_AEGIS128X2 = 1, N_CIPHERS = 2 };
+static void *g_encrypt[N_CIPHERS];
+static void *g_decrypt[N_CIPHERS];
+
+static void seal(int cipher, unsigned char *c, const unsigned char *m, size_t mlen,
+                 const unsigned char *ad, const unsigned char *npub, const unsigned char *k) {
+    if (cipher == SODIUM_AEGIS128L)
+        ((sodium_enc_fn)g_encrypt[cipher])(c, NULL, m, mlen, ad, HDR, NULL, npub, k);
+    else
+        ((aegis_enc_fn)g_encrypt[cipher])(c, TAG, m, mlen, ad, HDR, npub, k);
+}
+
+/* 0 when the record authenticates. */
+static int open_record(int cipher, unsigned char *m, const unsigned char *c, size_t clen,
+                       const unsigned char *ad, const unsigned char *npub,
+                       const unsigned char *k) {
+    if (cipher == SODIUM_AEGIS128L)
+        return ((sodium_dec_fn)g_decrypt[cipher])(m, NULL, NULL, c, clen, ad, HDR, npub, k);
+    return ((aegis_dec_fn)g_decrypt[cipher])(m, c, clen, TAG, ad, HDR, npub, k);
+}
 
 enum status {
     ST_DONE = 0,
@@ -78,8 +106,12 @@ static uint32_t get_be32(const unsigned char *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-static int cipher_ready(void) {
-    if (g_encrypt == NULL || g_decrypt == NULL) {
+static int cipher_ready(int cipher) {
+    if (cipher < 0 || cipher >= N_CIPHERS) {
+        PyErr_SetString(PyExc_ValueError, "peerd._datapump: unknown cipher id");
+        return 0;
+    }
+    if (g_encrypt[cipher] == NULL || g_decrypt[cipher] == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "peerd._datapump: set_cipher was not called");
         return 0;
     }
@@ -87,18 +119,23 @@ static int cipher_ready(void) {
 }
 
 static PyObject *set_cipher(PyObject *self, PyObject *args) {
+    int cipher;
     unsigned long long enc, dec;
-    if (!PyArg_ParseTuple(args, "KK", &enc, &dec)) return NULL;
+    if (!PyArg_ParseTuple(args, "iKK", &cipher, &enc, &dec)) return NULL;
+    if (cipher < 0 || cipher >= N_CIPHERS) {
+        PyErr_SetString(PyExc_ValueError, "unknown cipher id");
+        return NULL;
+    }
     if (enc == 0 || dec == 0) {
         PyErr_SetString(PyExc_ValueError, "cipher function addresses must not be null");
         return NULL;
     }
-    g_encrypt = (enc_fn)(uintptr_t)enc;
-    g_decrypt = (dec_fn)(uintptr_t)dec;
+    g_encrypt[cipher] = (void *)(uintptr_t)enc;
+    g_decrypt[cipher] = (void *)(uintptr_t)dec;
     Py_RETURN_NONE;
 }
 
-/* send_step(fd, block, stop, key, epoch, counter, limit, kind, max_record,
+/* send_step(fd, block, stop, cipher, key, epoch, counter, limit, kind, max_record,
  *           payload, off, wbuf, wpos, wlen)
  *   -> (status, errno, off, wpos, wlen, records, plaintext_bytes, written)
  *
@@ -108,15 +145,15 @@ static PyObject *set_cipher(PyObject *self, PyObject *args) {
  * and written. With ``block`` the call waits for the socket (poll), looking
  * at stop[0] every POLL_TICK_MS; without, it returns AGAIN. */
 static PyObject *send_step(PyObject *self, PyObject *args) {
-    int fd, block, kind;
+    int fd, block, cipher, kind;
     PyObject *stop_obj;
     Py_buffer key, payload, wbuf, stop = {0};
     unsigned long epoch;
     unsigned long long counter, limit;
     Py_ssize_t max_record, off, wpos, wlen;
-    if (!PyArg_ParseTuple(args, "ipOy*kKKiny*nw*nn", &fd, &block, &stop_obj, &key, &epoch,
-                          &counter, &limit, &kind, &max_record, &payload, &off, &wbuf, &wpos,
-                          &wlen))
+    if (!PyArg_ParseTuple(args, "ipOiy*kKKiny*nw*nn", &fd, &block, &stop_obj, &cipher, &key,
+                          &epoch, &counter, &limit, &kind, &max_record, &payload, &off, &wbuf,
+                          &wpos, &wlen))
         return NULL;
     PyObject *result = NULL;
     int have_stop = 0;
@@ -124,7 +161,7 @@ static PyObject *send_step(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(stop_obj, &stop, PyBUF_WRITABLE) < 0) goto out;
         have_stop = 1;
     }
-    if (!cipher_ready()) goto out;
+    if (!cipher_ready(cipher)) goto out;
     if (key.len != KEY_BYTES || kind < 0 || kind > 255 || max_record <= 0 || off < 0 ||
         off > payload.len || wpos < 0 || wpos > wlen || wlen > wbuf.len ||
         (have_stop && stop.len < 1) || epoch > 0xFFFFFFFFUL) {
@@ -156,8 +193,7 @@ static PyObject *send_step(PyObject *self, PyObject *args) {
                     rec[0] = (unsigned char)kind;
                     put_be32(rec + 1, (uint32_t)(n + TAG));
                     make_nonce(nonce, (uint32_t)epoch, counter + records);
-                    g_encrypt(rec + HDR, NULL, src + off, (unsigned long long)n, rec, HDR,
-                              NULL, nonce, key.buf);
+                    seal(cipher, rec + HDR, src + off, (size_t)n, rec, nonce, key.buf);
                     wlen += HDR + n + TAG;
                     off += n;
                     records++;
@@ -222,7 +258,7 @@ static int fill(int fd, unsigned char *buf, Py_ssize_t want, Py_ssize_t *got,
     return ST_DONE;
 }
 
-/* recv_step(fd, key, epoch, counter, limit, kind, max_record, hdr, hdr_got,
+/* recv_step(fd, cipher, key, epoch, counter, limit, kind, max_record, hdr, hdr_got,
  *           rbuf, body_got, dest, off, left, scratch)
  *   -> (status, errno, hdr_got, body_got, off, left, records, read)
  *
@@ -233,14 +269,14 @@ static int fill(int fd, unsigned char *buf, Py_ssize_t want, Py_ssize_t *got,
  * A header whose kind is not ``kind`` or whose length is not 1..left (and at
  * most max_record) stops the call with BADHEADER before its body is read. */
 static PyObject *recv_step(PyObject *self, PyObject *args) {
-    int fd, kind;
+    int fd, cipher, kind;
     PyObject *dest_obj, *scratch_obj;
     Py_buffer key, hdr, rbuf, dest = {0}, scratch = {0};
     unsigned long epoch;
     unsigned long long counter, limit;
     Py_ssize_t max_record, hdr_got, body_got, off, left;
-    if (!PyArg_ParseTuple(args, "iy*kKKinw*nw*nOnnO", &fd, &key, &epoch, &counter, &limit,
-                          &kind, &max_record, &hdr, &hdr_got, &rbuf, &body_got, &dest_obj,
+    if (!PyArg_ParseTuple(args, "iiy*kKKinw*nw*nOnnO", &fd, &cipher, &key, &epoch, &counter,
+                          &limit, &kind, &max_record, &hdr, &hdr_got, &rbuf, &body_got, &dest_obj,
                           &off, &left, &scratch_obj))
         return NULL;
     PyObject *result = NULL;
@@ -253,7 +289,7 @@ static PyObject *recv_step(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(scratch_obj, &scratch, PyBUF_WRITABLE) < 0) goto out;
         have_scratch = 1;
     }
-    if (!cipher_ready()) goto out;
+    if (!cipher_ready(cipher)) goto out;
     if (key.len != KEY_BYTES || hdr.len != HDR || hdr_got < 0 || hdr_got > HDR ||
         body_got < 0 || off < 0 || left < 0 || max_record <= 0 || epoch > 0xFFFFFFFFUL ||
         rbuf.len < max_record + TAG || (have_scratch && scratch.len < max_record) ||
@@ -287,7 +323,7 @@ static PyObject *recv_step(PyObject *self, PyObject *args) {
             }
             unsigned char *out = have_dest ? (unsigned char *)dest.buf + off : scratch.buf;
             make_nonce(nonce, (uint32_t)epoch, counter + records);
-            if (g_decrypt(out, NULL, NULL, body, blen, h, HDR, nonce, key.buf) != 0) {
+            if (open_record(cipher, out, body, blen, h, nonce, key.buf) != 0) {
                 status = ST_AUTH;
                 break;
             }
@@ -313,7 +349,7 @@ out:
 
 static PyMethodDef methods[] = {
     {"set_cipher", set_cipher, METH_VARARGS,
-     "set_cipher(encrypt_addr, decrypt_addr): libsodium's AEGIS-128L functions."},
+     "set_cipher(id, encrypt_addr, decrypt_addr): a cipher's combined-mode functions."},
     {"send_step", send_step, METH_VARARGS, "Seal and write a message's records."},
     {"recv_step", recv_step, METH_VARARGS, "Read, authenticate and decrypt payload records."},
     {NULL, NULL, 0, NULL},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peerd import aead
 from peerd.errors import ConfigError
 from peerd.record import DEFAULT_MAX_PLAINTEXT
 from peerd.rpc import RpcLimits
@@ -58,6 +59,9 @@ class NodeConfig:
     # (fewer GIL hand-offs per byte), but raise the buffers each busy channel
     # keeps; not yet measured where the threads run (16 cores).
     data_record: int = DEFAULT_MAX_PLAINTEXT
+    # Record ciphers this node offers in its handshakes, preferred first (see
+    # ``peerd.aead``); None: every one this install has, fastest first.
+    data_ciphers: tuple[str, ...] | None = None
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
@@ -68,3 +72,8 @@ class NodeConfig:
                               "to 16 MiB, the same on every peer")
         if not 1 <= self.data_channels <= 64:
             raise ConfigError("data_channels must be between 1 and 64")
+        if self.data_ciphers is not None:
+            try:
+                aead.check_offer(self.data_ciphers)
+            except ValueError as exc:
+                raise ConfigError(f"data_ciphers: {exc}") from None

@@ -41,7 +41,13 @@ from peerd.datastream import (
 )
 from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
 from peerd.log import event
-from peerd.record import DEFAULT_MAX_PLAINTEXT, DEFAULT_REKEY_INTERVAL, TAG_SIZE, record_pair
+from peerd.record import (
+    DEFAULT_MAX_PLAINTEXT,
+    DEFAULT_REKEY_INTERVAL,
+    TAG_SIZE,
+    Keying,
+    record_pair,
+)
 
 __all__ = [
     "DATA_HANDSHAKE_TIMEOUT", "ChannelStats", "DataChannel", "DataConfig", "DataListener",
@@ -99,12 +105,12 @@ def threads_pay(setting: bool | None) -> bool:
 
 
 async def _confirm(
-    transport: Transport, token: bytes, secret: bytes, initiator: bool, peer: str,
+    transport: Transport, token: bytes, keying: Keying, initiator: bool, peer: str,
     config: DataConfig, preamble: bytes = b"",
 ) -> DataChannel:
     """Exchange CONFIRM records; returns the keyed channel."""
     sealer, opener = record_pair(
-        secret, token, initiator, config.max_record, config.rekey_interval
+        keying, token, initiator, config.max_record, config.rekey_interval
     )
     await transport.send_all(preamble + sealer.seal(Kind.CONFIRM, CONFIRM_TEXT))
     hdr = memoryview(bytearray(5))
@@ -125,7 +131,7 @@ async def _confirm(
 
 
 async def dial_data_channel(
-    host: str, port: int, token: bytes, session_secret: bytes, peer: str,
+    host: str, port: int, token: bytes, keying: Keying, peer: str,
     config: DataConfig = DataConfig(),
 ) -> DataChannel:
     """Connect to a peer's ``DataListener`` and prove the keys for ``token``.
@@ -144,7 +150,7 @@ async def dial_data_channel(
             except OSError as exc:
                 raise PeerLost([peer], f"data dial to {host}:{port} failed: {exc}") from None
             return await _confirm(
-                transport, token, session_secret, True, peer, config, encode_preamble(token)
+                transport, token, keying, True, peer, config, encode_preamble(token)
             )
     except trio.TooSlowError:
         sock.close()
@@ -285,8 +291,8 @@ class DataListener:
         if grant is None:
             self._c.bad_token += 1
             raise _Refused("bad_token")
-        peer, secret = grant
-        return await _confirm(transport, token, secret, False, peer, self._config)
+        peer, keying = grant
+        return await _confirm(transport, token, keying, False, peer, self._config)
 
     def statistics(self) -> ListenerStats:
         c = self._c

@@ -135,7 +135,7 @@ class DataPlane:
         if not 1 <= req.channels <= MAX_CHANNELS or len(req.purpose) > 64:
             raise ProtocolError(f"data link of {req.channels} channels refused")
         now = trio.current_time()
-        tokens = tuple(self._tokens.issue(session.peer.text, session.secret, TOKEN_TTL, now)
+        tokens = tuple(self._tokens.issue(session.peer.text, session.keying, TOKEN_TTL, now)
                        for _ in range(req.channels))
         self._in_pending[session.peer] = (req.purpose, _Inbound(req.channels, []))
         return encode(DataOpenReply(self.port, tokens))
@@ -278,7 +278,7 @@ class DataPlane:
         try:
             for i, token in enumerate(tokens):
                 with trio.fail_after(DIRECT_DIAL_TIMEOUT if probe and i == 0 else math.inf):
-                    chans.append(await dial_data_channel(host, port, token, session.secret,
+                    chans.append(await dial_data_channel(host, port, token, session.keying,
                                                          session.peer.text, self._config))
         except trio.TooSlowError:
             for c in chans:
@@ -292,7 +292,7 @@ class DataPlane:
 
     async def _reverse(self, session: Session, channels: int, purpose: str) -> list[DataChannel]:
         now = trio.current_time()
-        tokens = tuple(self._tokens.issue(session.peer.text, session.secret, TOKEN_TTL, now)
+        tokens = tuple(self._tokens.issue(session.peer.text, session.keying, TOKEN_TTL, now)
                        for _ in range(channels))
         waiter = _Inbound(channels, [], trio.Event())
         self._reverse_wait[session.peer] = waiter

@@ -15,6 +15,7 @@ from enum import IntEnum
 from typing import Final
 
 from peerd.errors import ProtocolError
+from peerd.record import Keying
 
 MAGIC: Final = b"PEERDDAT"
 # 3: AEGIS-128L records and v3 key labels; 2 was AEGIS-256, 1 AES-256-GCM.
@@ -47,15 +48,15 @@ class Kind(IntEnum):
 @dataclass(frozen=True)
 class _Grant:
     peer: str
-    session_secret: bytes
+    keying: Keying
     expires: float
 
 
 class TokenTable:
     """Single-use tokens that admit one data connection each.
 
-    ``issue`` hands out a fresh random token bound to a peer and its session
-    secret; ``take`` returns and forgets it, so a token works at most once. Use
+    ``issue`` hands out a fresh random token bound to a peer and its session's
+    keying; ``take`` returns and forgets it, so a token works at most once. Use
     one clock for ``now`` on both calls (the driver uses ``trio.current_time()``).
     At most ``max_tokens`` live at once: when full, expired ones are dropped,
     then the oldest issued.
@@ -71,7 +72,7 @@ class TokenTable:
         self._entropy = entropy
         self.expired = 0
 
-    def issue(self, peer: str, session_secret: bytes, ttl: float, now: float) -> bytes:
+    def issue(self, peer: str, keying: Keying, ttl: float, now: float) -> bytes:
         if ttl <= 0:
             raise ValueError("token ttl must be positive")
         if len(self._grants) >= self._max:
@@ -81,17 +82,17 @@ class TokenTable:
         token = self._entropy(TOKEN_SIZE)
         if len(token) != TOKEN_SIZE or token in self._grants:
             raise RuntimeError("token entropy source failed")
-        self._grants[token] = _Grant(peer, bytes(session_secret), now + ttl)
+        self._grants[token] = _Grant(peer, keying, now + ttl)
         return token
 
-    def take(self, token: bytes, now: float) -> tuple[str, bytes] | None:
+    def take(self, token: bytes, now: float) -> tuple[str, Keying] | None:
         grant = self._grants.pop(bytes(token), None)
         if grant is None:
             return None
         if now >= grant.expires:
             self.expired += 1
             return None
-        return grant.peer, grant.session_secret
+        return grant.peer, grant.keying
 
     def purge(self, now: float) -> int:
         """Forget expired tokens; returns how many."""

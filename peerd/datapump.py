@@ -3,8 +3,8 @@
 ``peerd._datapump`` (C, built by ``pip install``; optional) seals and writes,
 or reads, authenticates and decrypts, all records of one message per call
 with the GIL released, instead of a Python round per record. Same records,
-nonces and keys as ``peerd.record``; the cipher is pynacl's libsodium, whose
-function addresses are handed over once at import.
+nonces and keys as ``peerd.record``; the ciphers' function addresses
+(``peerd.aead.address``) are handed over once at import.
 
 ``SendJob`` and ``ReceiveJob`` keep one message's position between calls
 (a call returns when the socket would block, or at a rekey) and keep the
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import nacl.bindings  # noqa: F401 - runs sodium_init (CPU feature detection)
-from nacl._sodium import ffi, lib
-
+from peerd import aead
 from peerd.record import HEADER, RecordOpener, RecordSealer
+
+# The C module's ids of the ciphers (its enum; each library has its own signature).
+CIPHER_IDS = {aead.AEGIS128L: 0, aead.AEGIS128X2: 1}
 
 
 def _load() -> Any:
@@ -33,10 +34,8 @@ def _load() -> Any:
         _datapump = importlib.import_module("peerd._datapump")
     except ImportError:
         return None
-    _datapump.set_cipher(
-        int(ffi.cast("uintptr_t", ffi.addressof(lib, "crypto_aead_aegis128l_encrypt"))),
-        int(ffi.cast("uintptr_t", ffi.addressof(lib, "crypto_aead_aegis128l_decrypt"))),
-    )
+    for name in aead.built():
+        _datapump.set_cipher(CIPHER_IDS[name], *aead.address(name))
     return _datapump
 
 
@@ -91,6 +90,7 @@ class SendJob:
     def __init__(self, sealer: RecordSealer, kind: int, payload: Any, wbuf: memoryview,
                  head_len: int) -> None:
         self._sealer = sealer
+        self._cipher = CIPHER_IDS[sealer.cipher]
         self._kind = kind
         self._payload = payload
         self._wbuf = wbuf
@@ -110,7 +110,7 @@ class SendJob:
             key, epoch, counter, limit = self._sealer.lease()
             (status, err, self._off, self._wpos, self._wlen, records, plain,
              written) = _native.send_step(
-                fd, block, stop, key, epoch, counter, limit, self._kind,
+                fd, block, stop, self._cipher, key, epoch, counter, limit, self._kind,
                 self._sealer.max_plaintext, self._payload, self._off, self._wbuf,
                 self._wpos, self._wlen)
             self._sealer.advance(records, plain)
@@ -130,6 +130,7 @@ class ReceiveJob:
     def __init__(self, opener: RecordOpener, kind: int, length: int, hdr: memoryview,
                  rbuf: memoryview) -> None:
         self._opener = opener
+        self._cipher = CIPHER_IDS[opener.cipher]
         self._kind = kind
         self._hdr = hdr
         self._rbuf = rbuf
@@ -160,7 +161,8 @@ class ReceiveJob:
             key, epoch, counter, limit = self._opener.lease()
             (status, err, self._hdr_got, self._body_got, off, self.left, records,
              nread) = _native.recv_step(
-                fd, key, epoch, counter, limit, self._kind, self._opener.max_plaintext,
+                fd, self._cipher, key, epoch, counter, limit, self._kind,
+                self._opener.max_plaintext,
                 self._hdr, self._hdr_got, self._rbuf, self._body_got, dest, self.off,
                 self.left, scratch)
             self._opener.advance(records, off - self.off)

@@ -160,6 +160,11 @@ class DataChannel:
         return self._pump is not None and datapump.available()
 
     @property
+    def cipher(self) -> str:
+        """The record cipher's name ("" for a plaintext benchmark channel)."""
+        return self._sealer.cipher if self._sealer is not None else ""
+
+    @property
     def sending(self) -> bool:
         """Whether a send holds (or waits for) this channel."""
         return self._send_lock.locked()

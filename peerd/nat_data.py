@@ -30,6 +30,7 @@ from peerd.errors import PeerLost, ProtocolError, Timeout
 from peerd.identity import PeerId
 from peerd.nat_pipe import StreamTransport
 from peerd.quic import QuicStream
+from peerd.record import Keying
 from peerd.session import Session
 from peerd.wire import message
 
@@ -79,7 +80,7 @@ async def bind_reserved(host: str, n: int) -> tuple[list[trio.socket.SocketType]
 
 async def simultaneous_open(
     sock: trio.socket.SocketType, host: str, remote: tuple[str, int], token: bytes,
-    secret: bytes, peer: str, initiator: bool, config: DataConfig, timeout: float,
+    keying: Keying, peer: str, initiator: bool, config: DataConfig, timeout: float,
 ) -> DataChannel:
     """Connect ``sock`` (bound, not connected) to ``remote`` while the peer
     does the same towards us, then confirm keys. ``Timeout`` if no path."""
@@ -96,7 +97,7 @@ async def simultaneous_open(
                     await trio.sleep(RETRY_AFTER_ERROR)
                     sock = reuse_socket(port)
                     await sock.bind((host, port))
-            return await _confirm(SocketTransport(sock), token, secret, initiator, peer, config)
+            return await _confirm(SocketTransport(sock), token, keying, initiator, peer, config)
     except trio.TooSlowError:
         sock.close()
         raise Timeout(f"no TCP path to {remote[0]}:{remote[1]} within {timeout:g}s") from None
@@ -121,7 +122,7 @@ async def punch_all(
     async def one(i: int) -> None:
         try:
             chans[i] = await simultaneous_open(
-                socks[i], host, (remote_ip, ports[i]), tokens[i], session.secret,
+                socks[i], host, (remote_ip, ports[i]), tokens[i], session.keying,
                 session.peer.text, initiator, config, PUNCH_DATA_TIMEOUT)
         except (Timeout, PeerLost) as exc:
             errors.append(exc)
@@ -152,7 +153,7 @@ async def open_quic_channels(session: Session, n: int, purpose: str,
                 stream = session.conn.open_stream()
                 token = os.urandom(TOKEN)
                 await stream.send(QDATA_MAGIC + link_id + bytes([n, len(name)]) + name + token)
-                chans.append(await _confirm(StreamTransport(stream), token, session.secret, True,
+                chans.append(await _confirm(StreamTransport(stream), token, session.keying, True,
                                             session.peer.text, config))
     except trio.TooSlowError:
         for c in chans:
@@ -182,7 +183,7 @@ class QuicChannelInbox:
                 raise ProtocolError("bad QUIC data channel header")
             purpose = (await stream.receive_exactly(name_len)).decode(errors="replace")
             token = await stream.receive_exactly(TOKEN)
-            chan = await _confirm(StreamTransport(stream), token, session.secret, False,
+            chan = await _confirm(StreamTransport(stream), token, session.keying, False,
                                   session.peer.text, self._config)
         key = (session.peer, link_id)
         if key not in self._pending:

@@ -208,7 +208,7 @@ class Node(RunsMixin):
         conn = self.endpoint.connect(addr)
         try:
             session = await client_session(conn, self.identity, self.swarm_key, expect,
-                                           self.incarnation)
+                                           self.incarnation, self.config.data_ciphers)
         except PeerdError:
             self._counters["handshakes_failed"] += 1
             conn.close()
@@ -224,7 +224,8 @@ class Node(RunsMixin):
 
     async def _accept(self, conn: QuicConn) -> None:
         try:
-            session = await server_session(conn, self.identity, self.swarm_key, self.incarnation)
+            session = await server_session(conn, self.identity, self.swarm_key, self.incarnation,
+                                           self.config.data_ciphers)
         except PeerdError as exc:
             self._counters["handshakes_failed"] += 1
             event(log, "handshake.rejected", logging.DEBUG, addr=conn.addr_text, error=exc)

@@ -1,4 +1,4 @@
-"""Sans-I/O record layer of the data plane: AEGIS-128L records over a byte stream.
+"""Sans-I/O record layer of the data plane: AEAD records over a byte stream.
 
 A record on the wire is::
 
@@ -6,10 +6,11 @@ A record on the wire is::
 
 where ``body length = len(plaintext) + 32``. The five header bytes are the
 AEAD's associated data, so a changed kind or length fails authentication.
-The cipher is AEGIS-128L (``peerd.aead``, which says why 128-bit keys), with
-a 256-bit tag. Keys are derived with the label ``peerd data v3``, so no key
-of an earlier version's records (AEGIS-256, AES-256-GCM) is ever used with
-this cipher.
+The cipher is the session's choice of AEGIS-128X2 or AEGIS-128L
+(``peerd.aead``, which says why and why 128-bit keys), with a 256-bit tag.
+Keys are derived with the label ``peerd data v4 <cipher>``, so no key is
+used with two ciphers, nor any of an earlier version's records (v3: always
+AEGIS-128L; v2 AEGIS-256, v1 AES-256-GCM).
 Nonces are implicit: ``u32 epoch | u64 record counter`` (zero-padded to the
 cipher's 16 bytes) per direction, never sent, never reused (a replayed,
 reordered, dropped or injected record fails authentication at the receiver
@@ -31,7 +32,8 @@ from typing import Final
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from peerd.aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aegis128L, AuthenticationFailed
+from peerd import aead
+from peerd.aead import AEGIS128L, KEY_SIZE, NONCE_SIZE, TAG_SIZE, AuthenticationFailed, Cipher
 from peerd.errors import ProtocolError
 
 HEADER: Final = struct.Struct(">BI")
@@ -40,8 +42,8 @@ DEFAULT_MAX_PLAINTEXT: Final = 1024 * 1024
 # bounds, and it limits what one leaked key exposes.
 DEFAULT_REKEY_INTERVAL: Final = 1 << 24
 _MAX_EPOCH: Final = (1 << 32) - 1
-_INFO_PREFIX: Final = b"peerd data v3 "
-_REKEY_INFO: Final = b"peerd data v3 rekey"
+_INFO_PREFIX: Final = b"peerd data v4 "
+_REKEY_INFO: Final = b"peerd data v4 rekey"
 _NONCE_PAD: Final = bytes(NONCE_SIZE - 12)
 
 
@@ -56,11 +58,21 @@ def _hkdf(secret: bytes, salt: bytes | None, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=info).derive(secret)
 
 
-def derive_key(session_secret: bytes, token: bytes, direction: Direction) -> bytes:
+@dataclass(frozen=True)
+class Keying:
+    """What keys a session's data channels: the secret of its handshake and
+    the record cipher both ends chose there (``peerd.aead.choose``)."""
+
+    secret: bytes
+    cipher: str = AEGIS128L
+
+
+def derive_key(keying: Keying, token: bytes, direction: Direction) -> bytes:
     """The first key of one direction of the connection opened with ``token``."""
-    if len(session_secret) < 16:
+    if len(keying.secret) < 16:
         raise ValueError("session secret must be at least 16 bytes")
-    return _hkdf(session_secret, token, _INFO_PREFIX + direction.value)
+    info = _INFO_PREFIX + keying.cipher.encode() + b" " + direction.value
+    return _hkdf(keying.secret, token, info)
 
 
 def next_key(key: bytes) -> bytes:
@@ -84,13 +96,14 @@ class Record:
 class _KeySchedule:
     """Key, epoch and counter of one direction; shared by sealer and opener."""
 
-    def __init__(self, key: bytes, rekey_interval: int) -> None:
+    def __init__(self, key: bytes, rekey_interval: int, cipher: str) -> None:
         if len(key) != KEY_SIZE:
             raise ValueError(f"key must be {KEY_SIZE} bytes")
         if rekey_interval < 1:
             raise ValueError("rekey_interval must be positive")
         self._key = key
-        self._aead = Aegis128L(key)
+        self.cipher = cipher
+        self._aead = aead.new(cipher, key)
         self._interval = rekey_interval
         self.epoch = 0
         self.counter = 0
@@ -102,11 +115,11 @@ class _KeySchedule:
             if self.epoch >= _MAX_EPOCH:
                 raise ProtocolError("record key schedule exhausted")
             self._key = next_key(self._key)
-            self._aead = Aegis128L(self._key)
+            self._aead = aead.new(self.cipher, self._key)
             self.epoch += 1
             self.counter = 0
 
-    def next_nonce(self, plaintext_len: int) -> tuple[Aegis128L, bytes]:
+    def next_nonce(self, plaintext_len: int) -> tuple[Cipher, bytes]:
         """The cipher and nonce for the next record; advances the counter."""
         self._rekey_if_due()
         nonce = self.epoch.to_bytes(4, "big") + self.counter.to_bytes(8, "big") + _NONCE_PAD
@@ -145,9 +158,14 @@ class _Direction:
         key: bytes,
         max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
         rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        cipher: str = AEGIS128L,
     ) -> None:
-        self._keys = _KeySchedule(key, rekey_interval)
+        self._keys = _KeySchedule(key, rekey_interval, cipher)
         self.max_plaintext = max_plaintext
+
+    @property
+    def cipher(self) -> str:
+        return self._keys.cipher
 
     def lease(self) -> tuple[bytes, int, int, int]:
         """The key schedule for ``peerd.datapump`` (see ``_KeySchedule.lease``)."""
@@ -204,8 +222,9 @@ class RecordOpener(_Direction):
         key: bytes,
         max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
         rekey_interval: int = DEFAULT_REKEY_INTERVAL,
+        cipher: str = AEGIS128L,
     ) -> None:
-        super().__init__(key, max_plaintext, rekey_interval)
+        super().__init__(key, max_plaintext, rekey_interval, cipher)
         self._buf = bytearray()
         self._need = HEADER.size  # bytes the current header or record needs in _buf
         self._failed: ProtocolError | None = None
@@ -294,25 +313,18 @@ class RecordOpener(_Direction):
         return len(self._buf)
 
 
-def _default_keys(
-    session_secret: bytes, token: bytes, initiator: bool
-) -> tuple[bytes, bytes]:
-    """(send key, receive key) for one end of a connection."""
-    i2r = derive_key(session_secret, token, Direction.INITIATOR_TO_RESPONDER)
-    r2i = derive_key(session_secret, token, Direction.RESPONDER_TO_INITIATOR)
-    return (i2r, r2i) if initiator else (r2i, i2r)
-
-
 def record_pair(
-    session_secret: bytes,
+    keying: Keying,
     token: bytes,
     initiator: bool,
     max_plaintext: int = DEFAULT_MAX_PLAINTEXT,
     rekey_interval: int = DEFAULT_REKEY_INTERVAL,
 ) -> tuple[RecordSealer, RecordOpener]:
     """Sealer and opener for one end (the dialer is the initiator)."""
-    send_key, recv_key = _default_keys(session_secret, token, initiator)
+    i2r = derive_key(keying, token, Direction.INITIATOR_TO_RESPONDER)
+    r2i = derive_key(keying, token, Direction.RESPONDER_TO_INITIATOR)
+    send_key, recv_key = (i2r, r2i) if initiator else (r2i, i2r)
     return (
-        RecordSealer(send_key, max_plaintext, rekey_interval),
-        RecordOpener(recv_key, max_plaintext, rekey_interval),
+        RecordSealer(send_key, max_plaintext, rekey_interval, keying.cipher),
+        RecordOpener(recv_key, max_plaintext, rekey_interval, keying.cipher),
     )

@@ -19,6 +19,7 @@ from peerd.errors import AuthError, PeerLost, ProtocolError, Timeout
 from peerd.handshake import ClientHandshake, HandshakeResult, ServerHandshake
 from peerd.identity import Identity, PeerId, SwarmKey
 from peerd.quic import ERROR_AUTH, QuicConn
+from peerd.record import Keying
 from peerd.tlscert import peer_certificate_key
 from peerd.wire import Limits
 
@@ -33,7 +34,7 @@ class Session:
     conn: QuicConn
     peer: PeerId
     me: PeerId
-    secret: bytes
+    keying: Keying  # the session secret and the data plane's record cipher
     initiator: bool  # True when we dialled
     observed: tuple[str, int] | None  # our address as the peer saw it
     incarnation: bytes = b""  # the peer's process (peerd/handshake.py)
@@ -73,12 +74,13 @@ class Session:
 
 async def client_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey,
                          expected: PeerId | None = None,
-                         incarnation: bytes | None = None) -> Session:
+                         incarnation: bytes | None = None,
+                         ciphers: tuple[str, ...] | None = None) -> Session:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await _wait_or_closed(conn)
             hs = ClientHandshake(identity, swarm_key, peer_certificate_key(conn.quic), expected,
-                                 incarnation=incarnation)
+                                 incarnation=incarnation, ciphers=ciphers)
             stream = conn.open_stream()
             await stream.send_frame(hs.hello())
             finish = hs.on_server_hello(await stream.receive_frame(_HANDSHAKE_LIMITS))
@@ -97,12 +99,14 @@ async def client_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey
 
 
 async def server_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey,
-                         incarnation: bytes | None = None) -> Session:
+                         incarnation: bytes | None = None,
+                         ciphers: tuple[str, ...] | None = None) -> Session:
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream = await conn.incoming.receive()
             conn.accept_streams = False  # nothing but the handshake until admitted
-            hs = ServerHandshake(identity, swarm_key, conn.addr, incarnation=incarnation)
+            hs = ServerHandshake(identity, swarm_key, conn.addr, incarnation=incarnation,
+                                 ciphers=ciphers)
             hello = await stream.receive_frame(_HANDSHAKE_LIMITS)
             await stream.send_frame(hs.on_client_hello(hello))
             accept, result = hs.on_client_finish(await stream.receive_frame(_HANDSHAKE_LIMITS))
@@ -134,5 +138,5 @@ async def _wait_or_closed(conn: QuicConn) -> None:
 
 def _session(conn: QuicConn, result: HandshakeResult, identity: Identity,
              initiator: bool) -> Session:
-    return Session(conn, result.peer_id, identity.peer_id, result.session_secret, initiator,
+    return Session(conn, result.peer_id, identity.peer_id, result.keying, initiator,
                    result.observed_address, result.incarnation)

@@ -20,6 +20,8 @@ File format (every key optional)::
                                         # for long fat pipes (bandwidth x RTT > a few MB)
     data_threads = true                 # move large data on worker threads; default:
                                         # on where the daemon may use >= 4 cores
+    data_ciphers = ["aegis128l"]        # record ciphers offered, preferred first;
+                                        # default: all installed, fastest first
     [limits]
     max_peers = 512
     max_pending_handshakes = 64
@@ -67,12 +69,13 @@ class DaemonConfig:
     limits: Limits
     data_channels: int
     data_threads: bool | None = None
+    data_ciphers: tuple[str, ...] | None = None
 
 
 _TOP_KEYS: dict[str, type] = {
     "data_dir": str, "identity": str, "swarm_key": str, "listen": str, "bootstrap": list,
     "metrics": str, "socket": str, "log_level": str, "limits": dict, "data_channels": int,
-    "data_threads": bool,
+    "data_threads": bool, "data_ciphers": list,
 }
 MAX_DATA_CHANNELS = 64  # what a peer accepts (peerd.dataplane.MAX_CHANNELS)
 _LIMIT_KEYS = ("max_peers", "max_pending_handshakes", "max_clients", "max_inflight")
@@ -129,6 +132,9 @@ def check_values(raw: Mapping[str, Any], where: str, base: Path | None = None) -
         if key == "data_channels" and not 1 <= value <= MAX_DATA_CHANNELS:
             raise ConfigError(f"{where}: data_channels = {value} is out of range; use a value "
                               f"between 1 and {MAX_DATA_CHANNELS}")
+        if key == "data_ciphers" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: data_ciphers must be a list of cipher names, "
+                              "e.g. [\"aegis128x2\", \"aegis128l\"]")
         if key == "bootstrap" and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: bootstrap must be a list of \"HOST:PORT\" strings")
         if key in ("data_dir", "identity", "swarm_key", "socket") and base is not None:
@@ -185,4 +191,16 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
         log_level=level, limits=limits,
         data_channels=merged.get("data_channels", NodeConfig.data_channels),
         data_threads=merged.get("data_threads", NodeConfig.data_threads),
+        data_ciphers=_ciphers(merged.get("data_ciphers")),
     )
+
+
+def _ciphers(names: list[str] | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    from peerd import aead
+
+    try:
+        return aead.check_offer(names)
+    except ValueError as exc:
+        raise ConfigError(f"data_ciphers {names}: {exc}") from None

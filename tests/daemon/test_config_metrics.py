@@ -31,13 +31,15 @@ def test_defaults_follow_xdg() -> None:
     assert cfg.listen == ("0.0.0.0", 4747) and cfg.metrics is None
     assert cfg.data_channels == NodeConfig().data_channels
     assert cfg.data_threads is None  # decided by the cores the daemon may use
+    assert cfg.data_ciphers is None  # every cipher installed, fastest first
 
 
 def test_flags_win_over_file_values(tmp_path: Path) -> None:
     file_values = check_values({"listen": "127.0.0.1:1000", "bootstrap": ["10.0.0.1:1"],
                                 "data_dir": "state", "identity": "me.key",
                                 "limits": {"max_peers": 9}, "data_channels": 8,
-                                "data_threads": False}, "f.toml",
+                                "data_threads": False, "data_ciphers": ["aegis128l"]},
+                               "f.toml",
                                base=tmp_path)
     cfg = resolve(file_values, {"listen": "127.0.0.1:2000", "bootstrap": None}, ENV)
     assert cfg.listen == ("127.0.0.1", 2000)
@@ -46,6 +48,7 @@ def test_flags_win_over_file_values(tmp_path: Path) -> None:
     assert cfg.identity == tmp_path / "state" / "me.key"  # relative to the data dir
     assert cfg.limits.max_peers == 9
     assert cfg.data_threads is False
+    assert cfg.data_ciphers == ("aegis128l",)
     assert cfg.data_channels == 8
 
 

@@ -39,6 +39,10 @@ CASES = [
     ("data_channels = true\n", "data_channels must be an integer"),
     ('data_threads = "yes"\n', "data_threads must be true or false"),
     ("data_threads = 1\n", "data_threads must be true or false"),
+    ('data_ciphers = "aegis128l"\n', "data_ciphers must be a list"),
+    ("data_ciphers = [1]\n", "data_ciphers must be a list of cipher names"),
+    ('data_ciphers = ["rot13"]\n', "rot13: not a cipher this install has; use some of aegis128x2"),
+    ("data_ciphers = []\n", "no cipher: not a cipher this install has"),
 ]
 
 

@@ -11,29 +11,30 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from peerd import datapump
+from peerd import aead, datapump
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel
+from peerd.record import Keying
 
 
 @dataclass
 class Rig:
     listener: DataListener
     tokens: TokenTable
-    secret: bytes
+    keying: Keying
     port: int
     accepted: trio.MemoryReceiveChannel[tuple[str, DataChannel]]
     config: DataConfig
     opened: list[DataChannel] = field(default_factory=list)
 
     def token(self, peer: str = "dialer") -> bytes:
-        return self.tokens.issue(peer, self.secret, 30.0, trio.current_time())
+        return self.tokens.issue(peer, self.keying, 30.0, trio.current_time())
 
     async def pair(self) -> tuple[DataChannel, DataChannel]:
         """(dialer's channel, listener's channel) of one fresh connection."""
         dialed = await dial_data_channel(
-            "127.0.0.1", self.port, self.token(), self.secret, "listener", self.config)
+            "127.0.0.1", self.port, self.token(), self.keying, "listener", self.config)
         peer, accepted = await self.accepted.receive()
         assert peer == "dialer"
         self.opened += [dialed, accepted]
@@ -53,7 +54,9 @@ async def open_rig(config: DataConfig | None = None, max_pending: int = 64) -> A
                             max_pending=max_pending, config=config)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(listener.serve)
-        rig = Rig(listener, tokens, os.urandom(32), port, recv, config)
+        # The session's cipher: the first this process offers (see record_loops).
+        rig = Rig(listener, tokens, Keying(os.urandom(32), aead.supported()[0]), port, recv,
+                  config)
         try:
             yield rig
         finally:
@@ -71,11 +74,16 @@ def collect_after() -> Iterator[None]:
     gc.collect()
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=[("native", aead.AEGIS128X2), ("native", aead.AEGIS128L),
+                        ("python", aead.AEGIS128L)], ids=lambda p: "-".join(p))
 def record_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test over the native record loops, and again over the Python ones
-    (what a machine without a C compiler runs)."""
-    if request.param == "native":
+    """Run a test over the native record loops with each cipher, and over the
+    Python ones with AEGIS-128L (what a machine without a C compiler runs:
+    pyaegis needs one too). The rig's sessions use the cipher given here."""
+    loops, cipher = request.param
+    if loops == "native":
         assert datapump.built(), "peerd._datapump is not built: pip install -e . with a C compiler"
-    monkeypatch.setattr(datapump, "_enabled", request.param == "native")
-    return str(request.param)
+    assert cipher in aead.built(), f"{cipher} is not available: pip install -e '.[dev]'"
+    monkeypatch.setattr(datapump, "_enabled", loops == "native")
+    monkeypatch.setenv("PEERD_CIPHERS", cipher)
+    return str(loops)

@@ -1,44 +1,85 @@
-"""The in-place AEGIS-128L wrapper agrees with pynacl's public API and refuses forgeries."""
+"""The in-place cipher wrappers agree with each library's public API, meet the
+AEGIS draft's known answer, refuse forgeries; and the cipher choice."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import nacl.bindings as nb
 import pytest
 
-from peerd.aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, Aegis128L, AuthenticationFailed
+from peerd import aead
+from peerd.aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, AuthenticationFailed
+from peerd.errors import AuthError
 
 KEY = bytes(range(KEY_SIZE))
 NONCE = bytes(range(100, 100 + NONCE_SIZE))
 
 
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 4096, 1 << 20])
-def test_same_bytes_as_public_api_and_roundtrip(size: int) -> None:
+def _x2_public(plain: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    import pyaegis
+
+    return pyaegis.Aegis128X2(tag_size=TAG_SIZE).encrypt(key, nonce, plain, aad)
+
+
+PUBLIC: dict[str, Callable[[bytes, bytes, bytes, bytes], bytes]] = {
+    aead.AEGIS128L: nb.crypto_aead_aegis128l_encrypt,
+    aead.AEGIS128X2: _x2_public,
+}
+
+
+@pytest.fixture(params=[aead.AEGIS128X2, aead.AEGIS128L])
+def cipher(request: pytest.FixtureRequest) -> str:
+    assert request.param in aead.built(), f"{request.param} is not available"
+    return str(request.param)
+
+
+def test_aegis128x2_meets_the_drafts_known_answer() -> None:
+    """draft-irtf-cfrg-aegis-aead, AEGIS-128X2 test vector 1 (empty message
+    and data, 256-bit tag): the library and our wrapper are that cipher."""
+    key, nonce = bytes(range(16)), bytes(range(16, 32))
+    out = bytearray(TAG_SIZE)
+    aead.new(aead.AEGIS128X2, key).seal_into(nonce, b"", b"", memoryview(out))
+    assert out.hex() == "b92c71fdbd358b8a4de70b27631ace90cffd9b9cfba82028412bac41b4f53759"
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 31, 32, 33, 4096, 1 << 20])
+def test_same_bytes_as_public_api_and_roundtrip(cipher: str, size: int) -> None:
     plain = os.urandom(size)
     out = bytearray(size + TAG_SIZE)
-    Aegis128L(KEY).seal_into(NONCE, memoryview(plain), b"aad", memoryview(out))
-    assert bytes(out) == nb.crypto_aead_aegis128l_encrypt(plain, b"aad", NONCE, KEY)
+    aead.new(cipher, KEY).seal_into(NONCE, memoryview(plain), b"aad", memoryview(out))
+    assert bytes(out) == PUBLIC[cipher](plain, b"aad", NONCE, KEY)
     back = bytearray(size)
-    Aegis128L(KEY).open_into(NONCE, bytes(out), b"aad", memoryview(back))
+    aead.new(cipher, KEY).open_into(NONCE, bytes(out), b"aad", memoryview(back))
     assert back == plain
 
 
-def test_writes_into_a_slice_of_a_larger_buffer() -> None:
+def test_the_two_ciphers_differ() -> None:
+    sealed = {name: bytearray(64 + TAG_SIZE) for name in aead.built()}
+    for name, out in sealed.items():
+        aead.new(name, KEY).seal_into(NONCE, b"x" * 64, b"", out)
+    assert len({bytes(v) for v in sealed.values()}) == len(sealed) == 2
+    with pytest.raises(AuthenticationFailed):
+        aead.new(aead.AEGIS128L, KEY).open_into(NONCE, sealed[aead.AEGIS128X2], b"",
+                                                bytearray(64))
+
+
+def test_writes_into_a_slice_of_a_larger_buffer(cipher: str) -> None:
     plain = os.urandom(1000)
     big = bytearray(2000)
-    Aegis128L(KEY).seal_into(NONCE, plain, b"", memoryview(big)[7 : 7 + 1000 + TAG_SIZE])
+    aead.new(cipher, KEY).seal_into(NONCE, plain, b"", memoryview(big)[7 : 7 + 1000 + TAG_SIZE])
     assert big[:7] == bytes(7) and big[7 + 1000 + TAG_SIZE :] == bytes(2000 - 1007 - TAG_SIZE)
     dest = bytearray(3000)
-    Aegis128L(KEY).open_into(NONCE, memoryview(big)[7 : 7 + 1000 + TAG_SIZE], b"",
-                            memoryview(dest)[500:1500])
+    aead.new(cipher, KEY).open_into(NONCE, memoryview(big)[7 : 7 + 1000 + TAG_SIZE], b"",
+                                    memoryview(dest)[500:1500])
     assert dest[500:1500] == plain and dest[:500] == bytes(500)
 
 
 @pytest.mark.parametrize("what", ["body", "tag", "aad", "nonce", "key"])
-def test_any_change_fails_authentication(what: str) -> None:
+def test_any_change_fails_authentication(cipher: str, what: str) -> None:
     sealed = bytearray(64 + TAG_SIZE)
-    Aegis128L(KEY).seal_into(NONCE, b"x" * 64, b"hdr", sealed)
+    aead.new(cipher, KEY).seal_into(NONCE, b"x" * 64, b"hdr", sealed)
     key, nonce, aad = KEY, NONCE, b"hdr"
     if what == "body":
         sealed[3] ^= 1
@@ -51,11 +92,11 @@ def test_any_change_fails_authentication(what: str) -> None:
     else:
         key = bytes([KEY[0] ^ 1]) + KEY[1:]
     with pytest.raises(AuthenticationFailed):
-        Aegis128L(key).open_into(nonce, sealed, aad, bytearray(64))
+        aead.new(cipher, key).open_into(nonce, sealed, aad, bytearray(64))
 
 
-def test_size_mismatches_are_refused_before_any_crypto() -> None:
-    a = Aegis128L(KEY)
+def test_size_mismatches_are_refused_before_any_crypto(cipher: str) -> None:
+    a = aead.new(cipher, KEY)
     with pytest.raises(ValueError):
         a.seal_into(NONCE, b"abc", b"", bytearray(3 + TAG_SIZE - 1))
     with pytest.raises(ValueError):
@@ -65,6 +106,19 @@ def test_size_mismatches_are_refused_before_any_crypto() -> None:
     with pytest.raises(ValueError):
         a.seal_into(NONCE[:12], b"abc", b"", bytearray(3 + TAG_SIZE))
     with pytest.raises(ValueError):
-        Aegis128L(KEY[:8])
+        aead.new(cipher, KEY[:8])
     with pytest.raises(BufferError):
         a.open_into(NONCE, bytes(TAG_SIZE + 3), b"", b"abc")  # read-only destination
+
+
+def test_offer_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert aead.supported() == aead.built() == (aead.AEGIS128X2, aead.AEGIS128L)
+    monkeypatch.setenv("PEERD_CIPHERS", aead.AEGIS128L)
+    assert aead.supported() == (aead.AEGIS128L,)
+    monkeypatch.setenv("PEERD_CIPHERS", "nonsense")
+    with pytest.raises(ValueError, match=r"PEERD_CIPHERS.*aegis128x2, aegis128l"):
+        aead.supported()
+    with pytest.raises(ValueError, match="not available"):
+        aead.new("nonsense", KEY)
+    with pytest.raises(AuthError, match="no common"):
+        aead.choose((aead.AEGIS128X2,), (aead.AEGIS128L,))

@@ -20,7 +20,7 @@ from peerd.datachan import (
 from peerd.dataproto import MAGIC, PREAMBLE_SIZE, TOKEN_SIZE, Kind, encode_head, encode_preamble
 from peerd.datastream import DataChannel
 from peerd.errors import AuthError, PeerLost, ProtocolError
-from peerd.record import TAG_SIZE
+from peerd.record import TAG_SIZE, Keying
 from peerd.writegate import WriteGate
 
 from .conftest import open_rig
@@ -45,10 +45,11 @@ async def test_messages_roundtrip_and_statistics() -> None:
         assert a.token == b.token and len(a.token) == TOKEN_SIZE
 
 
-async def test_channels_run_the_record_loops_asked_for(record_loops: str) -> None:
+async def test_channels_run_the_record_loops_and_cipher_asked_for(record_loops: str) -> None:
     async with open_rig() as rig:
         a, b = await rig.pair()
         assert a.native == b.native == (record_loops == "native")
+        assert a.cipher == b.cipher == rig.keying.cipher == os.environ["PEERD_CIPHERS"]
         assert DataChannel(a._t, None, None, "p", native=True).native is False  # plaintext
 
 
@@ -102,17 +103,18 @@ async def test_garbage_and_bad_tokens_leave_listener_serving() -> None:
         await _wait_for(lambda: st().bad_preamble + st().aborted >= 5, "garbage counted")
         # Unknown token: the dialer is refused.
         with pytest.raises(AuthError):
-            await dial_data_channel("127.0.0.1", rig.port, os.urandom(TOKEN_SIZE), rig.secret, "x")
+            await dial_data_channel("127.0.0.1", rig.port, os.urandom(TOKEN_SIZE), rig.keying, "x")
         # Reused token: the first use works, the second is refused.
         tok = rig.token()
-        first = await dial_data_channel("127.0.0.1", rig.port, tok, rig.secret, "listener")
+        first = await dial_data_channel("127.0.0.1", rig.port, tok, rig.keying, "listener")
         rig.opened.append(first)
         await rig.accepted.receive()
         with pytest.raises(AuthError):
-            await dial_data_channel("127.0.0.1", rig.port, tok, rig.secret, "listener")
+            await dial_data_channel("127.0.0.1", rig.port, tok, rig.keying, "listener")
         # Right token, wrong secret: the listener's confirmation does not authenticate.
         with pytest.raises(AuthError):
-            await dial_data_channel("127.0.0.1", rig.port, rig.token(), os.urandom(32), "x")
+            wrong = Keying(os.urandom(32), rig.keying.cipher)
+            await dial_data_channel("127.0.0.1", rig.port, rig.token(), wrong, "x")
         # Valid preamble, then an oversized record length instead of a confirmation.
         await _raw(rig.port, encode_preamble(rig.token()) + struct.pack(">BI", 1, 2**32 - 1))
         await _wait_for(lambda: st().bad_token >= 2 and st().bad_confirm >= 2, "counted")

@@ -27,15 +27,19 @@ from peerd.dataproto import (
     part_bounds,
 )
 from peerd.errors import ProtocolError
+from peerd.record import Keying
+
+KS = Keying(b"s" * 32)
+KT = Keying(b"t" * 32, "aegis128x2")
 
 
 def test_token_single_use_and_expiry() -> None:
     table = TokenTable()
-    tok = table.issue("peer-a", b"s" * 32, ttl=10.0, now=100.0)
+    tok = table.issue("peer-a", KS, ttl=10.0, now=100.0)
     assert len(tok) == TOKEN_SIZE
-    assert table.take(tok, now=105.0) == ("peer-a", b"s" * 32)
+    assert table.take(tok, now=105.0) == ("peer-a", KS)
     assert table.take(tok, now=105.0) is None  # reused
-    old = table.issue("peer-b", b"t" * 32, ttl=10.0, now=100.0)
+    old = table.issue("peer-b", KT, ttl=10.0, now=100.0)
     assert table.take(old, now=110.0) is None  # expired exactly at the deadline
     assert table.take(b"\0" * TOKEN_SIZE, now=0.0) is None  # never issued
     assert table.expired == 1
@@ -43,11 +47,11 @@ def test_token_single_use_and_expiry() -> None:
 
 def test_token_table_is_bounded() -> None:
     table = TokenTable(max_tokens=3)
-    toks = [table.issue("p", b"s" * 32, ttl=5.0, now=float(i)) for i in range(5)]
+    toks = [table.issue("p", KS, ttl=5.0, now=float(i)) for i in range(5)]
     assert len(table) == 3
     assert table.take(toks[0], 5.0) is None and table.take(toks[1], 5.0) is None
-    assert table.take(toks[4], 5.0) == ("p", b"s" * 32)
-    table.issue("p", b"s" * 32, ttl=1.0, now=0.0)
+    assert table.take(toks[4], 5.0) == ("p", KS)
+    table.issue("p", KS, ttl=1.0, now=0.0)
     assert table.purge(now=100.0) == 3 and len(table) == 0
 
 

@@ -15,19 +15,45 @@ from collections.abc import Iterator
 
 import pytest
 
-from peerd import datapump
+from peerd import aead, datapump
 from peerd.dataproto import Kind
 from peerd.datapump import Progress, ReceiveJob, SendJob, Status
 from peerd.errors import ProtocolError
-from peerd.record import HEADER, TAG_SIZE, RecordOpener, RecordSealer, record_size
+from peerd.record import (
+    DEFAULT_REKEY_INTERVAL,
+    HEADER,
+    TAG_SIZE,
+    RecordOpener,
+    RecordSealer,
+    record_size,
+)
 
 KEY = bytes(range(16))
 MAX = 4096
 
 
+CIPHER = {"name": aead.AEGIS128L}  # the current test's cipher (set by ``each_cipher``)
+
+
 @pytest.fixture(autouse=True)
 def native_built() -> None:
     assert datapump.built(), "peerd._datapump is not built: pip install -e . with a C compiler"
+
+
+@pytest.fixture(autouse=True, params=[aead.AEGIS128X2, aead.AEGIS128L])
+def each_cipher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs with each record cipher (the C module calls each
+    library with its own signature)."""
+    assert request.param in aead.built(), f"{request.param} is not available"
+    monkeypatch.setitem(CIPHER, "name", request.param)
+
+
+def sealer_(rekey_interval: int = DEFAULT_REKEY_INTERVAL) -> RecordSealer:
+    return RecordSealer(KEY, MAX, rekey_interval, CIPHER["name"])
+
+
+def opener_(rekey_interval: int = DEFAULT_REKEY_INTERVAL) -> RecordOpener:
+    return RecordOpener(KEY, MAX, rekey_interval, CIPHER["name"])
 
 
 @pytest.fixture
@@ -84,20 +110,20 @@ def receive(sock: socket.socket, opener: RecordOpener, length: int,
 def test_native_records_are_the_python_layers_records(pair) -> None:
     a, b = pair
     payload = os.urandom(3 * MAX + 123)
-    job = send_all(a, RecordSealer(KEY, MAX), b"head", payload)
+    job = send_all(a, sealer_(), b"head", payload)
     assert job.records == 4
-    records = RecordOpener(KEY, MAX).receive_data(read_available(b))
+    records = opener_().receive_data(read_available(b))
     assert [r.kind for r in records] == [Kind.HEAD] + [Kind.PAYLOAD] * 4
     assert b"".join(r.plaintext for r in records[1:]) == payload
 
 
 def test_python_records_open_natively_into_place(pair) -> None:
     a, b = pair
-    sealer = RecordSealer(KEY, MAX)
+    sealer = sealer_()
     payload = os.urandom(2 * MAX + 7)
     a.sendall(sealer.seal(Kind.HEAD, b"h") + b"".join(
         sealer.seal(Kind.PAYLOAD, payload[i : i + MAX]) for i in range(0, len(payload), MAX)))
-    opener = RecordOpener(KEY, MAX)
+    opener = opener_()
     dest = bytearray(len(payload))
     job, p = receive(b, opener, len(payload), dest)
     assert p.status == Status.DONE and job.left == 0 and bytes(dest) == payload
@@ -106,7 +132,7 @@ def test_python_records_open_natively_into_place(pair) -> None:
 
 def test_rekeys_in_the_middle_of_a_message_stay_in_step(pair) -> None:
     a, b = pair
-    sealer, opener = RecordSealer(KEY, MAX, rekey_interval=3), RecordOpener(KEY, MAX, 3)
+    sealer, opener = sealer_(rekey_interval=3), opener_(rekey_interval=3)
     payload = os.urandom(10 * MAX)  # head + 10 records: three rekeys
     sent = send_all(a, sealer, b"", payload)
     assert sent.records == 10 and sent.written == record_size(0) + 10 * record_size(MAX)
@@ -122,7 +148,7 @@ def test_rekeys_in_the_middle_of_a_message_stay_in_step(pair) -> None:
 
 def test_a_payload_arriving_in_pieces_is_assembled_across_calls(pair) -> None:
     a, b = pair
-    sealer, opener = RecordSealer(KEY, MAX), RecordOpener(KEY, MAX)
+    sealer, opener = sealer_(), opener_()
     payload = os.urandom(2 * MAX)
     wire = sealer.seal(Kind.HEAD, b"") + b"".join(
         sealer.seal(Kind.PAYLOAD, payload[i : i + MAX]) for i in (0, MAX))
@@ -141,7 +167,7 @@ def test_a_payload_arriving_in_pieces_is_assembled_across_calls(pair) -> None:
 
 def test_without_a_destination_records_are_authenticated_and_dropped(pair) -> None:
     a, b = pair
-    sealer, opener = RecordSealer(KEY, MAX), RecordOpener(KEY, MAX)
+    sealer, opener = sealer_(), opener_()
     send_all(a, sealer, b"", os.urandom(MAX + 1))
     job, p = receive(b, opener, MAX + 1, None)
     assert p.status == Status.DONE and job.records == 2 and job.off == MAX + 1
@@ -156,7 +182,7 @@ def test_without_a_destination_records_are_authenticated_and_dropped(pair) -> No
 ])
 def test_bad_records_are_refused_like_the_python_loop_refuses_them(pair, damage, why) -> None:
     a, b = pair
-    sealer = RecordSealer(KEY, MAX)
+    sealer = sealer_()
     payload = os.urandom(100)
     head = sealer.seal(Kind.HEAD, b"")
     if damage == "kind":
@@ -169,7 +195,7 @@ def test_bad_records_are_refused_like_the_python_loop_refuses_them(pair, damage,
         rec = bytearray(sealer.seal(Kind.PAYLOAD, payload))
         rec[HEADER.size if damage == "body" else -1] ^= 1
     a.sendall(head + bytes(rec))
-    opener = RecordOpener(KEY, MAX)
+    opener = opener_()
     dest = bytearray(len(payload))
     with pytest.raises(ProtocolError, match=why):
         receive(b, opener, len(payload), dest)
@@ -179,18 +205,18 @@ def test_bad_records_are_refused_like_the_python_loop_refuses_them(pair, damage,
 
 def test_end_of_stream_is_reported_with_where_it_fell(pair) -> None:
     a, b = pair
-    sealer = RecordSealer(KEY, MAX)
+    sealer = sealer_()
     rec = sealer.seal(Kind.HEAD, b"") + sealer.seal(Kind.PAYLOAD, b"x" * 50)
     a.sendall(rec[:-10])
     a.shutdown(socket.SHUT_WR)
-    job, p = receive(b, RecordOpener(KEY, MAX), 50, bytearray(50))
+    job, p = receive(b, opener_(), 50, bytearray(50))
     assert p.status == Status.EOF and job.mid_record
 
 
 def test_blocked_sender_stops_when_told(pair) -> None:
     a, _ = pair  # nobody reads: the sender fills the socket and blocks
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sealer, stop = RecordSealer(KEY, MAX), bytearray(1)
+    sealer, stop = sealer_(), bytearray(1)
     buf = wbuf()
     job = SendJob(sealer, Kind.PAYLOAD, bytes(64 * MAX), buf,
                   sealer.seal_into(Kind.HEAD, b"", buf))
@@ -215,7 +241,7 @@ def test_blocked_sender_stops_when_told(pair) -> None:
 def test_write_errors_come_back_with_their_errno(pair) -> None:
     a, b = pair
     b.close()
-    sealer = RecordSealer(KEY, MAX)
+    sealer = sealer_()
     buf = wbuf()
     job = SendJob(sealer, Kind.PAYLOAD, bytes(MAX), buf, sealer.seal_into(Kind.HEAD, b"", buf))
     p = job.step(a.fileno(), True)

@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerd import aead
 from peerd.errors import ProtocolError
 from peerd.record import (
     HEADER,
     TAG_SIZE,
     Direction,
+    Keying,
     Record,
     RecordOpener,
     RecordSealer,
@@ -22,7 +24,7 @@ from peerd.record import (
     record_pair,
 )
 
-SECRET = bytes(range(32))
+SECRET = Keying(bytes(range(32)))
 TOKEN = b"t" * 32
 KEY = derive_key(SECRET, TOKEN, Direction.INITIATOR_TO_RESPONDER)
 
@@ -63,11 +65,19 @@ def test_roundtrip_any_chunking(step: int) -> None:
 def test_keys_differ_by_direction_and_token() -> None:
     other_dir = derive_key(SECRET, TOKEN, Direction.RESPONDER_TO_INITIATOR)
     other_tok = derive_key(SECRET, b"u" * 32, Direction.INITIATOR_TO_RESPONDER)
-    assert len({KEY, other_dir, other_tok}) == 3
-    a_seal, a_open = record_pair(SECRET, TOKEN, initiator=True)
-    b_seal, b_open = record_pair(SECRET, TOKEN, initiator=False)
-    assert b_open.receive_data(a_seal.seal(2, b"hi")) == [Record(2, b"hi")]
-    assert a_open.receive_data(b_seal.seal(2, b"yo")) == [Record(2, b"yo")]
+    x2 = Keying(SECRET.secret, aead.AEGIS128X2)
+    other_cipher = derive_key(x2, TOKEN, Direction.INITIATOR_TO_RESPONDER)
+    assert len({KEY, other_dir, other_tok, other_cipher}) == 4
+    for keying in (SECRET, x2):
+        a_seal, a_open = record_pair(keying, TOKEN, initiator=True)
+        b_seal, b_open = record_pair(keying, TOKEN, initiator=False)
+        assert a_seal.cipher == b_open.cipher == keying.cipher
+        assert b_open.receive_data(a_seal.seal(2, b"hi")) == [Record(2, b"hi")]
+        assert a_open.receive_data(b_seal.seal(2, b"yo")) == [Record(2, b"yo")]
+    # The same key bytes under the other cipher are a different record stream.
+    wire = RecordSealer(KEY, 64, cipher=aead.AEGIS128X2).seal(2, b"hi")
+    with pytest.raises(ProtocolError, match="authentication"):
+        RecordOpener(KEY, 64).receive_data(wire)
     with pytest.raises(ProtocolError):  # a record reflected back to its sender
         a_open.receive_data(a_seal.seal(2, b"hi"))
 

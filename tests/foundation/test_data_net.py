@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import trio
 
+from peerd import aead
 from peerd.config import NodeConfig
 from peerd.errors import ConfigError, PeerLost
 from peerd.identity import SwarmKey
@@ -94,6 +95,34 @@ async def test_larger_records_carry_each_stripe_in_one_record() -> None:
         # (1 MiB records would have taken 3 payload records per stripe).
         assert stats.parts_sent == 2
         assert sum(c.records_sent for c in stats.per_channel) == 2 * 2
+
+
+@pytest.mark.parametrize(("ciphers_a", "ciphers_b", "chosen"), [
+    (None, None, aead.AEGIS128X2),  # both installs have pyaegis: the fast one
+    (None, (aead.AEGIS128L,), aead.AEGIS128L),  # one peer without it still talks
+])
+async def test_nodes_agree_on_the_record_cipher_and_move_data_with_it(
+        ciphers_a: tuple[str, ...] | None, ciphers_b: tuple[str, ...] | None,
+        chosen: str) -> None:
+    async with open_node(KEY, config=NodeConfig(data_ciphers=ciphers_a)) as a, \
+            open_node(KEY, config=NodeConfig(data_ciphers=ciphers_b)) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 2)
+        inbound = await b.accept_data_channels(a.peer_id)
+        data = np.random.default_rng(5).integers(0, 256, size=3 * MIB, dtype=np.uint8)
+        buf = np.empty_like(data)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.send, b"k", data)
+                await inbound.receive_into(b"k", buf)
+        assert np.array_equal(buf, data)
+        assert {c.cipher for c in out._channels} == {c.cipher for c in inbound._channels} \
+            == {chosen}
+
+
+def test_unknown_cipher_is_refused_with_what_to_use() -> None:
+    with pytest.raises(ConfigError, match="data_ciphers: rot13: not a cipher this install"):
+        NodeConfig(data_ciphers=("rot13",))
 
 
 def test_record_size_out_of_range_is_refused_with_the_range() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from peerd import aead
 from peerd.errors import AuthError, ProtocolError
 from peerd.handshake import ClientHandshake, ServerHandshake
 from peerd.identity import Identity, SwarmKey
@@ -39,6 +40,48 @@ def test_each_side_learns_the_others_incarnation() -> None:
             ClientHandshake(A, KEY, B.public_key, incarnation=b"short").hello())
 
 
+X2, L = aead.AEGIS128X2, aead.AEGIS128L
+
+
+@pytest.mark.parametrize(("client", "server", "chosen"), [
+    ((X2, L), (X2, L), X2),  # both have pyaegis
+    ((X2, L), (L,), L),  # the server has not: everyone still talks
+    ((L,), (X2, L), L),
+    ((L, X2), (X2, L), L),  # the client's order decides
+    (("future-cipher", X2, L), (L, X2), X2),  # names it does not know are skipped
+])
+def test_both_sides_choose_the_same_data_cipher(
+        client: tuple[str, ...], server: tuple[str, ...], chosen: str) -> None:
+    c, s = run(ClientHandshake(A, KEY, B.public_key, ciphers=client),
+               ServerHandshake(B, KEY, None, ciphers=server))
+    assert c.data_cipher == s.data_cipher == chosen
+    assert c.keying == s.keying
+
+
+def test_no_common_cipher_or_a_bad_offer_is_refused_with_what_each_offers() -> None:
+    with pytest.raises(AuthError, match=r"no common data cipher.*future.*aegis128l"):
+        run(ClientHandshake(A, KEY, B.public_key, ciphers=("future",)),
+            ServerHandshake(B, KEY, None, ciphers=(L,)))
+    for bad in (("",), ("x" * 33,), ("a,b",), tuple(str(i) for i in range(9))):
+        with pytest.raises(ProtocolError, match="cipher offer"):
+            ServerHandshake(B, KEY, None).on_client_hello(
+                ClientHandshake(A, KEY, B.public_key, ciphers=bad).hello())
+
+
+def test_a_narrowed_offer_fails_the_handshake() -> None:
+    """Someone in between who strips the faster cipher from the server's
+    offer changes the transcript: the server's signature no longer verifies."""
+    import peerd.handshake as hs
+    from peerd.wire import decode_untrusted, encode
+
+    client, server = ClientHandshake(A, KEY, B.public_key), ServerHandshake(B, KEY, None,
+                                                                             ciphers=(X2, L))
+    hello = decode_untrusted(server.on_client_hello(client.hello()), expect=hs.ServerHello)
+    narrowed = encode(hs.ServerHello(**{**hello.__dict__, "ciphers": (L,)}))
+    with pytest.raises(AuthError, match="signature"):
+        client.on_server_hello(narrowed)
+
+
 def test_wrong_swarm_key_rejected_by_both_sides() -> None:
     other = SwarmKey(b"o" * 32)
     client = ClientHandshake(A, other, B.public_key)
@@ -59,7 +102,8 @@ def client_finish_ignoring_server(client: ClientHandshake, server: ServerHandsha
 
     hello = server.on_client_hello(client.hello())
     msg = decode_untrusted(hello)
-    t = hs._transcript(B.public_key, client._hello, msg.nonce, msg.kx, msg.incarnation)
+    t = hs._transcript(B.public_key, client._hello, msg.nonce, msg.kx, msg.incarnation,
+                       msg.ciphers)
     return encode(hs.ClientFinish(A.sign(b"client" + t), hs._mac(client._swarm, b"client", t)))
 
 

@@ -98,7 +98,7 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
         gate.set()
         await wait_until(lambda: len(b._spares.get(a.peer_id, [])) == 1)
         first, second = accepted
-        assert a._sessions[b.peer_id].secret == second.secret
+        assert a._sessions[b.peer_id].keying == second.keying
         await wait_until(lambda: first.conn.closed and b._sessions[a.peer_id] is second)
         assert await a.call(b.peer_id, "echo", b"1") == a.peer_id.raw + b"1"
         assert await b.call(a.peer_id, "echo", b"2") == b.peer_id.raw + b"2"
