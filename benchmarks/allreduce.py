@@ -103,6 +103,22 @@ time than 2.5 MB ones (median of 10, 16 and 24 interleaved rounds); 100M
 with 8 MiB blocks the same as with 4. The first benchmark run after it:
 10M 1.20 (gloo slow that run, 0.128 s), 100M 1.54; peak extra memory 1.05x
 and 1.00x the tensor.
+
+Session 15: records use AEGIS-128X2 (libaegis through ``pyaegis``) where
+both peers have it: 21.7/20.1 GB/s sealing/opening per core on the 2-core
+VMs' EPYC (vector AES), against AEGIS-128L's 12.4/12.1. Before it, a perf
+profile of one peer's 100M rounds put 22% of its CPU in the cipher, 47% in
+the kernel, 20% in the interpreter. Alternating runs (``PEERD_CIPHERS``
+pins one), 2 cores, 100M: AEGIS-128L 1.608 and 1.626 s (ratio 1.66, 1.63),
+AEGIS-128X2 1.366 and 1.460 s (1.34, 1.21); 10M with 12 rounds per run,
+three pairs: 128L 0.175, 0.144, 0.160 s (1.49, 1.70, 1.71), 128X2 0.152,
+0.170, 0.165 s (1.50, 1.36, 1.38): at 10M the cipher's share is too small
+to show through the noise. The slowest peer's phases at 100M: ring
+1.16-1.35 s, status round 4-9 ms (one run 89), the all-or-nothing copy
+into the caller's array 104-131 ms (four peers copying 400 MB each at once
+on two cores). A 1000-element round (the fixed cost: view check, history
+exchange, status round, over QUIC) takes peerd 17 ms and 8 ms of CPU per
+peer, gloo 11 and 5.
 """
 
 from __future__ import annotations
