@@ -21,6 +21,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from collectives.run import Engine
 from crdt.driver import SyncDriver
 from crdt.store import Store
+from peerd import aead
 from peerd.config import NodeConfig, format_address, parse_address
 from peerd.datachan import DataConfig
 from peerd.datalink import DataLink
@@ -90,6 +91,8 @@ class Node(RunsMixin):
         self.peer_id = identity.peer_id
         self.swarm_key = swarm_key
         self.config = config
+        # Resolved once, so a bad PEERD_CIPHERS stops the node at its start.
+        self.data_ciphers = config.data_ciphers or aead.supported()
         self._nursery = nursery
         self._registry = RpcRegistry()
         self._sessions: dict[PeerId, Session] = {}
@@ -208,7 +211,7 @@ class Node(RunsMixin):
         conn = self.endpoint.connect(addr)
         try:
             session = await client_session(conn, self.identity, self.swarm_key, expect,
-                                           self.incarnation, self.config.data_ciphers)
+                                           self.incarnation, self.data_ciphers)
         except PeerdError:
             self._counters["handshakes_failed"] += 1
             conn.close()
@@ -225,7 +228,7 @@ class Node(RunsMixin):
     async def _accept(self, conn: QuicConn) -> None:
         try:
             session = await server_session(conn, self.identity, self.swarm_key, self.incarnation,
-                                           self.config.data_ciphers)
+                                           self.data_ciphers)
         except PeerdError as exc:
             self._counters["handshakes_failed"] += 1
             event(log, "handshake.rejected", logging.DEBUG, addr=conn.addr_text, error=exc)

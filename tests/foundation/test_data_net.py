@@ -120,9 +120,14 @@ async def test_nodes_agree_on_the_record_cipher_and_move_data_with_it(
             == {chosen}
 
 
-def test_unknown_cipher_is_refused_with_what_to_use() -> None:
+async def test_unknown_cipher_is_refused_with_what_to_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="data_ciphers: rot13: not a cipher this install"):
         NodeConfig(data_ciphers=("rot13",))
+    monkeypatch.setenv("PEERD_CIPHERS", "rot13")
+    with pytest.raises(ValueError, match="PEERD_CIPHERS='rot13' names no cipher"):
+        async with open_node(KEY):
+            pass
 
 
 def test_record_size_out_of_range_is_refused_with_the_range() -> None:
