@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 from aioquic.quic.configuration import QuicConfiguration
@@ -91,7 +91,6 @@ class Node(RunsMixin):
         self.peer_id = identity.peer_id
         self.swarm_key = swarm_key
         self.config = config
-        # Resolved once, so a bad PEERD_CIPHERS stops the node at its start.
         self.data_ciphers = config.data_ciphers or aead.supported()
         self._nursery = nursery
         self._registry = RpcRegistry()
@@ -490,6 +489,8 @@ async def open_node(
 ) -> AsyncIterator[Node]:
     """Run a node for the duration of the ``async with`` block."""
     cfg = config or NodeConfig()
+    # Resolved before anything starts, so a bad PEERD_CIPHERS is a plain error.
+    cfg = replace(cfg, data_ciphers=cfg.data_ciphers or aead.supported())
     addr = parse_address(listen, "listen address") if isinstance(listen, str) else listen
     identity = identity or Identity.generate()
     udp = _bind_udp(*addr)
