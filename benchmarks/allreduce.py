@@ -142,9 +142,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(_HERE))
 
 from _gloo import run_gloo  # noqa: E402
+from _netns import netns_factory  # noqa: E402
 
 from collectives.api import Quant  # noqa: E402
-from peerd.peerproc import LocalSwarm, PeerProcess  # noqa: E402
+from peerd.peerproc import LocalSwarm  # noqa: E402
 
 QUANTS = {"none": Quant.NONE, "fp16": Quant.FP16, "bf16": Quant.BF16, "int8": Quant.INT8}
 
@@ -200,23 +201,6 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
             "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
             **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), sorted(cpu)[len(cpu) // 2],
                        strict=True))}
-
-
-def netns_factory(rate: str) -> tuple[Any, Any]:
-    sys.path.insert(0, str(ROOT / "tests" / "lab"))
-    from netns import Lab  # type: ignore[import-not-found]
-
-    lab = Lab()
-    hosts: list[Any] = []
-
-    def factory(key_hex: str, index: int) -> PeerProcess:
-        host = lab.public_host(f"p{index}")
-        lab.limit_rate(host, rate)
-        hosts.append(host)
-        return PeerProcess(key_hex, index, listen=f"{host.ip}:0",
-                           prefix=["ip", "netns", "exec", host.ns])
-
-    return lab, factory
 
 
 def main() -> int:
