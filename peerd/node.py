@@ -78,6 +78,8 @@ class NodeStatistics:
     confirmed_addresses: tuple[str, ...]
     # (peer short id, "direct" | "punched" | "relay:<relay short id>") per connected peer
     peer_paths: tuple[tuple[str, str], ...] = ()
+    # (peer short id, data record cipher) per connected peer
+    peer_ciphers: tuple[tuple[str, str], ...] = ()
 
 
 class Node(RunsMixin):
@@ -459,6 +461,8 @@ class Node(RunsMixin):
             nat_type=self.nat.nat_type(trio.current_time()),
             confirmed_addresses=self.nat.confirmed(trio.current_time()),
             peer_paths=tuple((p.short, self.traversal.path(p)) for p in self.peers()),
+            peer_ciphers=tuple((p.short, s.keying.cipher) for p in self.peers()
+                               if (s := self._live_session(p)) is not None),
         )
 
     async def _close(self) -> None:

@@ -21,9 +21,9 @@ def _rate(bps: float) -> str:
 def peers_table(peers: tuple[p.PeerInfo, ...]) -> str:
     if not peers:
         return "no peers connected"
-    rows = [("PEER", "ADDRESS", "PATH", "THROUGHPUT", "SEES US AT")]
-    rows += [(x.peer_id, x.address, x.path, _rate(x.throughput_bps), x.observed or "-")
-             for x in peers]
+    rows = [("PEER", "ADDRESS", "PATH", "THROUGHPUT", "SEES US AT", "CIPHER")]
+    rows += [(x.peer_id, x.address, x.path, _rate(x.throughput_bps), x.observed or "-",
+              x.cipher or "-") for x in peers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)

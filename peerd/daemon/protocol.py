@@ -54,6 +54,7 @@ class PeerInfo:
     path: str  # "quic", "tcp", "relay", ... as the node reports it
     observed: str  # the address this peer saw us at ("" if unknown)
     throughput_bps: float  # 0.0 when the node has no measurement
+    cipher: str = ""  # the data plane's record cipher with this peer (the session's choice)
 
 
 @message(404)

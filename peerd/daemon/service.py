@@ -117,15 +117,16 @@ class ControlService:
         throughput_of = getattr(node, "peer_throughput", None)
         for peer in node.peers():
             try:
-                address = node.session(peer).conn.addr_text
+                session = node.session(peer)
             except PeerdError:
                 continue
             observed = node.observed.get(peer)
             out.append(p.PeerInfo(
-                peer_id=peer.text, address=address,
+                peer_id=peer.text, address=session.conn.addr_text,
                 path=str(path_of(peer)) if path_of else "quic",
                 observed=f"{observed[0]}:{observed[1]}" if observed else "",
                 throughput_bps=float(throughput_of(peer) or 0.0) if throughput_of else 0.0,
+                cipher=session.keying.cipher,
             ))
         return tuple(out)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from collectives.membership import HEARTBEAT_TIMEOUT
-from peerd.peerproc import LocalSwarm, make_input
+from peerd.peerproc import LocalSwarm, PeerProcess, make_input
 from tests.allreduce_mp.checks import check_round
 
 SIZES = [1, 2, 3, 7, 1009, 65_537, 1_000_003]
@@ -165,3 +165,20 @@ def test_joiner_takes_part_from_next_round(tmp_path: Path) -> None:
         res = sw.all_reduce(sw.peers, size=501, seed=2, round=1, out=str(tmp_path))
         check_round(sw, res, 2, 1, 501, tmp_path)
         assert len(res[0]["participants"]) == 4
+
+
+def test_a_peer_without_the_fast_cipher_still_takes_part(tmp_path: Path) -> None:
+    """A volunteer whose install lacks pyaegis offers AEGIS-128L only: its
+    sessions use that, the others' keep AEGIS-128X2, and the ring mixes both."""
+    def factory(key_hex: str, index: int) -> PeerProcess:
+        return PeerProcess(key_hex, index, env={"PEERD_CIPHERS": "aegis128l"} if index == 0
+                           else None)
+
+    with LocalSwarm(3, factory=factory) as sw:
+        res = sw.all_reduce(sw.peers, size=65_537, seed=4, round=0, out=str(tmp_path))
+        check_round(sw, res, 4, 0, 65_537, tmp_path)
+        short = {p.peer[:12]: i for i, p in enumerate(sw.peers)}
+        for i, p in enumerate(sw.peers):
+            ciphers = {short[s]: c for s, c in p.request(cmd="node_stats")["peer_ciphers"]}
+            assert ciphers == {j: "aegis128l" if 0 in (i, j) else "aegis128x2"
+                               for j in range(3) if j != i}
