@@ -77,19 +77,26 @@ async def test_tcp_garbage_leaves_data_port_serving() -> None:
         await send_and_receive(link, inbound, b"after", b"still serving")
 
 
+async def linked_pair_moves(a: Any, b: Any, nbytes: int) -> tuple[Any, Any]:
+    """Open a 2-channel link a -> b, move ``nbytes`` random bytes over it and
+    check they arrived whole; returns (a's outbound link, b's inbound link)."""
+    await a.connect(b.listen_address)
+    out = await a.open_data_channels(b.peer_id, 2)
+    inbound = await b.accept_data_channels(a.peer_id)
+    data = np.random.default_rng(nbytes).integers(0, 256, size=nbytes, dtype=np.uint8)
+    buf = np.empty_like(data)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.send, b"big", data)
+            await inbound.receive_into(b"big", buf)
+    assert np.array_equal(buf, data)
+    return out, inbound
+
+
 async def test_larger_records_carry_each_stripe_in_one_record() -> None:
     cfg = NodeConfig(data_record=4 * MIB)
     async with open_node(KEY, config=cfg) as a, open_node(KEY, config=cfg) as b:
-        await a.connect(b.listen_address)
-        out = await a.open_data_channels(b.peer_id, 2)
-        inbound = await b.accept_data_channels(a.peer_id)
-        data = np.random.default_rng(3).integers(0, 256, size=6 * MIB, dtype=np.uint8)
-        buf = np.empty_like(data)
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.send, b"big", data)
-                await inbound.receive_into(b"big", buf)
-        assert np.array_equal(buf, data)
+        out, _ = await linked_pair_moves(a, b, 6 * MIB)
         stats = out.statistics()
         # Two stripes of 3 MiB, one record each, plus each message's head record
         # (1 MiB records would have taken 3 payload records per stripe).
@@ -106,16 +113,7 @@ async def test_nodes_agree_on_the_record_cipher_and_move_data_with_it(
         chosen: str) -> None:
     async with open_node(KEY, config=NodeConfig(data_ciphers=ciphers_a)) as a, \
             open_node(KEY, config=NodeConfig(data_ciphers=ciphers_b)) as b:
-        await a.connect(b.listen_address)
-        out = await a.open_data_channels(b.peer_id, 2)
-        inbound = await b.accept_data_channels(a.peer_id)
-        data = np.random.default_rng(5).integers(0, 256, size=3 * MIB, dtype=np.uint8)
-        buf = np.empty_like(data)
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(out.send, b"k", data)
-                await inbound.receive_into(b"k", buf)
-        assert np.array_equal(buf, data)
+        out, inbound = await linked_pair_moves(a, b, 3 * MIB)
         assert {c.cipher for c in out._channels} == {c.cipher for c in inbound._channels} \
             == {chosen}
 
