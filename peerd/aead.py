@@ -58,6 +58,10 @@ AEGIS128L: Final = "aegis128l"
 AEGIS128X2: Final = "aegis128x2"
 MAX_OFFER: Final = 8  # cipher names a peer may offer in its handshake
 MAX_NAME: Final = 32
+# The record format (peerd.record, peerd._datapump) takes these sizes for
+# every cipher; libsodium's own say so for AEGIS-128L.
+assert (_sodium.crypto_aead_aegis128l_keybytes(), _sodium.crypto_aead_aegis128l_npubbytes(),
+        _sodium.crypto_aead_aegis128l_abytes()) == (KEY_SIZE, NONCE_SIZE, TAG_SIZE)
 
 Buffer = bytes | bytearray | memoryview
 
