@@ -89,8 +89,8 @@ def _state(pid: int) -> str:
 
 
 def test_churn_soak() -> None:
-    """Kills, stalls and joins for PEERD_CHAOS_SECONDS (default 60): no violation."""
-    seconds = env_seconds("PEERD_CHAOS_SECONDS", 60.0)
+    """Kills, stalls and joins for PEERD_CHAOS_SECONDS (default 45): no violation."""
+    seconds = env_seconds("PEERD_CHAOS_SECONDS", 45.0)
     report = run_soak(seconds, seed=int(env_seconds("PEERD_CHAOS_SEED", 3)))
     print("\nchaos soak:", report.summary())
     print(json.dumps({"recoveries": [round(r, 2) for r in report.recoveries]}))
