@@ -122,3 +122,18 @@ def test_offer_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         aead.new("nonsense", KEY)
     with pytest.raises(AuthError, match="no common"):
         aead.choose((aead.AEGIS128X2,), (aead.AEGIS128L,))
+
+
+def test_an_install_without_pyaegis_offers_aegis128l_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a volunteer without a C compiler gets: AEGIS-128L only, and a
+    clear word where AEGIS-128X2 is asked for by name."""
+    monkeypatch.setattr(aead, "_aegis", None)
+    assert aead.built() == aead.supported() == (aead.AEGIS128L,)
+    assert aead.choose((aead.AEGIS128X2, aead.AEGIS128L), aead.supported()) == aead.AEGIS128L
+    with pytest.raises(ValueError, match=r"aegis128x2: not a cipher this install has.*pyaegis"):
+        aead.check_offer((aead.AEGIS128X2,))
+    with pytest.raises(ValueError, match="not available"):
+        aead.new(aead.AEGIS128X2, KEY)
+    with pytest.raises(RuntimeError, match="pip install pyaegis"):
+        aead.Aegis128X2(KEY)
