@@ -9,7 +9,7 @@ receiver in its own process as a real peer is (the headline figure):
 * plain TCP through the very same ``DataLink``/``DataChannel`` code with the
   same connection counts and socket buffers, minus the crypto (plaintext
   channels, a benchmark-only mode);
-* raw AEGIS-256 record seal + open on the same record sizes (one core);
+* raw record seal + open (the install's first cipher) on the same record sizes (one core);
 * QUIC streams: see ``measure_quic_stream`` (hook for the control plane).
 
 The last line is ``ratio encrypted/plain TCP (4 conns): X.XX``.
