@@ -18,7 +18,8 @@ from peerd.errors import ProtocolError
 from peerd.record import Keying
 
 MAGIC: Final = b"PEERDDAT"
-# 3: AEGIS-128L records and v3 key labels; 2 was AEGIS-256, 1 AES-256-GCM.
+# 3: AEGIS records (the cipher is the session's, its name in the key labels:
+# peerd.record); 2 was AEGIS-256, 1 AES-256-GCM.
 DATA_VERSION: Final = 3
 TOKEN_SIZE: Final = 32
 PREAMBLE_SIZE: Final = len(MAGIC) + 1 + TOKEN_SIZE

@@ -93,7 +93,6 @@ class Node(RunsMixin):
         self.peer_id = identity.peer_id
         self.swarm_key = swarm_key
         self.config = config
-        self.data_ciphers = config.data_ciphers or aead.supported()
         self._nursery = nursery
         self._registry = RpcRegistry()
         self._sessions: dict[PeerId, Session] = {}
@@ -212,7 +211,7 @@ class Node(RunsMixin):
         conn = self.endpoint.connect(addr)
         try:
             session = await client_session(conn, self.identity, self.swarm_key, expect,
-                                           self.incarnation, self.data_ciphers)
+                                           self.incarnation, self.config.data_ciphers)
         except PeerdError:
             self._counters["handshakes_failed"] += 1
             conn.close()
@@ -229,7 +228,7 @@ class Node(RunsMixin):
     async def _accept(self, conn: QuicConn) -> None:
         try:
             session = await server_session(conn, self.identity, self.swarm_key, self.incarnation,
-                                           self.data_ciphers)
+                                           self.config.data_ciphers)
         except PeerdError as exc:
             self._counters["handshakes_failed"] += 1
             event(log, "handshake.rejected", logging.DEBUG, addr=conn.addr_text, error=exc)
@@ -493,7 +492,8 @@ async def open_node(
 ) -> AsyncIterator[Node]:
     """Run a node for the duration of the ``async with`` block."""
     cfg = config or NodeConfig()
-    # Resolved before anything starts, so a bad PEERD_CIPHERS is a plain error.
+    # The cipher offer is resolved once, here, before anything starts: a bad
+    # PEERD_CIPHERS is a plain error, and every handshake offers the same.
     cfg = replace(cfg, data_ciphers=cfg.data_ciphers or aead.supported())
     addr = parse_address(listen, "listen address") if isinstance(listen, str) else listen
     identity = identity or Identity.generate()
