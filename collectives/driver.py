@@ -18,9 +18,14 @@ with a newer revision, the other side went on without it: the peer is
 *stranded* (``current_view()`` is ``None``, collectives raise ``Evicted``)
 and its next round boundary (``update_view``, ``StateSync.sync``) rejoins
 the run as a joiner, like a dynamic join. A member that answers with this
-peer's revision but a view without this peer strands it too: two
-coordinators decided that revision differently (a cut link during a view
-change can do it), and the quorum rule only holds within one view.
+peer's revision but a view without this peer strands it too (a defence:
+views are chosen by ballot, ``collectives.ballot``, so two views of one
+revision should not exist).
+
+View changes: the coordinator collects the members' readies, proposes the
+next view, and installs it once a quorum of the current members accepted it
+(``_propose``); the readies are answered with it and the members whose ready
+went elsewhere are sent it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import trio
 
 from collectives import messages as m
 from collectives.api import View
+from collectives.ballot import Acceptor, Ballot, Vote, adopt, settled
 from collectives.fabric import Fabric
 from collectives.history import FIRST_MEMBERS, NO_HISTORY
 from collectives.incarnation import Incarnations, new_incarnation
@@ -108,6 +114,8 @@ class EngineStats:
     bytes_sent: int
     bytes_received: int
     stranded: bool = False  # on the side of a partition that lost; rejoins at a boundary
+    ballots: int = 0  # proposals of a next view this peer made as coordinator
+    ballots_failed: int = 0  # of them, those outvoted or short of a quorum
 
 
 def sub_chunk_elems(config: EngineConfig, n: int, peers: int) -> int:
@@ -145,6 +153,7 @@ class MembershipDriver(Liveness):
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()  # replaced whenever the view or the suspects change
         self._reform_lock = trio.Lock()
+        self._proposing = False  # a ballot of this peer is under way (one at a time)
         # For ``collectives.history``: a peer that joins has no history to compare.
         self.joins = 0
         self.history_base = FIRST_MEMBERS
@@ -162,7 +171,8 @@ class MembershipDriver(Liveness):
         self._incarnations = Incarnations()
         self.view_changes = 0
         self.peers_lost = 0
-        self.counters: dict[str, int] = {"all_reduces": 0, "failed": 0, "sent": 0, "received": 0}
+        self.counters: dict[str, int] = {"all_reduces": 0, "failed": 0, "sent": 0, "received": 0,
+                                         "ballots": 0, "ballots_failed": 0}
 
     # ------------------------------------------------------------------ public
 
@@ -202,6 +212,8 @@ class MembershipDriver(Liveness):
             c["sent"],
             c["received"],
             self.core.stranded,
+            c["ballots"],
+            c["ballots_failed"],
         )
 
     def link_bandwidth(self, peer: str) -> float:
@@ -338,6 +350,8 @@ class MembershipDriver(Liveness):
             "join": self._on_join,
             "ready": self._on_ready,
             "commit": self._on_commit,
+            "prepare": self._on_prepare,
+            "accept": self._on_accept,
             "abort": self._on_abort,
             "leave": self._on_leave,
             "probe": self._on_probe,
@@ -348,7 +362,8 @@ class MembershipDriver(Liveness):
 
     def _stop(self) -> None:
         self._nursery = None  # background work ends with the engine
-        for name in ("hb", "join", "ready", "commit", "abort", "leave", "probe"):
+        for name in ("hb", "join", "ready", "commit", "prepare", "accept", "abort", "leave",
+                     "probe"):
             self.fabric.unregister(self._method(name))
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -369,8 +384,7 @@ class MembershipDriver(Liveness):
         self._sync(before)
 
     def _sync(self, before: Decision | None) -> None:
-        """React to a view change made by the core; if this peer decided it,
-        push the view to the peers it admitted (they sent no ready)."""
+        """React to a view change made by the core."""
         now_view = self.core.view
         if now_view is before or now_view is None:
             return
@@ -384,12 +398,6 @@ class MembershipDriver(Liveness):
             members=now_view.members,
         )
         self._notify()
-        if self.core.last_decided is now_view:
-            old = set(before.members) if before else set()
-            msg = encode(m.ViewCommit(self.run, now_view.revision, now_view.members))
-            for peer in now_view.members:
-                if peer not in old and peer != self.me:
-                    self._spawn(self._quiet_call, peer, "commit", msg)
 
     async def _quiet_call(self, peer: str, name: str, payload: bytes) -> None:
         with contextlib.suppress(PeerLost, Timeout, RemoteError):
@@ -491,9 +499,136 @@ class MembershipDriver(Liveness):
         )
 
     def _poll_round(self) -> None:
+        """As coordinator, propose the next view once it can be decided."""
+        if self._proposing or self._nursery is None or self.core.coordinator() != self.me:
+            return
+        candidate = self.core.proposal(trio.current_time())
+        if candidate is not None:
+            self._proposing = True
+            self._nursery.start_soon(self._propose, candidate)
+
+    async def _propose(self, candidate: Decision) -> None:
+        """Get a view chosen after the current one (``collectives.ballot``) and
+        install it; a ballot that fails is retried a heartbeat interval later."""
+        base = self.core.view
+        assert base is not None
+        try:
+            chosen = await self._ballot(base, candidate)
+        finally:
+            self._proposing = False
+        if chosen is None or self.core.view is not base:
+            self._notify()  # waiting readies look again
+            if self.core.view is base:
+                self._spawn(self._propose_later, base)
+            return
         before = self.core.view
-        self.core.poll(trio.current_time())
+        self.core.decided(chosen, trio.current_time())
         self._sync(before)
+        # The readies held here are answered with it, but not every member's
+        # ready is: one may have gone on to another coordinator, another was
+        # admitted and sent none.
+        msg = encode(m.ViewCommit(self.run, chosen.revision, chosen.members))
+        for peer in chosen.members:
+            if peer != self.me:
+                self._spawn(self._quiet_call, peer, "commit", msg)
+
+    async def _propose_later(self, base: Decision) -> None:
+        await trio.sleep(self.config.timing.heartbeat_interval)
+        if self.core.view is base:
+            self._poll_round()
+
+    async def _ballot(self, base: Decision, candidate: Decision) -> Decision | None:
+        """One ballot: prepare it where it must be (phase one), then have it
+        accepted; the view chosen, or ``None`` without a quorum."""
+        if self.core.view is not base:
+            return None  # installed meanwhile: nothing left to choose
+        ballot = self.core.ballot()
+        self.counters["ballots"] += 1
+        wire = m.BallotId(ballot.number, ballot.coordinator)
+        value: Decision | None = candidate
+        if ballot.number > 0:
+            promises = await self._poll_voters(
+                base, "prepare", encode(m.ViewPrepare(self.run, base.revision, wire)),
+                lambda a: a.prepare(ballot))
+            value = adopt(candidate, promises) if promises is not None else None
+        if value is not None:
+            proposal = value
+            accepts = await self._poll_voters(
+                base, "accept",
+                encode(m.ViewAccept(self.run, base.revision, wire, proposal.members)),
+                lambda a: a.accept(ballot, proposal))
+            value = proposal if accepts is not None else None
+        if value is None:
+            self.counters["ballots_failed"] += 1
+            event(log, "collectives.ballot_failed", me=self.me, run=self.run,
+                  revision=base.revision, ballot=ballot.number)
+        return value
+
+    async def _poll_voters(self, base: Decision, name: str, payload: bytes,
+                           own: Callable[[Acceptor], Vote]) -> list[Vote] | None:
+        """This peer's vote and the other members' (not suspected) until a
+        quorum of ``base`` voted yes: their votes, or ``None`` once that
+        cannot happen or the view moved on meanwhile."""
+        votes: dict[str, Vote] = {}
+        acceptor = self.core.acceptor(base.revision)
+        if self.core.view is not base or not isinstance(acceptor, Acceptor):
+            return None  # a view was installed meanwhile
+        votes[self.me] = own(acceptor)
+        voters = [p for p in base.members if p != self.me and p not in self.core.suspects]
+
+        def yes() -> set[str]:
+            return {p for p, v in votes.items() if v.ok}
+
+        async with trio.open_nursery() as nursery:
+
+            async def ask(peer: str) -> None:
+                with contextlib.suppress(PeerLost, Timeout, RemoteError, ProtocolError):
+                    reply = decode_untrusted(await self.fabric.call(
+                        peer, self._method(name), payload, self.config.call_timeout))
+                    if isinstance(reply, m.ViewVote) and reply.run == self.run:
+                        votes[peer] = _vote(reply, base.revision + 1)
+                    elif (isinstance(reply, m.ViewCommit) and reply.run == self.run
+                          and self.me in reply.members):
+                        self._install(Decision(reply.revision, reply.members))
+                if self.core.view is not base or settled(base.members, yes()):
+                    nursery.cancel_scope.cancel()
+
+            for peer in voters:
+                nursery.start_soon(ask, peer)
+        for vote in votes.values():
+            if not vote.ok:
+                self.core.refused(vote)
+        if self.core.view is not base or not settled(base.members, yes()):
+            return None
+        return [v for v in votes.values() if v.ok]
+
+    def _vote(self, peer: str, base: int, ballot: m.BallotId,
+              act: Callable[[Acceptor, Ballot], Vote]) -> bytes:
+        if ballot.coordinator != peer:
+            raise ProtocolError(f"{peer} sent a ballot of {ballot.coordinator}")
+        state = self.core.acceptor(base)
+        if isinstance(state, Decision):
+            return encode(m.ViewCommit(self.run, state.revision, state.members))
+        if state is None:
+            return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
+                                        f"no say in the view after revision {base}"))
+        vote = act(state, Ballot(ballot.number, ballot.coordinator))
+        promised = vote.promised
+        accepted = vote.accepted
+        return encode(m.ViewVote(
+            self.run, vote.ok,
+            m.BallotId(promised.number, promised.coordinator) if promised else None,
+            m.BallotId(accepted[0].number, accepted[0].coordinator) if accepted else None,
+            accepted[1].members if accepted else ()))
+
+    async def _on_prepare(self, peer: str, payload: bytes) -> bytes:
+        msg: m.ViewPrepare = self._decode(payload, m.ViewPrepare)
+        return self._vote(peer, msg.revision, msg.ballot, lambda a, b: a.prepare(b))
+
+    async def _on_accept(self, peer: str, payload: bytes) -> bytes:
+        msg: m.ViewAccept = self._decode(payload, m.ViewAccept)
+        proposal = Decision(msg.revision + 1, msg.members)
+        return self._vote(peer, msg.revision, msg.ballot, lambda a, b: a.accept(b, proposal))
 
     async def _offer(self, peer: str, msg: m.ViewReady) -> bytes:
         ready = Ready(
@@ -512,6 +647,7 @@ class MembershipDriver(Liveness):
         outcome = self.core.offer(ready, trio.current_time())
         self._sync(before)
         if isinstance(outcome, Pending):
+            self._poll_round()
             deadline = self.core.deadline() or trio.current_time()
             with trio.move_on_at(deadline):
                 # Waiting on without a quorum is pointless: nothing can be decided.
@@ -520,7 +656,13 @@ class MembershipDriver(Liveness):
                     await self._changed.wait()
             answer = self.core.answer(peer, outcome.revision)
             if answer is None:
+                # Past the deadline: propose without the missing members, and
+                # see that ballot through.
                 self._poll_round()
+                with trio.move_on_after(2 * self.config.call_timeout):
+                    while (self._proposing and self.core.view is not None
+                           and self.core.view.revision <= outcome.revision):
+                        await self._changed.wait()
                 answer = self.core.answer(peer, outcome.revision)
             outcome = answer if answer is not None else Retry("no decision before the deadline")
         if isinstance(outcome, Decision):
@@ -540,9 +682,11 @@ class MembershipDriver(Liveness):
 
     async def _ask(self, coord: str, payload: bytes) -> bytes | None:
         """Send our ready to ``coord`` and wait for the decision; ``None`` as
-        soon as ``coord`` is suspected or this side has no quorum left (a
+        soon as ``coord`` is suspected, this side has no quorum left (a
         coordinator across a partition would otherwise hold us for the whole
-        view timeout)."""
+        view timeout) or a view chosen meanwhile came another way (a
+        coordinator whose ballot lost may not learn it)."""
+        base = self.core.view
         timeout = self.config.timing.view_timeout + self.config.call_timeout
         reply: list[bytes] = []
         failed: list[Exception] = []
@@ -559,7 +703,8 @@ class MembershipDriver(Liveness):
                 nursery.cancel_scope.cancel()
 
             async def watch() -> None:
-                while coord not in self.core.suspects and self._quorate():
+                while (coord not in self.core.suspects and self._quorate()
+                       and self.core.view is base):
                     await self.changed().wait()
                 nursery.cancel_scope.cancel()
 
@@ -604,6 +749,9 @@ class MembershipDriver(Liveness):
         without a quorum or an agreement, ``Evicted`` when left out."""
         start = d.revision
         for _ in range(4 * self.config.max_attempts):
+            now_view = self.core.view
+            if now_view is not None and now_view.revision > start:
+                return  # chosen while this peer asked (see ``_ask``)
             if not self._quorate():
                 # This side of a partition cannot form a view; the other may.
                 if await self._left_behind():
@@ -647,3 +795,13 @@ class MembershipDriver(Liveness):
         # the caller that is losing the peers it cannot agree with.
         unreachable = self.core.suspects or (set(d.members) - {self.me})
         raise PeerLost(unreachable, f"run {self.run}: no view agreed after revision {start}")
+
+
+def _vote(msg: m.ViewVote, revision: int) -> Vote:
+    """A vote off the wire; an accepted view is of ``revision`` (the one chosen)."""
+    promised = Ballot(msg.promised.number, msg.promised.coordinator) if msg.promised else None
+    accepted = None
+    if msg.accepted is not None:
+        accepted = (Ballot(msg.accepted.number, msg.accepted.coordinator),
+                    Decision(revision, msg.accepted_members))
+    return Vote(msg.ok, promised, accepted)

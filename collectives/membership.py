@@ -2,8 +2,9 @@
 
 Holds the installed view, who is suspected of being gone, when each peer was
 last heard from, pending joiners, and, when this peer coordinates, the readies
-collected for the next view. Every method takes ``now``; the trio driver in
-``collectives.run`` owns timers and messages.
+collected for the next view, and this peer's votes and ballots in choosing
+it (``collectives.ballot``). Every method takes ``now``; the trio driver in
+``collectives.driver`` owns timers and messages.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from collectives.ballot import Acceptor, Ballot, Proposer, Vote
 from collectives.view import (
     Decision,
     Ready,
@@ -71,7 +73,12 @@ class Membership:
         self._joiners: dict[str, tuple[float, frozenset[str]]] = {}
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
-        self.last_decided: Decision | None = None  # the last view this peer decided
+        self.last_decided: Decision | None = None  # the last view this peer proposed and saw chosen
+        # Votes in the choice of the view after each base revision (this one's,
+        # and the next one's for a member that has not yet heard its view was
+        # chosen), and this peer's own ballots in the choice after the current.
+        self._acceptors: dict[int, Acceptor] = {}
+        self._proposer: Proposer | None = None
         self._newer: set[str] = set()  # members that reported a revision above ours
         self._behind = False  # see ``agreement_failed``
 
@@ -88,6 +95,9 @@ class Membership:
         self._round_started = None
         self._newer.clear()
         self._behind = False
+        self._proposer = None
+        for base in [b for b in self._acceptors if b < decision.revision]:
+            del self._acceptors[base]
         if outside:
             # Suspicions and silences from before (re)joining say nothing
             # about the members of this view: start afresh.
@@ -156,12 +166,12 @@ class Membership:
                 # that view may be about to learn the same).
                 self._behind = True
         elif revision == v.revision and excluded and self.me in v.members:
-            # Two views of one revision: the member's ready reached one
-            # coordinator, then a suspicion of that coordinator (a cut link
-            # between it and another member) moved it to the next, and both
-            # decided. The quorum rule assumes one view per revision, so this
-            # side cannot tell whether it may go on (a pair's lower id would,
-            # alone): it rejoins the view that member holds.
+            # Two views of one revision. Ballots (``collectives.ballot``)
+            # prevent them; before them, a member's ready could reach one
+            # coordinator and then, once a cut link made it suspect that one,
+            # the next, and both decided. Kept as a defence: the quorum rule
+            # assumes one view per revision, so this side cannot tell whether
+            # it may go on, and it rejoins the view that member holds.
             self._behind = True
         return self.stranded
 
@@ -269,15 +279,17 @@ class Membership:
         self._readies[ready.peer] = ready
         if self._round_started is None:
             self._round_started = now
-        return self.poll(now) or Pending(self.view.revision)
+        return Pending(self.view.revision)
 
     def deadline(self) -> float | None:
         if self._round_started is None:
             return None
         return self._round_started + self.timing.view_timeout
 
-    def poll(self, now: float) -> Decision | None:
-        """Decide the next view if everyone expected is ready or the deadline passed."""
+    def proposal(self, now: float) -> Decision | None:
+        """What this peer, as coordinator, proposes as the next view once
+        everyone expected is ready or the deadline passed (``None`` before);
+        it is installed once chosen (``decided``)."""
         if self.view is None or not self._readies:
             return None
         deadline = self.deadline()
@@ -295,10 +307,43 @@ class Membership:
             self.joiner_reach(now),
             deadline is not None and now >= deadline,
         )
-        if decision is not None:
-            self.install(decision, now)
-            self.last_decided = decision
         return decision
+
+    def decided(self, decision: Decision, now: float) -> bool:
+        """Install a view this peer's ballot got chosen; returns whether it was newer."""
+        if not self.install(decision, now):
+            return False
+        self.last_decided = decision
+        return True
+
+    # -------------------------------------------------------------- ballots
+
+    def ballot(self) -> Ballot:
+        """This peer's next ballot in choosing the view after the current one."""
+        assert self.view is not None
+        if self._proposer is None:
+            self._proposer = Proposer(self.me, self.view.members)
+        return self._proposer.next_ballot()
+
+    def refused(self, vote: Vote) -> None:
+        """A refusal of this peer's ballot: the next one goes above its ballot."""
+        if self._proposer is not None:
+            self._proposer.saw(vote)
+
+    def acceptor(self, base: int) -> Acceptor | Decision | None:
+        """This peer's votes in choosing the view after revision ``base``; the
+        installed view instead where it is past that choice (chosen, and this
+        peer is a member in good standing: a proposer that is a member of it
+        may install it); ``None`` where this peer has no say (no view, or
+        ``base`` beyond the next choice it can be part of)."""
+        v = self.view
+        if v is None:
+            return None
+        if base < v.revision:
+            return v if self.is_member else None
+        if base > v.revision + 1:
+            return None
+        return self._acceptors.setdefault(base, Acceptor())
 
     def answer(self, peer: str, after: int) -> Decision | NotMember | None:
         """The reply to a pending ready once the view moved past ``after``."""

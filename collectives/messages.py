@@ -218,3 +218,69 @@ class Probe:
             raise ValueError("bad probe key")
         if not 0 < self.nbytes <= 64 * 1024 * 1024:
             raise ValueError("bad probe size")
+
+
+@message(210)
+@dataclass(frozen=True)
+class BallotId:
+    """A ballot in choosing a view (``collectives.ballot.Ballot``)."""
+
+    number: int
+    coordinator: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.number < 2**62:
+            raise ValueError("ballot number out of range")
+        if not 0 < len(self.coordinator) <= MAX_ID:
+            raise ValueError("bad coordinator id length")
+
+
+@message(211)
+@dataclass(frozen=True)
+class ViewPrepare:
+    """Phase one of choosing the view after ``revision``: promise ``ballot``."""
+
+    run: str
+    revision: int
+    ballot: BallotId
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+
+
+@message(212)
+@dataclass(frozen=True)
+class ViewAccept:
+    """Phase two: accept ``members`` (in ring order) as the view after
+    ``revision`` under ``ballot``."""
+
+    run: str
+    revision: int
+    ballot: BallotId
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_run(self.run, self.revision)
+        _check_ids(self.members, "members")
+        if not self.members:
+            raise ValueError("a view needs members")
+
+
+@message(213)
+@dataclass(frozen=True)
+class ViewVote:
+    """An acceptor's answer to a ``ViewPrepare`` or ``ViewAccept``: ``ok``, the
+    highest ballot it promised, and the members it accepted last (under
+    ``accepted``; empty with ``accepted`` None)."""
+
+    run: str
+    ok: bool
+    promised: BallotId | None
+    accepted: BallotId | None = None
+    accepted_members: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_run(self.run)
+        _check_ids(self.accepted_members, "accepted members")
+        if (self.accepted is None) != (not self.accepted_members):
+            raise ValueError("accepted members come with their ballot, and only with it")

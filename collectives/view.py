@@ -4,7 +4,11 @@ There is no fixed master. The coordinator of the next revision is the lowest
 peer id among the current view's members not suspected of being gone; when it
 fails, survivors suspect it and the next lowest takes over. Members at a round
 boundary send the coordinator a ``Ready``; it decides once every member it
-expects is ready, or at the deadline without the missing ones. Joiners are
+expects is ready, or at the deadline without the missing ones. What it
+decides is a proposal: it becomes the next view once a quorum of the
+current members accepted it (``collectives.ballot``), so that coordinators
+who believe differently about who is gone never install two views of one
+revision. Joiners are
 admitted only when every ready member allows it (explicit boundaries, not
 failure retries, because a joiner is not running the interrupted operation),
 and only joiners that reach every ready member and each other: a peer that

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +12,8 @@ import trio
 import trio.testing
 
 from collectives.driver import EngineConfig
-from collectives.membership import Timing
+from collectives.membership import Membership, Timing
+from collectives.view import Decision
 from collectives.memfabric import MemFabric, MemNetwork
 from collectives.run import Engine, open_engine
 from peerd.errors import Evicted, PeerdError
@@ -30,7 +31,29 @@ FAST = EngineConfig(
 
 
 @pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
+def one_view_per_revision(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, set[Decision]]]:
+    """The test ends by checking that all peers that installed a view of some
+    revision with themselves in it installed the same one
+    (``collectives.ballot``). (A leaver's own view of its departure leaves
+    it out, and is nobody else's.)"""
+    installed: dict[int, set[Decision]] = {}
+    install = Membership.install
+
+    def recording(self: Membership, decision: Decision, now: float) -> bool:
+        new = install(self, decision, now)
+        if new and self.me in decision.members:
+            installed.setdefault(decision.revision, set()).add(decision)
+        return new
+
+    monkeypatch.setattr(Membership, "install", recording)
+    yield installed
+    split = {r: views for r, views in installed.items() if len(views) > 1}
+    assert not split, f"two views of one revision: {split}"
+
+
+@pytest.fixture
+def mock_clock(one_view_per_revision: dict[int, set[Decision]]) -> trio.testing.MockClock:
+    """The clock of every swarm test, which so also checks one view per revision."""
     return trio.testing.MockClock(autojump_threshold=0)
 
 
@@ -149,9 +172,8 @@ async def run_while_p00_is_stranded(
     fn: Callable[[str, Engine], Awaitable[Any]],
 ) -> tuple[tuple[str, ...], dict[str, Any]]:
     """Four peers, the link p00-p03 cut during a view change: the others go
-    on without p00, which in about half the runs has decided a view of
-    revision 1 of its own and only learns from their heartbeat answers that
-    it is stranded. Runs ``fn`` on every peer right after the change; returns
+    on without p00, which (its proposal outvoted, or never proposed) only
+    learns from their heartbeat answers that it is stranded. Runs ``fn`` on every peer right after the change; returns
     the others' members and the outcomes, having checked that p00's is the
     ``Evicted`` of a stranded peer and came well before a phase deadline."""
     async with swarm(4) as s:

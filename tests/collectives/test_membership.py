@@ -185,6 +185,10 @@ async def test_update_view_without_changes_keeps_members(
         views = await s.each(lambda p, e: e.update_view())
         assert {v.revision for v in views.values()} == {1}
         assert all(sorted(v.members) == s.alive() for v in views.values())
+        # One ballot, by the lowest id, accepted without a prepare round.
+        stats = {p: e.statistics() for p, e in s.engines.items()}
+        assert [(p, st.ballots, st.ballots_failed) for p, st in stats.items()
+                if st.ballots] == [("p00", 1, 0)], stats
 
 
 async def test_coordinator_dies_during_view_change(mock_clock: trio.testing.MockClock) -> None:

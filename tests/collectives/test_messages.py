@@ -27,6 +27,11 @@ SAMPLES = [
     m.Abort("r", 1, ("c", "d"), "silent", ("c",)),
     m.Leave("r", 4),
     m.Probe("r", b"k", 10),
+    m.ViewPrepare("r", 3, m.BallotId(2, "b")),
+    m.ViewAccept("r", 3, m.BallotId(0, "a"), ("a", "c")),
+    m.ViewVote("r", True, m.BallotId(2, "b")),
+    m.ViewVote("r", False, m.BallotId(5, "c"), m.BallotId(0, "a"), ("a", "b")),
+    m.ViewVote("r", True, None),
 ]
 
 
@@ -37,7 +42,7 @@ def test_roundtrip(msg: object) -> None:
 
 def test_type_ids_in_our_range() -> None:
     ours = {i for i, cls in registered_types().items() if cls.__module__ == m.__name__}
-    assert len(ours) == 10 and all(200 <= i < 300 for i in ours)
+    assert len(ours) == 14 and all(200 <= i < 300 for i in ours)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +64,12 @@ def test_type_ids_in_our_range() -> None:
         lambda: m.JoinRequest("r", reaches=("a", "a")),
         lambda: m.JoinRequest("r", reaches=tuple(f"p{i}" for i in range(m.MAX_MEMBERS + 1))),
         lambda: m.ViewReady("r", 0, ("a",), (), True, (), ("",)),
+        lambda: m.BallotId(-1, "a"),
+        lambda: m.BallotId(1, ""),
+        lambda: m.ViewAccept("r", 0, m.BallotId(1, "a"), ()),  # a view needs members
+        lambda: m.ViewAccept("r", 0, m.BallotId(1, "a"), ("a", "a")),
+        lambda: m.ViewVote("r", True, None, m.BallotId(1, "a")),  # accepted, but no members
+        lambda: m.ViewVote("r", True, None, None, ("a",)),  # members without their ballot
     ],
 )
 def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]

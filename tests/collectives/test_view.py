@@ -110,11 +110,29 @@ def ready(peer: str, revision: int = 0, **kw: object) -> Ready:
     return Ready(peer, revision, kw.pop("members", MEMBERS), **kw)  # type: ignore[arg-type]
 
 
+def decide(c: Membership, now: float) -> Decision | None:
+    """The coordinator's proposal, installed as if its ballot were chosen
+    (``collectives.ballot``; the driver runs the ballot)."""
+    d = c.proposal(now)
+    if d is not None:
+        assert c.decided(d, now)
+    return d
+
+
+def offer(c: Membership, r: Ready, now: float) -> object:
+    """A ready reaches the coordinator ``c``: its outcome, or the view decided
+    with it."""
+    out = c.offer(r, now)
+    if isinstance(out, Pending):
+        return decide(c, now) or out
+    return out
+
+
 def test_coordinator_decides_when_everyone_is_ready() -> None:
     c = core("a")
     for p in ("b", "c", "d"):
-        assert c.offer(ready(p), 1.0) == Pending(0)
-    decision = c.offer(ready("a"), 2.0)
+        assert offer(c, ready(p), 1.0) == Pending(0)
+    decision = offer(c, ready("a"), 2.0)
     assert isinstance(decision, Decision)
     assert decision.revision == 1 and sorted(decision.members) == list(MEMBERS)
     assert c.view == decision and c.last_decided == decision
@@ -124,35 +142,35 @@ def test_coordinator_decides_when_everyone_is_ready() -> None:
 
 def test_missing_member_is_dropped_at_the_deadline() -> None:
     c = core("a")
-    c.offer(ready("a"), 1.0)
-    c.offer(ready("b"), 2.0)
-    assert c.poll(20.9) is None
+    offer(c, ready("a"), 1.0)
+    offer(c, ready("b"), 2.0)
+    assert decide(c, 20.9) is None
     assert c.deadline() == 21.0
-    decision = c.poll(21.0)
+    decision = decide(c, 21.0)
     assert decision is not None and sorted(decision.members) == ["a", "b"]
     assert isinstance(c.answer("c", 0), NotMember)
 
 
 def test_suspects_travel_with_readies_and_move_the_coordinator() -> None:
     c = core("b")
-    assert isinstance(c.offer(ready("c"), 1.0), Retry)  # a is alive as far as b knows
-    out = c.offer(ready("d", suspects=frozenset({"a"})), 1.0)
+    assert isinstance(offer(c, ready("c"), 1.0), Retry)  # a is alive as far as b knows
+    out = offer(c, ready("d", suspects=frozenset({"a"})), 1.0)
     assert out == Pending(0) and c.coordinator() == "b"
-    c.offer(ready("c"), 1.5)
-    decision = c.offer(ready("b"), 2.0)
+    offer(c, ready("c"), 1.5)
+    decision = offer(c, ready("b"), 2.0)
     assert isinstance(decision, Decision) and sorted(decision.members) == ["b", "c", "d"]
 
 
 def test_late_ready_gets_the_view_it_missed() -> None:
     c = core("a", revision=5)
-    assert c.offer(ready("b", revision=4), 1.0) == c.view
-    assert isinstance(c.offer(ready("q", revision=4), 1.0), NotMember)
+    assert offer(c, ready("b", revision=4), 1.0) == c.view
+    assert isinstance(offer(c, ready("q", revision=4), 1.0), NotMember)
 
 
 def test_coordinator_adopts_a_newer_view_it_missed() -> None:
     c = core("a", revision=2)
     newer = ("a", "b", "c")
-    out = c.offer(ready("b", revision=3, members=newer), 1.0)
+    out = offer(c, ready("b", revision=3, members=newer), 1.0)
     assert c.view == Decision(3, newer)
     assert out == Pending(3)
 
@@ -166,8 +184,8 @@ def test_joiners_only_at_explicit_boundaries() -> None:
         c = core("a", members=("a", "b"))
         c.join_request("x", 0.5)
         heard = frozenset({"x"})
-        c.offer(ready("b", members=("a", "b"), admit=admit, joiners=heard), 1.0)
-        d = c.offer(ready("a", members=("a", "b"), admit=admit, joiners=heard), 1.0)
+        offer(c, ready("b", members=("a", "b"), admit=admit, joiners=heard), 1.0)
+        d = offer(c, ready("a", members=("a", "b"), admit=admit, joiners=heard), 1.0)
         assert isinstance(d, Decision) and set(d.members) == want
 
 
@@ -175,12 +193,12 @@ def test_joiner_waits_while_a_member_has_not_heard_from_it() -> None:
     c = core("a", members=("a", "b", "c"))
     c.join_request("x", 0.5)
     for p, heard in (("b", {"x"}), ("c", set()), ("a", {"x"})):
-        d = c.offer(ready(p, members=("a", "b", "c"), joiners=frozenset(heard)), 1.0)
+        d = offer(c, ready(p, members=("a", "b", "c"), joiners=frozenset(heard)), 1.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c"}
     view = d.members
     c.join_request("x", 1.5)  # still asking; now c hears it too
     for p in ("b", "c", "a"):
-        d = c.offer(ready(p, revision=1, members=view, joiners=frozenset({"x"})), 2.0)
+        d = offer(c, ready(p, revision=1, members=view, joiners=frozenset({"x"})), 2.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "c", "x"}
 
 
@@ -190,9 +208,9 @@ def test_coordinator_counts_a_joiner_it_heard_after_its_own_ready() -> None:
     when it decides. Another member's stale word still holds it back."""
     for b_heard, want in (({"x"}, {"a", "b", "x"}), (set(), {"a", "b"})):
         c = core("a", members=("a", "b"))
-        c.offer(ready("a", members=("a", "b"), joiners=frozenset()), 1.0)
+        offer(c, ready("a", members=("a", "b"), joiners=frozenset()), 1.0)
         c.join_request("x", 1.2)  # says it reaches no one yet
-        d = c.offer(ready("b", members=("a", "b"), joiners=frozenset(b_heard)), 1.5)
+        d = offer(c, ready("b", members=("a", "b"), joiners=frozenset(b_heard)), 1.5)
         assert isinstance(d, Decision) and set(d.members) == want, (b_heard, d)
 
 
@@ -201,14 +219,14 @@ def test_joiners_that_cannot_reach_each_other_come_one_at_a_time() -> None:
     c.join_request("y", 0.5, frozenset({"a", "b"}))
     c.join_request("x", 0.5, frozenset({"a", "b"}))
     heard = frozenset({"x", "y"})
-    c.offer(ready("b", members=("a", "b"), joiners=heard), 1.0)
-    d = c.offer(ready("a", members=("a", "b"), joiners=heard), 1.0)
+    offer(c, ready("b", members=("a", "b"), joiners=heard), 1.0)
+    d = offer(c, ready("a", members=("a", "b"), joiners=heard), 1.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "x"}
     # Next boundary: x, now a member, has not heard y, so y waits still.
     view = d.members
     c.join_request("y", 1.5, frozenset({"a", "b"}))
     for p in ("b", "x", "a"):
-        d = c.offer(ready(p, revision=1, members=view,
+        d = offer(c, ready(p, revision=1, members=view,
                           joiners=frozenset() if p == "x" else frozenset({"y"})), 2.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "x"}, d
 
@@ -219,8 +237,8 @@ def test_stale_joiner_is_not_admitted() -> None:
     assert c.joiners(5.0) == {"x"}
     assert c.joiners(5.5) == frozenset()
     heard = frozenset({"x"})  # the members heard it too, but it has gone quiet
-    c.offer(ready("b", members=("a", "b"), joiners=heard), 6.0)
-    d = c.offer(ready("a", members=("a", "b"), joiners=heard), 6.0)
+    offer(c, ready("b", members=("a", "b"), joiners=heard), 6.0)
+    d = offer(c, ready("a", members=("a", "b"), joiners=heard), 6.0)
     assert isinstance(d, Decision) and set(d.members) == {"a", "b"}
 
 
@@ -291,7 +309,7 @@ def test_survivors_converge_on_one_view(dead: set[str]) -> None:
     for p, c in cores.items():
         coord = c.coordinator()
         assert coord is not None and coord in cores
-        out = cores[coord].offer(ready(p, suspects=frozenset(c.suspects)), 1.0)
+        out = offer(cores[coord], ready(p, suspects=frozenset(c.suspects)), 1.0)
         if isinstance(out, Pending):
             pending[p] = out.revision
         else:

@@ -13,13 +13,14 @@ from tests.collectives.conftest import (
     Swarm,
     ids,
     mock_clock,
+    one_view_per_revision,
     run_while_p00_is_stranded,
     swarm,
 )
 
 # The engine swarm is the collectives tests' one; only state helpers live here.
 __all__ = ["FAST", "CorruptingFabric", "Swarm", "digest_of", "ids", "make_state", "mock_clock",
-           "run_while_p00_is_stranded", "swarm"]
+           "one_view_per_revision", "run_while_p00_is_stranded", "swarm"]
 
 
 def make_state(seed: int, sizes: dict[str, int]) -> dict[str, np.ndarray]:

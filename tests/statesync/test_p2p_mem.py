@@ -186,12 +186,12 @@ async def test_a_member_that_gathered_a_round_the_others_did_not_is_left_out(
             assert all(np.array_equal(a, mine[q]) for a, q in zip(arrays, peers, strict=True))
 
 
-@pytest.mark.parametrize("trial", range(8))  # p00 decides a view of its own in about half
+@pytest.mark.parametrize("trial", range(8))
 async def test_a_peer_stranded_mid_exchange_raises_evicted_at_once(
         mock_clock: trio.testing.MockClock, trial: int) -> None:
     """The point-to-point side of tests/collectives/test_rejoin.py's stranding
-    test: with the link p00-p03 cut during a view change, p00 may hold a view
-    of revision 1 the others left it out of. Its all_gather waits in
+    test: with the link p00-p03 cut during a view change, p00 is left out of
+    the others' revision 1. Its all_gather waits in
     ``recv_from`` for members that went on; once their heartbeat answers
     strand it, the wait ends with ``Evicted``, not at the deadline."""
     members, out = await run_while_p00_is_stranded(
