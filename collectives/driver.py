@@ -154,6 +154,7 @@ class MembershipDriver(Liveness):
         self._changed = trio.Event()  # replaced whenever the view or the suspects change
         self._reform_lock = trio.Lock()
         self._proposing = False  # a ballot of this peer is under way (one at a time)
+        self._retries = 0  # ballots retried in a row since the view last changed
         # For ``collectives.history``: a peer that joins has no history to compare.
         self.joins = 0
         self.history_base = FIRST_MEMBERS
@@ -389,6 +390,7 @@ class MembershipDriver(Liveness):
         if now_view is before or now_view is None:
             return
         self.view_changes += 1
+        self._retries = 0
         event(
             log,
             "collectives.view",
@@ -518,7 +520,10 @@ class MembershipDriver(Liveness):
             self._proposing = False
         if chosen is None or self.core.view is not base:
             self._notify()  # waiting readies look again
-            if self.core.view is base:
+            # Retried a few times on its own (a member's next ready starts
+            # another): a quorum that does not answer is found gone meanwhile.
+            if self.core.view is base and self._retries < self.config.max_attempts:
+                self._retries += 1
                 self._spawn(self._propose_later, base)
             return
         before = self.core.view

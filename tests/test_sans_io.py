@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORES = {
     "peerd": ["wire", "identity", "handshake", "errors", "record"],
     "peerd/dht": ["routing", "lookup", "records", "storage", "service", "messages", "config"],
-    "collectives": ["api", "chunking", "ring", "topology", "view", "membership", "quant",
+    "collectives": ["api", "ballot", "chunking", "ring", "topology", "view", "membership", "quant",
                     "arrays", "messages", "fabric", "state", "statebuf", "statemsg"],
     "crdt": ["hlc", "values", "messages", "lww", "orset", "counter", "delta", "log", "sync"],
     "nat": ["endpoint", "observed", "classify", "probe", "punch", "bucket", "relay",
