@@ -211,7 +211,8 @@ def run_diloco_soak(seconds: float, *, seed: int = 0, start_peers: int = 4,
         # The swarm must still train after the churn.
         if not soak.wait_full_round():
             soak.report.violations.append("no full round after the last fault")
-        keys, lives = {}, defaultdict(int)
+        keys: dict[int, str] = {}
+        lives: defaultdict[str, int] = defaultdict(int)
         for i, m in soak.members.items():
             peer = m.peer or f"worker{i}"
             keys[i] = peer if not lives[peer] else f"{peer}#{lives[peer]}"

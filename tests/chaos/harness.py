@@ -95,6 +95,7 @@ class Ledger:
         self.committed: list[int] = []
         self.applied: dict[str, list[int]] = {}
         self.joined_at: dict[str, int] = {}
+        self.views: dict[int, tuple[str, ...]] = {}  # each revision's members, from results
         self.violations: list[str] = []
 
     def admit(self, peer: str, from_round: int) -> None:
@@ -119,6 +120,12 @@ class Ledger:
         parts = {tuple(sorted(e["participants"])) for _, e in results}
         if len(shas) != 1 or len(parts) != 1:
             bad(f"round {rnd}: peers disagree: {len(shas)} digests, participants {parts}")
+        for _, e in results:
+            # One view per revision, over the whole run (``collectives.ballot``).
+            members = tuple(e["participants"])
+            known = self.views.setdefault(e["revision"], members)
+            if known != members:
+                bad(f"round {rnd}: two views of revision {e['revision']}: {known} and {members}")
         participants = list(next(iter(parts)))
         reporters = {p.peer for p, _ in results}
         if not reporters <= set(participants):

@@ -28,9 +28,11 @@ class _Peer:
         self.peer, self.index = peer, index
 
 
-def _result(out: Path, peer: _Peer, rnd: int, data: np.ndarray, parts: list[str]) -> dict[str, Any]:
+def _result(out: Path, peer: _Peer, rnd: int, data: np.ndarray, parts: list[str],
+            revision: int = 0) -> dict[str, Any]:
     np.save(out / f"r{rnd}_{peer.index}.npy", data)
-    return {"event": "result", "participants": parts, "sha256": digest(data)}
+    return {"event": "result", "participants": parts, "sha256": digest(data),
+            "revision": revision}
 
 
 def test_ledger_catches_each_kind_of_violation(tmp_path: Path) -> None:
@@ -61,6 +63,12 @@ def test_ledger_catches_each_kind_of_violation(tmp_path: Path) -> None:
     ledger.check_states(peers)
     new = " | ".join(ledger.violations[n:])
     assert "applied twice" in new and "committed is" in new
+    # A later round on another view of a revision already seen.
+    n = len(ledger.violations)
+    ab = np.mean([inputs[q] for q in "ab"], axis=0).astype(np.float32)
+    ledger.check_round(2, peers[:2], [_result(tmp_path, p, 2, ab, list("ab")) for p in peers[:2]],
+                       set())
+    assert "two views of revision 0" in " | ".join(ledger.violations[n:])
 
 
 def test_each_fault_kind_once() -> None:
