@@ -155,6 +155,7 @@ class MembershipDriver(Liveness):
         self._reform_lock = trio.Lock()
         self._proposing = False  # a ballot of this peer is under way (one at a time)
         self._retries = 0  # ballots retried in a row since the view last changed
+        self._waiting: set[str] = set()  # members whose readies wait here for the next view
         # For ``collectives.history``: a peer that joins has no history to compare.
         self.joins = 0
         self.history_base = FIRST_MEMBERS
@@ -191,12 +192,15 @@ class MembershipDriver(Liveness):
         return v
 
     def evicted(self, detail: str = "") -> Evicted:
+        d = self.core.view
         if self.core.stranded:
-            d = self.core.view
             assert d is not None
             detail = (f"the run went on without this peer after revision {d.revision} "
                       "(a partition or flap left this side without quorum); it rejoins at "
                       "the next round boundary")
+        elif not detail and d is not None and self.me not in d.members:
+            detail = (f"the run went on without this peer: revision {d.revision} leaves it "
+                      "out; it rejoins at the next round boundary")
         return Evicted(self.me, detail)
 
     def statistics(self) -> EngineStats:
@@ -529,12 +533,12 @@ class MembershipDriver(Liveness):
         before = self.core.view
         self.core.decided(chosen, trio.current_time())
         self._sync(before)
-        # The readies held here are answered with it, but not every member's
-        # ready is: one may have gone on to another coordinator, another was
-        # admitted and sent none.
+        # The readies waiting here are answered with it; the other members are
+        # told (a joiner sent none, and a member may have given up on this
+        # coordinator for another, which may never learn the view).
         msg = encode(m.ViewCommit(self.run, chosen.revision, chosen.members))
         for peer in chosen.members:
-            if peer != self.me:
+            if peer != self.me and peer not in self._waiting:
                 self._spawn(self._quiet_call, peer, "commit", msg)
 
     async def _propose_later(self, base: Decision) -> None:
@@ -592,8 +596,10 @@ class MembershipDriver(Liveness):
                         peer, self._method(name), payload, self.config.call_timeout))
                     if isinstance(reply, m.ViewVote) and reply.run == self.run:
                         votes[peer] = _vote(reply, base.revision + 1)
-                    elif (isinstance(reply, m.ViewCommit) and reply.run == self.run
-                          and self.me in reply.members):
+                    elif isinstance(reply, m.ViewCommit) and reply.run == self.run:
+                        # Chosen already. Installed even where it leaves this
+                        # peer out: the readies waiting here then get their
+                        # answer, and this peer rejoins (``Evicted``).
                         self._install(Decision(reply.revision, reply.members))
                 if self.core.view is not base or settled(base.members, yes()):
                     nursery.cancel_scope.cancel()
@@ -652,30 +658,38 @@ class MembershipDriver(Liveness):
         outcome = self.core.offer(ready, trio.current_time())
         self._sync(before)
         if isinstance(outcome, Pending):
-            self._poll_round()
-            deadline = self.core.deadline() or trio.current_time()
-            with trio.move_on_at(deadline):
-                # Waiting on without a quorum is pointless: nothing can be decided.
-                while (self.core.view is not None and self.core.view.revision <= outcome.revision
-                       and self._quorate()):
-                    await self._changed.wait()
-            answer = self.core.answer(peer, outcome.revision)
-            if answer is None:
-                # Past the deadline: propose without the missing members, and
-                # see that ballot through.
-                self._poll_round()
-                with trio.move_on_after(2 * self.config.call_timeout):
-                    while (self._proposing and self.core.view is not None
-                           and self.core.view.revision <= outcome.revision):
-                        await self._changed.wait()
-                answer = self.core.answer(peer, outcome.revision)
-            outcome = answer if answer is not None else Retry("no decision before the deadline")
+            self._waiting.add(peer)
+            try:
+                outcome = await self._await_view(peer, outcome)
+            finally:
+                self._waiting.discard(peer)
         if isinstance(outcome, Decision):
             return encode(m.ViewCommit(self.run, outcome.revision, outcome.members))
         reason = (
             m.RefuseReason.NOT_MEMBER if isinstance(outcome, NotMember) else m.RefuseReason.RETRY
         )
         return encode(m.ViewRefused(self.run, reason, outcome.detail))
+
+    async def _await_view(self, peer: str, outcome: Pending) -> Decision | NotMember | Retry:
+        """The answer to ``peer``'s ready once a view past ``outcome`` is chosen."""
+        self._poll_round()
+        deadline = self.core.deadline() or trio.current_time()
+        with trio.move_on_at(deadline):
+            # Waiting on without a quorum is pointless: nothing can be decided.
+            while (self.core.view is not None and self.core.view.revision <= outcome.revision
+                   and self._quorate()):
+                await self._changed.wait()
+        answer = self.core.answer(peer, outcome.revision)
+        if answer is None:
+            # Past the deadline: propose without the missing members, and see
+            # that ballot through.
+            self._poll_round()
+            with trio.move_on_after(2 * self.config.call_timeout):
+                while (self._proposing and self.core.view is not None
+                       and self.core.view.revision <= outcome.revision):
+                    await self._changed.wait()
+            answer = self.core.answer(peer, outcome.revision)
+        return answer if answer is not None else Retry("no decision before the deadline")
 
     async def _on_ready(self, peer: str, payload: bytes) -> bytes:
         return await self._offer(peer, self._decode(payload, m.ViewReady))
