@@ -24,11 +24,6 @@ def _split(s, a: list[str], b: list[str], heal: bool = False) -> None:  # type: 
             (s.net.heal if heal else s.net.cut)(x, y)
 
 
-@pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0)
-
-
 async def _round(s, seed: int):  # type: ignore[no-untyped-def]
     data = inputs(s.alive(), 257, seed=seed)
     arrays = {p: v.copy() for p, v in data.items()}
