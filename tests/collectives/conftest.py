@@ -13,9 +13,9 @@ import trio.testing
 
 from collectives.driver import EngineConfig
 from collectives.membership import Membership, Timing
-from collectives.view import Decision
 from collectives.memfabric import MemFabric, MemNetwork
 from collectives.run import Engine, open_engine
+from collectives.view import Decision
 from peerd.errors import Evicted, PeerdError
 
 RUN = "run-1"
@@ -172,10 +172,11 @@ async def run_while_p00_is_stranded(
     fn: Callable[[str, Engine], Awaitable[Any]],
 ) -> tuple[tuple[str, ...], dict[str, Any]]:
     """Four peers, the link p00-p03 cut during a view change: the others go
-    on without p00, which (its proposal outvoted, or never proposed) only
-    learns from their heartbeat answers that it is stranded. Runs ``fn`` on every peer right after the change; returns
-    the others' members and the outcomes, having checked that p00's is the
-    ``Evicted`` of a stranded peer and came well before a phase deadline."""
+    on without p00, which learns it from a vote on its own outvoted proposal
+    or, later, from their heartbeat answers. Runs ``fn`` on every peer right
+    after the change; returns the others' members and the outcomes, having
+    checked that p00's is an ``Evicted`` saying the run went on without it,
+    well before a phase deadline."""
     async with swarm(4) as s:
         s.net.cut("p00", "p03")
         await s.each(lambda p, e: e.update_view())
