@@ -553,6 +553,11 @@ class MembershipDriver(Liveness):
             return None  # installed meanwhile: nothing left to choose
         ballot = self.core.ballot()
         self.counters["ballots"] += 1
+        if ballot.number >= m.MAX_BALLOT:
+            # Only a peer's refusal naming a ballot at the very top leads
+            # here; no ballot can go above it.
+            self.counters["ballots_failed"] += 1
+            return None
         wire = m.BallotId(ballot.number, ballot.coordinator)
         value: Decision | None = candidate
         if ballot.number > 0:

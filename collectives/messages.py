@@ -17,6 +17,7 @@ from peerd.wire import message
 PROTOCOL_VERSION = 1
 MAX_MEMBERS = 4096
 MAX_ID = 256
+MAX_BALLOT = 2**62  # ballot numbers stay below (a peer's refusal can name any up to it)
 
 
 def _check_ids(ids: tuple[str, ...], what: str) -> None:
@@ -229,7 +230,7 @@ class BallotId:
     coordinator: str
 
     def __post_init__(self) -> None:
-        if not 0 <= self.number < 2**62:
+        if not 0 <= self.number < MAX_BALLOT:
             raise ValueError("ballot number out of range")
         if not 0 < len(self.coordinator) <= MAX_ID:
             raise ValueError("bad coordinator id length")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import trio
 import trio.testing
 
+from collectives import messages as m
 from collectives.api import AllReduceResult
+from collectives.memfabric import MemFabric
 from collectives.run import Engine
-from tests.collectives.conftest import FAST, Swarm, inputs, reference, same_bytes, swarm
+from peerd.errors import PeerLost
+from peerd.wire import encode
+from tests.collectives.conftest import FAST, RUN, Swarm, inputs, reference, same_bytes, swarm
 
 
 async def start_joiner(s: Swarm, peer: str) -> trio.Event:
@@ -256,3 +262,37 @@ async def test_restarted_member_is_dropped_at_once_and_joins_again(
         got = reborn.view()
         assert (got.revision, got.members) == (views["p00"].revision, views["p00"].members)
         assert got.revision > before + 1  # a view without the old process came first
+
+
+class TopBallotVoter:
+    """A member whose every vote refuses, naming the highest ballot there is."""
+
+    def __init__(self, inner: MemFabric) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def register(self, method: str, handler: Any) -> None:
+        if method.endswith(("/prepare", "/accept")):
+            async def refuse(peer: str, payload: bytes) -> bytes:
+                return encode(m.ViewVote(RUN, False, m.BallotId(m.MAX_BALLOT - 1, "p01")))
+
+            handler = refuse
+        self._inner.register(method, handler)
+
+
+async def test_a_vote_naming_the_top_ballot_fails_ballots_but_harms_nothing(
+        mock_clock: trio.testing.MockClock) -> None:
+    """With p02 dead, p00's ballots need p01's vote, and p01 refuses each
+    one, naming the highest ballot number there is. No ballot can go above
+    it: p00's later ballots fail at once (they would not fit on the wire),
+    the boundary ends in ``PeerLost`` rather than a crashed engine, and no
+    view is installed."""
+    async with swarm(3, wrap={"p01": TopBallotVoter}) as s:
+        s.kill("p02")
+        out = await s.each(lambda p, e: e.update_view())
+        assert all(isinstance(r, PeerLost) for r in out.values()), out
+        stats = s.engines["p00"].statistics()
+        assert stats.revision == 0 and stats.ballots >= 2, stats
+        assert stats.ballots_failed == stats.ballots, stats
