@@ -530,9 +530,7 @@ class MembershipDriver(Liveness):
                 self._retries += 1
                 self._spawn(self._propose_later, base)
             return
-        before = self.core.view
-        self.core.decided(chosen, trio.current_time())
-        self._sync(before)
+        self._install(chosen)
         # The readies waiting here are answered with it; the other members are
         # told (a joiner sent none, and a member may have given up on this
         # coordinator for another, which may never learn the view).
@@ -558,7 +556,7 @@ class MembershipDriver(Liveness):
             # here; no ballot can go above it.
             self.counters["ballots_failed"] += 1
             return None
-        wire = m.BallotId(ballot.number, ballot.coordinator)
+        wire = _ballot_id(ballot)
         value: Decision | None = candidate
         if ballot.number > 0:
             promises = await self._poll_voters(
@@ -600,7 +598,7 @@ class MembershipDriver(Liveness):
                     reply = decode_untrusted(await self.fabric.call(
                         peer, self._method(name), payload, self.config.call_timeout))
                     if isinstance(reply, m.ViewVote) and reply.run == self.run:
-                        votes[peer] = _vote(reply, base.revision + 1)
+                        votes[peer] = _vote_of(reply, base.revision + 1)
                     elif isinstance(reply, m.ViewCommit) and reply.run == self.run:
                         # Chosen already. Installed even where it leaves this
                         # peer out: the readies waiting here then get their
@@ -618,8 +616,9 @@ class MembershipDriver(Liveness):
             return None
         return [v for v in votes.values() if v.ok]
 
-    def _vote(self, peer: str, base: int, ballot: m.BallotId,
+    def _cast(self, peer: str, base: int, ballot: m.BallotId,
               act: Callable[[Acceptor, Ballot], Vote]) -> bytes:
+        """This peer's vote on ``peer``'s ballot in choosing the view after ``base``."""
         if ballot.coordinator != peer:
             raise ProtocolError(f"{peer} sent a ballot of {ballot.coordinator}")
         state = self.core.acceptor(base)
@@ -628,23 +627,20 @@ class MembershipDriver(Liveness):
         if state is None:
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         f"no say in the view after revision {base}"))
-        vote = act(state, Ballot(ballot.number, ballot.coordinator))
-        promised = vote.promised
-        accepted = vote.accepted
+        vote = act(state, _ballot_of(ballot))
+        promised, accepted = vote.promised, vote.accepted
         return encode(m.ViewVote(
-            self.run, vote.ok,
-            m.BallotId(promised.number, promised.coordinator) if promised else None,
-            m.BallotId(accepted[0].number, accepted[0].coordinator) if accepted else None,
-            accepted[1].members if accepted else ()))
+            self.run, vote.ok, _ballot_id(promised) if promised else None,
+            _ballot_id(accepted[0]) if accepted else None, accepted[1].members if accepted else ()))
 
     async def _on_prepare(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewPrepare = self._decode(payload, m.ViewPrepare)
-        return self._vote(peer, msg.revision, msg.ballot, lambda a, b: a.prepare(b))
+        return self._cast(peer, msg.revision, msg.ballot, lambda a, b: a.prepare(b))
 
     async def _on_accept(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewAccept = self._decode(payload, m.ViewAccept)
         proposal = Decision(msg.revision + 1, msg.members)
-        return self._vote(peer, msg.revision, msg.ballot, lambda a, b: a.accept(b, proposal))
+        return self._cast(peer, msg.revision, msg.ballot, lambda a, b: a.accept(b, proposal))
 
     async def _offer(self, peer: str, msg: m.ViewReady) -> bytes:
         ready = Ready(
@@ -821,11 +817,18 @@ class MembershipDriver(Liveness):
         raise PeerLost(unreachable, f"run {self.run}: no view agreed after revision {start}")
 
 
-def _vote(msg: m.ViewVote, revision: int) -> Vote:
+def _ballot_id(ballot: Ballot) -> m.BallotId:
+    return m.BallotId(ballot.number, ballot.coordinator)
+
+
+def _ballot_of(wire: m.BallotId) -> Ballot:
+    return Ballot(wire.number, wire.coordinator)
+
+
+def _vote_of(msg: m.ViewVote, revision: int) -> Vote:
     """A vote off the wire; an accepted view is of ``revision`` (the one chosen)."""
-    promised = Ballot(msg.promised.number, msg.promised.coordinator) if msg.promised else None
+    promised = _ballot_of(msg.promised) if msg.promised else None
     accepted = None
     if msg.accepted is not None:
-        accepted = (Ballot(msg.accepted.number, msg.accepted.coordinator),
-                    Decision(revision, msg.accepted_members))
+        accepted = (_ballot_of(msg.accepted), Decision(revision, msg.accepted_members))
     return Vote(msg.ok, promised, accepted)

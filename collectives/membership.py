@@ -73,7 +73,6 @@ class Membership:
         self._joiners: dict[str, tuple[float, frozenset[str]]] = {}
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
-        self.last_decided: Decision | None = None  # the last view this peer proposed and saw chosen
         # Votes in the choice of the view after each base revision (this one's,
         # and the next one's for a member that has not yet heard its view was
         # chosen), and this peer's own ballots in the choice after the current.
@@ -289,7 +288,7 @@ class Membership:
     def proposal(self, now: float) -> Decision | None:
         """What this peer, as coordinator, proposes as the next view once
         everyone expected is ready or the deadline passed (``None`` before);
-        it is installed once chosen (``decided``)."""
+        it is installed once chosen (``collectives.ballot``)."""
         if self.view is None or not self._readies:
             return None
         deadline = self.deadline()
@@ -309,13 +308,6 @@ class Membership:
         )
         return decision
 
-    def decided(self, decision: Decision, now: float) -> bool:
-        """Install a view this peer's ballot got chosen; returns whether it was newer."""
-        if not self.install(decision, now):
-            return False
-        self.last_decided = decision
-        return True
-
     # -------------------------------------------------------------- ballots
 
     def ballot(self) -> Ballot:
@@ -332,10 +324,10 @@ class Membership:
 
     def acceptor(self, base: int) -> Acceptor | Decision | None:
         """This peer's votes in choosing the view after revision ``base``; the
-        installed view instead where it is past that choice (chosen, and this
-        peer is a member in good standing: a proposer that is a member of it
-        may install it); ``None`` where this peer has no say (no view, or
-        ``base`` beyond the next choice it can be part of)."""
+        installed view instead where it is past that choice (it was chosen,
+        and this peer is a member in good standing: the proposer installs it);
+        ``None`` where this peer has no say (no view, or ``base`` beyond the
+        next choice it can be part of)."""
         v = self.view
         if v is None:
             return None

@@ -115,7 +115,7 @@ def decide(c: Membership, now: float) -> Decision | None:
     (``collectives.ballot``; the driver runs the ballot)."""
     d = c.proposal(now)
     if d is not None:
-        assert c.decided(d, now)
+        assert c.install(d, now)
     return d
 
 
@@ -135,7 +135,7 @@ def test_coordinator_decides_when_everyone_is_ready() -> None:
     decision = offer(c, ready("a"), 2.0)
     assert isinstance(decision, Decision)
     assert decision.revision == 1 and sorted(decision.members) == list(MEMBERS)
-    assert c.view == decision and c.last_decided == decision
+    assert c.view == decision
     assert c.answer("b", 0) == decision
     assert c.answer("b", 1) is None
 
