@@ -11,10 +11,13 @@ import statistics
 import time
 from typing import Any
 
+from _ccshim import SYSTEM, preload_env
+
 
 def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any) -> None:
     import torch
     import torch.distributed as dist
+    from _ccshim import running
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -41,7 +44,10 @@ def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any)
         cpu.append((user1 - user0 + sys1 - sys0, user1 - user0, sys1 - sys0, faults1 - faults0))
     expected = world * (world + 1) / 2
     ok = bool(torch.all(t == expected))
-    q.put((rank, times, peak, ok, sorted(cpu)[len(cpu) // 2]))  # median by total CPU
+    with socket.socket() as probe:  # what gloo's own TCP sockets were given
+        congestion = running(probe)
+    q.put((rank, times, peak, ok, sorted(cpu)[len(cpu) // 2],  # median by total CPU
+           congestion))
     dist.destroy_process_group()
 
 
@@ -51,10 +57,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_gloo(world: int, elements: int, iters: int, port: int = 0) -> dict[str, float]:
+def run_gloo(world: int, elements: int, iters: int, port: int = 0,
+             congestion: str = SYSTEM) -> dict[str, Any]:
     """Median/min seconds per all-reduce over ``world`` processes, peak extra RSS,
-    and the median CPU seconds one process spends in an all-reduce (the rank that
-    spends most; total, user and kernel)."""
+    the median CPU seconds one process spends in an all-reduce (the rank that
+    spends most; total, user and kernel), and the TCP congestion control its
+    sockets ran (``congestion`` where ``_ccshim`` could arrange it)."""
     # A fixed port may be taken by anyone's torch.distributed store on a shared
     # machine (the workers would then wait on a stranger forever): pick a free one.
     port = port or _free_port()
@@ -62,8 +70,18 @@ def run_gloo(world: int, elements: int, iters: int, port: int = 0) -> dict[str, 
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, elements, iters, q))
              for r in range(world)]
-    for p in procs:
-        p.start()
+    extra = preload_env(congestion)
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)  # the spawned workers' environment, not this process's sockets
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     results: list[Any] = []
     deadline = time.monotonic() + 600
     while len(results) < world:
@@ -88,6 +106,7 @@ def run_gloo(world: int, elements: int, iters: int, port: int = 0) -> dict[str, 
         "peak_extra_bytes": max(r[2] for r in results),
         **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), max(r[4] for r in results),
                    strict=True)),
+        "congestion": ",".join(sorted({r[5] for r in results})),
     }
 
 

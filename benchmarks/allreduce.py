@@ -119,6 +119,25 @@ into the caller's array 104-131 ms (four peers copying 400 MB each at once
 on two cores). A 1000-element round (the fixed cost: view check, history
 exchange, status round, over QUIC) takes peerd 17 ms and 8 ms of CPU per
 peer, gloo 11 and 5.
+
+Session 17: TCP congestion control. The 2-core VMs' host default is BBR
+(v1). Through the netns lab's 200 Mbit/s tbf uplinks, one link of the ring
+would lose 50-350 ms of a 2.5 s round now and then (no drops, no
+retransmits: BBR left the shaped link idle), whichever peer it was, with
+1, 2 or 4 connections a hop; with CUBIC every link ran at the shaped rate
+(rings of all 4 peers within 2.49-2.54 s, the bare minimum with TCP/IP
+headers being 2.51). peerd's data sockets now ask for CUBIC
+(``NodeConfig.data_congestion``; ``--congestion`` here). Netns, 10M, median
+of 5 rounds, three alternating pairs: CUBIC 0.95 0.95 0.95 of the link
+limit (2.527-2.532 s), BBR 0.92 0.92 0.92 (2.605-2.620 s). On loopback
+BBR's pacing cost CPU too: peerd 10M 0.106-0.108 s against 0.131-0.134,
+100M 1.056-1.065 against 1.18-1.32 (alternating, no gloo). gloo gains from
+CUBIC as well (100M 0.54-0.77 s against 0.67-0.74 with BBR; 10M within its
+noise), so gloo's sockets are now given the same one (``_ccshim``: an
+LD_PRELOAD library; the line "TCP congestion control" says what each ran).
+On equal terms, four runs: 10M peerd 0.101-0.112 s, gloo 0.049-0.082;
+100M peerd 0.864-0.892 s, gloo 0.467-0.859 (ratios 1.03-1.88: gloo's
+spread again).
 """
 
 from __future__ import annotations
@@ -141,10 +160,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(_HERE))
 
+from _ccshim import effective, host_default  # noqa: E402
 from _gloo import run_gloo  # noqa: E402
 from _netns import netns_factory  # noqa: E402
 
 from collectives.api import Quant  # noqa: E402
+from peerd.config import NodeConfig  # noqa: E402
+from peerd.datasock import check_congestion  # noqa: E402
 from peerd.peerproc import LocalSwarm  # noqa: E402
 
 QUANTS = {"none": Quant.NONE, "fp16": Quant.FP16, "bf16": Quant.BF16, "int8": Quant.INT8}
@@ -214,8 +236,14 @@ def main() -> int:
                     help="run peers in network namespaces with shaped links (root)")
     ap.add_argument("--rate", default="200mbit", help="tbf rate per peer uplink with --netns")
     ap.add_argument("--no-gloo", action="store_true")
+    ap.add_argument("--congestion", help="TCP congestion control of peerd's data sockets "
+                    "(NodeConfig.data_congestion: cubic, bbr, system, ...); default: peerd's")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Both sides on one congestion control (see ``_ccshim``): peerd's data
+    # sockets ask for it themselves, gloo's get it through LD_PRELOAD.
+    congestion = check_congestion(args.congestion or NodeConfig.data_congestion)
+    os.environ["PEERD_PEERPROC_DATA_CONGESTION"] = congestion
     quant = QUANTS[args.quant]
 
     lab, factory = netns_factory(args.rate) if args.netns else (None, None)
@@ -231,13 +259,18 @@ def main() -> int:
                 ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
                 rows = [("peerd", ours)]
                 if not args.no_gloo and not args.netns:
-                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters)))
+                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters,
+                                                  congestion=congestion)))
                 for name, r in rows:
                     print(f"{elements:>12} {name:>8} {r['median_s']:>8.3f} "
                           f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
                           f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
                           f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
                           f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
+                if n == 0:
+                    theirs = f", gloo {rows[1][1]['congestion']}" if len(rows) == 2 else ""
+                    print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
+                          f"{theirs} (host default {host_default()})")
                 split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ours["phases"].items())
                 print(f"{'':>12} peerd phases of the slowest peer (median): {split}")
                 if quant is not Quant.NONE or n == 0:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerd import aead
+from peerd.datasock import DEFAULT_CONGESTION, check_congestion
 from peerd.errors import ConfigError
 from peerd.record import DEFAULT_MAX_PLAINTEXT
 from peerd.rpc import RpcLimits
@@ -62,6 +63,10 @@ class NodeConfig:
     # Record ciphers this node offers in its handshakes, preferred first (see
     # ``peerd.aead``); None: every one this install has, fastest first.
     data_ciphers: tuple[str, ...] | None = None
+    # TCP congestion control of the data sockets: a kernel name ("cubic",
+    # "bbr", ...) or "system" for the host's default (see
+    # ``peerd.datasock.DEFAULT_CONGESTION`` for why CUBIC).
+    data_congestion: str = DEFAULT_CONGESTION
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
@@ -77,3 +82,4 @@ class NodeConfig:
                 aead.check_offer(self.data_ciphers)
             except ValueError as exc:
                 raise ConfigError(f"data_ciphers: {exc}") from None
+        check_congestion(self.data_congestion)

@@ -29,6 +29,7 @@ from peerd.dataproto import (
     encode_preamble,
     parse_preamble,
 )
+from peerd.datasock import DEFAULT_CONGESTION
 from peerd.datastream import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_SOCKET_BUFFER,
@@ -87,6 +88,9 @@ class DataConfig:
     # Seal, write, read and open a message's records in native code
     # (``peerd.datapump``) where it is built and switched on; False: never.
     native: bool = True
+    # TCP congestion control of this end's data sockets (each end picks its
+    # own; see ``peerd.datasock.DEFAULT_CONGESTION``); "system": the host's.
+    congestion: str = DEFAULT_CONGESTION
 
     def offload(self) -> bool:
         return threads_pay(self.crypto_threads)
@@ -144,7 +148,7 @@ async def dial_data_channel(
     transport = SocketTransport(sock)
     try:
         with trio.fail_after(DATA_HANDSHAKE_TIMEOUT):
-            tune_socket(sock, config.socket_buffer)
+            tune_socket(sock, config.socket_buffer, config.congestion)
             try:
                 await sock.connect((host, port))
             except OSError as exc:
@@ -224,7 +228,8 @@ class DataListener:
         lsock = trio.socket.socket(family)
         with lsock:
             lsock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-            tune_socket(lsock, self._config.socket_buffer)  # inherited by accepted sockets
+            # Inherited by accepted sockets.
+            tune_socket(lsock, self._config.socket_buffer, self._config.congestion)
             await lsock.bind((self._host, self._want_port))
             lsock.listen(128)
             self.port = lsock.getsockname()[1]

@@ -88,7 +88,7 @@ async def simultaneous_open(
     try:
         with trio.fail_after(timeout):
             while True:
-                tune_socket(sock, config.socket_buffer)
+                tune_socket(sock, config.socket_buffer, config.congestion)
                 try:
                     await sock.connect(remote)
                     break

@@ -125,7 +125,8 @@ class Node(RunsMixin):
                                      self._on_accept, config.max_pending_handshakes)
         self.nat = NatState([self.endpoint.local_address])
         data_config = DataConfig(max_record=config.data_record,
-                                 crypto_threads=config.data_threads)
+                                 crypto_threads=config.data_threads,
+                                 congestion=config.data_congestion)
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0],
                               self.call_session, data_config)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)

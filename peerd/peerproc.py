@@ -140,7 +140,9 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
         data_channels=int(os.environ.get("PEERD_PEERPROC_DATA_CHANNELS", "0"))
         or NodeConfig.data_channels,
         data_record=int(os.environ.get("PEERD_PEERPROC_DATA_RECORD", "0"))
-        or NodeConfig.data_record)
+        or NodeConfig.data_record,
+        data_congestion=os.environ.get("PEERD_PEERPROC_DATA_CONGESTION")
+        or NodeConfig.data_congestion)
     async with open_node(SwarmKey(bytes.fromhex(key_hex)), listen=listen,
                          config=config) as node:
         fault = _FaultFabric(node.fabric)

@@ -22,6 +22,8 @@ File format (every key optional)::
                                         # on where the daemon may use >= 4 cores
     data_ciphers = ["aegis128l"]        # record ciphers offered, preferred first;
                                         # default: all installed, fastest first
+    data_congestion = "bbr"             # TCP congestion control of the data sockets;
+                                        # default "cubic"; "system": the host's default
     [limits]
     max_peers = 512
     max_pending_handshakes = 64
@@ -68,6 +70,7 @@ class DaemonConfig:
     log_level: str
     limits: Limits
     data_channels: int
+    data_congestion: str
     data_threads: bool | None = None
     data_ciphers: tuple[str, ...] | None = None
 
@@ -75,7 +78,7 @@ class DaemonConfig:
 _TOP_KEYS: dict[str, type] = {
     "data_dir": str, "identity": str, "swarm_key": str, "listen": str, "bootstrap": list,
     "metrics": str, "socket": str, "log_level": str, "limits": dict, "data_channels": int,
-    "data_threads": bool, "data_ciphers": list,
+    "data_threads": bool, "data_ciphers": list, "data_congestion": str,
 }
 MAX_DATA_CHANNELS = 64  # what a peer accepts (peerd.dataplane.MAX_CHANNELS)
 _LIMIT_KEYS = ("max_peers", "max_pending_handshakes", "max_clients", "max_inflight")
@@ -166,6 +169,7 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
     # Imported here so that clients, which only need ``default_socket``, do not
     # load the QUIC stack that ``peerd.config`` pulls in.
     from peerd.config import DEFAULT_PORT, NodeConfig, parse_address
+    from peerd.datasock import check_congestion
 
     merged: dict[str, Any] = dict(file_values)
     merged.update({k: v for k, v in flags.items() if v is not None})
@@ -192,6 +196,8 @@ def resolve(file_values: Mapping[str, Any], flags: Mapping[str, Any],
         data_channels=merged.get("data_channels", NodeConfig.data_channels),
         data_threads=merged.get("data_threads", NodeConfig.data_threads),
         data_ciphers=_ciphers(merged.get("data_ciphers")),
+        data_congestion=check_congestion(merged.get("data_congestion",
+                                                     NodeConfig.data_congestion)),
     )
 
 

@@ -102,7 +102,7 @@ async def _serve(cfg: DaemonConfig, identity: Identity, swarm_key: SwarmKey) -> 
                           max_peers=cfg.limits.max_peers,
                           max_pending_handshakes=cfg.limits.max_pending_handshakes,
                           data_channels=cfg.data_channels, data_threads=cfg.data_threads,
-                          data_ciphers=cfg.data_ciphers)
+                          data_ciphers=cfg.data_ciphers, data_congestion=cfg.data_congestion)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         started = False
         try:

@@ -32,13 +32,15 @@ def test_defaults_follow_xdg() -> None:
     assert cfg.data_channels == NodeConfig().data_channels
     assert cfg.data_threads is None  # decided by the cores the daemon may use
     assert cfg.data_ciphers is None  # every cipher installed, fastest first
+    assert cfg.data_congestion == NodeConfig().data_congestion == "cubic"
 
 
 def test_flags_win_over_file_values(tmp_path: Path) -> None:
     file_values = check_values({"listen": "127.0.0.1:1000", "bootstrap": ["10.0.0.1:1"],
                                 "data_dir": "state", "identity": "me.key",
                                 "limits": {"max_peers": 9}, "data_channels": 8,
-                                "data_threads": False, "data_ciphers": ["aegis128l"]},
+                                "data_threads": False, "data_ciphers": ["aegis128l"],
+                                "data_congestion": "bbr"},
                                "f.toml",
                                base=tmp_path)
     cfg = resolve(file_values, {"listen": "127.0.0.1:2000", "bootstrap": None}, ENV)
@@ -50,6 +52,7 @@ def test_flags_win_over_file_values(tmp_path: Path) -> None:
     assert cfg.data_threads is False
     assert cfg.data_ciphers == ("aegis128l",)
     assert cfg.data_channels == 8
+    assert cfg.data_congestion == "bbr"
 
 
 def test_overlong_socket_path_is_a_config_error() -> None:
