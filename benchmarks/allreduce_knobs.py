@@ -56,6 +56,7 @@ from _netns import netns_factory  # noqa: E402
 from collectives import allreduce as ring  # noqa: E402
 from collectives.driver import EngineConfig  # noqa: E402
 from peerd import datapump  # noqa: E402
+from peerd.config import NodeConfig  # noqa: E402
 from peerd.peerproc import LocalSwarm  # noqa: E402
 
 # Every knob a variant leaves out takes the code's own value (read here, so the
@@ -123,7 +124,8 @@ def main() -> int:
                   f"{2 * 3 / 4 * args.elements * 4 / med / limit:.3f}")
         return 0
     seen = measure(args.elements, args.rounds, variants)
-    gloo = run_gloo(4, args.elements, 9)["median_s"]
+    # gloo's sockets on peerd's congestion control (``_ccshim``), as in allreduce.py.
+    gloo = run_gloo(4, args.elements, 9, congestion=NodeConfig.data_congestion)["median_s"]
     print(f"{args.elements:,} fp32, 4 peers, {args.rounds} interleaved rounds per variant; "
           f"gloo median {gloo * 1e3:.1f} ms")
     for name, rows in seen.items():
