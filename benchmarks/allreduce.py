@@ -138,6 +138,16 @@ LD_PRELOAD library; the line "TCP congestion control" says what each ran).
 On equal terms, four runs: 10M peerd 0.101-0.112 s, gloo 0.049-0.082;
 100M peerd 0.864-0.892 s, gloo 0.467-0.859 (ratios 1.03-1.88: gloo's
 spread again).
+
+Socket buffers: the data sockets asked for 8 MiB each way, which switches
+the kernel's autotuning off and is capped at ``net.core.rmem_max`` (4 MiB
+on these VMs, 208 KiB on an untuned host: a window that holds a 100 ms
+path to ~30 Mbit/s per connection). Now a fixed size is asked only where
+it beats autotuning (``peerd.datasock.fixed_buffer``): here the sending
+side, while receiving sockets grow to ``tcp_rmem``'s 32 MiB. Alternating
+runs on loopback, fixed both ways against the new plan: 10M 0.111-0.119 s
+against 0.100-0.104, 100M 0.881-1.003 against 0.829-0.839; across
+namespaces both 0.95 of the limit.
 """
 
 from __future__ import annotations

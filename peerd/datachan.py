@@ -76,6 +76,9 @@ class DataConfig:
 
     max_record: int = DEFAULT_MAX_PLAINTEXT
     max_message: int = DEFAULT_MAX_MESSAGE
+    # Asked of each direction's socket buffer where the kernel grants more than
+    # its autotuning reaches, else autotuned (``peerd.datasock.fixed_buffer``);
+    # 0: always autotuned.
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     rekey_interval: int = DEFAULT_REKEY_INTERVAL
     # Move large messages on worker threads: socket I/O and cipher of a whole
