@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
-SYSTEM = "system"
+from peerd.datasock import SYSTEM_CONGESTION as SYSTEM
+from peerd.datasock import host_congestion
 
 _SOURCE = r"""
 #define _GNU_SOURCE
@@ -40,29 +40,16 @@ int socket(int domain, int type, int protocol) {
 """
 
 
-def host_default() -> str:
-    try:
-        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def effective(name: str) -> str:
     """What ``name`` (``SYSTEM``: the host's) runs as."""
-    return host_default() if name == SYSTEM else name
-
-
-def running(sock: socket.socket) -> str:
-    """The congestion control ``sock`` runs."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-    return raw.split(b"\0", 1)[0].decode()
+    return host_congestion() if name == SYSTEM else name
 
 
 def preload_env(name: str) -> dict[str, str]:
     """Environment that makes a child process's TCP sockets run ``name``;
     empty for the host's default, or where no C compiler builds the library
-    (the caller then reports what the child ran, see ``running``)."""
-    if effective(name) == host_default():
+    (the caller then reports what the child ran: ``running_congestion``)."""
+    if effective(name) == host_congestion():
         return {}
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

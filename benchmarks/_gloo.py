@@ -10,6 +10,7 @@ import socket
 import statistics
 import time
 from typing import Any
+from unittest.mock import patch
 
 from _ccshim import SYSTEM, preload_env
 
@@ -17,7 +18,8 @@ from _ccshim import SYSTEM, preload_env
 def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any) -> None:
     import torch
     import torch.distributed as dist
-    from _ccshim import running
+
+    from peerd.datasock import running_congestion
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -45,7 +47,7 @@ def _worker(rank: int, world: int, port: int, elements: int, iters: int, q: Any)
     expected = world * (world + 1) / 2
     ok = bool(torch.all(t == expected))
     with socket.socket() as probe:  # what gloo's own TCP sockets were given
-        congestion = running(probe)
+        congestion = running_congestion(probe)
     q.put((rank, times, peak, ok, sorted(cpu)[len(cpu) // 2],  # median by total CPU
            congestion))
     dist.destroy_process_group()
@@ -70,18 +72,10 @@ def run_gloo(world: int, elements: int, iters: int, port: int = 0,
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, elements, iters, q))
              for r in range(world)]
-    extra = preload_env(congestion)
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)  # the spawned workers' environment, not this process's sockets
-    try:
+    # The spawned workers' environment, not this process's sockets.
+    with patch.dict(os.environ, preload_env(congestion)):
         for p in procs:
             p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
     results: list[Any] = []
     deadline = time.monotonic() + 600
     while len(results) < world:

@@ -170,13 +170,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(_HERE))
 
-from _ccshim import effective, host_default  # noqa: E402
+from _ccshim import effective  # noqa: E402
 from _gloo import run_gloo  # noqa: E402
 from _netns import netns_factory  # noqa: E402
 
 from collectives.api import Quant  # noqa: E402
 from peerd.config import NodeConfig  # noqa: E402
-from peerd.datasock import check_congestion  # noqa: E402
+from peerd.datasock import check_congestion, host_congestion  # noqa: E402
 from peerd.peerproc import LocalSwarm  # noqa: E402
 
 QUANTS = {"none": Quant.NONE, "fp16": Quant.FP16, "bf16": Quant.BF16, "int8": Quant.INT8}
@@ -280,7 +280,7 @@ def main() -> int:
                 if n == 0:
                     theirs = f", gloo {rows[1][1]['congestion']}" if len(rows) == 2 else ""
                     print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
-                          f"{theirs} (host default {host_default()})")
+                          f"{theirs} (host default {host_congestion()})")
                 split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ours["phases"].items())
                 print(f"{'':>12} peerd phases of the slowest peer (median): {split}")
                 if quant is not Quant.NONE or n == 0:

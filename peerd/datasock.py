@@ -167,14 +167,28 @@ def check_congestion(name: str) -> str:
                       f"{SYSTEM_CONGESTION!r} for the host's default")
 
 
-def set_congestion(sock: trio.socket.SocketType, name: str) -> bool:
+def host_congestion() -> str:
+    """The host's default congestion control ("unknown" where it cannot be read)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def running_congestion(sock: socket.socket | trio.socket.SocketType) -> str:
+    """The congestion control ``sock`` runs."""
+    raw: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
+    return raw.split(b"\0", 1)[0].decode()
+
+
+def set_congestion(sock: trio.socket.SocketType, name: str) -> None:
     """Run ``name`` on ``sock`` (before it connects or listens: accepted sockets
-    inherit it); whether the kernel took it. A refusal (not built or loadable,
-    or not in ``net.ipv4.tcp_allowed_congestion_control`` for an unprivileged
-    process) leaves the host's default and is logged once: the data still
-    flows, a little slower on some links."""
+    inherit it). A refusal (not built or loadable, or not in
+    ``net.ipv4.tcp_allowed_congestion_control`` for an unprivileged process)
+    leaves the host's default and is logged once: the data still flows, a
+    little slower on some links."""
     if name == SYSTEM_CONGESTION or not hasattr(socket, "TCP_CONGESTION"):
-        return False
+        return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
     except OSError as exc:
@@ -185,8 +199,6 @@ def set_congestion(sock: trio.socket.SocketType, name: str) -> bool:
                   fix="load its module or, for a user other than root, add it to "
                       "net.ipv4.tcp_allowed_congestion_control; or set data_congestion "
                       f"= {SYSTEM_CONGESTION!r}")
-        return False
-    return True
 
 
 @dataclass(frozen=True)

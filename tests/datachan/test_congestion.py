@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 
 import pytest
 import trio
 
 from peerd.config import NodeConfig
 from peerd.datachan import DataConfig
-from peerd.datasock import SYSTEM_CONGESTION, check_congestion
+from peerd.datasock import (
+    SYSTEM_CONGESTION,
+    check_congestion,
+    host_congestion,
+    running_congestion,
+)
 from peerd.datastream import DataChannel
 from peerd.errors import ConfigError
 from peerd.identity import SwarmKey
@@ -25,24 +29,17 @@ from .conftest import open_rig
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"),
                                 reason="TCP_CONGESTION is Linux's")
 
-PROC = Path("/proc/sys/net/ipv4")
 KEY = SwarmKey(b"t" * 32)
-
-
-def _host_default() -> str:
-    return (PROC / "tcp_congestion_control").read_text().strip()
 
 
 def _other_than_default() -> str:
     # Reno is built into every Linux kernel and allowed to every user; where
     # it is the host's default, CUBIC (the kernel's own default) is the other.
-    return "reno" if _host_default() != "reno" else "cubic"
+    return "reno" if host_congestion() != "reno" else "cubic"
 
 
 def _running(chan: DataChannel) -> str:
-    sock = chan._t.sock  # type: ignore[attr-defined]
-    raw: bytes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
-    return raw.split(b"\0", 1)[0].decode()
+    return running_congestion(chan._t.sock)  # type: ignore[attr-defined]
 
 
 async def _still_carries_data(a: DataChannel, b: DataChannel) -> None:
@@ -62,7 +59,7 @@ async def test_both_ends_of_a_channel_run_the_configured_congestion_control() ->
 async def test_system_keeps_the_hosts_congestion_control() -> None:
     async with open_rig(DataConfig(congestion=SYSTEM_CONGESTION)) as rig:
         dialed, accepted = await rig.pair()
-        assert _running(dialed) == _running(accepted) == _host_default()
+        assert _running(dialed) == _running(accepted) == host_congestion()
 
 
 async def test_a_refused_name_keeps_the_hosts_with_one_warning(
@@ -71,7 +68,7 @@ async def test_a_refused_name_keeps_the_hosts_with_one_warning(
     async with open_rig(DataConfig(congestion="nosuchcc")) as rig:
         pairs = [await rig.pair() for _ in range(2)]  # a listener and two dials
         for dialed, accepted in pairs:
-            assert _running(dialed) == _running(accepted) == _host_default()
+            assert _running(dialed) == _running(accepted) == host_congestion()
             await _still_carries_data(dialed, accepted)
             await _still_carries_data(accepted, dialed)
     warned = [r for r in caplog.records if "data.congestion_refused" in r.getMessage()]
