@@ -193,10 +193,11 @@ START_IN = 0.05
 
 
 def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
-              first_round: int) -> dict[str, Any]:
+              first_round: int, into: bool = False) -> dict[str, Any]:
     """A small all-reduce opens every link; the first full-size one is measured
     for memory (nothing of this size was allocated before, so the allocator
-    cannot hide it) but not timed; then ``iters`` timed ones."""
+    cannot hide it) but not timed; then ``iters`` timed ones. ``into``: the
+    result goes to a buffer of the caller's, kept across rounds (``out=``)."""
     per_iter: list[float] = []
     cpu: list[tuple[float, float, float, int]] = []
     phases: list[dict[str, float]] = []
@@ -205,7 +206,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
     for i in range(iters + 2):
         size = WARMUP_ELEMENTS if i == 0 else elements
         res = sw.all_reduce(sw.peers, size=size, seed=11, round=first_round + i,
-                            quant=int(quant), timeout=900, start_in=START_IN)
+                            quant=int(quant), timeout=900, start_in=START_IN, into=into)
         bad = [r for r in res if r["event"] != "result"]
         if bad:
             logs = "\n".join(f"--- peer {p.index} ({p.peer[:8]}):\n{p.stderr_tail(2000)}"
@@ -258,48 +259,63 @@ def main() -> int:
 
     lab, factory = netns_factory(args.rate) if args.netns else (None, None)
     ratio = float("nan")
+    ratios: dict[str, float] = {}
     try:
         with LocalSwarm(args.peers, factory=factory) as sw:
             print(f"{args.peers} peers, quant={args.quant}, netns={args.netns}")
-            print(f"{'elements':>12} {'system':>8} {'time s':>8} {'bus Gbit/s':>11} "
+            print(f"{'elements':>12} {'system':>10} {'time s':>8} {'bus Gbit/s':>11} "
                   f"{'peak extra MB':>14} {'x tensor':>9} {'CPU s/peer':>11} {'user':>7} "
                   f"{'kernel':>7} {'faults':>7}")
             for n, elements in enumerate(args.elements):
                 nbytes = elements * 4
-                ours = run_peerd(sw, elements, args.iters, quant, first_round=n * 100)
-                rows = [("peerd", ours)]
+                rows = {"peerd": run_peerd(sw, elements, args.iters, quant,
+                                           first_round=n * 100)}
+                if not args.netns:
+                    into = run_peerd(sw, elements, args.iters, quant, first_round=n * 100 + 50,
+                                     into=True)
+                    # The out= buffer is the caller's, made before the timer:
+                    # counted here as extra memory all the same.
+                    into["peak_extra_bytes"] += nbytes
+                    rows["peerd out="] = into
                 if not args.no_gloo and not args.netns:
-                    rows.append(("gloo", run_gloo(args.peers, elements, args.iters,
-                                                  congestion=congestion)))
-                for name, r in rows:
-                    print(f"{elements:>12} {name:>8} {r['median_s']:>8.3f} "
+                    rows["gloo"] = run_gloo(args.peers, elements, args.iters,
+                                            congestion=congestion)
+                for name, r in rows.items():
+                    print(f"{elements:>12} {name:>10} {r['median_s']:>8.3f} "
                           f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
                           f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
                           f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
                           f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
                 if n == 0:
-                    theirs = f", gloo {rows[1][1]['congestion']}" if len(rows) == 2 else ""
+                    theirs = f", gloo {rows['gloo']['congestion']}" if "gloo" in rows else ""
                     print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
                           f"{theirs} (host default {host_congestion()})")
-                split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ours["phases"].items())
-                print(f"{'':>12} peerd phases of the slowest peer (median): {split}")
+                for name in ("peerd", "peerd out="):
+                    if name in rows:
+                        split = ", ".join(f"{k} {v * 1e3:.1f} ms"
+                                          for k, v in rows[name]["phases"].items())
+                        print(f"{'':>12} {name} phases of the slowest peer (median): {split}")
                 if quant is not Quant.NONE or n == 0:
                     fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
-                    sent = ours["bytes_sent_per_peer"]
+                    sent = rows["peerd"]["bytes_sent_per_peer"]
                     print(f"{'':>12} peerd wire bytes per peer: {sent:,} "
                           f"({sent / fp32_wire:.2f} of fp32)")
                 if args.netns:
                     limit = float(args.rate.removesuffix("mbit")) / 1000
-                    ratio = bus_gbit(args.peers, nbytes, ours["median_s"]) / limit
-                elif len(rows) == 2:
-                    ratio = ours["median_s"] / rows[1][1]["median_s"]
+                    ratio = bus_gbit(args.peers, nbytes, rows["peerd"]["median_s"]) / limit
+                elif "gloo" in rows:
+                    ratios = {name: rows[name]["median_s"] / rows["gloo"]["median_s"]
+                              for name in ("peerd", "peerd out=")}
     finally:
         if lab is not None:
             lab.close()
     if args.netns:
         print(f"ratio achieved bus bandwidth / link limit: {ratio:.2f}")
-    else:
-        print(f"ratio peerd-time / gloo-time ({args.elements[-1]:,} fp32): {ratio:.2f}")
+    elif ratios:
+        size = f"{args.elements[-1]:,} fp32"
+        print(f"ratio peerd-time / gloo-time, in place with the all-or-nothing copy ({size}): "
+              f"{ratios['peerd']:.2f}")
+        print(f"ratio peerd-time / gloo-time, into out= ({size}): {ratios['peerd out=']:.2f}")
     return 0
 
 

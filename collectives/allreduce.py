@@ -28,6 +28,15 @@ the result is copied out or the ring has stopped: the next round of the same
 size then writes memory that is already mapped (first-touch page faults cost
 more than the encryption of the same bytes).
 
+With a destination apart from the input (``out=``) whose memory is the wire
+format (raw, not quantized, on the wire), the destination *is* the ring's buffer:
+the partials and the final blocks land there and ``commit`` has nothing left
+to do. That saves the all-or-nothing copy, a whole pass over the tensor
+(about a seventh of a 4-peer ring's CPU at 10M fp32 on 2 cores, a fifth at
+100M); the input stays intact because the ring only reads it, and a failed
+attempt leaves the destination's contents unspecified, which is why this
+needs a destination of its own.
+
 With ``job.threads`` (cores to spare) the reductions of large blocks and the
 final copy run on worker threads: numpy releases the GIL for them, so the
 event loop keeps feeding the data channels meanwhile.
@@ -47,7 +56,7 @@ from collectives.arrays import Flat
 from collectives.chunking import Layout, Span
 from collectives.fabric import Fabric
 from collectives.history import NO_HISTORY, Diverged, diverged, odd_histories
-from collectives.quant import Codec
+from collectives.quant import Codec, RawCodec
 from collectives.ring import all_gather_schedule, reduce_scatter_schedule
 from collectives.scratch import POOL
 from peerd.datasock import hop
@@ -92,9 +101,18 @@ class RingJob:
     # exchange it before one uses another's data.
     history: bytes = NO_HISTORY
     threads: bool = False  # reduce large blocks and copy the result on worker threads
+    # Where the result goes: ``flat`` (in place, the default) or a separate array.
+    dest: Flat | None = None
 
     def key(self, phase: bytes, chunk: int, sub: int) -> bytes:
         return b"%s%s/%d.%d" % (self.prefix, phase, chunk, sub)
+
+    @property
+    def direct(self) -> bool:
+        """True when the ring runs in the destination's own memory (see the module doc)."""
+        dest = self.dest
+        return (dest is not None and dest is not self.flat and isinstance(self.codec, RawCodec)
+                and self.codec.kind is self.flat.kind is dest.kind)
 
 
 @dataclass(frozen=True)
@@ -198,6 +216,9 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> n
     Raises ``PeerLost`` naming the neighbours whose links failed, or the left
     neighbour when a phase deadline passes with its data missing.
     """
+    if job.direct:
+        assert job.dest is not None
+        return await _ring(fabric, job, counters, job.dest.data.view(np.uint8))
     # Unspecified contents: every byte is received or encoded before it is read.
     out = POOL.take(job.layout.total)
     try:
@@ -345,15 +366,19 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
 
 async def commit(job: RingJob, gathered: np.ndarray) -> None:
-    """Write the gathered result into the caller's array, all or nothing (a
-    cancel waits for the copy to end); ``gathered`` goes back to the scratch pool."""
+    """Write the gathered result into the destination, all or nothing (a
+    cancel waits for the copy to end); ``gathered`` goes back to the scratch
+    pool. Nothing to do when the ring ran in the destination (``job.direct``)."""
+    if job.direct:
+        return
+    dest = job.dest or job.flat
     buf = gathered.data
     blocks = [(buf[job.layout.region(c, k)], span)
               for c, pieces in enumerate(job.layout.subs) for k, span in enumerate(pieces)]
 
     def copy(part: Sequence[tuple[memoryview, Span]]) -> None:
         for place, span in part:
-            job.codec.decode_into(place, job.flat, span)
+            job.codec.decode_into(place, dest, span)
 
     if job.threads and job.layout.total >= COMMIT_THREADS * THREAD_MIN:
         with trio.CancelScope(shield=True):

@@ -104,8 +104,10 @@ class Collective(Protocol):
         tag: str = "default",
         quant: Quant = Quant.NONE,
         retry: bool = True,
+        out: Any = None,
     ) -> AllReduceResult:
-        """Reduce ``array`` in place across the view. Raises ``PeerLost`` (with
+        """Reduce ``array`` across the view, in place or into ``out`` (same size
+        and dtype; ``array`` is then only read). Raises ``PeerLost`` (with
         ``retry=False``) and leaves ``array`` untouched on failure."""
         ...
 
@@ -117,6 +119,7 @@ class Collective(Protocol):
         tag: str = "default",
         quant: Quant = Quant.NONE,
         retry: bool = True,
+        out: Any = None,
     ) -> Handle:
         """Start an all-reduce; ``handle.wait()`` returns its ``AllReduceResult``."""
         ...

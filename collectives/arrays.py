@@ -1,8 +1,11 @@
-"""Flat, in-place access to the caller's numpy arrays and torch CPU tensors.
+"""Flat access to the caller's numpy arrays and torch CPU tensors.
 
 The engine reduces a flat 1-D view that shares memory with the caller's
 array, so writing the result back is a copy into that memory, never a new
-object. bf16 has no numpy dtype: its bits are handled as ``uint16`` and
+object; with a separate destination (``out``) the ring writes the result
+straight into the destination's memory and the input is only read.
+
+bf16 has no numpy dtype: its bits are handled as ``uint16`` and
 converted to and from fp32 here (round to nearest even, NaN kept NaN), which
 matches torch bit for bit on every non-NaN value.
 """
@@ -86,11 +89,12 @@ _TORCH_KINDS = {"torch.float32": Kind.F32, "torch.float16": Kind.F16, "torch.bfl
 _NUMPY_KINDS = {np.dtype(np.float32): Kind.F32, np.dtype(np.float16): Kind.F16}
 
 
-def flatten(array: Any) -> Flat:
+def flatten(array: Any, *, written: bool = True) -> Flat:
     """A ``Flat`` sharing memory with ``array`` (numpy array or torch CPU tensor).
 
-    Raises ``ConfigError`` for anything that cannot be reduced in place: other
-    dtypes, non-contiguous or read-only memory, tensors off the CPU.
+    Raises ``ConfigError`` for anything that cannot be reduced: other dtypes,
+    non-contiguous memory, tensors off the CPU, and read-only memory where the
+    result is to be ``written``.
     """
     if isinstance(array, np.ndarray):
         kind = _NUMPY_KINDS.get(array.dtype)
@@ -100,8 +104,9 @@ def flatten(array: Any) -> Flat:
             )
         if not array.flags.c_contiguous:
             raise ConfigError("all_reduce reduces in place: pass a C-contiguous array")
-        if not array.flags.writeable:
-            raise ConfigError("all_reduce reduces in place: the array is read-only")
+        if written and not array.flags.writeable:
+            raise ConfigError("all_reduce writes the result into the array, which is "
+                              "read-only: pass a writable array (or a writable out=)")
         return Flat(array.reshape(-1), kind)
     mod = type(array).__module__
     if mod.startswith("torch"):
@@ -121,3 +126,33 @@ def flatten(array: Any) -> Flat:
             return Flat(flat.view(torch.int16).numpy().view(np.uint16), kind)
         return Flat(flat.numpy(), kind)
     raise ConfigError(f"all_reduce takes numpy arrays or torch tensors, not {type(array).__name__}")
+
+
+def destination(flat: Flat, out: Any) -> Flat:
+    """Where the result of reducing ``flat`` goes: ``out`` (numpy array or torch
+    CPU tensor) as a ``Flat``, checked to take it; ``flat`` itself when ``out``
+    is None or is the input's own memory (in place).
+
+    Raises ``ConfigError`` when ``out`` differs from the input in element count
+    or kind, or overlaps the input without being it: the ring reads the input
+    while it writes the destination, so a partial overlap would feed results
+    back into the sum.
+    """
+    if out is None:
+        return flat
+    dest = flatten(out)
+    if dest.kind is not flat.kind or dest.size != flat.size:
+        raise ConfigError(
+            f"out holds {dest.size} {dest.kind.value} elements but the input {flat.size} "
+            f"{flat.kind.value}: pass an out of the input's size and dtype")
+    if _span(dest.data) == _span(flat.data):
+        return flat
+    if np.shares_memory(dest.data, flat.data):
+        raise ConfigError("out overlaps the input without being it: pass separate "
+                          "memory, or the input itself (or no out) to reduce in place")
+    return dest
+
+
+def _span(a: np.ndarray) -> tuple[int, int]:
+    start = int(a.__array_interface__["data"][0])
+    return start, start + int(a.nbytes)

@@ -38,7 +38,7 @@ import trio
 from collectives.agree import agree, fail
 from collectives.allreduce import Counters, RingJob, commit, ring_all_reduce
 from collectives.api import AllReduceResult, Quant, ReduceOp
-from collectives.arrays import flatten
+from collectives.arrays import Flat, destination, flatten
 from collectives.chunking import layout
 from collectives.driver import EngineConfig, MembershipDriver, sub_chunk_elems, view_digest
 from collectives.fabric import Fabric
@@ -95,16 +95,22 @@ class Engine(MembershipDriver):
         tag: str = "default",
         quant: Quant = Quant.NONE,
         retry: bool = True,
+        out: Any = None,
     ) -> AllReduceResult:
-        """Reduce ``array`` (numpy or torch CPU; fp32, fp16 or bf16) in place over the view.
+        """Reduce ``array`` (numpy or torch CPU; fp32, fp16 or bf16) over the view,
+        in place, or into ``out`` (same size and dtype, memory of its own).
 
         Every member must call this with the same ``tag``, shape, dtype, op
         and quant. Concurrent calls need distinct tags. Raises ``PeerLost``
         naming the lost peers (``retry=False``, or retries exhausted) and
-        ``Evicted`` if this peer was dropped; the array is then unchanged.
+        ``Evicted`` if this peer was dropped; ``array`` is then unchanged (an
+        ``out`` holds unspecified values). With ``out`` the array is only read
+        and, unquantized, the ring runs in ``out``'s memory: no copy of the
+        result (``collectives.allreduce``).
         """
         reduce_op = parse_op(op)
-        flat = flatten(array)
+        flat = flatten(array, written=out is None)
+        dest = destination(flat, out)
         codec = codec_for(Quant(quant), flat.kind)
         if tag in self._active:
             raise ConfigError(f"an all-reduce with tag {tag!r} is already running")
@@ -120,7 +126,7 @@ class Engine(MembershipDriver):
                 raise self.evicted() if d is not None else ConfigError("join the run first")
             counters = Counters()
             try:
-                phases = await self._attempt(d, flat, codec, reduce_op, tag, counters)
+                phases = await self._attempt(d, flat, dest, codec, reduce_op, tag, counters)
             except PeerLost as exc:
                 self.counters["failed"] += 1
                 event(
@@ -154,7 +160,8 @@ class Engine(MembershipDriver):
             )
 
     async def _attempt(
-        self, d: Decision, flat: Any, codec: Any, op: ReduceOp, tag: str, counters: Counters
+        self, d: Decision, flat: Flat, dest: Flat, codec: Any, op: ReduceOp, tag: str,
+        counters: Counters,
     ) -> tuple[tuple[str, float], ...]:
         seq = self._seq.get((d.revision, tag), 0)
         self._seq = {k: v for k, v in self._seq.items() if k[0] >= d.revision}
@@ -183,6 +190,7 @@ class Engine(MembershipDriver):
             now + 2 * phase,
             self._history.of(tag),
             self.config.use_threads(),
+            dest,
         )
         state = _Op(members)
         self._active[tag] = state

@@ -91,9 +91,11 @@ class RunsMixin:
 
     async def all_reduce(self, run: str, array: object, op: ReduceOp | str = ReduceOp.AVG, *,
                          tag: str = "default", quant: Quant = Quant.NONE,
-                         retry: bool = True) -> AllReduceResult:
-        """Reduce ``array`` in place across the run's view; see ``Engine.all_reduce``."""
-        return await self.engine(run).all_reduce(array, op, tag=tag, quant=quant, retry=retry)
+                         retry: bool = True, out: object = None) -> AllReduceResult:
+        """Reduce ``array`` across the run's view, in place or into ``out``; see
+        ``Engine.all_reduce``."""
+        return await self.engine(run).all_reduce(array, op, tag=tag, quant=quant, retry=retry,
+                                                 out=out)
 
     # Shared state and custom collectives (collectives.statesync, collectives.p2p);
     # the daemon forwards its client's calls to these.

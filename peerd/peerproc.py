@@ -162,7 +162,20 @@ async def _peer_main(key_hex: str, index: int, listen: str = "127.0.0.1:0") -> N
 def _inputs(index: int, cmd: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """This peer's input of an all-reduce command, and a copy to check it against."""
     data = make_input(cmd["seed"], index, cmd["round"], cmd["size"], cmd.get("dtype", "float32"))
+    if cmd.get("into"):
+        _destination(data)
     return data, data.copy()
+
+
+# The result buffer of ``into`` commands, kept from round to round as a
+# training loop keeps its own (one at a time: the last shape and dtype).
+_DEST: list[np.ndarray] = []
+
+
+def _destination(like: np.ndarray) -> np.ndarray:
+    if not _DEST or _DEST[0].shape != like.shape or _DEST[0].dtype != like.dtype:
+        _DEST[:] = [np.zeros_like(like)]  # written now: its pages are mapped before the timer
+    return _DEST[0]
 
 
 async def _command(
@@ -219,11 +232,15 @@ async def _command(
         if die:
             phase, _, n = die.partition(":")
             fault.die_at = (phase.encode(), int(n or 1))
+        # ``into``: the result goes to a buffer of its own (``out=``), the input is only read.
+        dest = await trio.to_thread.run_sync(_destination, data) if cmd.get("into") else None
         target: Any = data
+        into: Any = dest
         if cmd.get("dtype", "float32") == "bfloat16":
             import torch
 
             target = torch.from_numpy(data).view(torch.bfloat16)
+            into = None if dest is None else torch.from_numpy(dest).view(torch.bfloat16)
         rss_before = rss_now() if reset_rss_peak() else rss_peak()
         if (at := cmd.get("start_at")) is not None:
             # All peers start together, as after gloo's barrier: commands reach
@@ -236,7 +253,7 @@ async def _command(
             result = await node.all_reduce(cmd["run"], target, cmd.get("op", "avg"),
                                            tag=cmd.get("tag", "default"),
                                            quant=Quant(cmd.get("quant", 0)),
-                                           retry=cmd.get("retry", True))
+                                           retry=cmd.get("retry", True), out=into)
         except PeerLost as exc:
             intact = await trio.to_thread.run_sync(np.array_equal, data.view(np.uint8),
                                                    original.view(np.uint8))
@@ -245,16 +262,19 @@ async def _command(
         seconds, ended, (user1, sys1, faults1) = (time.perf_counter() - t0, time.monotonic(),
                                                   cpu_times())
         peak = max(0, rss_peak() - rss_before)
+        got = data if dest is None else dest
+        kept = None if dest is None else bool(await trio.to_thread.run_sync(
+            np.array_equal, data.view(np.uint8), original.view(np.uint8)))
         out = cmd.get("out")
         if out:
-            await trio.to_thread.run_sync(np.save, Path(out) / f"r{rnd}_{index}.npy", data)
-        sha = await trio.to_thread.run_sync(digest, data)
+            await trio.to_thread.run_sync(np.save, Path(out) / f"r{rnd}_{index}.npy", got)
+        sha = await trio.to_thread.run_sync(digest, got)
         return {"event": "result", "round": rnd, "participants": list(result.participants),
                 "revision": result.revision, "sha256": sha, "seconds": seconds,
                 "cpu_seconds": user1 - user0 + sys1 - sys0, "cpu_user": user1 - user0,
                 "cpu_system": sys1 - sys0, "page_faults": faults1 - faults0,
                 "bytes_sent": result.bytes_sent,
-                "attempts": result.attempts, "peak_extra_bytes": peak,
+                "attempts": result.attempts, "peak_extra_bytes": peak, "input_intact": kept,
                 "phases": dict(result.phases),
                 "monotonic_start": started, "monotonic_end": ended}
     if kind in _NAT_COMMANDS:

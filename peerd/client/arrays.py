@@ -127,9 +127,14 @@ class SegmentPool:
 
 
 class Staged:
-    """One caller array placed in shared memory for the length of one request."""
+    """One caller array placed in shared memory for the length of one request.
 
-    def __init__(self, pool: SegmentPool, array: Any, copier: ParallelCopier) -> None:
+    ``fill=False`` stages a destination: the daemon only writes the segment,
+    so the caller's values are not copied in.
+    """
+
+    def __init__(self, pool: SegmentPool, array: Any, copier: ParallelCopier, *,
+                 fill: bool = True) -> None:
         self.user = as_numpy(array)
         if self.user.dtype.kind not in "fiub":
             raise ConfigError(f"unsupported dtype {self.user.dtype}")
@@ -141,12 +146,18 @@ class Staged:
             seg_id, seg = pool.lease(max(self.user.nbytes, 1))
             self._lease = (seg_id, seg)
             ref = p.TensorRef(seg_id, 0, self.user.dtype.str, tuple(self.user.shape))
-            try:
-                copier.copy(seg.array(ref), self.user)
-            except BaseException:
-                self.done()
-                raise
+            if fill:
+                try:
+                    copier.copy(seg.array(ref), self.user)
+                except BaseException:
+                    self.done()
+                    raise
         self.ref = ref
+
+    @property
+    def leased(self) -> bool:
+        """True when the array was copied into a staging segment (not shared)."""
+        return self._lease is not None
 
     def copy_back(self) -> None:
         """Write the daemon's result into the caller's array (in place)."""
@@ -158,3 +169,21 @@ class Staged:
         if self._lease is not None:
             self._pool.give_back(*self._lease)
             self._lease = None
+
+
+class StagedReduce:
+    """The segments of one all-reduce: the input and, where the result goes
+    elsewhere, its destination."""
+
+    def __init__(self, source: Staged, dest: Staged | None) -> None:
+        self.source = source
+        self.dest = dest
+
+    def copy_back(self) -> None:
+        """Write the daemon's result into the caller's destination (or array)."""
+        (self.dest or self.source).copy_back()
+
+    def done(self) -> None:
+        self.source.done()
+        if self.dest is not None:
+            self.dest.done()

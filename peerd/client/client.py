@@ -25,7 +25,8 @@ from collectives.api import (
     SyncStrategy,
     View,
 )
-from peerd.client.arrays import SegmentPool, Staged
+from collectives.arrays import destination, flatten
+from peerd.client.arrays import SegmentPool, Staged, StagedReduce, as_numpy
 from peerd.client.conn import Connection, wait
 from peerd.client.copying import ParallelCopier
 from peerd.daemon import protocol as p
@@ -48,7 +49,7 @@ def _op_name(op: ReduceOp | str) -> str:
 class ReduceHandle:
     """An all-reduce in flight; ``wait()`` writes the result into the array."""
 
-    def __init__(self, fut: Future[Any], staged: Staged, timeout: float | None) -> None:
+    def __init__(self, fut: Future[Any], staged: StagedReduce, timeout: float | None) -> None:
         self._fut = fut
         self._staged = staged
         self._timeout = timeout
@@ -176,25 +177,37 @@ class Client:
 
     def all_reduce_async(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
                          tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,
-                         run: str | None = None,
-                         timeout: float | None = COLLECTIVE_TIMEOUT) -> ReduceHandle:
-        """Start an all-reduce; ``wait()`` returns the result and updates ``array``."""
+                         run: str | None = None, timeout: float | None = COLLECTIVE_TIMEOUT,
+                         out: Any = None) -> ReduceHandle:
+        """Start an all-reduce; ``wait()`` returns the result and writes it into
+        ``array``, or into ``out`` (same size and dtype; ``array`` is then only read)."""
         name = _op_name(op)
-        staged = self._stage(array)
+        if out is not None:  # checked here too: the daemon sees staged copies
+            destination(flatten(as_numpy(array), written=False), as_numpy(out))
+        source = self._stage(array)
+        dest: Staged | None = None
         try:
+            if out is not None:
+                dest = Staged(self._pool, out, self._copier, fill=False)
+            elif source.leased:
+                # A staged array's result goes to a segment of its own: the
+                # daemon's ring then runs in that segment's memory rather than
+                # copying its result into the input's (collectives.allreduce).
+                dest = Staged(self._pool, array, self._copier, fill=False)
+            out_ref = dest.ref if dest is not None else None
             fut = self._conn.request(lambda r: p.AllReduceRequest(
-                r, run or self.run, staged.ref, name, tag, int(Quant(quant)), retry))
+                r, run or self.run, source.ref, name, tag, int(Quant(quant)), retry, out_ref))
         except BaseException:
-            staged.done()
+            StagedReduce(source, dest).done()
             raise
-        return ReduceHandle(fut, staged, timeout)
+        return ReduceHandle(fut, StagedReduce(source, dest), timeout)
 
     def all_reduce(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
                    tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,
-                   run: str | None = None,
-                   timeout: float | None = COLLECTIVE_TIMEOUT) -> AllReduceResult:
+                   run: str | None = None, timeout: float | None = COLLECTIVE_TIMEOUT,
+                   out: Any = None) -> AllReduceResult:
         return self.all_reduce_async(array, op, tag=tag, quant=quant, retry=retry, run=run,
-                                     timeout=timeout).wait()
+                                     timeout=timeout, out=out).wait()
 
     def all_gather(self, array: Any, *, tag: str = "gather", retry: bool = True,
                    run: str | None = None) -> tuple[Sequence[Any], tuple[str, ...]]:

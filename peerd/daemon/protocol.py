@@ -18,7 +18,7 @@ from typing import Any
 
 from peerd.wire import Limits, message
 
-CONTROL_VERSION = 2  # 2: AllGatherRequest carries retry
+CONTROL_VERSION = 3  # 2: AllGatherRequest carries retry; 3: AllReduceRequest out
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
 MAX_DIMS = 16
@@ -169,6 +169,7 @@ class AllReduceRequest:
     tag: str
     quant: int
     retry: bool
+    out: TensorRef | None  # where the result goes; None: into ``tensor``
 
 
 @message(421)

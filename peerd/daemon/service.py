@@ -181,10 +181,11 @@ class ControlService:
         if msg.op not in ("avg", "sum"):
             raise ProtocolError(f"unknown reduce op {msg.op!r}")
         arr = conn.table.array(msg.tensor)
+        out = conn.table.array(msg.out) if msg.out is not None else None
         self.runs.add(msg.run)
         try:
             res = await all_reduce(msg.run, arr, msg.op, tag=msg.tag, quant=Quant(msg.quant),
-                                   retry=msg.retry)
+                                   retry=msg.retry, out=out)
         except PeerdError as exc:
             self.counters["all_reduce_failed"] += 1
             event(log, "all_reduce.failed", logging.WARNING, run=msg.run, tag=msg.tag, error=exc)

@@ -31,6 +31,17 @@ def test_sizes_match_reference_and_are_bit_identical(n: int, tmp_path: Path) -> 
         assert again[0]["sha256"] == res[0]["sha256"]
 
 
+def test_into_a_buffer_of_its_own_gives_the_in_place_bytes(tmp_path: Path) -> None:
+    with LocalSwarm(3) as sw:
+        for rnd, size in enumerate([1, 7, 65_537, 1_000_003]):
+            res = sw.all_reduce(sw.peers, size=size, seed=9, round=rnd, out=str(tmp_path),
+                                into=True)
+            check_round(sw, res, 9, rnd, size, tmp_path)
+            assert all(r["input_intact"] is True for r in res)
+            in_place = sw.all_reduce(sw.peers, size=size, seed=9, round=rnd)
+            assert {r["sha256"] for r in in_place} == {res[0]["sha256"]}
+
+
 def test_eight_peers_small_tensors(tmp_path: Path) -> None:
     with LocalSwarm(8) as sw:
         for rnd, size in enumerate([1, 5, 8, 9, 4099]):
@@ -87,13 +98,16 @@ FAULT_SIZE = 2_000_000
 IO_THREADS = {"PEERD_PEERPROC_DATA_THREADS": "1"}
 
 
-@pytest.mark.parametrize(("die_at", "retry", "env"), [
-    ("before", False, None), ("before", True, None), ("r:3", False, None),
-    ("r:3", True, None), ("g:2", False, None), ("g:2", True, None),
-    ("r:3", True, IO_THREADS), ("g:2", False, IO_THREADS),
-], ids=lambda v: "io-threads" if v == IO_THREADS else None)
+@pytest.mark.parametrize(("die_at", "retry", "env", "into"), [
+    ("before", False, None, False), ("before", True, None, False), ("r:3", False, None, False),
+    ("r:3", True, None, False), ("g:2", False, None, False), ("g:2", True, None, False),
+    ("r:3", True, IO_THREADS, False), ("g:2", False, IO_THREADS, False),
+    # The ring running in the caller's out= buffer: a kill leaves that half
+    # written, and the input must still be whole for the retry.
+    ("g:2", True, None, True), ("r:3", False, None, True),
+], ids=lambda v: "io-threads" if v == IO_THREADS else ("out" if v is True else None))
 def test_sigkill_at_named_phase(
-    die_at: str, retry: bool, env: dict[str, str] | None, tmp_path: Path
+    die_at: str, retry: bool, env: dict[str, str] | None, into: bool, tmp_path: Path
 ) -> None:
     with LocalSwarm(4, env=env) as sw:
         victim = sw.peers[2]
@@ -102,9 +116,9 @@ def test_sigkill_at_named_phase(
         check_round(sw, sw.all_reduce(sw.peers, size=1000, seed=1, round=0, out=str(tmp_path)),
                     1, 0, 1000, tmp_path)
         victim.send(cmd="allreduce", run=sw.run, size=FAULT_SIZE, seed=2, round=1,
-                    die_at=die_at, retry=retry, out=str(tmp_path))
+                    die_at=die_at, retry=retry, out=str(tmp_path), into=into)
         res = sw.all_reduce(survivors, size=FAULT_SIZE, seed=2, round=1, retry=retry,
-                            out=str(tmp_path), timeout=60)
+                            out=str(tmp_path), timeout=60, into=into)
         victim.proc.wait(timeout=10)
         assert victim.proc.returncode == -signal.SIGKILL
         if not retry:
@@ -114,6 +128,7 @@ def test_sigkill_at_named_phase(
         else:
             check_round(sw, res, 2, 1, FAULT_SIZE, tmp_path)
             assert sorted(res[0]["participants"]) == sorted(p.peer for p in survivors)
+            assert all(r["input_intact"] is (True if into else None) for r in res), res
         # Whatever happened, the survivors go on together on the new view.
         res = sw.all_reduce(survivors, size=777, seed=3, round=2, out=str(tmp_path))
         check_round(sw, res, 3, 2, 777, tmp_path)

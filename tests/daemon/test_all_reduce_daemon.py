@@ -70,6 +70,24 @@ def test_async_handles_with_torch_and_shared_arrays(clients: list[Client]) -> No
         assert np.all(s == 10.0)
 
 
+def test_out_shared_and_staged_gives_the_in_place_bytes(clients: list[Client]) -> None:
+    rng = np.random.default_rng(2)
+    inputs = [rng.standard_normal(200_003).astype(np.float32) for _ in clients]
+    in_place = [a.copy() for a in inputs]
+    on_all(clients, lambda i, c: c.all_reduce(in_place[i], tag="in-place"))
+    # Staged input and out; then shared ones, which the daemon's ring runs in.
+    outs = [np.zeros_like(a) for a in inputs]
+    on_all(clients, lambda i, c: c.all_reduce(inputs[i], tag="staged", out=outs[i]))
+    src = [c.empty(a.size) for a, c in zip(inputs, clients, strict=True)]
+    dst = [c.empty(a.size) for a, c in zip(inputs, clients, strict=True)]
+    for s, a in zip(src, inputs, strict=True):
+        s[...] = a
+    on_all(clients, lambda i, c: c.all_reduce(src[i], tag="shared", out=dst[i]))
+    for i, a in enumerate(inputs):
+        assert np.array_equal(src[i], a)  # the input is only read
+        assert outs[i].tobytes() == in_place[0].tobytes() == dst[i].tobytes()
+
+
 def test_view_lists_every_member(clients: list[Client]) -> None:
     views = [c.view() for c in clients]
     assert {v.me for v in views} == {c.peer_id for c in clients}

@@ -21,7 +21,7 @@ import peerd
 from collectives.api import AllReduceResult, Quant, SyncResult, SyncStrategy, View
 from peerd.daemon.control import serve_control
 from peerd.daemon.service import ControlService
-from peerd.errors import PeerLost, RemoteError
+from peerd.errors import ConfigError, PeerLost, RemoteError
 from peerd.identity import Identity
 
 
@@ -71,6 +71,7 @@ class FakeNode:
         self.listen_addresses = ["127.0.0.1:9"]
         self.observed: dict[Any, Any] = {}
         self.calls: list[tuple[Any, ...]] = []
+        self.outs: list[bool] = []  # per all-reduce: did the daemon get a destination?
         self.gate = trio.Event()
         self.dht = FakeDht()
         self.store = FakeStore()
@@ -83,14 +84,16 @@ class FakeNode:
 
     async def all_reduce(self, run: str, array: np.ndarray, op: str = "avg", *,
                          tag: str = "default", quant: Quant = Quant.NONE,
-                         retry: bool = True) -> AllReduceResult:
+                         retry: bool = True, out: np.ndarray | None = None) -> AllReduceResult:
         self.calls.append((run, op, tag, quant, retry, array.dtype.str, array.shape))
+        self.outs.append(out is not None)
+        dest = array if out is None else out
         if tag == "lost":
-            array[...] = -999  # a failed round may scribble; the client must not copy back
+            dest[...] = -999  # a failed round may scribble; the client must not copy back
             raise PeerLost(["pgone"], "vanished mid-round")
         if tag == "gate":
             await self.gate.wait()
-        array *= 2
+        np.multiply(array, 2, out=dest)
         return AllReduceResult(("pa", "pb"), 3, array.nbytes, array.nbytes, 0.5, 2)
 
     async def join_run(self, run: str, members: list[str] | None = None,
@@ -161,6 +164,47 @@ async def test_all_reduce_is_forwarded_with_the_engine_signature(short_dir: Path
     await with_daemon(sock, node, body)
     assert node.calls[0] == ("r1", "sum", "t", Quant.INT8, False, "<f4", (2, 3))
     assert node.calls[1][:5] == ("other", "avg", "default", Quant.NONE, True)
+    # Staged arrays are reduced into a segment of their own (the engine's ring
+    # then runs in it, no copy); a shared array is reduced where it is.
+    assert node.outs == [True, True, False]
+
+
+async def test_out_gets_the_result_and_the_input_stays(short_dir: Path) -> None:
+    node = FakeNode()
+    sock = short_dir / "c.sock"
+
+    def body() -> None:
+        with peerd.connect(sock) as c:
+            a = np.arange(5, dtype=np.float32)
+            out = np.zeros(5, dtype=np.float32)
+            c.all_reduce(a, "sum", out=out)
+            assert np.array_equal(a, np.arange(5)) and np.array_equal(out, 2 * np.arange(5))
+            # Shared in and out: the daemon reads one segment and writes the other.
+            src, dst = c.empty(6), c.empty(6)
+            src[...] = 4.0
+            c.all_reduce(src, out=dst)
+            assert np.all(src == 4.0) and np.all(dst == 8.0)
+            t, t_out = torch.ones(3), torch.zeros(3)
+            c.all_reduce(t, out=t_out)
+            assert torch.equal(t, torch.ones(3)) and torch.equal(t_out, torch.full((3,), 2.0))
+            # A failed round copies nothing back: neither the input nor out changes.
+            kept = np.full(4, 5.0, dtype=np.float32)
+            untouched = np.full(4, 7.0, dtype=np.float32)
+            with pytest.raises(PeerLost):
+                c.all_reduce(kept, tag="lost", out=untouched)
+            assert np.all(kept == 5.0) and np.all(untouched == 7.0)
+            calls = len(node.calls)
+            for bad, match in [(np.zeros(4, np.float32), "out holds 4 float32 elements"),
+                               (np.zeros(5, np.float16), "out holds 5 float16"),
+                               (a[1:4], "out holds 3")]:
+                with pytest.raises(ConfigError, match=match):
+                    c.all_reduce(a, out=bad)
+            with pytest.raises(ConfigError, match="overlaps the input"):
+                c.all_reduce(src[:4], out=src[2:])
+            assert len(node.calls) == calls  # refused before any request
+
+    await with_daemon(sock, node, body)
+    assert node.outs == [True, True, True, True]
 
 
 async def test_async_handles_overlap_and_failures_leave_inputs_intact(short_dir: Path) -> None:
