@@ -8,7 +8,7 @@
  *
  *   u8 kind | u32 big-endian body length | ciphertext | 32-byte tag
  *
- * AEGIS-128L or AEGIS-128X2 (the session's choice), the 5 header bytes as
+ * AEGIS-128L, AEGIS-128X2 or AEGIS-128X4 (the session's choice), the 5 header bytes as
  * associated data, the nonce u32 epoch | u64 counter | 4 zero bytes
  * (peerd/record.py is the reference). The ciphers are libsodium's (pynacl)
  * and libaegis's (pyaegis), reached through function pointers that
@@ -48,7 +48,7 @@ typedef int (*sodium_dec_fn)(unsigned char *m, unsigned long long *mlen, unsigne
                              const unsigned char *c, unsigned long long clen,
                              const unsigned char *ad, unsigned long long adlen,
                              const unsigned char *npub, const unsigned char *k);
-/* libaegis's combined-mode AEGIS-128X2 (the tag length is an argument). */
+/* libaegis's combined-mode AEGIS-128X2 and -128X4 (the tag length is an argument). */
 typedef int (*aegis_enc_fn)(uint8_t *c, size_t maclen, const uint8_t *m, size_t mlen,
                             const uint8_t *ad, size_t adlen, const uint8_t *npub,
                             const uint8_t *k);
@@ -57,7 +57,7 @@ typedef int (*aegis_dec_fn)(uint8_t *m, const uint8_t *c, size_t clen, size_t ma
                             const uint8_t *k);
 
 /* Cipher ids (peerd.datapump.CIPHER_IDS); each has its library's signature. */
-enum { SODIUM_AEGIS128L = 0, LIBAEGIS_AEGIS128X2 = 1, N_CIPHERS = 2 };
+enum { SODIUM_AEGIS128L = 0, LIBAEGIS_AEGIS128X2 = 1, LIBAEGIS_AEGIS128X4 = 2, N_CIPHERS = 3 };
 static void *g_encrypt[N_CIPHERS];
 static void *g_decrypt[N_CIPHERS];
 

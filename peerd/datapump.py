@@ -26,7 +26,7 @@ from peerd import aead
 from peerd.record import HEADER, RecordOpener, RecordSealer
 
 # The C module's ids of the ciphers (its enum; each library has its own signature).
-CIPHER_IDS = {aead.AEGIS128L: 0, aead.AEGIS128X2: 1}
+CIPHER_IDS = {aead.AEGIS128L: 0, aead.AEGIS128X2: 1, aead.AEGIS128X4: 2}
 
 
 def _load() -> Any:

@@ -41,7 +41,7 @@ CASES = [
     ("data_threads = 1\n", "data_threads must be true or false"),
     ('data_ciphers = "aegis128l"\n', "data_ciphers must be a list"),
     ("data_ciphers = [1]\n", "data_ciphers must be a list of cipher names"),
-    ('data_ciphers = ["rot13"]\n', "rot13: not a cipher this install has; use some of aegis128x2"),
+    ('data_ciphers = ["rot13"]\n', "rot13: not a cipher this install has; use some of aegis128x"),
     ("data_ciphers = []\n", "no cipher: not a cipher this install has"),
     ("data_congestion = 1\n", "data_congestion must be a string"),
     ('data_congestion = "BBR v2"\n', "data_congestion = 'BBR v2' is not a congestion control "

@@ -40,7 +40,7 @@ def native_built() -> None:
     assert datapump.built(), "peerd._datapump is not built: pip install -e . with a C compiler"
 
 
-@pytest.fixture(autouse=True, params=[aead.AEGIS128X2, aead.AEGIS128L])
+@pytest.fixture(autouse=True, params=[aead.AEGIS128X4, aead.AEGIS128X2, aead.AEGIS128L])
 def each_cipher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs with each record cipher (the C module calls each
     library with its own signature)."""
