@@ -6,8 +6,15 @@ time per all-reduce, bus bandwidth (2(P-1)/P * bytes / time), each peer's
 peak extra resident memory, and the CPU seconds and minor page faults of the
 peer that spent most (first-touch faults cost ~15 us per 4 KiB page on the
 2-core VMs, 0.26 GB/s: peerd's scratch pool keeps its buffers mapped, so a
-timed 100M round takes 8-14 faults; gloo's ~500). The LAST line is the ratio
-peerd-time / gloo-time for the largest size.
+timed 100M round takes 8-14 faults; gloo's ~500).
+
+peerd runs twice: in place (``all_reduce(x)``, as gloo does: the ring works
+in a scratch buffer and copies the result into ``x`` once every peer agreed,
+so a failed round leaves ``x`` whole), and into a buffer of the caller's
+(``all_reduce(x, out=y)``: the ring works in ``y``, ``x`` is only read, no
+copy; ``y`` is kept from round to round, as a training loop keeps its
+buffers, and counted in the memory column). The last two lines are the
+ratios peerd-time / gloo-time of both for the largest size, ``out=`` last.
 
     python benchmarks/allreduce.py                     # 4 peers, 10M and 100M
     python benchmarks/allreduce.py --quant int8        # peerd with int8 on the wire

@@ -156,7 +156,8 @@ class Staged:
 
     @property
     def leased(self) -> bool:
-        """True when the array was copied into a staging segment (not shared)."""
+        """True when the array has a staging segment of its own (it is not in
+        shared memory)."""
         return self._lease is not None
 
     def copy_back(self) -> None:

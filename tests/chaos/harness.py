@@ -114,6 +114,9 @@ class Ledger:
                     bad(f"round {rnd}: peer {p.index} error names no faulted peer: {e}")
                 if not e.get("input_intact", False):
                     bad(f"round {rnd}: peer {p.index} input modified by a failed round")
+        for p, e in results:
+            if e.get("input_intact") is False:  # None: reduced in place, as asked
+                bad(f"round {rnd}: peer {p.index} input modified by a round into out=")
         if not results:
             return False
         shas = {e["sha256"] for _, e in results}
@@ -180,9 +183,15 @@ class ChaosSwarm:
                    ) -> tuple[bool, list[dict[str, Any]]]:
         events = self.swarm.all_reduce(peers, timeout=ROUND_TIMEOUT, size=self.size,
                                        seed=self.seed, round=self.round, retry=retry,
-                                       out=str(self.out))
+                                       out=str(self.out), into=self.into)
         ok = self.ledger.check_round(self.round, peers, events, faulted)
         return ok, events
+
+    @property
+    def into(self) -> bool:
+        """Odd rounds reduce into a buffer of each peer's own (``out=``): the
+        ring runs in it, so kills there must leave the input whole too."""
+        return self.round % 2 == 1
 
     def clean_round(self) -> bool:
         """One round on the current members, no fault; it must commit."""
@@ -218,7 +227,8 @@ class ChaosSwarm:
         survivors = [p for p in self.members if p is not victim]
         t0 = time.monotonic()
         victim.send(cmd="allreduce", run=self.swarm.run, size=self.size, seed=self.seed,
-                    round=self.round, die_at=phase, retry=retry, out=str(self.out))
+                    round=self.round, die_at=phase, retry=retry, out=str(self.out),
+                    into=self.into)
         ok, _ = self._run_round(survivors, {victim.peer}, retry)
         victim.proc.wait(timeout=30)
         if victim.proc.returncode != -signal.SIGKILL:
@@ -245,7 +255,7 @@ class ChaosSwarm:
         try:
             for p in self.members:
                 p.send(cmd="allreduce", run=self.swarm.run, size=self.size, seed=self.seed,
-                       round=self.round, retry=True, out=str(self.out))
+                       round=self.round, retry=True, out=str(self.out), into=self.into)
             events = [p.expect("result", "error", timeout=ROUND_TIMEOUT) for p in self.members]
         finally:
             resume.cancel()
