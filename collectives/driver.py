@@ -76,9 +76,17 @@ PROBE_BYTES = 1 << 20  # bandwidth probe size per peer pair
 # loops on 2 cores, 10 MB chunks in 2 blocks instead of 4 took 11-14% less
 # time (median of 10-24 rounds, three runs), 100M with 8 MiB blocks instead
 # of 4 the same; on a 16-core host one 10 MB block per chunk was no slower.
+# Where everything runs on the event loop (no worker threads: few cores, so
+# reducing and moving bytes cannot overlap anyway) a chunk goes whole, up to
+# AUTO_SUB_MAX_LOOP: per-block costs are all that the split buys there
+# (session 18, 2 cores, 10M into out=, six alternating pairs of 30 rounds:
+# one 10 MB block per chunk took 1-10% less time and 4-10% less CPU than two;
+# 100M with 16 MiB blocks 0.45-0.48 s against 0.47-0.49 with 8 MiB; across
+# namespaces at 200 Mbit/s both 0.95 of the link).
 AUTO_SUB_SPLIT = 2
 AUTO_SUB_MIN = 1 << 20
 AUTO_SUB_MAX = 8 << 20
+AUTO_SUB_MAX_LOOP = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,8 @@ def sub_chunk_elems(config: EngineConfig, n: int, peers: int) -> int:
     if config.sub_chunk_bytes > 0:
         return max(1, config.sub_chunk_bytes // 4)
     chunk_bytes = 4 * -(-n // peers)  # fp32 bytes of the largest ring chunk
-    return max(AUTO_SUB_MIN, min(AUTO_SUB_MAX, chunk_bytes // AUTO_SUB_SPLIT)) // 4
+    split, most = (AUTO_SUB_SPLIT, AUTO_SUB_MAX) if config.use_threads() else (1, AUTO_SUB_MAX_LOOP)
+    return max(AUTO_SUB_MIN, min(most, chunk_bytes // split)) // 4
 
 
 def view_digest(decision: Decision) -> str:

@@ -89,9 +89,11 @@ def test_half_precision_dtypes(dtype: str, rtol: float, tmp_path: Path) -> None:
         np.testing.assert_allclose(got.astype(np.float64), ref, rtol=rtol, atol=rtol)
 
 
-# 4 peers x 2M floats: each chunk is 2 sub-chunks of 1 MiB, so a ring step
-# sends several messages and "the 3rd send of a phase" is mid-phase.
+# 4 peers x 2M floats: each chunk is 2 sub-chunks of 1 MiB (set: on few cores
+# a chunk this small would go whole), so a ring step sends several messages
+# and "the 3rd send of a phase" is mid-phase.
 FAULT_SIZE = 2_000_000
+FAULT_BLOCKS = {"PEERD_PEERPROC_SUB_CHUNK_BYTES": str(1 << 20)}
 
 
 # Peers whose data channels move large messages on I/O threads (the default
@@ -110,7 +112,7 @@ IO_THREADS = {"PEERD_PEERPROC_DATA_THREADS": "1"}
 def test_sigkill_at_named_phase(
     die_at: str, retry: bool, env: dict[str, str] | None, into: bool, tmp_path: Path
 ) -> None:
-    with LocalSwarm(4, env=env) as sw:
+    with LocalSwarm(4, env={**(env or {}), **FAULT_BLOCKS}) as sw:
         victim = sw.peers[2]
         survivors = [p for p in sw.peers if p is not victim]
         # A clean round first, so links are warm and the kill lands mid-run.
