@@ -155,6 +155,27 @@ side, while receiving sockets grow to ``tcp_rmem``'s 32 MiB. Alternating
 runs on loopback, fixed both ways against the new plan: 10M 0.111-0.119 s
 against 0.100-0.104, 100M 0.881-1.003 against 0.829-0.839; across
 namespaces both 0.95 of the limit.
+
+Session 18 (a 2-core VM with AVX-512 and VAES; not comparable with the
+EPYC VMs' figures above). A perf profile of the timed 10M rounds: kernel 39%
+(TCP copies 14%), interpreter 29%, AEGIS-128X2 15%, memmove 7% (the
+all-or-nothing copy), numpy's adds 5%. Three changes:
+- ``out=``: the ring works in the caller's destination, no copy. The copy
+  phase was 4-7 ms of a 67-76 ms round at 10M and 74-77 ms of 0.56-0.60 s at
+  100M; three runs with both rows: 10M 0.061-0.064 s into out= against
+  0.067-0.071 in place, 100M 0.497-0.525 against 0.562-0.602.
+- AEGIS-128X4 where the CPU has AVX-512 VAES: 47.6/55.1 GB/s sealing/opening
+  against X2's 31.0/34.7 in a loop, 24% fewer cipher samples in the profile
+  (the records come from memory, not cache); alternating runs pinned to X2
+  (``PEERD_CIPHERS``), 100M into out=: 0.470 and 0.507 s against 0.526 and
+  0.557; 10M within the noise.
+- On the event loop alone a ring chunk goes whole, up to 16 MiB
+  (``collectives.driver``): 10M into out=, six alternating pairs, 1-10% less
+  time than two blocks a chunk.
+Then, three runs: 10M in place 0.065-0.068 s, into out= 0.055-0.057, gloo
+0.041-0.044 (ratios 1.50-1.66 and 1.30-1.34); 100M in place 0.502-0.517,
+into out= 0.423-0.471, gloo 0.368-0.418 (1.24-1.37 and 1.11-1.26). Across
+namespaces 0.95 of the limit, three runs.
 """
 
 from __future__ import annotations
