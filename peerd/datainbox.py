@@ -5,11 +5,19 @@ buffer, a fresh buffer for a waiting ``receive``, or a held buffer charged to
 the ``max_buffered`` budget until someone asks), which stripes have begun
 (``PartTracker`` refuses duplicates), and whether its waiter gave up (then the
 remaining stripes are decrypted into scratch and dropped).
+
+A payload that arrives before its ``receive_into`` lands in a held buffer and
+is copied over when asked for. A ring's first block often does: its sender
+started a few milliseconds sooner. A fresh buffer of that size costs more
+than the copy (a 10 MB ``bytearray`` took 4-5 ms to zero and fault in, the
+copy 0.3), so once copied the buffer is kept (``SPARE``) for the next early
+payload of the same size, as the next round's first block will be.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -21,6 +29,62 @@ from peerd.errors import PeerdError, PeerLost, ProtocolError
 from peerd.writegate import WriteGate
 
 _DISCARD_MEMORY: Final = 256
+
+
+class SpareBuffers:
+    """Held-payload buffers kept for reuse, by exact size: one of each size,
+    at most ``count`` and ``max_bytes`` in all, the least recently kept going
+    first. Below ``min_bytes`` a buffer is cheap to make and is not kept.
+    (One per size: a ring has one early block a round, and every buffer kept
+    is memory the process holds between rounds.)"""
+
+    def __init__(self, count: int = 4, max_bytes: int = 64 << 20,
+                 min_bytes: int = 1 << 20) -> None:
+        self._count = count
+        self._max_bytes = max_bytes
+        self._min_bytes = min_bytes
+        self._free: OrderedDict[int, list[bytearray]] = OrderedDict()
+        self._bytes = 0
+        self._held = 0
+        self._lock = threading.Lock()  # nodes of one process may run on several threads
+        self.hits = 0
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes; a kept one holds an earlier payload's bytes."""
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                buf = free.pop()
+                if not free:
+                    del self._free[size]
+                self._bytes -= size
+                self._held -= 1
+                self.hits += 1
+                return buf
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        """Keep ``buf`` for a later ``take``; nothing else may use it any more."""
+        size = len(buf)
+        if size < self._min_bytes or size > self._max_bytes:
+            return
+        with self._lock:
+            if size in self._free:
+                return
+            self._free[size] = [buf]
+            self._free.move_to_end(size)
+            self._bytes += size
+            self._held += 1
+            while self._held > self._count or self._bytes > self._max_bytes:
+                oldest, bufs = next(iter(self._free.items()))
+                bufs.pop(0)
+                if not bufs:
+                    del self._free[oldest]
+                self._bytes -= oldest
+                self._held -= 1
+
+
+SPARE: Final = SpareBuffers()
 
 
 class _Assembly:
@@ -127,9 +191,12 @@ class Inbox:
             asm.user = view
         await self._await(key, asm)
         if asm.owned is not None and asm.target is not view:
-            if len(asm.owned) != len(view):
-                raise ProtocolError(f"payload is {len(asm.owned)} bytes, buffer {len(view)}")
-            view[:] = asm.owned
+            held, asm.owned, asm.target = asm.owned, None, None
+            if len(held) != len(view):
+                raise ProtocolError(f"payload is {len(held)} bytes, buffer {len(view)}")
+            view[:] = held
+            # Complete, and its assembly forgotten: no stripe writes into it again.
+            SPARE.give(held)
 
     def discard(self, prefix: bytes) -> int:
         """Drop unclaimed payloads whose key starts with ``prefix`` (e.g. of an
@@ -170,7 +237,7 @@ class Inbox:
                 break
             fits = self.buffered + part.total <= self._max_buffered
             if asm.claimed or fits:
-                asm.owned = bytearray(part.total)
+                asm.owned = SPARE.take(part.total)
                 asm.target = memoryview(asm.owned)
                 if not asm.claimed:
                     asm.counted = part.total
