@@ -91,6 +91,7 @@ class RingJob:
     ring: tuple[str, ...]
     rank: int
     flat: Flat
+    dest: Flat  # where the result goes: ``flat`` itself (in place) or an array of its own
     codec: Codec
     layout: Layout
     average: bool
@@ -101,8 +102,6 @@ class RingJob:
     # exchange it before one uses another's data.
     history: bytes = NO_HISTORY
     threads: bool = False  # reduce large blocks and copy the result on worker threads
-    # Where the result goes: ``flat`` (in place, the default) or a separate array.
-    dest: Flat | None = None
 
     def key(self, phase: bytes, chunk: int, sub: int) -> bytes:
         return b"%s%s/%d.%d" % (self.prefix, phase, chunk, sub)
@@ -110,9 +109,8 @@ class RingJob:
     @property
     def direct(self) -> bool:
         """True when the ring runs in the destination's own memory (see the module doc)."""
-        dest = self.dest
-        return (dest is not None and dest is not self.flat and isinstance(self.codec, RawCodec)
-                and self.codec.kind is self.flat.kind is dest.kind)
+        return (self.dest is not self.flat and isinstance(self.codec, RawCodec)
+                and self.codec.kind is self.flat.kind is self.dest.kind)
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,6 @@ async def ring_all_reduce(fabric: Fabric, job: RingJob, counters: Counters) -> n
     neighbour when a phase deadline passes with its data missing.
     """
     if job.direct:
-        assert job.dest is not None
         return await _ring(fabric, job, counters, job.dest.data.view(np.uint8))
     # Unspecified contents: every byte is received or encoded before it is read.
     out = POOL.take(job.layout.total)
@@ -371,14 +368,13 @@ async def commit(job: RingJob, gathered: np.ndarray) -> None:
     pool. Nothing to do when the ring ran in the destination (``job.direct``)."""
     if job.direct:
         return
-    dest = job.dest or job.flat
     buf = gathered.data
     blocks = [(buf[job.layout.region(c, k)], span)
               for c, pieces in enumerate(job.layout.subs) for k, span in enumerate(pieces)]
 
     def copy(part: Sequence[tuple[memoryview, Span]]) -> None:
         for place, span in part:
-            job.codec.decode_into(place, dest, span)
+            job.codec.decode_into(place, job.dest, span)
 
     if job.threads and job.layout.total >= COMMIT_THREADS * THREAD_MIN:
         with trio.CancelScope(shield=True):

@@ -182,6 +182,7 @@ class Engine(MembershipDriver):
             d.members,
             d.members.index(self.me),
             flat,
+            dest,
             codec,
             lay,
             op is ReduceOp.AVG,
@@ -190,7 +191,6 @@ class Engine(MembershipDriver):
             now + 2 * phase,
             self._history.of(tag),
             self.config.use_threads(),
-            dest,
         )
         state = _Op(members)
         self._active[tag] = state

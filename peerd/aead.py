@@ -202,7 +202,6 @@ _CIPHERS: Final[dict[str, type[Aegis128L] | type[_LibAegis]]] = {
     AEGIS128X2: Aegis128X2,
     AEGIS128L: Aegis128L,
 }
-_LIBAEGIS: Final = (AEGIS128X4, AEGIS128X2)
 
 
 def wide_vector_aes(cpuinfo: str | None = None) -> bool:
@@ -278,11 +277,12 @@ def choose(dialler: Sequence[str], listener: Sequence[str]) -> str:
 def address(name: str) -> tuple[int, int]:
     """``(encrypt, decrypt)`` function addresses of a cipher's combined-mode
     calls, for ``peerd._datapump`` (which knows each library's signature)."""
+    cls = _CIPHERS.get(name)
     if name == AEGIS128L:
         ffi, lib, calls = _sodium_ffi, _sodium, ("crypto_aead_aegis128l_encrypt",
                                                   "crypto_aead_aegis128l_decrypt")
-    elif name in _LIBAEGIS and _aegis is not None:
-        ffi, lib, calls = _aegis_ffi, _aegis, _CIPHERS[name].calls  # type: ignore[union-attr]
+    elif cls is not None and issubclass(cls, _LibAegis) and _aegis is not None:
+        ffi, lib, calls = _aegis_ffi, _aegis, cls.calls
     else:
         raise ValueError(f"record cipher {name!r} is not available here")
     enc, dec = (int(ffi.cast("uintptr_t", ffi.addressof(lib, c))) for c in calls)

@@ -43,22 +43,17 @@ class SpareBuffers:
         self._count = count
         self._max_bytes = max_bytes
         self._min_bytes = min_bytes
-        self._free: OrderedDict[int, list[bytearray]] = OrderedDict()
+        self._free: OrderedDict[int, bytearray] = OrderedDict()  # by size, oldest first
         self._bytes = 0
-        self._held = 0
         self._lock = threading.Lock()  # nodes of one process may run on several threads
         self.hits = 0
 
     def take(self, size: int) -> bytearray:
         """A buffer of ``size`` bytes; a kept one holds an earlier payload's bytes."""
         with self._lock:
-            free = self._free.get(size)
-            if free:
-                buf = free.pop()
-                if not free:
-                    del self._free[size]
+            buf = self._free.pop(size, None)
+            if buf is not None:
                 self._bytes -= size
-                self._held -= 1
                 self.hits += 1
                 return buf
         return bytearray(size)
@@ -71,17 +66,10 @@ class SpareBuffers:
         with self._lock:
             if size in self._free:
                 return
-            self._free[size] = [buf]
-            self._free.move_to_end(size)
+            self._free[size] = buf
             self._bytes += size
-            self._held += 1
-            while self._held > self._count or self._bytes > self._max_bytes:
-                oldest, bufs = next(iter(self._free.items()))
-                bufs.pop(0)
-                if not bufs:
-                    del self._free[oldest]
-                self._bytes -= oldest
-                self._held -= 1
+            while len(self._free) > self._count or self._bytes > self._max_bytes:
+                self._bytes -= self._free.popitem(last=False)[0]
 
 
 SPARE: Final = SpareBuffers()

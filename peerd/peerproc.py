@@ -167,6 +167,14 @@ def _inputs(index: int, cmd: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return data, data.copy()
 
 
+async def _intact(data: np.ndarray, original: np.ndarray) -> bool:
+    """Whether ``data`` still holds the bytes of ``original`` (compared on a thread)."""
+    import trio
+
+    return bool(await trio.to_thread.run_sync(np.array_equal, data.view(np.uint8),
+                                              original.view(np.uint8)))
+
+
 # The result buffer of ``into`` commands, kept from round to round as a
 # training loop keeps its own (one at a time: the last shape and dtype).
 _DEST: list[np.ndarray] = []
@@ -255,16 +263,13 @@ async def _command(
                                            quant=Quant(cmd.get("quant", 0)),
                                            retry=cmd.get("retry", True), out=into)
         except PeerLost as exc:
-            intact = await trio.to_thread.run_sync(np.array_equal, data.view(np.uint8),
-                                                   original.view(np.uint8))
             return {"event": "error", "kind": type(exc).__name__, "message": str(exc),
-                    "peers": list(exc.peers), "input_intact": bool(intact)}
+                    "peers": list(exc.peers), "input_intact": await _intact(data, original)}
         seconds, ended, (user1, sys1, faults1) = (time.perf_counter() - t0, time.monotonic(),
                                                   cpu_times())
         peak = max(0, rss_peak() - rss_before)
         got = data if dest is None else dest
-        kept = None if dest is None else bool(await trio.to_thread.run_sync(
-            np.array_equal, data.view(np.uint8), original.view(np.uint8)))
+        kept = None if dest is None else await _intact(data, original)
         out = cmd.get("out")
         if out:
             await trio.to_thread.run_sync(np.save, Path(out) / f"r{rnd}_{index}.npy", got)
