@@ -22,11 +22,14 @@ ratios peerd-time / gloo-time of both for the largest size, ``out=`` last.
         # peers in network namespaces, each uplink shaped by tc tbf; prints
         # achieved bus bandwidth / link limit
 
-Where each peer has cores to itself, data channels move large messages and
-the ring reduces large blocks on worker threads (``NodeConfig.data_threads``);
-on fewer than 4 usable cores everything runs on the event loop. Set
-``PEERD_PEERPROC_DATA_THREADS=0/1`` to force either, and
-``PEERD_PEERPROC_SUB_CHUNK_BYTES`` to sweep the ring's pipelining unit.
+Where each peer may use 4 cores or more, the ring reduces large blocks and
+copies the result on worker threads, while the data channels move messages
+on the event loop (the native record loops do a whole message in one call);
+on fewer cores everything runs on the event loop. Set
+``PEERD_PEERPROC_DATA_THREADS=0`` to keep everything on the event loop, ``=1``
+to move large messages on worker threads too (``NodeConfig.data_threads``;
+the default before session 19), and ``PEERD_PEERPROC_SUB_CHUNK_BYTES`` to
+sweep the ring's pipelining unit.
 Measured (session 8), ratio peerd / gloo:
 
     machine                       100M                          10M

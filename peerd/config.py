@@ -50,9 +50,14 @@ class NodeConfig:
     # cost no time. One stream's window (a few MB) covers a path's bandwidth x
     # round trip up to ~0.5 Gbit/s at 100 ms; raise this for fatter pipes.
     data_channels: int = 2
-    # Large data messages moved (socket I/O and cipher) by worker threads, so a
-    # node's channels run on several cores; None: on where this process may use
-    # at least 4 cores (on fewer, shared, the hand-off costs more than it gains).
+    # Worker threads for the data path's bulk work. True: large data messages
+    # are moved (socket I/O and cipher) and large ring blocks reduced on them,
+    # so a node's channels run on several cores (for links faster than one
+    # core encrypts, ~15 Gbit/s); False: everything on the event loop. None:
+    # reductions and result copies on threads where this process may use at
+    # least 4 cores (on fewer, shared, the hand-off costs more than it gains),
+    # messages on the event loop wherever the native record loops are built
+    # (``peerd.datachan.DataConfig.crypto_threads`` says why).
     data_threads: bool | None = None
     # Largest plaintext of one data record. Every peer of a swarm must use the
     # same: a larger record than the receiver's is refused. With data threads,

@@ -82,11 +82,17 @@ class DataConfig:
     socket_buffer: int = DEFAULT_SOCKET_BUFFER
     rekey_interval: int = DEFAULT_REKEY_INTERVAL
     # Move large messages on worker threads: socket I/O and cipher of a whole
-    # message per thread hop, GIL released for both (``DataChannel``). Worth it
-    # only where cores are idle: on 2 busy cores the hand-off cost ~60% more CPU
-    # per byte (see the transport benchmark), while on 16 cores 4 peers' 100M
-    # fp32 all-reduce took 0.34-0.39 s instead of 0.72 with the event loop
-    # doing the I/O. None: on when this process may run on CRYPTO_THREAD_CORES.
+    # message per thread hop, GIL released for both (``DataChannel``). None:
+    # only where the native record loops are missing and this process may run
+    # on CRYPTO_THREAD_CORES. The native loops seal and write (read and open)
+    # a whole message in one C call on the event loop; a hop per message then
+    # costs more than it frees: the worker takes the GIL back several times
+    # per job (strace of one peer's 10M rounds: ~860 futex calls a round with
+    # the hops, 16 without), and with a core per peer (2 peers, 2 cores) 100M
+    # into ``out=`` took 0.195-0.256 s with them against 0.164-0.193 without.
+    # Without the native loops, Python's per-record work is what the threads
+    # spread over cores (16 cores, Python loops: 100M in 0.34-0.39 s with
+    # threads against 0.72 on the event loop).
     crypto_threads: bool | None = None
     # Seal, write, read and open a message's records in native code
     # (``peerd.datapump``) where it is built and switched on; False: never.
@@ -96,16 +102,19 @@ class DataConfig:
     congestion: str = DEFAULT_CONGESTION
 
     def offload(self) -> bool:
-        return threads_pay(self.crypto_threads)
+        if self.crypto_threads is not None:
+            return self.crypto_threads
+        return not (self.native and datapump.available()) and threads_pay(None)
 
     def use_native(self) -> bool:
         return self.native and datapump.built()
 
 
 def threads_pay(setting: bool | None) -> bool:
-    """Whether bulk work goes to worker threads: ``setting`` if given, else
-    whether this process may use CRYPTO_THREAD_CORES (the data channels and
-    the ring's reductions decide alike)."""
+    """Whether the ring's reductions and result copies go to worker threads:
+    ``setting`` if given, else whether this process may use
+    CRYPTO_THREAD_CORES (data channels without the native record loops decide
+    alike, ``DataConfig.offload``)."""
     if setting is not None:
         return setting
     return usable_cores() >= CRYPTO_THREAD_CORES

@@ -18,8 +18,9 @@ File format (every key optional)::
     log_level = "info"                  # debug | info | warning | error
     data_channels = 2                   # TCP connections per peer link (1-64); more
                                         # for long fat pipes (bandwidth x RTT > a few MB)
-    data_threads = true                 # move large data on worker threads; default:
-                                        # on where the daemon may use >= 4 cores
+    data_threads = true                 # move large data messages on worker threads too
+                                        # (links faster than one core encrypts); default:
+                                        # only reductions, with >= 4 cores
     data_ciphers = ["aegis128l"]        # record ciphers offered, preferred first;
                                         # default: all installed, fastest first
     data_congestion = "bbr"             # TCP congestion control of the data sockets;

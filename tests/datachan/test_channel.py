@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from peerd import datachan
+from peerd import datachan, datapump
 from peerd.datachan import (
     CRYPTO_THREAD_CORES,
     DATA_HANDSHAKE_TIMEOUT,
@@ -223,13 +223,19 @@ async def test_forged_large_record_is_refused_on_a_worker_thread() -> None:
             await b.read_payload_into(memoryview(bytearray(n)))
 
 
-@pytest.mark.parametrize(("cores", "setting", "offload"), [
-    (2, None, False), (CRYPTO_THREAD_CORES, None, True), (64, False, False), (1, True, True),
+@pytest.mark.parametrize(("cores", "native", "setting", "offload"), [
+    # Unset: threads only for the Python record loops, and only with cores to spare.
+    (2, False, None, False), (CRYPTO_THREAD_CORES, False, None, True),
+    (CRYPTO_THREAD_CORES, True, None, False), (64, True, None, False),
+    # Set: as set, whatever the cores and loops.
+    (64, False, False, False), (1, True, True, True), (64, True, True, True),
 ])
-def test_crypto_threads_follow_the_cores_unless_set(
-    monkeypatch: pytest.MonkeyPatch, cores: int, setting: bool | None, offload: bool,
+def test_crypto_threads_follow_the_loops_and_cores_unless_set(
+    monkeypatch: pytest.MonkeyPatch, cores: int, native: bool, setting: bool | None,
+    offload: bool,
 ) -> None:
     monkeypatch.setattr(datachan, "usable_cores", lambda: cores)
+    monkeypatch.setattr(datapump, "_enabled", native)
     assert DataConfig(crypto_threads=setting).offload() is offload
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import trio
 
-from peerd import datachan, datainbox
-from peerd.datachan import CRYPTO_THREAD_CORES, DataConfig
+from peerd import datainbox
+from peerd.datachan import DataConfig
 from peerd.datalink import DataLink, LinkConfig, open_data_link
 from peerd.errors import PeerLost, ProtocolError
 
@@ -24,9 +24,10 @@ pytestmark = pytest.mark.usefixtures("record_loops")
 @pytest.fixture(autouse=True, params=["inline", "io-threads"])
 def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs with messages moved by the event loop, and again with
-    large ones moved by I/O threads (the default where cores are to spare)."""
-    cores = CRYPTO_THREAD_CORES if request.param == "io-threads" else 1
-    monkeypatch.setattr(datachan, "usable_cores", lambda: cores)
+    large ones moved by I/O threads (``data_threads = true``, or the Python
+    record loops where cores are to spare), whatever the test's config says."""
+    threads = request.param == "io-threads"
+    monkeypatch.setattr(DataConfig, "offload", lambda self: threads)
 
 
 async def test_mixed_sizes_any_order() -> None:
