@@ -172,21 +172,35 @@ async def _receive_in_order(
 
 async def _send_from(send: Callable[[bytes, memoryview | bytes], Awaitable[None]],
                      source: Source, width: int) -> None:
-    """Send every item ``source`` yields (until it yields None), ``width`` at a time."""
+    """Send every item ``source`` yields (until it yields None), ``width`` at a time.
+
+    A sender starts another only as it begins a send with none left waiting
+    for the next item, so a phase of one block per step (small tensors; the
+    event loop's whole-chunk blocks) runs two, not ``width``: each task is
+    a spawn and a few scheduler steps of every round's fixed cost."""
     error: list[PeerLost] = []
+    waiting = 0
+    started = 1
 
     async with trio.open_nursery() as nursery:
 
         async def worker() -> None:
+            nonlocal waiting, started
             try:
-                while (item := await source()) is not None:
+                while True:
+                    waiting += 1
+                    item = await source()
+                    waiting -= 1
+                    if item is None:
+                        return
+                    if not waiting and started < width:
+                        started += 1
+                        nursery.start_soon(worker)
                     await send(*item)
             except PeerLost as exc:
                 error.append(exc)
                 nursery.cancel_scope.cancel()
 
-        for _ in range(width - 1):
-            nursery.start_soon(worker)
         await worker()  # the first item leaves at once, from this task
     if error:
         raise error[0]
