@@ -88,8 +88,9 @@ class DataConfig:
     # a whole message in one C call on the event loop; a hop per message then
     # costs more than it frees: the worker takes the GIL back several times
     # per job (strace of one peer's 10M rounds: ~860 futex calls a round with
-    # the hops, 16 without), and with a core per peer (2 peers, 2 cores) 100M
-    # into ``out=`` took 0.195-0.256 s with them against 0.164-0.193 without.
+    # every worker thread on, 16 with none), and with a core per peer (2
+    # peers, 2 cores) 100M into ``out=`` took 0.195-0.256 s with message hops
+    # against 0.164-0.193 without (reductions on threads or not).
     # Without the native loops, Python's per-record work is what the threads
     # spread over cores (16 cores, Python loops: 100M in 0.34-0.39 s with
     # threads against 0.72 on the event loop).
