@@ -1,20 +1,27 @@
 """Real nodes on loopback (QUIC control, encrypted TCP data): state sync and
-joining with striped download, custom collectives, quantized all-reduce."""
+joining with striped download, custom collectives, quantized all-reduce, and
+which work the default worker threads take on a host with cores to spare."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import numpy as np
 import pytest
 import trio
 
+from collectives.allreduce import THREAD_MIN
 from collectives.api import Quant, SyncResult, SyncStrategy
 from collectives.driver import EngineConfig
 from collectives.membership import Timing
+from collectives.quant import RawCodec
+from peerd import datachan
+from peerd.datastream import DataChannel
 from peerd.identity import SwarmKey
 from peerd.node import Node, open_node
 
@@ -172,3 +179,38 @@ async def test_quantized_all_reduce_on_real_nodes(quant: Quant) -> None:
                 assert 0 < err <= n * rel * np.abs(want).max() * 2
             assert len({w.tobytes() for w in work}) == 1  # identical bytes everywhere
             assert {r.participants for r in res} == {nodes[0].view(RUN).members}
+
+
+async def test_many_cores_reduce_on_threads_and_move_messages_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The defaults where a process may use many cores and the native record
+    # loops run: large ring blocks are reduced on worker threads, while every
+    # data message is moved by the event loop (no I/O thread hop).
+    monkeypatch.setattr(datachan, "usable_cores", lambda: 64)
+    on_loop: list[bool] = []
+    hops: list[int] = []
+    accumulate = RawCodec.accumulate
+
+    def spy(self: RawCodec, *args: Any) -> None:
+        if len(args[0]) >= THREAD_MIN:  # smaller ones are added on the loop by design
+            on_loop.append(threading.current_thread() is threading.main_thread())
+        accumulate(self, *args)
+
+    async def no_hop(self: DataChannel, fn: Any, *args: Any) -> None:
+        hops.append(1)
+        fn(*args)
+
+    monkeypatch.setattr(RawCodec, "accumulate", spy)
+    monkeypatch.setattr(DataChannel, "_in_thread", no_hop)
+    with trio.fail_after(60):
+        async with mesh(4) as nodes:
+            rng = np.random.default_rng(5)
+            data = [rng.standard_normal(3_000_017).astype(np.float32) for _ in nodes]
+            work = [d.copy() for d in data]
+            await each(nodes, lambda i, x: x.all_reduce(RUN, work[i], "avg"))
+    want = np.mean([d.astype(np.float64) for d in data], axis=0)
+    np.testing.assert_allclose(work[0], want, rtol=1e-5, atol=1e-6)
+    assert len({w.tobytes() for w in work}) == 1
+    assert on_loop and not any(on_loop)  # every large block reduced off the loop
+    assert not hops  # and no message moved by an I/O thread
