@@ -44,7 +44,6 @@ class SpareBuffers:
         self._max_bytes = max_bytes
         self._min_bytes = min_bytes
         self._free: OrderedDict[int, bytearray] = OrderedDict()  # by size, oldest first
-        self._bytes = 0
         self._lock = threading.Lock()  # nodes of one process may run on several threads
         self.hits = 0
 
@@ -53,7 +52,6 @@ class SpareBuffers:
         with self._lock:
             buf = self._free.pop(size, None)
             if buf is not None:
-                self._bytes -= size
                 self.hits += 1
                 return buf
         return bytearray(size)
@@ -67,9 +65,9 @@ class SpareBuffers:
             if size in self._free:
                 return
             self._free[size] = buf
-            self._bytes += size
-            while len(self._free) > self._count or self._bytes > self._max_bytes:
-                self._bytes -= self._free.popitem(last=False)[0]
+            # The keys are the sizes: a handful of them, summed as they stand.
+            while len(self._free) > self._count or sum(self._free) > self._max_bytes:
+                self._free.popitem(last=False)
 
 
 SPARE: Final = SpareBuffers()

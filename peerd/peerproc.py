@@ -240,8 +240,9 @@ async def _command(
         if die:
             phase, _, n = die.partition(":")
             fault.die_at = (phase.encode(), int(n or 1))
-        # ``into``: the result goes to a buffer of its own (``out=``), the input is only read.
-        dest = await trio.to_thread.run_sync(_destination, data) if cmd.get("into") else None
+        # ``into``: the result goes to a buffer of its own (``out=``), the input is only read;
+        # ``_inputs`` made it, on its thread, for this very input.
+        dest = _destination(data) if cmd.get("into") else None
         target: Any = data
         into: Any = dest
         if cmd.get("dtype", "float32") == "bfloat16":
