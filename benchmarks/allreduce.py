@@ -191,6 +191,15 @@ place 0.472-0.513 (1.17, 1.37, 1.31, 1.21), into out= 0.428-0.482 (1.14,
 1.29, 1.18, 1.09), gloo 0.374-0.411. Peak extra memory at 10M in place
 1.30-1.32x the tensor in the last two (a kept 10 MB block; 1.30 and 1.55x
 before the limit), into out= 1.00x; 100M 1.00-1.04x.
+
+Session 19 (the same kind of VM): the ratios moved with the hour. At the
+start, three runs: 10M in place 1.83-1.89, into out= 1.40-1.59; 100M
+1.50-1.63 and 1.27-1.58. The last two: 10M 1.20 and 1.49, into out= 1.15
+and 1.30; 100M 1.28 and 1.47, into out= 1.31 and 1.30. With a core per peer
+(``--peers 2``), 100M into out= took 0.164-0.193 s with messages on the
+event loop against 0.195-0.256 with them on worker threads, which is why
+messages now stay on the loop by default (``peerd.datachan``); unmeasured
+on the 16-core host.
 """
 
 from __future__ import annotations
