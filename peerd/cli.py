@@ -11,6 +11,9 @@ from pathlib import Path
 from peerd.errors import ConfigError, PeerdError
 from peerd.identity import Identity, SwarmKey
 
+DESCRIPTION = ("peerd: fault-tolerant peer-to-peer training. `peerd start` runs this "
+               "machine's node; the other commands talk to it, or make and inspect key files.")
+
 
 def _keygen(args: argparse.Namespace) -> int:
     ident = Identity.generate()
@@ -24,6 +27,12 @@ def _swarm_key_new(args: argparse.Namespace) -> int:
     key.save(Path(args.out))
     print(f"wrote swarm key (fingerprint {key.fingerprint}) to {args.out} (mode 0600); "
           "share it only with the members of this swarm")
+    return 0
+
+
+def _swarm_key_show(args: argparse.Namespace) -> int:
+    key = SwarmKey.load(Path(args.path))
+    print(f"{key.fingerprint}  {args.path}")
     return 0
 
 
@@ -115,7 +124,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peerd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="peerd", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -128,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sk_sub.add_parser("new", help="create a new 32-byte swarm key")
     p.add_argument("--out", required=True, help="path of the new swarm key file")
     p.set_defaults(func=_swarm_key_new)
+    p = sk_sub.add_parser("show", help="print a swarm key file's fingerprint (nodes of one "
+                          "swarm show the same)")
+    p.add_argument("path", help="swarm key file")
+    p.set_defaults(func=_swarm_key_show)
 
     p = sub.add_parser("start", help="run a node as a daemon (until SIGTERM/SIGINT)")
     p.add_argument("--config", help="TOML config file (flags override it)")

@@ -196,7 +196,10 @@ class ClientHandshake:
         if not verify_signature(self._server_key, b"server" + t, msg.signature):
             raise AuthError("server signature does not verify")
         if not hmac.compare_digest(msg.membership, _mac(self._swarm, b"server", t)):
-            raise AuthError("server does not hold our swarm key")
+            raise AuthError(
+                "server does not hold our swarm key: it is a node of another swarm. Both "
+                "need the same swarm key file (this node's has fingerprint "
+                f"{self._swarm.fingerprint}; `peerd swarm-key show FILE` prints a file's)")
         secret = _session_secret(_shared(self._kx, msg.kx), t)
         observed = (msg.observed_host, msg.observed_port) if msg.observed_host else None
         self._pending = HandshakeResult(self._server_id, self._server_key, secret, observed,

@@ -89,7 +89,7 @@ async def client_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey
             stream.finish()
     except trio.TooSlowError:
         conn.close(ERROR_AUTH, "handshake timeout")
-        raise Timeout(f"handshake with {conn.addr_text} timed out") from None
+        raise Timeout(_client_timeout_text(conn)) from None
     except PeerLost as exc:
         raise AuthError(f"{conn.addr_text} refused us: {conn.close_reason or exc}") from None
     except (AuthError, ProtocolError) as exc:
@@ -122,6 +122,17 @@ async def server_session(conn: QuicConn, identity: Identity, swarm_key: SwarmKey
         raise AuthError(f"{conn.addr_text}: {exc}") from None
     conn.accept_streams = True
     return _session(conn, result, identity, initiator=False)
+
+
+def _client_timeout_text(conn: QuicConn) -> str:
+    """What a dialler that timed out should check: silence at the QUIC layer
+    is a wrong address or a blocked path, not the far node's doing."""
+    if not conn.handshake_done.is_set():
+        return (f"no answer from {conn.addr_text} within {HANDSHAKE_TIMEOUT:g} s: check the "
+                "address and port, that a peerd node runs there, and that UDP to it is not "
+                "blocked (peerd speaks QUIC over UDP)")
+    return (f"{conn.addr_text} answered but did not finish peerd's handshake within "
+            f"{HANDSHAKE_TIMEOUT:g} s (overloaded, or not a peerd node)")
 
 
 async def _wait_or_closed(conn: QuicConn) -> None:

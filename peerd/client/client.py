@@ -33,6 +33,12 @@ from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment
 from peerd.errors import ConfigError
 
+# A dial may take the daemon's whole handshake timeout (``peerd.session``,
+# 10 s). The client waits that long on top of its own timeout, so that the
+# daemon's reason (no answer there, another swarm) reaches the user rather
+# than a timeout of ours that blames the daemon.
+DIAL_WAIT = 10.0
+
 DEFAULT_TIMEOUT = 30.0  # control calls: status, peers, DHT, store
 COLLECTIVE_TIMEOUT = 3600.0  # a round may wait long for stragglers to join
 DEFAULT_RUN = "default"
@@ -129,7 +135,8 @@ class Client:
 
     def connect_peer(self, address: str) -> str:
         """Dial ``address`` from the daemon; returns the peer id."""
-        return self._call(lambda r: p.ConnectRequest(r, address)).peer_id
+        return self._call(lambda r: p.ConnectRequest(r, address),
+                          self.timeout + DIAL_WAIT).peer_id
 
     def echo(self, array: Any, mode: int = 0) -> bytes:
         """Diagnostic: hand ``array`` to the daemon and back (see ``EchoRequest``)."""

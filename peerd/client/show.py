@@ -32,6 +32,7 @@ def peers_table(peers: tuple[p.PeerInfo, ...]) -> str:
 def status_text(s: p.StatusReply) -> str:
     lines = [
         f"peer id:    {s.peer_id}",
+        f"swarm:      {s.swarm} (swarm key fingerprint)",
         f"pid:        {s.pid}   uptime {s.uptime_s:.0f} s",
         f"listening:  {', '.join(s.listen) or '-'}",
         f"observed:   {', '.join(s.observed) or '-'}",

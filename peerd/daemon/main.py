@@ -38,6 +38,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT,
                         stream=sys.stderr, force=True)
+    # aioquic logs each connection's version and ALPN negotiation at INFO: in a
+    # daemon with many peers that drowns peerd's own events. Shown at debug only.
+    logging.getLogger("quic").setLevel(logging.NOTSET if level == "debug" else logging.WARNING)
 
 
 def load_swarm_key(path: Path) -> SwarmKey:

@@ -18,7 +18,8 @@ from typing import Any
 
 from peerd.wire import Limits, message
 
-CONTROL_VERSION = 3  # 2: AllGatherRequest carries retry; 3: AllReduceRequest out
+# 2: AllGatherRequest carries retry; 3: AllReduceRequest out; 4: StatusReply swarm
+CONTROL_VERSION = 4
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
 MAX_DIMS = 16
@@ -71,6 +72,7 @@ class StatusReply:
     runs: tuple[str, ...]
     counters: dict[str, int]
     metrics: str  # HOST:PORT of the metrics endpoint, "" when off
+    swarm: str  # the swarm key's fingerprint: nodes of one swarm show the same
 
 
 @message(405)

@@ -145,7 +145,7 @@ class ControlService:
             observed=tuple(getattr(stats, "observed_addresses", ())),
             nat=str(getattr(stats, "nat_type", "") or getattr(node, "nat_type", "") or ""),
             peers=self.peer_infos(), runs=tuple(sorted(run_names)), counters=counters,
-            metrics=self.metrics_address,
+            metrics=self.metrics_address, swarm=node.swarm_key.fingerprint,
         )
 
     async def _status(self, msg: p.StatusRequest, conn: Conn) -> p.StatusReply:

@@ -22,7 +22,7 @@ from collectives.api import AllReduceResult, Quant, SyncResult, SyncStrategy, Vi
 from peerd.daemon.control import serve_control
 from peerd.daemon.service import ControlService
 from peerd.errors import ConfigError, PeerLost, RemoteError
-from peerd.identity import Identity
+from peerd.identity import Identity, SwarmKey
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class FakeStore:
 class FakeNode:
     def __init__(self) -> None:
         self.peer_id = Identity.from_seed(b"fake").peer_id
+        self.swarm_key = SwarmKey(b"k" * 32)
         self.listen_addresses = ["127.0.0.1:9"]
         self.observed: dict[Any, Any] = {}
         self.calls: list[tuple[Any, ...]] = []

@@ -18,6 +18,7 @@ import peerd
 from peerd import aead
 from peerd.client import DaemonUnavailable
 from peerd.daemon.launcher import DaemonProcess, start_daemon, stop_all
+from peerd.identity import SwarmKey
 
 
 def test_keygen_writes_private_identity_and_never_overwrites(cli, short_dir: Path) -> None:
@@ -46,6 +47,49 @@ def test_status_and_peers_show_the_whole_swarm(cli, swarm: list[DaemonProcess]) 
     assert swarm[1].peer_id in r.stdout and swarm[2].peer_id in r.stdout
     r = cli("status", "--socket", str(swarm[0].socket))
     assert f"peer id:    {swarm[0].peer_id}" in r.stdout
+    # Every member shows the fingerprint that `swarm-key show` prints for the file.
+    key = swarm[0].data_dir.parent / "swarm.key"
+    shown = cli("swarm-key", "show", str(key))
+    assert shown.returncode == 0, shown.stderr
+    fingerprint = SwarmKey.load(key).fingerprint
+    assert shown.stdout == f"{fingerprint}  {key}\n"
+    assert f"swarm:      {fingerprint} " in r.stdout
+    for d in swarm:
+        r = cli("status", "--json", "--socket", str(d.socket))
+        assert json.loads(r.stdout)["swarm"] == fingerprint
+
+
+def test_dial_to_a_silent_address_blames_the_address_not_the_daemon(
+        cli, swarm: list[DaemonProcess]) -> None:
+    # A UDP port that is bound (so nobody else takes it) but never answers.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        # The client's default timeout (10 s) equals the daemon's handshake
+        # timeout: the daemon's reason must still be what the user reads.
+        r = cli("connect", addr, "--socket", str(swarm[0].socket))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"peerd: Timeout: no answer from {addr} within 10 s: check the "
+                               "address and port"), r.stderr
+    assert "UDP" in r.stderr and "peerd daemon" not in r.stderr
+
+
+def test_dial_to_another_swarm_names_both_fingerprints_to_compare(
+        cli, swarm: list[DaemonProcess], short_dir: Path) -> None:
+    other_key = short_dir / "other.key"
+    SwarmKey.generate().save(other_key)
+    stranger = start_daemon(short_dir / "stranger", other_key)
+    try:
+        r = cli("connect", stranger.listen, "--socket", str(swarm[0].socket))
+        assert r.returncode == 1
+        ours = SwarmKey.load(swarm[0].data_dir.parent / "swarm.key").fingerprint
+        assert "a node of another swarm" in r.stderr, r.stderr
+        assert f"this node's has fingerprint {ours}" in r.stderr
+        assert "peerd swarm-key show" in r.stderr
+        with swarm[0].client() as c:
+            assert stranger.peer_id not in {x.peer_id for x in c.peers()}
+    finally:
+        assert stranger.stop() == 0
 
 
 def test_client_status_and_peers(swarm: list[DaemonProcess]) -> None:
@@ -99,6 +143,8 @@ def test_bootstrap_then_sigterm_leaves_cleanly(swarm: list[DaemonProcess], short
         assert not d.socket.exists()
         log = d.log_path.read_text()
         assert "daemon.stopping signal=SIGTERM" in log and "daemon.stopped" in log
+        # peerd's events, not aioquic's chatter about each connection it made
+        assert "peer.connected" in log and " quic " not in log, log
         # the survivor learns of the departure from the close, not from a timeout
         wait_until(lambda: not seen_by_first(), timeout=5.0)
     finally:

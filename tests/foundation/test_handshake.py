@@ -86,8 +86,10 @@ def test_wrong_swarm_key_rejected_by_both_sides() -> None:
     other = SwarmKey(b"o" * 32)
     client = ClientHandshake(A, other, B.public_key)
     server = ServerHandshake(B, KEY, None)
-    with pytest.raises(AuthError, match="swarm key"):
+    with pytest.raises(AuthError, match="another swarm") as caught:
         client.on_server_hello(server.on_client_hello(client.hello()))
+    # The dialler's own fingerprint, to compare with the other node's key file.
+    assert f"fingerprint {other.fingerprint}" in str(caught.value)
     # A stranger that skips its own check still cannot pass the server.
     client = ClientHandshake(A, other, B.public_key)
     server = ServerHandshake(B, KEY, None)
