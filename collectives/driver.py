@@ -248,7 +248,22 @@ class MembershipDriver(Liveness):
         # it was away (or never here) while the others went on.
         self.joins += 1
         self.history_base = NO_HISTORY
-        with trio.fail_after(timeout if timeout is not None else self.config.join_timeout):
+        limit = timeout if timeout is not None else self.config.join_timeout
+        try:
+            await self._join(limit)
+        except trio.TooSlowError:
+            asked = len(self.fabric.peers())
+            whom = (f"none of the {asked} connected peer(s) admitted it" if asked else
+                    "no peer is connected to this node")
+            raise Timeout(
+                f"not admitted to run {self.run!r} within {limit:g} s: {whom}. To join a "
+                "running run, connect to one of its members first; a new run starts when "
+                "its founders join with members=[...], each passing the same list of peer "
+                "ids, its own among them") from None
+        return self.view()
+
+    async def _join(self, limit: float) -> None:
+        with trio.fail_after(limit):
             while self.current_view() is None:
                 changed = self._changed
                 peers = self.fabric.peers()
@@ -267,7 +282,6 @@ class MembershipDriver(Liveness):
                     self._spawn(self._send_join, peer, request, joint)
                 with trio.move_on_after(self.config.timing.heartbeat_interval):
                     await changed.wait()
-        return self.view()
 
     async def leave(self) -> None:
         """Tell the members this peer leaves; they drop it at once."""

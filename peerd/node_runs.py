@@ -39,7 +39,10 @@ class RunsMixin:
         node asks the connected members of the run to admit it at their next
         round boundary and returns once a view includes it."""
         if run in self._runs:
-            return self._runs[run][0]
+            engine = self._runs[run][0]
+            if members is None and engine.current_view() is None:
+                await engine.join(timeout)  # another join is under way, or it was evicted
+            return engine
         # One knob for the node's data path: the ring's numpy work goes to
         # worker threads when its data channels' I/O does.
         config = config or EngineConfig()
@@ -59,7 +62,15 @@ class RunsMixin:
 
         engine: Engine = await self._nursery.start(host)
         if members is None:
-            await engine.join(timeout)
+            try:
+                await engine.join(timeout)
+            except BaseException:
+                # Never admitted: the run is not this node's. Kept, it would
+                # pass for joined to the next join_run and answer every
+                # collective with "join the run first".
+                if engine.current_view() is None:
+                    self._runs[run][1].cancel()
+                raise
         return engine
 
     async def leave_run(self, run: str) -> None:
@@ -80,7 +91,8 @@ class RunsMixin:
     def engine(self, run: str) -> Engine:
         entry = self._runs.get(run)
         if entry is None:
-            raise ConfigError(f"this node has not joined run {run!r}; call join_run first")
+            raise ConfigError(f"this node has not joined run {run!r}: join it first "
+                              "(client.join(), or node.join_run())")
         return entry[0]
 
     def runs(self) -> list[str]:

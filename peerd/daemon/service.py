@@ -94,6 +94,17 @@ class ControlService:
             # Raised by node features on invalid input (shape mismatch, bad key).
             self.counters["request_errors"] += 1
             return p.CtlError(req_id, "ConfigError", str(exc), ())
+        except Exception as exc:
+            # A bug, in peerd or below it. Raised on, it would end the control
+            # server and so every client's connection; this request fails alone
+            # and the log keeps the traceback. (Cancellation is a BaseException
+            # and passes.)
+            self.counters["request_errors"] += 1
+            log.error("request %s failed", type(msg).__name__, exc_info=True)
+            return p.CtlError(req_id, "InternalError",
+                              f"the daemon failed on {type(msg).__name__} ({type(exc).__name__}: "
+                              f"{exc}); this is a bug in peerd: please report it with the "
+                              "daemon's log, which has the traceback", ())
 
     def _feature(self, name: str) -> Any:
         value = getattr(self.node, name, None)

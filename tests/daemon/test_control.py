@@ -287,6 +287,35 @@ async def test_missing_features_are_named(short_dir: Path) -> None:
     await with_daemon(sock, BareNode(), body)
 
 
+class BuggyNode(FakeNode):
+    async def join_run(self, run: str, members: list[str] | None = None,
+                       timeout: float | None = None) -> None:
+        raise RuntimeError("a bug under join_run")
+
+
+async def test_a_bug_in_one_request_fails_that_request_only(
+        short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock = short_dir / "c.sock"
+
+    def body() -> None:
+        with peerd.connect(sock) as c, peerd.connect(sock) as other:
+            with pytest.raises(RemoteError) as caught:
+                c.join(["pa"])
+            assert caught.value.kind == "InternalError"
+            assert "JoinRunRequest (RuntimeError: a bug under join_run)" in caught.value.message
+            assert "report it with the daemon's log" in caught.value.message
+            # The same connection, another one and a new one all go on.
+            assert c.status().peer_id == other.status().peer_id
+            a = np.ones(3, dtype=np.float32)
+            c.all_reduce(a)
+            assert np.all(a == 2)
+        with peerd.connect(sock) as late:
+            assert late.status().counters["request_errors"] == 1
+
+    await with_daemon(sock, BuggyNode(), body)
+    assert "a bug under join_run" in caplog.text  # the traceback is in the log
+
+
 async def test_garbage_and_unsealed_descriptors_do_not_hurt_the_daemon(short_dir: Path) -> None:
     sock = short_dir / "c.sock"
 

@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import peerd
 from peerd import aead
 from peerd.client import DaemonUnavailable
 from peerd.daemon.launcher import DaemonProcess, start_daemon, stop_all
+from peerd.errors import ConfigError, Timeout
 from peerd.identity import SwarmKey
 
 
@@ -149,6 +151,35 @@ def test_bootstrap_then_sigterm_leaves_cleanly(swarm: list[DaemonProcess], short
         wait_until(lambda: not seen_by_first(), timeout=5.0)
     finally:
         d.stop(signal.SIGKILL)
+
+
+def test_join_nobody_admits_says_how_to_join_or_found_and_leaves_no_phantom_run(
+        swarm: list[DaemonProcess], short_dir: Path) -> None:
+    key = swarm[0].data_dir.parent / "swarm.key"
+    d = start_daemon(short_dir / "lone", key)
+    try:
+        with d.client(run="lonely") as client:
+            for _ in range(2):  # the second join must wait again, not pass for joined
+                with pytest.raises(Timeout) as caught:
+                    client.join(timeout=1.0)
+                text = str(caught.value)
+                assert "not admitted to run 'lonely' within 1 s: no peer is connected" in text
+                assert "members=[...]" in text
+                assert client.status().runs == ()
+            with pytest.raises(ConfigError, match=r"join it first \(client.join\(\)"):
+                client.all_reduce(np.ones(3, np.float32))
+            client.connect_peer(swarm[0].listen)  # peers (the DHT finds the rest), none a member
+            with pytest.raises(Timeout, match=r"none of the \d+ connected peer\(s\) admitted it"):
+                client.join(timeout=1.0)
+            # Founding alone works after all that, and averages over exactly itself.
+            view = client.join([d.peer_id])
+            assert view.members == (d.peer_id,)
+            data = np.arange(5, dtype=np.float32)
+            result = client.all_reduce(data)
+            assert result.participants == (d.peer_id,)
+            assert np.array_equal(data, np.arange(5, dtype=np.float32))
+    finally:
+        assert d.stop() == 0
 
 
 def test_killed_daemon_makes_client_fail_fast(swarm: list[DaemonProcess],
