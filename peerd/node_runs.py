@@ -39,10 +39,10 @@ class RunsMixin:
         node asks the connected members of the run to admit it at their next
         round boundary and returns once a view includes it."""
         if run in self._runs:
-            engine = self._runs[run][0]
-            if members is None and engine.current_view() is None:
-                await engine.join(timeout)  # another join is under way, or it was evicted
-            return engine
+            running = self._runs[run][0]
+            if members is None and running.current_view() is None:
+                await running.join(timeout)  # another join is under way, or it was evicted
+            return running
         # One knob for the node's data path: the ring's numpy work goes to
         # worker threads when its data channels' I/O does.
         config = config or EngineConfig()
