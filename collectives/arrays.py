@@ -96,6 +96,11 @@ def flatten(array: Any, *, written: bool = True) -> Flat:
     non-contiguous memory, tensors off the CPU, and read-only memory where the
     result is to be ``written``.
     """
+    if isinstance(array, Flat):  # its kind named by the caller: bfloat16 bits in shared memory
+        if written and not array.data.flags.writeable:
+            raise ConfigError("all_reduce writes the result into the array, which is "
+                              "read-only: pass a writable array (or a writable out=)")
+        return array
     if isinstance(array, np.ndarray):
         kind = _NUMPY_KINDS.get(array.dtype)
         if kind is None:

@@ -39,11 +39,37 @@ def as_numpy(array: Any) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         if array.device.type != "cpu":
             raise ConfigError(f"tensor is on {array.device}; move it to the CPU first")
-        if array.dtype == torch.bfloat16:
-            raise ConfigError("bfloat16 tensors cannot be shared yet; use float32 "
-                              "(quant=Quant.BF16 still sends bf16 on the wire)")
+        if array.dtype == torch.bfloat16:  # numpy has none: the same memory as uint16 bits
+            return array.detach().view(torch.int16).numpy().view(np.uint16)
         return array.detach().numpy()
     raise ConfigError(f"expected a numpy array or a torch CPU tensor, got {type(array).__name__}")
+
+
+def dtype_text(array: Any, view: np.ndarray) -> str:
+    """``TensorRef.dtype`` for ``array``, whose numpy view is ``view``."""
+    if type(array).__module__.startswith("torch") and str(array.dtype) == "torch.bfloat16":
+        return p.BF16_DTYPE
+    return view.dtype.str
+
+
+def check_out(array: Any, out: Any) -> None:
+    """``out`` can take the all-reduce of ``array``: as many elements of the
+    same dtype, and memory of its own (or the input's very memory)."""
+    src, dst = as_numpy(array), as_numpy(out)
+    kinds = dtype_text(array, src), dtype_text(out, dst)
+    if kinds[0] != kinds[1] or src.size != dst.size:
+        raise ConfigError(
+            f"out holds {dst.size} {_name(kinds[1])} elements but the input {src.size} "
+            f"{_name(kinds[0])}: pass an out of the input's size and dtype")
+    same = (src.__array_interface__["data"][0] == dst.__array_interface__["data"][0]
+            and src.strides == dst.strides)
+    if not same and np.shares_memory(src, dst):
+        raise ConfigError("out overlaps the input without being it: pass separate "
+                          "memory, or the input itself (or no out) to reduce in place")
+
+
+def _name(dtype: str) -> str:
+    return dtype if dtype == p.BF16_DTYPE else np.dtype(dtype).name
 
 
 def _base_address(segment: Segment) -> int:
@@ -104,8 +130,9 @@ class SegmentPool:
         count = nbytes // dtype.itemsize
         return np.frombuffer(seg.mapping, dtype=dtype, count=count).reshape(shape)
 
-    def locate(self, arr: np.ndarray) -> p.TensorRef | None:
-        """The ref of ``arr`` if it is a contiguous view into a shared segment."""
+    def locate(self, arr: np.ndarray, dtype: str) -> p.TensorRef | None:
+        """The ref of ``arr`` (whose elements are ``dtype``) if it is a
+        contiguous view into a shared segment."""
         if not arr.flags.c_contiguous or arr.dtype.kind not in "fiub":
             return None
         address = int(arr.__array_interface__["data"][0])
@@ -114,7 +141,7 @@ class SegmentPool:
                 if base <= address and address + arr.nbytes <= base + seg.size:
                     offset = address - base
                     if offset % arr.dtype.itemsize == 0:
-                        return p.TensorRef(seg_id, offset, arr.dtype.str, tuple(arr.shape))
+                        return p.TensorRef(seg_id, offset, dtype, tuple(arr.shape))
         return None
 
     def close(self) -> None:
@@ -138,14 +165,15 @@ class Staged:
         self.user = as_numpy(array)
         if self.user.dtype.kind not in "fiub":
             raise ConfigError(f"unsupported dtype {self.user.dtype}")
+        self.dtype = dtype_text(array, self.user)
         self._pool = pool
         self._copier = copier
         self._lease: tuple[int, Segment] | None = None
-        ref = pool.locate(self.user)
+        ref = pool.locate(self.user, self.dtype)
         if ref is None:
             seg_id, seg = pool.lease(max(self.user.nbytes, 1))
             self._lease = (seg_id, seg)
-            ref = p.TensorRef(seg_id, 0, self.user.dtype.str, tuple(self.user.shape))
+            ref = p.TensorRef(seg_id, 0, self.dtype, tuple(self.user.shape))
             if fill:
                 try:
                     copier.copy(seg.array(ref), self.user)

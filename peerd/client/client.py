@@ -25,8 +25,7 @@ from collectives.api import (
     SyncStrategy,
     View,
 )
-from collectives.arrays import destination, flatten
-from peerd.client.arrays import SegmentPool, Staged, StagedReduce, as_numpy
+from peerd.client.arrays import SegmentPool, Staged, StagedReduce, check_out
 from peerd.client.conn import Connection, wait
 from peerd.client.copying import ParallelCopier
 from peerd.daemon import protocol as p
@@ -190,7 +189,7 @@ class Client:
         ``array``, or into ``out`` (same size and dtype; ``array`` is then only read)."""
         name = _op_name(op)
         if out is not None:  # checked here too: the daemon sees staged copies
-            destination(flatten(as_numpy(array), written=False), as_numpy(out))
+            check_out(array, out)
         source = self._stage(array)
         dest: Staged | None = None
         try:
@@ -224,7 +223,12 @@ class Client:
                                                             retry), COLLECTIVE_TIMEOUT)
         finally:
             staged.done()
-        return self._gifted(reply.tensors), reply.peers
+        arrays: list[Any] = self._gifted(reply.tensors)
+        if staged.dtype == p.BF16_DTYPE:  # the members' bits, as the tensors they were
+            import torch
+
+            arrays = [torch.from_numpy(a).view(torch.bfloat16) for a in arrays]
+        return arrays, reply.peers
 
     def sync_state(self, state: Mapping[str, Any], revision: int, *,
                    strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR,
@@ -255,6 +259,8 @@ class Client:
             staged.done()
 
     def recv(self, peer: str, *, tag: str = "p2p", run: str | None = None) -> np.ndarray:
+        """The next array ``peer`` sends with ``tag``. A bfloat16 tensor arrives
+        as its bits, uint16 (``torch.from_numpy(a).view(torch.bfloat16)``)."""
         reply = self._call(lambda r: p.RecvRequest(r, run or self.run, peer, tag),
                            COLLECTIVE_TIMEOUT)
         return self._gifted(reply.tensors)[0]

@@ -18,11 +18,15 @@ from typing import Any
 
 from peerd.wire import Limits, message
 
-# 2: AllGatherRequest carries retry; 3: AllReduceRequest out; 4: StatusReply swarm
+# 2: AllGatherRequest carries retry; 3: AllReduceRequest out; 4: StatusReply swarm,
+# TensorRef dtype BF16_DTYPE
 CONTROL_VERSION = 4
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
 MAX_DIMS = 16
+# ``TensorRef.dtype`` of a bfloat16 tensor. numpy has no such dtype: the daemon
+# sees the elements' bits as uint16 and reduces them as bfloat16.
+BF16_DTYPE = "bfloat16"
 
 
 @message(400)
@@ -133,7 +137,7 @@ class SegmentGift:
 class TensorRef:
     segment: int
     offset: int
-    dtype: str  # numpy dtype string, e.g. "<f4"
+    dtype: str  # numpy dtype string, e.g. "<f4", or BF16_DTYPE
     shape: tuple[int, ...]
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import trio
 
 from collectives.api import Quant, SyncStrategy
+from collectives.arrays import Flat, Kind
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment, SegmentTable
 from peerd.dhtrpc import dht_key
@@ -191,8 +192,8 @@ class ControlService:
         all_reduce = self._feature("all_reduce")
         if msg.op not in ("avg", "sum"):
             raise ProtocolError(f"unknown reduce op {msg.op!r}")
-        arr = conn.table.array(msg.tensor)
-        out = conn.table.array(msg.out) if msg.out is not None else None
+        arr = _reducible(conn.table.array(msg.tensor), msg.tensor)
+        out = _reducible(conn.table.array(msg.out), msg.out) if msg.out is not None else None
         self.runs.add(msg.run)
         try:
             res = await all_reduce(msg.run, arr, msg.op, tag=msg.tag, quant=Quant(msg.quant),
@@ -298,3 +299,9 @@ def _peer(text: str) -> PeerId:
         return PeerId.parse(text)
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
+
+
+def _reducible(arr: np.ndarray, ref: p.TensorRef) -> np.ndarray | Flat:
+    """What the node reduces for ``ref``: the array itself, or for bfloat16
+    (which numpy lacks) its bits marked as bfloat16."""
+    return Flat(arr.reshape(-1), Kind.BF16) if ref.dtype == p.BF16_DTYPE else arr

@@ -25,7 +25,7 @@ import stat
 
 import numpy as np
 
-from peerd.daemon.protocol import MAX_DIMS, TensorRef
+from peerd.daemon.protocol import BF16_DTYPE, MAX_DIMS, TensorRef
 from peerd.errors import ProtocolError
 
 PAGE = mmap.PAGESIZE
@@ -98,6 +98,9 @@ class Segment:
 
 
 def check_dtype(text: str) -> np.dtype:
+    """The numpy dtype a ``TensorRef`` names (bfloat16: its bits, as uint16)."""
+    if text == BF16_DTYPE:
+        return np.dtype(np.uint16)
     try:
         dt = np.dtype(text)
     except (TypeError, ValueError):
@@ -117,7 +120,7 @@ def nbytes_of(ref: TensorRef) -> int:
 def array_in(buffer: mmap.mmap, size: int, ref: TensorRef) -> np.ndarray:
     """The numpy view ``ref`` names inside ``buffer`` (bounds and dtype checked)."""
     n = nbytes_of(ref)
-    dt = np.dtype(ref.dtype)
+    dt = check_dtype(ref.dtype)
     if ref.offset < 0 or ref.offset % dt.itemsize or ref.offset + n > size:
         raise ProtocolError(f"tensor [{ref.offset}, {ref.offset + n}) outside segment of {size}")
     count = n // dt.itemsize

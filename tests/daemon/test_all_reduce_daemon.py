@@ -14,6 +14,7 @@ import torch
 from collectives.api import Quant, ReduceOp
 from peerd.client import Client
 from peerd.daemon.launcher import DaemonProcess
+from peerd.errors import ConfigError
 
 RUN = "daemon-test"
 
@@ -93,3 +94,60 @@ def test_view_lists_every_member(clients: list[Client]) -> None:
     assert {v.me for v in views} == {c.peer_id for c in clients}
     assert all(v.members == views[0].members for v in views)
     assert all(RUN in c.status().runs for c in clients)
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.int16).numpy().tobytes()
+
+
+def test_bfloat16_tensors_staged_shared_strided_and_into_out(clients: list[Client]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(100_003, generator=gen).to(torch.bfloat16) for _ in clients]
+    in_place = [t.clone() for t in inputs]
+    results = on_all(clients, lambda i, c: c.all_reduce(in_place[i], tag="bf16"))
+    assert all(set(r.participants) == {c.peer_id for c in clients} for r in results)
+    assert all(t.dtype == torch.bfloat16 for t in in_place)
+    assert bits(in_place[1]) == bits(in_place[0]) == bits(in_place[2])  # bit-identical
+    exact = torch.stack([t.double() for t in inputs]).mean(0)
+    # Partial sums travel as bfloat16 (rounded at every ring step), as on the node.
+    torch.testing.assert_close(in_place[0].double(), exact, rtol=2e-2, atol=2e-2)
+    # Into out= (the input is only read), from shared memory, and strided: same bits.
+    outs = [torch.empty_like(t) for t in inputs]
+    on_all(clients, lambda i, c: c.all_reduce(inputs[i], tag="bf16", out=outs[i]))
+    shared = [torch.from_numpy(c.empty(t.numel(), np.uint16)).view(torch.bfloat16)
+              for t, c in zip(inputs, clients, strict=True)]
+    for s, t in zip(shared, inputs, strict=True):
+        s.copy_(t)
+    on_all(clients, lambda i, c: c.all_reduce(shared[i], tag="bf16"))
+    wide = [torch.zeros(2 * t.numel(), dtype=torch.bfloat16) for t in inputs]
+    for w, t in zip(wide, inputs, strict=True):
+        w[::2] = t
+    on_all(clients, lambda i, c: c.all_reduce(wide[i][::2], tag="bf16"))
+    for i in range(len(clients)):
+        assert bits(outs[i]) == bits(shared[i]) == bits(wide[i][::2]) == bits(in_place[0])
+        assert not wide[i][1::2].any()  # the gaps between the elements untouched
+        assert not torch.equal(inputs[i], in_place[0])  # inputs were only read
+
+
+def test_bfloat16_gathers_as_bfloat16_and_a_float32_out_is_refused(clients: list[Client]) -> None:
+    tensors = [torch.full((5,), 1.5 + i, dtype=torch.bfloat16) for i in range(len(clients))]
+    gathered = on_all(clients, lambda i, c: c.all_gather(tensors[i], tag="bf16-gather"))
+    order = {c.peer_id: t for c, t in zip(clients, tensors, strict=True)}
+    for arrays, peers in gathered:
+        assert [a.dtype for a in arrays] == [torch.bfloat16] * len(clients)
+        assert all(torch.equal(a, order[p]) for a, p in zip(arrays, peers, strict=True))
+    with pytest.raises(ConfigError, match="out holds 5 float32 elements but the input 5 "
+                                          "bfloat16: pass an out of the input's size and dtype"):
+        clients[0].all_reduce(tensors[0], out=torch.zeros(5))
+
+
+def test_bfloat16_state_syncs_to_the_popular_bits(clients: list[Client]) -> None:
+    popular = torch.linspace(-3, 3, 4099).to(torch.bfloat16)
+    states = [{"w": popular.clone(), "b": torch.ones(7, dtype=torch.bfloat16)}
+              for _ in clients]
+    states[2]["w"] += 1  # the odd one out
+    results = on_all(clients, lambda i, c: c.sync_state(states[i], 5))
+    assert "w" in results[2].tensors_received
+    for s in states:
+        assert s["w"].dtype == torch.bfloat16 and bits(s["w"]) == bits(popular)
+        assert bits(s["b"]) == bits(torch.ones(7, dtype=torch.bfloat16))

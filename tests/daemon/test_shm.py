@@ -112,8 +112,8 @@ def test_shared_arrays_are_not_copied(swarm: list[DaemonProcess]) -> None:
     with swarm[1].client() as client:
         shared = client.empty((1000, 10))
         shared[...] = 1.0
-        ref = client._pool.locate(shared[10:20])
-        assert ref is not None and ref.offset == 10 * 10 * 4
+        ref = client._pool.locate(shared[10:20], "<f4")
+        assert ref is not None and ref.offset == 10 * 10 * 4 and ref.dtype == "<f4"
         client.echo(shared[10:20], mode=2)
         flipped = (np.ones(1, np.float32).view(np.uint8) ^ 0x80).view(np.float32)[0]
         assert np.all(shared[10:20] == flipped) and np.all(shared[:10] == 1.0)
