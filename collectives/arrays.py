@@ -104,9 +104,7 @@ def flatten(array: Any, *, written: bool = True) -> Flat:
     if isinstance(array, np.ndarray):
         kind = _NUMPY_KINDS.get(array.dtype)
         if kind is None:
-            raise ConfigError(
-                f"all_reduce needs float32 or float16 numpy arrays, got {array.dtype}"
-            )
+            raise _unsupported(array.dtype)
         if not array.flags.c_contiguous:
             raise ConfigError("all_reduce reduces in place: pass a C-contiguous array")
         if written and not array.flags.writeable:
@@ -117,9 +115,7 @@ def flatten(array: Any, *, written: bool = True) -> Flat:
     if mod.startswith("torch"):
         kind = _TORCH_KINDS.get(str(array.dtype))
         if kind is None:
-            raise ConfigError(
-                f"all_reduce needs float32/float16/bfloat16 tensors, got {array.dtype}"
-            )
+            raise _unsupported(array.dtype)
         if array.device.type != "cpu":
             raise ConfigError("all_reduce needs CPU tensors; copy the tensor to CPU first")
         if not array.is_contiguous():
@@ -131,6 +127,11 @@ def flatten(array: Any, *, written: bool = True) -> Flat:
             return Flat(flat.view(torch.int16).numpy().view(np.uint16), kind)
         return Flat(flat.numpy(), kind)
     raise ConfigError(f"all_reduce takes numpy arrays or torch tensors, not {type(array).__name__}")
+
+
+def _unsupported(dtype: Any) -> ConfigError:
+    return ConfigError(f"all_reduce needs float32, float16 or bfloat16 elements, got {dtype}: "
+                       "convert it first (e.g. tensor.float())")
 
 
 def destination(flat: Flat, out: Any) -> Flat:

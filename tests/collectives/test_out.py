@@ -153,3 +153,11 @@ async def test_the_engine_refuses_a_bad_out_before_the_round(
         with pytest.raises(ConfigError, match="read-only"):
             await engine.all_reduce(_read_only(np.ones(4, np.float32)))
         assert engine.counters["all_reduces"] == 0
+
+
+@pytest.mark.parametrize("array", [np.zeros(3, np.int64), np.zeros(3, np.float64),
+                                   torch.zeros(3, dtype=torch.int64)])
+def test_other_dtypes_are_refused_with_the_conversion_to_make(array: object) -> None:
+    with pytest.raises(ConfigError, match=r"needs float32, float16 or bfloat16 elements, got "
+                                          r"(torch\.)?(int64|float64): convert it first"):
+        flatten(array)
