@@ -168,7 +168,11 @@ class Client:
              timeout: float | None = None) -> View:
         """Take part in the run. With ``members`` (peer ids, this daemon's among
         them) all listed peers start together; without, the run's members admit
-        this daemon at their next round boundary. Returns the first view."""
+        this daemon at their next round boundary. Returns the first view.
+
+        ``Timeout`` when no member admitted it within ``timeout`` (default: the
+        engine's join timeout, 300 s); the daemon is then not in the run, and
+        a later ``join`` starts afresh."""
         ms = tuple(members) if members is not None else None
         reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout),
                            COLLECTIVE_TIMEOUT if timeout is None else timeout + 5.0)
