@@ -21,7 +21,11 @@ from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
 
 from peerd.errors import PeerLost, ProtocolError
 from peerd.wire import DEFAULT_LIMITS, FRAME_HEADER, FrameDecoder, Limits
@@ -271,7 +275,16 @@ class QuicConn:
 
     def transmit(self) -> None:
         now = trio.current_time()
-        for data, addr in self.quic.datagrams_to_send(now=now):
+        try:
+            datagrams = self.quic.datagrams_to_send(now=now)
+        except Exception as exc:
+            # aioquic left in a state it cannot send from (a stranger's packet
+            # did that once: an Initial of an unknown version left no network
+            # path, and the IndexError ended the endpoint). This connection
+            # ends; the node and its other connections go on.
+            self._mark_closed(f"internal error on send: {type(exc).__name__}")
+            return
+        for data, addr in datagrams:
             self.stats.datagrams_out += 1
             self.stats.bytes_out += len(data)
             self.endpoint.send_raw(data, addr)
@@ -330,7 +343,11 @@ class QuicConn:
             now = trio.current_time()
             timer = self.quic.get_timer()
             if timer is not None and now >= timer:
-                self.quic.handle_timer(now)
+                try:
+                    self.quic.handle_timer(now)
+                except Exception as exc:  # as in ``transmit``: this connection ends, not the node
+                    self._mark_closed(f"internal error on timer: {type(exc).__name__}")
+                    return
                 self._process_events()
             if now >= self._last_sent + KEEPALIVE_INTERVAL and self.handshake_done.is_set():
                 self.quic.send_ping(0)
@@ -362,7 +379,8 @@ class QuicEndpoint:
         self.pending = 0  # server connections not yet authenticated (the node decrements)
         self._conns: dict[bytes, QuicConn] = {}
         self.counters: dict[str, int] = {"dropped_garbage": 0, "dropped_pending_cap": 0,
-                                         "send_errors": 0}
+                                         "send_errors": 0, "version_negotiations": 0}
+        self._versions = list(server_config().supported_versions)
 
     @property
     def local_address(self) -> Address:
@@ -443,6 +461,15 @@ class QuicEndpoint:
         if conn is None:
             if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
                 self.counters["dropped_garbage"] += 1
+                return None
+            if header.version not in self._versions:
+                # RFC 9000 6.1: answer with the versions we speak (a few dozen
+                # bytes for the client's 1200: nothing to amplify). aioquic
+                # cannot take such a packet: it keeps no path to answer on.
+                self.counters["version_negotiations"] += 1
+                self.send_raw(encode_quic_version_negotiation(
+                    source_cid=header.destination_cid, destination_cid=header.source_cid,
+                    supported_versions=self._versions), addr)
                 return None
             if self.pending >= self.max_pending:
                 self.counters["dropped_pending_cap"] += 1

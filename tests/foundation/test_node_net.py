@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import pytest
 import trio
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 import peerd.session
 from peerd.config import NodeConfig
@@ -352,6 +355,54 @@ async def test_udp_garbage_leaves_node_serving() -> None:
         stats = b.statistics()
         assert stats.quic_garbage_dropped > 0 or stats.handshakes_failed >= 0
         assert stats.peers == 1
+
+
+def _initial(version: int) -> bytes:
+    """A well-formed 1200-byte Initial header of ``version``, garbage after it."""
+    head = (bytes([0xC0]) + struct.pack("!I", version) + bytes([8]) + os.urandom(8)
+            + bytes([8]) + os.urandom(8) + bytes([0]))
+    rest = 1200 - len(head) - 2
+    return head + struct.pack("!H", 0x4000 | rest) + os.urandom(rest)
+
+
+async def test_initial_of_an_unknown_version_is_answered_and_kills_nothing() -> None:
+    # One such datagram from anyone ended the node: aioquic kept no network
+    # path for it, and the endpoint's next send raised IndexError.
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        b.register("echo", echo)
+        await a.connect(b.listen_address)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.0.1", 0))
+            for version in (0x1A2A3A4A, 0xFF00001D, 0x00000002):
+                await sock.sendto(_initial(version), b.listen_address)
+                with trio.fail_after(5):
+                    reply = await sock.recv(2048)
+                header = pull_quic_header(Buffer(data=reply), host_cid_length=8)
+                assert header.packet_type == QuicPacketType.VERSION_NEGOTIATION
+                assert 1 in header.supported_versions  # QUIC v1, what peerd speaks
+        with trio.fail_after(10):
+            assert await a.call(b.peer_id, "echo", b"still") == a.peer_id.raw + b"still"
+        assert b.endpoint.counters["version_negotiations"] == 3
+        assert b.statistics().peers == 1
+
+
+async def test_a_connection_aioquic_cannot_send_from_ends_alone() -> None:
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        b.register("echo", echo)
+        await a.connect(b.listen_address)
+        conn = a.session(b.peer_id).conn
+
+        def broken(now: float) -> list[tuple[bytes, tuple[str, int]]]:
+            raise IndexError("list index out of range")
+
+        conn.quic.datagrams_to_send = broken  # type: ignore[method-assign]
+        conn.transmit()
+        assert conn.closed and conn.close_reason == "internal error on send: IndexError"
+        # The endpoint and the node go on: a new session carries calls.
+        await a.connect(b.listen_address)
+        with trio.fail_after(10):
+            assert await a.call(b.peer_id, "echo", b"again") == a.peer_id.raw + b"again"
 
 
 async def test_pending_handshake_cap_and_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
