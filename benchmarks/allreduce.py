@@ -18,6 +18,8 @@ ratios peerd-time / gloo-time of both for the largest size, ``out=`` last.
 
     python benchmarks/allreduce.py                     # 4 peers, 10M and 100M
     python benchmarks/allreduce.py --quant int8        # peerd with int8 on the wire
+    python benchmarks/allreduce.py --repeat 3          # 3 blocks of all three in turn;
+        # the last lines are the medians of the blocks' ratios
     sudo python benchmarks/allreduce.py --netns --rate 200mbit --elements 10000000
         # peers in network namespaces, each uplink shaped by tc tbf; prints
         # achieved bus bandwidth / link limit
@@ -288,12 +290,51 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
                        strict=True))}
 
 
+def run_block(sw: LocalSwarm, args: argparse.Namespace, quant: Quant, congestion: str,
+              elements: int, first_round: int) -> dict[str, dict[str, Any]]:
+    """One block: peerd in place, peerd into ``out=`` (not with ``--netns``), then gloo."""
+    rows = {"peerd": run_peerd(sw, elements, args.iters, quant, first_round=first_round)}
+    if not args.netns:
+        into = run_peerd(sw, elements, args.iters, quant, first_round=first_round + 50,
+                         into=True)
+        # The out= buffer is the caller's, made before the timer: counted
+        # here as extra memory all the same.
+        into["peak_extra_bytes"] += elements * 4
+        rows["peerd out="] = into
+    if not args.no_gloo and not args.netns:
+        rows["gloo"] = run_gloo(args.peers, elements, args.iters, congestion=congestion)
+    return rows
+
+
+def print_rows(args: argparse.Namespace, rows: dict[str, dict[str, Any]], elements: int,
+               first: bool, congestion: str) -> None:
+    nbytes = elements * 4
+    for name, r in rows.items():
+        print(f"{elements:>12} {name:>10} {r['median_s']:>8.3f} "
+              f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
+              f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
+              f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
+              f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
+    if first:
+        theirs = f", gloo {rows['gloo']['congestion']}" if "gloo" in rows else ""
+        print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
+              f"{theirs} (host default {host_congestion()})")
+    for name in ("peerd", "peerd out="):
+        if name in rows:
+            split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rows[name]["phases"].items())
+            print(f"{'':>12} {name} phases of the slowest peer (median): {split}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--elements", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="blocks of (peerd, peerd out=, gloo) per size, run in turn; the "
+                    "ratios printed last are the medians of the blocks' ratios (on a shared "
+                    "machine the load drifts between blocks more than within one)")
     ap.add_argument("--quant", choices=sorted(QUANTS), default="none")
     ap.add_argument("--netns", action="store_true",
                     help="run peers in network namespaces with shaped links (root)")
@@ -320,44 +361,31 @@ def main() -> int:
                   f"{'kernel':>7} {'faults':>7}")
             for n, elements in enumerate(args.elements):
                 nbytes = elements * 4
-                rows = {"peerd": run_peerd(sw, elements, args.iters, quant,
-                                           first_round=n * 100)}
-                if not args.netns:
-                    into = run_peerd(sw, elements, args.iters, quant, first_round=n * 100 + 50,
-                                     into=True)
-                    # The out= buffer is the caller's, made before the timer:
-                    # counted here as extra memory all the same.
-                    into["peak_extra_bytes"] += nbytes
-                    rows["peerd out="] = into
-                if not args.no_gloo and not args.netns:
-                    rows["gloo"] = run_gloo(args.peers, elements, args.iters,
-                                            congestion=congestion)
-                for name, r in rows.items():
-                    print(f"{elements:>12} {name:>10} {r['median_s']:>8.3f} "
-                          f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
-                          f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
-                          f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
-                          f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
-                if n == 0:
-                    theirs = f", gloo {rows['gloo']['congestion']}" if "gloo" in rows else ""
-                    print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
-                          f"{theirs} (host default {host_congestion()})")
-                for name in ("peerd", "peerd out="):
-                    if name in rows:
-                        split = ", ".join(f"{k} {v * 1e3:.1f} ms"
-                                          for k, v in rows[name]["phases"].items())
-                        print(f"{'':>12} {name} phases of the slowest peer (median): {split}")
-                if quant is not Quant.NONE or n == 0:
-                    fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
-                    sent = rows["peerd"]["bytes_sent_per_peer"]
-                    print(f"{'':>12} peerd wire bytes per peer: {sent:,} "
-                          f"({sent / fp32_wire:.2f} of fp32)")
-                if args.netns:
-                    limit = float(args.rate.removesuffix("mbit")) / 1000
-                    ratio = bus_gbit(args.peers, nbytes, rows["peerd"]["median_s"]) / limit
-                elif "gloo" in rows:
-                    ratios = {name: rows[name]["median_s"] / rows["gloo"]["median_s"]
-                              for name in ("peerd", "peerd out=")}
+                per_block: dict[str, list[float]] = {"peerd": [], "peerd out=": []}
+                for block in range(args.repeat):
+                    rows = run_block(sw, args, quant, congestion, elements,
+                                     first_round=n * 1000 + block * 100)
+                    print_rows(args, rows, elements, first=n == 0 and block == 0,
+                               congestion=congestion)
+                    if quant is not Quant.NONE or (n == 0 and block == 0):
+                        fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
+                        sent = rows["peerd"]["bytes_sent_per_peer"]
+                        print(f"{'':>12} peerd wire bytes per peer: {sent:,} "
+                              f"({sent / fp32_wire:.2f} of fp32)")
+                    if args.netns:
+                        limit = float(args.rate.removesuffix("mbit")) / 1000
+                        ratio = bus_gbit(args.peers, nbytes, rows["peerd"]["median_s"]) / limit
+                    elif "gloo" in rows:
+                        for name in per_block:
+                            per_block[name].append(
+                                rows[name]["median_s"] / rows["gloo"]["median_s"])
+                if per_block["peerd"]:
+                    ratios = {name: statistics.median(v) for name, v in per_block.items()}
+                    if args.repeat > 1:
+                        for name, v in per_block.items():
+                            print(f"{'':>12} {name} / gloo per block: "
+                                  + ", ".join(f"{r:.2f}" for r in v)
+                                  + f" (median {ratios[name]:.2f})")
     finally:
         if lab is not None:
             lab.close()
