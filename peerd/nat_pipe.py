@@ -136,14 +136,24 @@ class PipeEndpoint:
             self._reason = f"relay circuit lost: {exc}"
         scope.cancel()
 
+    def _feed(self, conn: QuicConn, datagrams: list[bytes]) -> bool:
+        """Hand ``datagrams`` to ``conn``; True when that ended the circuit."""
+        for data in datagrams:
+            try:
+                conn.datagram_received(data, self.addr, trio.current_time())
+            except Exception as exc:
+                # As on the node's UDP socket (``QuicEndpoint._datagram``): what
+                # comes through a circuit may end the circuit, never the node.
+                self._reason = f"internal error on datagram: {type(exc).__name__}"
+                return True
+        if datagrams:
+            conn.flush()
+        return False
+
     async def _read(self, conn: QuicConn, scope: trio.CancelScope) -> None:
         pending, self._pending = self._pending, []
         try:
-            while True:
-                for data in pending:
-                    conn.datagram_received(data, self.addr, trio.current_time())
-                if pending:
-                    conn.flush()
+            while not self._feed(conn, pending):
                 chunk = await self.stream.receive_some()
                 if not chunk:
                     break

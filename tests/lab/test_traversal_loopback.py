@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from nat.endpoint import Endpoint, NatType
 from nat.relay import Relay, RelayLimits
-from peerd.errors import PeerLost
+from peerd.errors import PeerdError, PeerLost
 from peerd.identity import SwarmKey
 from peerd.nat_pipe import LENGTH, _Deframer
 from peerd.natstate import NAT_INFO_VERSION, NatInfo, NatState
@@ -124,6 +124,31 @@ async def test_relayed_session_carries_rpc_and_data_then_upgrades() -> None:
             upgraded = await a.traversal.try_upgrade(b.peer_id)
         assert not upgraded.startswith("relay:") and upgraded != "none"
         assert a.peer_path(b.peer_id) == upgraded
+
+
+async def test_what_aioquic_cannot_take_through_a_circuit_ends_the_circuit_only() -> None:
+    key = SwarmKey(os.urandom(32))
+    async with open_node(key) as r, open_node(key) as a, open_node(key) as b:
+        _keep_relayed(a, b)
+        await a.connect(r.listen_addresses[0])
+        await b.connect(r.listen_addresses[0])
+        with trio.fail_after(20):
+            await a.traversal.relay_to(b.peer_id, r.peer_id)
+        conn = a.session(b.peer_id).conn
+        assert a.traversal.is_relayed_conn(conn)
+
+        def broken(data: bytes, addr: object, now: float) -> None:
+            raise IndexError("list index out of range")
+
+        conn.quic.receive_datagram = broken  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            with pytest.raises(PeerdError):
+                await b.call(a.peer_id, "peerd.nat.info", timeout=5)
+            await conn.closed_event.wait()
+        assert conn.close_reason == "internal error on datagram: IndexError"
+        # Node a goes on: its session with the relay still carries calls.
+        with trio.fail_after(10):
+            assert await a.call(r.peer_id, "peerd.nat.info")
 
 
 async def test_relay_refusal_is_reported_with_its_reason() -> None:
