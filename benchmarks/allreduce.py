@@ -202,6 +202,16 @@ and 1.30; 100M 1.28 and 1.47, into out= 1.31 and 1.30. With a core per peer
 event loop against 0.195-0.256 with them on worker threads, which is why
 messages now stay on the loop by default (``peerd.datachan``); unmeasured
 on the 16-core host.
+
+Session 20 (the same kind of VM), ``--repeat 3``: per-block ratios 10M in
+place 1.44, 1.26, 1.36 (median 1.36), into out= 1.28, 1.36, 1.30 (1.30);
+100M 1.51, 1.52, 1.53 (1.52) and 1.28, 1.58, 1.36 (1.36); gloo 0.048-0.050
+and 0.403-0.411 s. Only the first block pays each peer's one early-block
+buffer (2,443 faults at 10M in place), which is why the in-place rows run
+first and why later blocks print no memory figures. Both ends of one
+4-channel link in one process (2 cores): 18-26 Gbit/s at 0.33-0.48 CPU-s/GiB
+with messages on the event loop, 20-25 Gbit/s at 0.49-0.59 with them on
+worker threads: a spare core bought no throughput.
 """
 
 from __future__ import annotations
@@ -307,14 +317,16 @@ def run_block(sw: LocalSwarm, args: argparse.Namespace, quant: Quant, congestion
 
 
 def print_rows(args: argparse.Namespace, rows: dict[str, dict[str, Any]], elements: int,
-               first: bool, congestion: str) -> None:
+               first: bool, congestion: str, memory: bool = True) -> None:
+    """The rows of one block. ``memory``: only a size's first block measures
+    peak memory; later ones reuse buffers the first one left pooled."""
     nbytes = elements * 4
     for name, r in rows.items():
+        peak = (f"{r['peak_extra_bytes'] / 1e6:>14.1f} {r['peak_extra_bytes'] / nbytes:>9.2f}"
+                if memory else f"{'-':>14} {'-':>9}")
         print(f"{elements:>12} {name:>10} {r['median_s']:>8.3f} "
-              f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} "
-              f"{r['peak_extra_bytes'] / 1e6:>14.1f} "
-              f"{r['peak_extra_bytes'] / nbytes:>9.2f} {r['cpu_s']:>11.3f} "
-              f"{r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
+              f"{bus_gbit(args.peers, nbytes, r['median_s']):>11.2f} {peak} "
+              f"{r['cpu_s']:>11.3f} {r['user_s']:>7.3f} {r['sys_s']:>7.3f} {r['faults']:>7d}")
     if first:
         theirs = f", gloo {rows['gloo']['congestion']}" if "gloo" in rows else ""
         print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
@@ -366,7 +378,7 @@ def main() -> int:
                     rows = run_block(sw, args, quant, congestion, elements,
                                      first_round=n * 1000 + block * 100)
                     print_rows(args, rows, elements, first=n == 0 and block == 0,
-                               congestion=congestion)
+                               congestion=congestion, memory=block == 0)
                     if quant is not Quant.NONE or (n == 0 and block == 0):
                         fp32_wire = 2 * (args.peers - 1) / args.peers * nbytes
                         sent = rows["peerd"]["bytes_sent_per_peer"]
