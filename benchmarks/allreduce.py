@@ -206,9 +206,9 @@ on the 16-core host.
 Session 20 (the same kind of VM), ``--repeat 3``: per-block ratios 10M in
 place 1.44, 1.26, 1.36 (median 1.36), into out= 1.28, 1.36, 1.30 (1.30);
 100M 1.51, 1.52, 1.53 (1.52) and 1.28, 1.58, 1.36 (1.36); gloo 0.048-0.050
-and 0.403-0.411 s. Only the first block pays each peer's one early-block
-buffer (2,443 faults at 10M in place), which is why the in-place rows run
-first and why later blocks print no memory figures. Both ends of one
+and 0.403-0.411 s. Each peer allocates its held buffer for early blocks
+once (2,443 faults at 10M), so the first block's in-place row, which runs
+first, pays it; later blocks print no memory figures. Both ends of one
 4-channel link in one process (2 cores): 18-26 Gbit/s at 0.33-0.48 CPU-s/GiB
 with messages on the event loop, 20-25 Gbit/s at 0.49-0.59 with them on
 worker threads: a spare core bought no throughput.
