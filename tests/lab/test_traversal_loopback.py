@@ -88,14 +88,19 @@ def _keep_relayed(*nodes: Node) -> None:
         t.prefer = prefer  # type: ignore[method-assign]
 
 
+async def _relayed(a: Node, b: Node, r: Node) -> None:
+    """A session between ``a`` and ``b`` through relay ``r``, kept as their only one."""
+    _keep_relayed(a, b)
+    await a.connect(r.listen_addresses[0])
+    await b.connect(r.listen_addresses[0])
+    with trio.fail_after(20):
+        await a.traversal.relay_to(b.peer_id, r.peer_id)
+
+
 async def test_relayed_session_carries_rpc_and_data_then_upgrades() -> None:
     key = SwarmKey(os.urandom(32))
     async with open_node(key) as r, open_node(key) as a, open_node(key) as b:
-        _keep_relayed(a, b)
-        await a.connect(r.listen_addresses[0])
-        await b.connect(r.listen_addresses[0])
-        with trio.fail_after(20):
-            await a.traversal.relay_to(b.peer_id, r.peer_id)
+        await _relayed(a, b, r)
         path = f"relay:{r.peer_id.short}"
         assert a.peer_path(b.peer_id) == path and b.peer_path(a.peer_id) == path
         assert (a.peer_id.short, a.peer_path(a.peer_id)) not in a.statistics().peer_paths
@@ -129,11 +134,7 @@ async def test_relayed_session_carries_rpc_and_data_then_upgrades() -> None:
 async def test_what_aioquic_cannot_take_through_a_circuit_ends_the_circuit_only() -> None:
     key = SwarmKey(os.urandom(32))
     async with open_node(key) as r, open_node(key) as a, open_node(key) as b:
-        _keep_relayed(a, b)
-        await a.connect(r.listen_addresses[0])
-        await b.connect(r.listen_addresses[0])
-        with trio.fail_after(20):
-            await a.traversal.relay_to(b.peer_id, r.peer_id)
+        await _relayed(a, b, r)
         conn = a.session(b.peer_id).conn
         assert a.traversal.is_relayed_conn(conn)
 
