@@ -139,13 +139,8 @@ class PipeEndpoint:
     def _feed(self, conn: QuicConn, datagrams: list[bytes]) -> bool:
         """Hand ``datagrams`` to ``conn``; True when that ended the circuit."""
         for data in datagrams:
-            try:
-                conn.datagram_received(data, self.addr, trio.current_time())
-            except Exception as exc:
-                # As on the node's UDP socket (``QuicEndpoint._datagram``): what
-                # comes through a circuit may end the circuit, never the node.
-                self._reason = f"internal error on datagram: {type(exc).__name__}"
-                return True
+            if not conn.datagram_received(data, self.addr, trio.current_time()):
+                return True  # closed with its reason; ``_pump`` ends the circuit
         if datagrams:
             conn.flush()
         return False

@@ -260,13 +260,21 @@ class QuicConn:
         self.endpoint._forget(self)
 
     # -- driving the sans-I/O connection
-    def datagram_received(self, data: bytes, addr: Address, now: float) -> None:
-        """Feed one datagram; the endpoint calls ``flush`` after a batch."""
+    def datagram_received(self, data: bytes, addr: Address, now: float) -> bool:
+        """Feed one datagram; the carrier calls ``flush`` after a batch. False
+        when it ended this connection: aioquic should not raise, but a
+        stranger's packet (on the UDP socket or through a relay circuit) never
+        ends more than its connection."""
         self.stats.datagrams_in += 1
         self.stats.bytes_in += len(data)
         self.addr = addr  # follow NAT rebinding; aioquic validates the path itself
-        self.quic.receive_datagram(data, addr, now)
-        self._process_events()
+        try:
+            self.quic.receive_datagram(data, addr, now)
+            self._process_events()
+        except Exception as exc:
+            self._mark_closed(f"internal error on datagram: {type(exc).__name__}")
+            return False
+        return True
 
     def flush(self) -> None:
         """Send what the batch of received datagrams calls for, wake senders."""
@@ -486,10 +494,7 @@ class QuicEndpoint:
             self.pending += 1
             self._nursery.start_soon(conn.run_timer)
             self._on_accept(conn)
-        try:
-            conn.datagram_received(data, addr, trio.current_time())
-        except Exception as exc:  # aioquic should not raise, but a stranger's packet never kills us
+        if not conn.datagram_received(data, addr, trio.current_time()):
             self.counters["dropped_garbage"] += 1
-            conn._mark_closed(f"internal error on datagram: {type(exc).__name__}")
             return None
         return conn
