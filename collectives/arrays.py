@@ -96,21 +96,20 @@ def flatten(array: Any, *, written: bool = True) -> Flat:
     non-contiguous memory, tensors off the CPU, and read-only memory where the
     result is to be ``written``.
     """
-    if isinstance(array, Flat):  # its kind named by the caller: bfloat16 bits in shared memory
-        if written and not array.data.flags.writeable:
+    if isinstance(array, Flat | np.ndarray):
+        if isinstance(array, Flat):  # its kind named by the caller: bfloat16 bits in shared memory
+            flat = array
+        else:
+            kind = _NUMPY_KINDS.get(array.dtype)
+            if kind is None:
+                raise _unsupported(array.dtype)
+            if not array.flags.c_contiguous:
+                raise ConfigError("all_reduce reduces in place: pass a C-contiguous array")
+            flat = Flat(array.reshape(-1), kind)
+        if written and not flat.data.flags.writeable:
             raise ConfigError("all_reduce writes the result into the array, which is "
                               "read-only: pass a writable array (or a writable out=)")
-        return array
-    if isinstance(array, np.ndarray):
-        kind = _NUMPY_KINDS.get(array.dtype)
-        if kind is None:
-            raise _unsupported(array.dtype)
-        if not array.flags.c_contiguous:
-            raise ConfigError("all_reduce reduces in place: pass a C-contiguous array")
-        if written and not array.flags.writeable:
-            raise ConfigError("all_reduce writes the result into the array, which is "
-                              "read-only: pass a writable array (or a writable out=)")
-        return Flat(array.reshape(-1), kind)
+        return flat
     mod = type(array).__module__
     if mod.startswith("torch"):
         kind = _TORCH_KINDS.get(str(array.dtype))
@@ -148,15 +147,24 @@ def destination(flat: Flat, out: Any) -> Flat:
         return flat
     dest = flatten(out)
     if dest.kind is not flat.kind or dest.size != flat.size:
-        raise ConfigError(
-            f"out holds {dest.size} {dest.kind.value} elements but the input {flat.size} "
-            f"{flat.kind.value}: pass an out of the input's size and dtype")
+        raise out_mismatch(dest.size, dest.kind.value, flat.size, flat.kind.value)
     if _span(dest.data) == _span(flat.data):
         return flat
     if np.shares_memory(dest.data, flat.data):
-        raise ConfigError("out overlaps the input without being it: pass separate "
-                          "memory, or the input itself (or no out) to reduce in place")
+        raise out_overlaps()
     return dest
+
+
+# Also raised by the daemon's client, which checks ``out=`` on arrays of any
+# strides before staging them (``peerd.client.arrays.check_out``).
+def out_mismatch(out_size: int, out_kind: str, size: int, kind: str) -> ConfigError:
+    return ConfigError(f"out holds {out_size} {out_kind} elements but the input {size} "
+                       f"{kind}: pass an out of the input's size and dtype")
+
+
+def out_overlaps() -> ConfigError:
+    return ConfigError("out overlaps the input without being it: pass separate "
+                       "memory, or the input itself (or no out) to reduce in place")
 
 
 def _span(a: np.ndarray) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from collectives.arrays import out_mismatch, out_overlaps
 from peerd.client.copying import ParallelCopier
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment
@@ -58,14 +59,11 @@ def check_out(array: Any, out: Any) -> None:
     src, dst = as_numpy(array), as_numpy(out)
     kinds = dtype_text(array, src), dtype_text(out, dst)
     if kinds[0] != kinds[1] or src.size != dst.size:
-        raise ConfigError(
-            f"out holds {dst.size} {_name(kinds[1])} elements but the input {src.size} "
-            f"{_name(kinds[0])}: pass an out of the input's size and dtype")
+        raise out_mismatch(dst.size, _name(kinds[1]), src.size, _name(kinds[0]))
     same = (src.__array_interface__["data"][0] == dst.__array_interface__["data"][0]
             and src.strides == dst.strides)
     if not same and np.shares_memory(src, dst):
-        raise ConfigError("out overlaps the input without being it: pass separate "
-                          "memory, or the input itself (or no out) to reduce in place")
+        raise out_overlaps()
 
 
 def _name(dtype: str) -> str:
