@@ -305,7 +305,10 @@ class Node(RunsMixin):
             return
         with trio.move_on_after(RETIRE_TIMEOUT):
             await session.drained()
-        session.conn.close(0, "duplicate session")
+        # Checked again: the one kept may have died while ours drained, and
+        # this one taken its place; closed then, it would cut off the peer.
+        if self._sessions.get(session.peer) is not session:
+            session.conn.close(0, "duplicate session")
 
     async def _handle_retire(self, peer: PeerId, payload: bytes) -> bytes:
         """The peer dialled this session and retires it as a duplicate: move

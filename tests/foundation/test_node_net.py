@@ -113,6 +113,60 @@ async def test_duplicates_admitted_in_another_order_keep_the_pair_connected(
         assert lost == [b.peer_id, a.peer_id] or lost == [a.peer_id, b.peer_id]
 
 
+async def test_a_retiring_duplicate_that_takes_over_stays_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """a dials b twice and retires the first session while its own slow call
+    runs on it; the session it kept dies meanwhile, and the first one takes
+    its place. Once the call ends the first stays open: it is the pair's
+    session now (before: closed as a duplicate all the same, which cut the
+    pair off and failed the next call with "duplicate session")."""
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        entered, release = trio.Event(), trio.Event()
+
+        async def slow(peer: PeerId, payload: bytes) -> bytes:
+            entered.set()
+            await release.wait()
+            return b"done"
+
+        b.register("slow", slow)
+        b.register("echo", echo)
+        draining, drained = trio.Event(), trio.Event()
+        real_drained = peerd.session.Session.drained
+
+        async def watched(self: peerd.session.Session) -> None:
+            mine = self.me == a.peer_id  # b drains its side too, answering the retire
+            if mine:
+                draining.set()
+            await real_drained(self)
+            if mine:
+                drained.set()
+
+        monkeypatch.setattr(peerd.session.Session, "drained", watched)
+        await a.connect(b.listen_address)
+        first = a.session(b.peer_id)
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                answers.append(await a.call_session(first, "slow"))
+
+            nursery.start_soon(call)
+            with trio.fail_after(10):
+                await entered.wait()
+                await a.connect(b.listen_address)  # a keeps the newer, retires the first
+                kept = a._sessions[b.peer_id]
+                assert kept is not first
+                await draining.wait()  # the retire waits for the slow call
+            kept.conn.close(0, "gone")
+            await wait_until(lambda: a._sessions.get(b.peer_id) is first)
+            release.set()
+        with trio.fail_after(10):
+            await drained.wait()  # the retire decides right after this, in the same step
+        assert answers == [b"done"]
+        assert not first.conn.closed, first.conn.close_reason
+        assert await a.call(b.peer_id, "echo", b"x") == a.peer_id.raw + b"x"
+
+
 async def test_a_retired_duplicate_closes_only_after_the_calls_on_it_end() -> None:
     """a dials b twice and retires the first session while b still has a
     slow call and then a one-way message on it: a closes the session only
