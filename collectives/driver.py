@@ -89,6 +89,10 @@ AUTO_SUB_MAX = 8 << 20
 AUTO_SUB_MAX_LOOP = 16 << 20
 
 
+class EngineStopped(ConfigError):
+    """The engine ended while a call waited on it (``Node.join_run`` starts afresh)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     timing: Timing = field(default_factory=Timing)
@@ -168,6 +172,7 @@ class MembershipDriver(Liveness):
         # For ``collectives.history``: a peer that joins has no history to compare.
         self.joins = 0
         self.history_base = FIRST_MEMBERS
+        self.stopped = False  # the engine ended (left, or its node closed)
         self._rtt: dict[str, float] = {}
         self._bandwidth: dict[str, float] = {}
         self._probing: set[str] = set()
@@ -265,6 +270,9 @@ class MembershipDriver(Liveness):
     async def _join(self, limit: float) -> None:
         with trio.fail_after(limit):
             while self.current_view() is None:
+                if self.stopped:  # it can send no more requests: nothing can admit it
+                    raise EngineStopped(f"run {self.run!r} was left on this node while a "
+                                        "join of it waited for admission")
                 changed = self._changed
                 peers = self.fabric.peers()
                 # Only peers that answered lately count as reached: a session
@@ -390,6 +398,8 @@ class MembershipDriver(Liveness):
 
     def _stop(self) -> None:
         self._nursery = None  # background work ends with the engine
+        self.stopped = True
+        self._notify()  # a join waiting for admission ends (``_join``)
         for name in ("hb", "join", "ready", "commit", "prepare", "accept", "abort", "leave",
                      "probe"):
             self.fabric.unregister(self._method(name))

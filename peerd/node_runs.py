@@ -7,6 +7,7 @@ until the node leaves the run or closes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import trio
 
 from collectives.api import AllReduceResult, Quant, ReduceOp, SyncResult, SyncStrategy, View
+from collectives.driver import EngineStopped
 from collectives.p2p import PointToPoint, Scattered
 from collectives.run import Engine, EngineConfig, open_engine
 from collectives.statesync import StateSync
@@ -38,11 +40,21 @@ class RunsMixin:
         them) every listed peer starts at revision 0 at once; without, this
         node asks the connected members of the run to admit it at their next
         round boundary and returns once a view includes it."""
-        if run in self._runs:
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        while run in self._runs:
             running = self._runs[run][0]
-            if members is None and running.current_view() is None:
-                await running.join(timeout)  # another join is under way, or it was evicted
-            return running
+            if members is not None or running.current_view() is not None:
+                return running
+            # Another join of the run is under way here, or it was evicted. If
+            # that join gives up, its engine stops and this one starts afresh.
+            try:
+                await running.join(None if timeout is None else deadline - trio.current_time())
+                return running
+            except EngineStopped:
+                if trio.current_time() >= deadline:
+                    raise
+                if timeout is not None:
+                    timeout = max(0.0, deadline - trio.current_time())
         # One knob for the node's data path: the ring's numpy work goes to
         # worker threads when its data channels' I/O does.
         config = config or EngineConfig()
