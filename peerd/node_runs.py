@@ -113,6 +113,12 @@ class RunsMixin:
     def view(self, run: str) -> View:
         return self.engine(run).view()
 
+    async def update_view(self, run: str) -> View:
+        """A round boundary: agree the next view with the run's members, the
+        joiners waiting admitted (every member calls it at the same point of
+        its loop, as with a collective; ``sync_state`` is one too)."""
+        return await self.engine(run).update_view()
+
     async def all_reduce(self, run: str, array: object, op: ReduceOp | str = ReduceOp.AVG, *,
                          tag: str = "default", quant: Quant = Quant.NONE,
                          retry: bool = True, out: object = None) -> AllReduceResult:

@@ -185,6 +185,16 @@ class Client:
         reply = self._call(lambda r: p.ViewRequest(r, run or self.run))
         return View(reply.run, reply.revision, reply.members, reply.me)
 
+    def update_view(self, *, run: str | None = None) -> View:
+        """A round boundary: agree the next view with the run's members and
+        admit the joiners waiting (``join()`` without members returns once
+        one admits it). Every member calls it at the same point of its loop,
+        as with a collective; ``sync_state`` is a round boundary too, and
+        all-reduces are not: a loop of all-reduces alone admits nobody."""
+        reply = self._call(lambda r: p.UpdateViewRequest(r, run or self.run),
+                           COLLECTIVE_TIMEOUT)
+        return View(reply.run, reply.revision, reply.members, reply.me)
+
     def all_reduce_async(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
                          tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,
                          run: str | None = None, timeout: float | None = COLLECTIVE_TIMEOUT,

@@ -19,8 +19,8 @@ from typing import Any
 from peerd.wire import Limits, message
 
 # 2: AllGatherRequest carries retry; 3: AllReduceRequest out; 4: StatusReply swarm,
-# TensorRef dtype BF16_DTYPE
-CONTROL_VERSION = 4
+# TensorRef dtype BF16_DTYPE; 5: UpdateViewRequest
+CONTROL_VERSION = 5
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
 MAX_DIMS = 16
@@ -222,6 +222,16 @@ class JoinRunRequest:
 @message(431)
 @dataclass(frozen=True)
 class LeaveRunRequest:
+    req_id: int
+    run: str
+
+
+@message(432)
+@dataclass(frozen=True)
+class UpdateViewRequest:
+    """A round boundary of ``run``: agree the next view with its members,
+    admitting the joiners waiting (answered with a ``ViewReply``)."""
+
     req_id: int
     run: str
 

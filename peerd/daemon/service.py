@@ -32,8 +32,8 @@ from peerd.log import event
 
 log = logging.getLogger("peerd.daemon")
 
-FEATURES = ("join_run", "all_reduce", "view", "all_gather", "sync_state", "send", "recv",
-            "dht", "store")
+FEATURES = ("join_run", "all_reduce", "view", "update_view", "all_gather", "sync_state", "send",
+            "recv", "dht", "store")
 
 
 class Unsupported(PeerdError):
@@ -71,7 +71,8 @@ class ControlService:
             p.ConnectRequest: self._connect, p.EchoRequest: self._echo,
             p.ReleaseSegment: self._release, p.AllReduceRequest: self._all_reduce,
             p.ViewRequest: self._view, p.JoinRunRequest: self._join_run,
-            p.LeaveRunRequest: self._leave_run, p.AllGatherRequest: self._all_gather,
+            p.LeaveRunRequest: self._leave_run, p.UpdateViewRequest: self._update_view,
+            p.AllGatherRequest: self._all_gather,
             p.SyncStateRequest: self._sync_state, p.SendRequest: self._send,
             p.RecvRequest: self._recv, p.DhtGetRequest: self._dht_get,
             p.DhtPutRequest: self._dht_put, p.StoreGetRequest: self._store_get,
@@ -219,6 +220,10 @@ class ControlService:
         await join_run(msg.run, members, timeout=msg.timeout)
         self.runs.add(msg.run)
         return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)
+
+    async def _update_view(self, msg: p.UpdateViewRequest, conn: Conn) -> p.ViewReply:
+        v = await self._feature("update_view")(msg.run)
+        return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
 
     async def _leave_run(self, msg: p.LeaveRunRequest, conn: Conn) -> p.Ok:
         await self._feature("leave_run")(msg.run)

@@ -3,6 +3,8 @@ each (threads of this process), tensors handed over through shared memory."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -151,3 +153,47 @@ def test_bfloat16_state_syncs_to_the_popular_bits(clients: list[Client]) -> None
     for s in states:
         assert s["w"].dtype == torch.bfloat16 and bits(s["w"]) == bits(popular)
         assert bits(s["b"]) == bits(torch.ones(7, dtype=torch.bfloat16))
+
+
+def test_update_view_admits_a_joiner_into_a_loop_of_all_reduces(
+        swarm: list[DaemonProcess]) -> None:
+    """A custom loop of all-reduces admits nobody by itself; the members'
+    ``update_view()`` is the round boundary that lets a waiting joiner in."""
+    run = "grows"
+    members = [swarm[0].client(run=run), swarm[1].client(run=run)]
+    joiner = swarm[2].client(run=run)
+    everyone = [*members, joiner]
+    founders = [c.peer_id for c in members]
+    try:
+        on_all(members, lambda i, c: c.join(founders, timeout=30.0))
+
+        def member(i: int, c: Client) -> tuple[int, np.ndarray]:
+            boundaries = 0
+            while True:
+                boundaries += 1
+                view = c.update_view()
+                if joiner.peer_id in view.members:
+                    break
+                assert boundaries < 600, "the joiner was never admitted"
+                c.all_reduce(np.ones(10, np.float32))  # a step of the loop, joiner or not
+                time.sleep(0.05)  # a training step's work
+            x = np.full(10, float(i), np.float32)
+            c.all_reduce(x)
+            return boundaries, x
+
+        def joining() -> tuple[int, np.ndarray]:
+            view = joiner.join(timeout=60.0)
+            assert set(view.members) == {*founders, joiner.peer_id}
+            x = np.full(10, 5.0, np.float32)
+            joiner.all_reduce(x)
+            return 0, x
+
+        results = on_all(everyone, lambda i, c: joining() if c is joiner else member(i, c))
+        assert all(b >= 1 for b, _ in results[:2])
+        for _, x in results:
+            assert np.array_equal(x, np.full(10, 2.0, np.float32))  # (0 + 1 + 5) / 3
+    finally:
+        for c in everyone:
+            with contextlib.suppress(Exception):
+                c.leave()
+            c.close()

@@ -107,6 +107,10 @@ class FakeNode:
     def view(self, run: str) -> View:
         return View(run, 3, ("pa", "pb"), "pa")
 
+    async def update_view(self, run: str) -> View:
+        self.calls.append(("update_view", run))
+        return View(run, 4, ("pa", "pb", "pc"), "pa")
+
     async def all_gather(self, run: str, array: np.ndarray, tag: str = "gather",
                          retry: bool = True) -> tuple[list[np.ndarray], tuple[str, ...]]:
         return [array.copy(), np.arange(5, dtype=np.int64)], ("pa", "pb")
@@ -147,8 +151,9 @@ async def test_all_reduce_is_forwarded_with_the_engine_signature(short_dir: Path
 
     def body() -> None:
         with peerd.connect(sock, run="r1") as c:
-            assert set(c.features) == {"join_run", "all_reduce", "view", "all_gather", "sync_state",
-                                       "send", "recv", "dht", "store"}
+            assert set(c.features) == {"join_run", "all_reduce", "view", "update_view",
+                                       "all_gather", "sync_state", "send", "recv", "dht",
+                                       "store"}
             a = np.arange(6, dtype=np.float32).reshape(2, 3)
             res = c.all_reduce(a, "sum", tag="t", quant=Quant.INT8, retry=False)
             assert res == AllReduceResult(("pa", "pb"), 3, 24, 24, 0.5, 2)
@@ -240,6 +245,7 @@ async def test_view_gather_sync_p2p_dht_and_store(short_dir: Path) -> None:
         with peerd.connect(sock, run="r") as c:
             assert c.join(["pa", "pb"], timeout=3.0) == View("r", 3, ("pa", "pb"), "pa")
             assert c.view() == View("r", 3, ("pa", "pb"), "pa")
+            assert c.update_view() == View("r", 4, ("pa", "pb", "pc"), "pa")
             c.leave()
             arrays, peers = c.all_gather(np.full(3, 1.5, dtype=np.float32))
             assert peers == ("pa", "pb")
@@ -260,7 +266,8 @@ async def test_view_gather_sync_p2p_dht_and_store(short_dir: Path) -> None:
 
     await with_daemon(sock, node, body)
     assert ("send", "r", peer, "x", 3.0) in node.calls
-    assert node.calls[:2] == [("join", "r", ["pa", "pb"], 3.0), ("leave", "r")]
+    assert node.calls[:3] == [("join", "r", ["pa", "pb"], 3.0), ("update_view", "r"),
+                              ("leave", "r")]
 
 
 class BareNode(FakeNode):
