@@ -206,6 +206,8 @@ async def serve_control(path: Path, service: ControlService, max_clients: int,
                     finally:
                         clients -= 1
                         service.counters["clients"] = clients
+                    # Not on shutdown (cancelled): the node's close tells the peers.
+                    await service.client_gone(conn)
 
                 nursery.start_soon(run, ControlConnection(sock, service, max_inflight))
     finally:

@@ -65,6 +65,8 @@ class ControlService:
         self._started = clock()
         self.counters: Counter[str] = Counter()
         self.runs: set[str] = set()
+        # The open connections that joined each run (``client_gone``).
+        self._joined_by: dict[str, set[Conn]] = {}
         self.metrics_address = ""  # set by the daemon once the endpoint is up
         self._handlers: dict[type, Callable[[Any, Conn], Awaitable[Any]]] = {
             p.Hello: self._hello, p.StatusRequest: self._status, p.PeersRequest: self._peers,
@@ -219,6 +221,7 @@ class ControlService:
         members = list(msg.members) if msg.members is not None else None
         await join_run(msg.run, members, timeout=msg.timeout)
         self.runs.add(msg.run)
+        self._joined_by.setdefault(msg.run, set()).add(conn)
         return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)
 
     async def _update_view(self, msg: p.UpdateViewRequest, conn: Conn) -> p.ViewReply:
@@ -226,9 +229,33 @@ class ControlService:
         return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
 
     async def _leave_run(self, msg: p.LeaveRunRequest, conn: Conn) -> p.Ok:
+        self._joined_by.pop(msg.run, None)
         await self._feature("leave_run")(msg.run)
         self.runs.discard(msg.run)
         return p.Ok(msg.req_id)
+
+    async def client_gone(self, conn: Conn) -> None:
+        """``conn`` closed (its process ended, crashed or was killed): leave the
+        runs that it joined and that no other open connection joined.
+
+        Left in, this daemon would stay a member that never contributes again:
+        every other member's next round would wait out its phase deadline
+        (30 s, plus minutes for a large tensor) before going on without it. A
+        leave is taken up at once, and the training process, restarted, joins
+        again like any newcomer."""
+        for run in [r for r, conns in self._joined_by.items() if conn in conns]:
+            conns = self._joined_by[run]
+            conns.discard(conn)
+            if conns:
+                continue
+            del self._joined_by[run]
+            event(log, "daemon.left_run", run=run,
+                  reason="the client that joined it went away without leaving")
+            try:
+                await self._feature("leave_run")(run)
+            except Exception:  # raised on, it would end the control server
+                log.error("leaving run %r failed", run, exc_info=True)
+            self.runs.discard(run)
 
     async def _gift_arrays(self, arrays: list[np.ndarray], conn: Conn) -> tuple[p.TensorRef, ...]:
         """Copy ``arrays`` into one new segment owned by the client."""

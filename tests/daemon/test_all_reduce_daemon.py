@@ -197,3 +197,32 @@ def test_update_view_admits_a_joiner_into_a_loop_of_all_reduces(
             with contextlib.suppress(Exception):
                 c.leave()
             c.close()
+
+
+def test_a_training_process_gone_without_leaving_takes_its_daemon_out_of_the_run(
+        swarm: list[DaemonProcess], wait_until: Callable[..., None]) -> None:
+    """The daemon leaves the runs its client joined when that client's
+    connection closes (the script ended, crashed or was killed): the others'
+    next round goes on without it at once, not after a phase deadline."""
+    run = "orphaned"
+    clients = [dm.client(run=run) for dm in swarm]
+    ids = [c.peer_id for c in clients]
+    try:
+        on_all(clients, lambda i, c: c.join(ids, timeout=30.0))
+        on_all(clients, lambda i, c: c.all_reduce(np.ones(10, np.float32)))
+        clients[2].close()  # no leave(): the process just ends
+        with swarm[2].client() as watcher:
+            wait_until(lambda: run not in watcher.status().runs)
+            assert "daemon.left_run" in swarm[2].log_path.read_text()
+        survivors = clients[:2]
+        xs = [np.full(10, float(i), np.float32) for i in range(2)]
+        results = on_all(survivors, lambda i, c: c.all_reduce(xs[i]))
+        for r, x in zip(results, xs, strict=True):
+            assert set(r.participants) == set(ids[:2])
+            assert np.array_equal(x, np.full(10, 0.5, np.float32))
+        assert all(set(c.view().members) == set(ids[:2]) for c in survivors)
+    finally:
+        for c in clients[:2]:
+            with contextlib.suppress(Exception):
+                c.leave()
+            c.close()

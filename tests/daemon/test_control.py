@@ -353,3 +353,28 @@ async def test_garbage_and_unsealed_descriptors_do_not_hurt_the_daemon(short_dir
 
     service = await with_daemon(sock, FakeNode(), body)
     assert service.counters["clients_total"] == 3
+
+
+async def test_a_client_gone_leaves_the_runs_it_alone_joined(
+        short_dir: Path, wait_until: Callable[..., None]) -> None:
+    node = FakeNode()
+    sock = short_dir / "c.sock"
+
+    def body() -> None:
+        first, second = peerd.connect(sock, run="shared"), peerd.connect(sock, run="shared")
+        first.join(["pa", "pb"])
+        second.join(["pa", "pb"])
+        first.join(["pa", "pb"], run="mine")
+        with peerd.connect(sock, run="kept") as third:
+            third.join(["pa", "pb"])
+            third.leave()  # left already: nothing to leave when it closes
+        first.close()  # "mine" was its alone; "shared" is second's too
+        wait_until(lambda: ("leave", "mine") in node.calls)
+        assert ("leave", "shared") not in node.calls
+        second.close()
+        wait_until(lambda: ("leave", "shared") in node.calls)
+
+    service = await with_daemon(sock, node, body)
+    leaves = [c for c in node.calls if c[0] == "leave"]
+    assert sorted(leaves) == [("leave", "kept"), ("leave", "mine"), ("leave", "shared")]
+    assert not service.runs
