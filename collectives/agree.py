@@ -132,12 +132,12 @@ async def agree(
 
 
 def fail(driver: MembershipDriver, d: Decision, prefix: bytes, lost: set[str] | frozenset[str],
-         deadline: float, what: str) -> NoReturn:
+         deadline: float, what: str, why: str = "") -> NoReturn:
     """This peer's side of ``agree`` when it failed: report the failure naming
     ``lost`` to every member of ``d`` (sent in the background until
-    ``deadline``) and raise ``PeerLost(lost)``."""
+    ``deadline``) and raise ``PeerLost(lost)``, saying ``why`` where known."""
     _tell(driver, d, prefix + b"st", FAILED + ",".join(sorted(lost)).encode(), deadline)
-    raise PeerLost(lost, f"{what} failed in revision {d.revision}")
+    raise PeerLost(lost, f"{what} failed in revision {d.revision}" + (f": {why}" if why else ""))
 
 
 def _tell(driver: MembershipDriver, d: Decision, key: bytes, status: bytes,

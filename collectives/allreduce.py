@@ -253,7 +253,12 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     ag_tx, ag_rx = trio.open_memory_channel[Item](math.inf)
     ag_tx2 = ag_tx.clone()
     failed: set[str] = set()
+    late: set[str] = set()  # blamed only because a deadline passed
     details: list[str] = []
+    # Members' histories received in this attempt (see ``_absent``), and the
+    # members whose history is being or was received (a key is received once).
+    heard: dict[str, bytes] = {}
+    claimed: set[str] = {left}
     out_of_line: list[Diverged] = []
     checked = trio.Event()  # the left neighbour's history matches: its data may be used
     history_key = job.key(b"h", 0, 0)
@@ -263,22 +268,17 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
             await fabric.send_data(peer, history_key, job.history)
 
     async def check_left() -> None:
-        theirs = bytes(await fabric.recv_data(left, history_key))
+        theirs = heard[left] = bytes(await fabric.recv_data(left, history_key))
         if not diverged(job.history, theirs):
             checked.set()
             return
         # Who is out of line is for the majority to say: hear every member.
-        marks = {job.ring[rank]: job.history, left: theirs}
-
-        async def hear(peer: str) -> None:
-            with suppress(PeerLost):
-                marks[peer] = bytes(await fabric.recv_data(peer, history_key))
-
         async with trio.open_nursery() as inner:
             for peer in job.ring:
-                if peer != job.ring[rank] and peer != left:
-                    inner.start_soon(hear, peer)
-        odd = odd_histories(marks)
+                if peer not in claimed and peer != job.ring[rank]:
+                    claimed.add(peer)
+                    inner.start_soon(_hear, fabric, peer, history_key, heard, math.inf)
+        odd = odd_histories({job.ring[rank]: job.history, **heard})
         me = job.ring[rank]
         detail = "committed a result that the other members did not (or the reverse)"
         if me in odd:
@@ -347,7 +347,9 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
                     with trio.move_on_at(deadline) as scope:
                         await fn()
                     if scope.cancelled_caught:
-                        raise PeerLost([blame], f"{phase} deadline passed")
+                        late.add(blame)
+                        details.append(f"{phase} deadline passed")
+                        nursery.cancel_scope.cancel()
                 except PeerLost as exc:
                     failed.update(exc.peers)
                     details.append(str(exc))
@@ -371,9 +373,48 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         nursery.start_soon(guarded(ag_sender, never, right, "all-gather send"))
     if out_of_line:
         raise out_of_line[0]
+    if late:
+        absent = await _absent(fabric, job, history_key, heard, claimed)
+        if absent:
+            # The ring stalled because these never started the attempt; the
+            # left neighbours that a deadline points at waited on them too.
+            late = absent
+            details.append(f"{', '.join(sorted(absent))} never started this all-reduce")
+        failed |= late
     if failed:
         raise PeerLost(failed, "; ".join(details))
     return out
+
+
+# How long a member's history, sent as it starts an attempt, may still take to
+# be read once a phase deadline (30 s or more) has passed: it is buffered by
+# then unless the member never started.
+ABSENT_GRACE = 1.0
+
+
+async def _hear(fabric: Fabric, peer: str, key: bytes, heard: dict[str, bytes],
+                grace: float) -> None:
+    with suppress(PeerLost), trio.move_on_after(grace):
+        heard[peer] = bytes(await fabric.recv_data(peer, key))
+
+
+async def _absent(fabric: Fabric, job: RingJob, key: bytes, heard: dict[str, bytes],
+                  claimed: set[str]) -> set[str]:
+    """The members that never started this attempt (no history from them) when a
+    phase deadline passed.
+
+    A deadline blames the left neighbour, but a member that never calls the
+    all-reduce (its training process hung, or slower by more than the
+    deadline) stalls the whole ring: every peer's left neighbour is late. Were
+    each to blame its own, the survivors would disagree on who is gone and
+    no view among them could be agreed; every member names the absent one."""
+    me = job.ring[job.rank]
+    async with trio.open_nursery() as nursery:
+        for peer in job.ring:
+            if peer != me and peer not in claimed:
+                claimed.add(peer)
+                nursery.start_soon(_hear, fabric, peer, key, heard, ABSENT_GRACE)
+    return {p for p in job.ring if p != me and p not in heard}
 
 
 async def commit(job: RingJob, gathered: np.ndarray) -> None:

@@ -180,7 +180,7 @@ class MembershipDriver(Liveness):
         # peer: what a joiner may claim to reach (a session can outlive its link).
         self._answers: dict[str, float] = {}
         self._seen_connected: set[str] = set()
-        self._on_lost: list[Callable[[frozenset[str]], None]] = []
+        self._on_lost: list[Callable[[frozenset[str], str], None]] = []
         self._member_scopes: set[trio.CancelScope] = set()  # see ``_while_member``
         self._probe_seq = 0
         self.incarnation = new_incarnation()
@@ -311,7 +311,8 @@ class MembershipDriver(Liveness):
 
     # ------------------------------------------------------------ for the ops
 
-    def on_lost(self, callback: Callable[[frozenset[str]], None]) -> None:
+    def on_lost(self, callback: Callable[[frozenset[str], str], None]) -> None:
+        """Call ``callback(peers, why)`` whenever peers are found or reported gone."""
         self._on_lost.append(callback)
 
     def changed(self) -> trio.Event:
@@ -346,7 +347,7 @@ class MembershipDriver(Liveness):
         refused = (set(peers) & set(d.members if d else ())) - self.core.suspects - {self.me}
         if new or refused:
             for callback in list(self._on_lost):
-                callback(new | refused)
+                callback(new | refused, reason)
         if not new:
             return new
         self.peers_lost += len(new)

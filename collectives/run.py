@@ -68,6 +68,7 @@ class _Op:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     lost: set[str] = field(default_factory=set)
     in_status: bool = False  # past the ring: losing a peer no longer aborts
+    why: str = ""  # what the ring found, for the caller's error
 
 
 class Engine(MembershipDriver):
@@ -80,11 +81,12 @@ class Engine(MembershipDriver):
         self._history = Histories(self)  # per tag, where this peer last committed
         self.on_lost(self._abort_ops)
 
-    def _abort_ops(self, peers: frozenset[str]) -> None:
+    def _abort_ops(self, peers: frozenset[str], why: str) -> None:
         for op in self._active.values():
             hit = op.members & peers
             if hit and not op.in_status:
                 op.lost |= hit
+                op.why = op.why or why
                 op.scope.cancel()
 
     async def all_reduce(
@@ -204,6 +206,7 @@ class Engine(MembershipDriver):
                     out_of_line = exc
                 except PeerLost as exc:
                     state.lost |= set(exc.peers) & members
+                    state.why = state.why or exc.detail
                     self.lost(set(exc.peers) & members, str(exc))
             if out_of_line is not None:
                 # Outside the op's scope, which the others' reaction may already
@@ -211,7 +214,8 @@ class Engine(MembershipDriver):
                 raise await self.step_out(out_of_line) from out_of_line
             if gathered is None:
                 lost = state.lost or (members - {self.me})
-                fail(self, d, prefix, lost, trio.current_time() + self.config.phase_timeout, what)
+                fail(self, d, prefix, lost, trio.current_time() + self.config.phase_timeout, what,
+                     state.why)
             state.in_status = True  # from here on only the status round decides
             ringed = trio.current_time()
             await agree(self, d, prefix, set(), now + 3 * phase, what)

@@ -47,6 +47,7 @@ class PeerLost(PeerdError):
 
     def __init__(self, peers: Iterable[str], detail: str = "") -> None:
         self.peers: tuple[str, ...] = tuple(sorted(set(peers)))
+        self.detail = detail
         text = "peer(s) lost: " + ", ".join(self.peers)
         if detail:
             text += f" ({detail})"
@@ -59,6 +60,7 @@ class PeerLost(PeerdError):
         exc = cls.__new__(cls)
         PeerdError.__init__(exc, message)
         exc.peers = tuple(sorted(set(peers)))
+        exc.detail = ""
         return exc
 
 

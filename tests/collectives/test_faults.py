@@ -365,3 +365,54 @@ async def test_a_ready_cut_off_by_a_replaced_session_keeps_the_coordinator(
         assert all(not e.core.suspects for e in s.engines.values())
         data, arrays, out = await run_round(s, 3 * 16, retry=False)
         assert len(assert_one_outcome(out, data, arrays)) == 3
+
+
+@pytest.mark.parametrize("size", [3, 4])
+@pytest.mark.parametrize("absent", range(4))
+async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_names(
+    mock_clock: trio.testing.MockClock, size: int, absent: int
+) -> None:
+    """A member alive and heartbeating whose training process never calls the
+    all-reduce (hung, or slower than the phase deadline) stalls the whole
+    ring: every peer's left neighbour is late. The survivors must agree that
+    the absent one is gone (not each blame its own left neighbour, which left
+    them without a view they could agree on) and go on without it."""
+    if absent >= size:
+        pytest.skip("no such member")
+    async with swarm(size) as s:
+        victim = f"p{absent:02d}"
+        survivors = [p for p in s.alive() if p != victim]
+        data = inputs(survivors, 97)
+        arrays = {p: v.copy() for p, v in data.items()}
+        start = trio.current_time()
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p], retry=False), survivors)
+        assert trio.current_time() - start >= FAST.phase_timeout  # a deadline found it
+        for p, r in out.items():
+            assert isinstance(r, PeerLost) and r.peers == (victim,), (p, r)
+            assert "never started this all-reduce" in str(r)
+            assert np.array_equal(arrays[p], data[p])
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
+        want = reference(data, survivors, True)
+        for r in out.values():
+            assert isinstance(r, AllReduceResult) and sorted(r.participants) == survivors, out
+        for p in survivors:
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
+        assert same_bytes([arrays[p] for p in survivors])
+
+
+@pytest.mark.parametrize("absent", ["p00", "p02"])
+async def test_with_retry_the_survivors_of_an_absent_member_average_among_themselves(
+    mock_clock: trio.testing.MockClock, absent: str
+) -> None:
+    async with swarm(4) as s:
+        survivors = [p for p in s.alive() if p != absent]
+        data = inputs(survivors, 97, seed=3)
+        arrays = {p: v.copy() for p, v in data.items()}
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
+        for r in out.values():
+            assert isinstance(r, AllReduceResult), out
+            assert sorted(r.participants) == survivors and r.attempts == 2, out
+        want = reference(data, survivors, True)
+        for p in survivors:
+            np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
+        assert same_bytes([arrays[p] for p in survivors])
