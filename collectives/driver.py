@@ -93,6 +93,15 @@ class EngineStopped(ConfigError):
     """The engine ended while a call waited on it (``Node.join_run`` starts afresh)."""
 
 
+def check_phase_timeout(seconds: float) -> float:
+    """``seconds`` if it can be a phase timeout; ``ConfigError`` saying what to pass."""
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"phase_timeout must be a positive number of seconds, not {seconds!r}: "
+                          "how long a member waits in a collective for the others (the "
+                          f"default is {PHASE_TIMEOUT:g} s, plus the tensor's size at 10 Mbit/s)")
+    return float(seconds)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     timing: Timing = field(default_factory=Timing)

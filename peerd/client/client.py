@@ -165,16 +165,25 @@ class Client:
     # ------------------------------------------------------------ Collective
 
     def join(self, members: Sequence[str] | None = None, *, run: str | None = None,
-             timeout: float | None = None) -> View:
+             timeout: float | None = None, phase_timeout: float | None = None) -> View:
         """Take part in the run. With ``members`` (peer ids, this daemon's among
         them) all listed peers start together; without, the run's members admit
         this daemon at their next round boundary. Returns the first view.
 
         ``Timeout`` when no member admitted it within ``timeout`` (default: the
         engine's join timeout, 300 s); the daemon is then not in the run, and
-        a later ``join`` starts afresh."""
+        a later ``join`` starts afresh.
+
+        ``phase_timeout``: how long this daemon waits in a collective for the
+        other members before it goes on without those missing (default 30 s,
+        plus the tensor's size at 10 Mbit/s). Peers slower than that, a slow
+        GPU at an outer step, are dropped from the round and rejoin at the
+        next boundary; raise it where members' steps differ by more. Give every
+        member the same value. It applies when the daemon joins, not to a run
+        it is already in."""
         ms = tuple(members) if members is not None else None
-        reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout),
+        reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout,
+                                                      phase_timeout),
                            COLLECTIVE_TIMEOUT if timeout is None else timeout + 5.0)
         return View(reply.run, reply.revision, reply.members, reply.me)
 

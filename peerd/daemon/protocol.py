@@ -19,7 +19,7 @@ from typing import Any
 from peerd.wire import Limits, message
 
 # 2: AllGatherRequest carries retry; 3: AllReduceRequest out; 4: StatusReply swarm,
-# TensorRef dtype BF16_DTYPE; 5: UpdateViewRequest
+# TensorRef dtype BF16_DTYPE; 5: UpdateViewRequest, JoinRunRequest phase_timeout
 CONTROL_VERSION = 5
 # Control frames are small (no tensor bytes), so the bound is tight.
 CONTROL_LIMITS = Limits(max_frame=1024 * 1024, max_bin=256 * 1024, max_str=64 * 1024)
@@ -217,6 +217,7 @@ class JoinRunRequest:
     run: str
     members: tuple[str, ...] | None
     timeout: float | None
+    phase_timeout: float | None = None  # None: the engine's default
 
 
 @message(431)

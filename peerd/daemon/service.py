@@ -23,6 +23,7 @@ import trio
 
 from collectives.api import Quant, SyncStrategy
 from collectives.arrays import Flat, Kind
+from collectives.driver import EngineConfig, check_phase_timeout
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment, SegmentTable
 from peerd.dhtrpc import dht_key
@@ -219,7 +220,11 @@ class ControlService:
     async def _join_run(self, msg: p.JoinRunRequest, conn: Conn) -> p.ViewReply:
         join_run = self._feature("join_run")
         members = list(msg.members) if msg.members is not None else None
-        await join_run(msg.run, members, timeout=msg.timeout)
+        if msg.phase_timeout is None:
+            await join_run(msg.run, members, timeout=msg.timeout)
+        else:
+            config = EngineConfig(phase_timeout=check_phase_timeout(msg.phase_timeout))
+            await join_run(msg.run, members, config=config, timeout=msg.timeout)
         self.runs.add(msg.run)
         self._joined_by.setdefault(msg.run, set()).add(conn)
         return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from collectives.api import Quant, ReduceOp
+from collectives.api import Quant, ReduceOp, View
 from peerd.client import Client
 from peerd.daemon.launcher import DaemonProcess
-from peerd.errors import ConfigError
+from peerd.errors import ConfigError, Evicted, PeerLost
 
 RUN = "daemon-test"
 
@@ -226,3 +226,56 @@ def test_a_training_process_gone_without_leaving_takes_its_daemon_out_of_the_run
             with contextlib.suppress(Exception):
                 c.leave()
             c.close()
+
+
+def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
+        swarm: list[DaemonProcess]) -> None:
+    """Three daemons with a 2 s phase timeout; one member's training process
+    is alive and connected but never calls the all-reduce. The other two go
+    on without it, both naming it; its own next call is told it was left out,
+    and it comes back in at the next round boundary."""
+    run = "straggler"
+    clients = [dm.client(run=run) for dm in swarm]
+    ids = [c.peer_id for c in clients]
+    late, survivors = clients[0], clients[1:]
+    try:
+        on_all(clients, lambda i, c: c.join(ids, timeout=30.0, phase_timeout=2.0))
+        with ThreadPoolExecutor(2) as pool:
+            lost = list(pool.map(lambda c: _lost_in(c), survivors))
+        for exc in lost:
+            assert exc.peers == (late.peer_id,)
+            assert "never started this all-reduce" in str(exc)
+        xs = [np.full(10, float(i + 1), np.float32) for i in range(2)]
+        results = on_all(survivors, lambda i, c: c.all_reduce(xs[i]))
+        for r, x in zip(results, xs, strict=True):
+            assert set(r.participants) == set(ids[1:])
+            assert np.array_equal(x, np.full(10, 1.5, np.float32))
+        with pytest.raises(Evicted):
+            late.all_reduce(np.ones(10, np.float32))
+
+        def boundary(i: int, c: Client) -> View:
+            if c is late:
+                return c.join(timeout=30.0)
+            view = c.update_view()
+            while late.peer_id not in view.members:
+                time.sleep(0.05)  # a step of the loop
+                view = c.update_view()
+            return view
+
+        views = on_all(clients, boundary)
+        assert all(set(v.members) == set(ids) for v in views)
+        xs = [np.full(10, float(i), np.float32) for i in range(3)]
+        results = on_all(clients, lambda i, c: c.all_reduce(xs[i]))
+        assert all(set(r.participants) == set(ids) for r in results)
+        assert all(np.array_equal(x, np.full(10, 1.0, np.float32)) for x in xs)
+    finally:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.leave()
+            c.close()
+
+
+def _lost_in(c: Client) -> PeerLost:
+    with pytest.raises(PeerLost) as caught:
+        c.all_reduce(np.ones(10, np.float32), retry=False)
+    return caught.value

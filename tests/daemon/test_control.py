@@ -19,6 +19,7 @@ import trio
 
 import peerd
 from collectives.api import AllReduceResult, Quant, SyncResult, SyncStrategy, View
+from collectives.driver import EngineConfig
 from peerd.daemon.control import serve_control
 from peerd.daemon.service import ControlService
 from peerd.errors import ConfigError, PeerLost, RemoteError
@@ -73,6 +74,7 @@ class FakeNode:
         self.observed: dict[Any, Any] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.outs: list[bool] = []  # per all-reduce: did the daemon get a destination?
+        self.configs: list[EngineConfig | None] = []  # per join
         self.gate = trio.Event()
         self.dht = FakeDht()
         self.store = FakeStore()
@@ -98,8 +100,9 @@ class FakeNode:
         return AllReduceResult(("pa", "pb"), 3, array.nbytes, array.nbytes, 0.5, 2)
 
     async def join_run(self, run: str, members: list[str] | None = None,
-                       timeout: float | None = None) -> None:
+                       config: EngineConfig | None = None, timeout: float | None = None) -> None:
         self.calls.append(("join", run, members, timeout))
+        self.configs.append(config)
 
     async def leave_run(self, run: str) -> None:
         self.calls.append(("leave", run))
@@ -378,3 +381,21 @@ async def test_a_client_gone_leaves_the_runs_it_alone_joined(
     leaves = [c for c in node.calls if c[0] == "leave"]
     assert sorted(leaves) == [("leave", "kept"), ("leave", "mine"), ("leave", "shared")]
     assert not service.runs
+
+
+async def test_join_passes_a_phase_timeout_and_refuses_a_bad_one(short_dir: Path) -> None:
+    node = FakeNode()
+    sock = short_dir / "c.sock"
+
+    def body() -> None:
+        with peerd.connect(sock, run="r") as c:
+            c.join(["pa", "pb"])
+            c.join(["pa", "pb"], phase_timeout=600)
+            for bad in (0, -5.0, float("inf"), float("nan")):
+                with pytest.raises(ConfigError, match="phase_timeout must be a positive number"):
+                    c.join(["pa", "pb"], phase_timeout=bad)
+
+    await with_daemon(sock, node, body)
+    assert len(node.configs) == 2  # the bad ones never reached the node
+    assert node.configs[0] is None
+    assert node.configs[1] is not None and node.configs[1].phase_timeout == 600.0
