@@ -66,8 +66,9 @@ class ControlService:
         self._started = clock()
         self.counters: Counter[str] = Counter()
         self.runs: set[str] = set()
-        # The open connections that joined each run (``client_gone``).
-        self._joined_by: dict[str, set[Conn]] = {}
+        # The open connections that took part in each run's collectives
+        # (``client_gone``).
+        self._held_by: dict[str, set[Conn]] = {}
         self.metrics_address = ""  # set by the daemon once the endpoint is up
         self._handlers: dict[type, Callable[[Any, Conn], Awaitable[Any]]] = {
             p.Hello: self._hello, p.StatusRequest: self._status, p.PeersRequest: self._peers,
@@ -199,6 +200,7 @@ class ControlService:
         arr = _reducible(conn.table.array(msg.tensor), msg.tensor)
         out = _reducible(conn.table.array(msg.out), msg.out) if msg.out is not None else None
         self.runs.add(msg.run)
+        self._take_part(msg.run, conn)
         try:
             res = await all_reduce(msg.run, arr, msg.op, tag=msg.tag, quant=Quant(msg.quant),
                                    retry=msg.retry, out=out)
@@ -226,36 +228,42 @@ class ControlService:
             config = EngineConfig(phase_timeout=check_phase_timeout(msg.phase_timeout))
             await join_run(msg.run, members, config=config, timeout=msg.timeout)
         self.runs.add(msg.run)
-        self._joined_by.setdefault(msg.run, set()).add(conn)
         return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)
 
     async def _update_view(self, msg: p.UpdateViewRequest, conn: Conn) -> p.ViewReply:
+        self._take_part(msg.run, conn)
         v = await self._feature("update_view")(msg.run)
         return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
 
     async def _leave_run(self, msg: p.LeaveRunRequest, conn: Conn) -> p.Ok:
-        self._joined_by.pop(msg.run, None)
+        self._held_by.pop(msg.run, None)
         await self._feature("leave_run")(msg.run)
         self.runs.discard(msg.run)
         return p.Ok(msg.req_id)
 
+    def _take_part(self, run: str, conn: Conn) -> None:
+        self._held_by.setdefault(run, set()).add(conn)
+
     async def client_gone(self, conn: Conn) -> None:
         """``conn`` closed (its process ended, crashed or was killed): leave the
-        runs that it joined and that no other open connection joined.
+        runs whose collectives it took part in, unless another open
+        connection takes part too.
 
         Left in, this daemon would stay a member that never contributes again:
         every other member's next round would wait out its phase deadline
         (30 s, plus minutes for a large tensor) before going on without it. A
         leave is taken up at once, and the training process, restarted, joins
-        again like any newcomer."""
-        for run in [r for r, conns in self._joined_by.items() if conn in conns]:
-            conns = self._joined_by[run]
+        again like any newcomer. Joining alone does not count: a launcher may
+        join on the trainers' behalf and close (``peerd demo`` does).
+        """
+        for run in [r for r, conns in self._held_by.items() if conn in conns]:
+            conns = self._held_by[run]
             conns.discard(conn)
             if conns:
                 continue
-            del self._joined_by[run]
+            del self._held_by[run]
             event(log, "daemon.left_run", run=run,
-                  reason="the client that joined it went away without leaving")
+                  reason="the client that took part in it went away without leaving")
             try:
                 await self._feature("leave_run")(run)
             except Exception:  # raised on, it would end the control server
@@ -285,6 +293,7 @@ class ControlService:
         all_gather = self._feature("all_gather")
         arr = conn.table.array(msg.tensor)
         self.runs.add(msg.run)
+        self._take_part(msg.run, conn)
         arrays, peers = await all_gather(msg.run, arr, tag=msg.tag, retry=msg.retry)
         refs = await self._gift_arrays([np.asarray(a) for a in arrays], conn)
         return p.TensorsReply(msg.req_id, refs, tuple(peers))
@@ -295,17 +304,20 @@ class ControlService:
             raise ProtocolError("sync_state needs one unique name per tensor")
         state = {n: conn.table.array(t) for n, t in zip(msg.names, msg.tensors, strict=True)}
         self.runs.add(msg.run)
+        self._take_part(msg.run, conn)
         res = await sync_state(msg.run, state, msg.revision, SyncStrategy(msg.strategy))
         return p.SyncStateReply(msg.req_id, res.revision, tuple(res.participants),
                                 tuple(res.tensors_received), res.bytes_received, res.bytes_sent)
 
     async def _send(self, msg: p.SendRequest, conn: Conn) -> p.Ok:
         send = self._feature("send")
+        self._take_part(msg.run, conn)
         await send(msg.run, _peer(msg.peer), conn.table.array(msg.tensor), tag=msg.tag)
         return p.Ok(msg.req_id)
 
     async def _recv(self, msg: p.RecvRequest, conn: Conn) -> p.TensorsReply:
         recv = self._feature("recv")
+        self._take_part(msg.run, conn)
         arr = np.asarray(await recv(msg.run, _peer(msg.peer), tag=msg.tag))
         return p.TensorsReply(msg.req_id, await self._gift_arrays([arr], conn), (msg.peer,))
 
