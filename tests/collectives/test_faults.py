@@ -367,8 +367,8 @@ async def test_a_ready_cut_off_by_a_replaced_session_keeps_the_coordinator(
         assert len(assert_one_outcome(out, data, arrays)) == 3
 
 
-@pytest.mark.parametrize("size", [3, 4])
-@pytest.mark.parametrize("absent", range(4))
+@pytest.mark.parametrize(("size", "absent"), [(3, 0), (3, 1), (3, 2), (4, 0), (4, 1), (4, 2),
+                                             (4, 3)])
 async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_names(
     mock_clock: trio.testing.MockClock, size: int, absent: int
 ) -> None:
@@ -377,8 +377,6 @@ async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_na
     ring: every peer's left neighbour is late. The survivors must agree that
     the absent one is gone (not each blame its own left neighbour, which left
     them without a view they could agree on) and go on without it."""
-    if absent >= size:
-        pytest.skip("no such member")
     async with swarm(size) as s:
         victim = f"p{absent:02d}"
         survivors = [p for p in s.alive() if p != victim]
