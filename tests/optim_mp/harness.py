@@ -65,7 +65,8 @@ class Worker:
 
 
 class TrainingSwarm:
-    def __init__(self, n: int, runs: tuple[str, ...] = (RUN,)) -> None:
+    def __init__(self, n: int, runs: tuple[str, ...] = (RUN,),
+                 phase_timeout: float | None = None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="pom", dir="/tmp"))  # short socket paths
         self.daemons: list[DaemonProcess] = []
         self.workers: list[Worker] = []
@@ -77,7 +78,7 @@ class TrainingSwarm:
             for d in self.daemons:
                 with d.client() as c:
                     for run in runs:
-                        c.join(members, run=run)
+                        c.join(members, run=run, phase_timeout=phase_timeout)
         except BaseException:
             self.close()
             raise

@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
+from peerd.client import Client
+from peerd.errors import Evicted
+from tests.daemon.conftest import wait_until
 from tests.optim_mp.checks import agreed_steps, check_monotone, losses
-from tests.optim_mp.harness import TrainingSwarm, Worker
+from tests.optim_mp.harness import RUN, TrainingSwarm, Worker
 
 H = 4  # inner steps per outer step
 ROUNDS = 7
@@ -152,22 +155,66 @@ def test_a_member_stopped_past_the_heartbeat_timeout_rejoins_and_trains_on(metho
     moved two rounds further, its training process gets ``Evicted`` from that
     round, rejoins at the round's sync, receives the run's state and trains on
     from the run's step: from then on it agrees with the others at every step."""
+    with TrainingSwarm(3) as sw:
+        survivors, victim, held = away_and_back(sw, method, pause_daemon=True)
+    assert_rejoined_and_agrees(method, survivors, victim, held)
+
+
+@EVERY_METHOD
+def test_a_training_process_stuck_past_the_phase_timeout_is_left_out_and_rejoins(
+        method: str) -> None:
+    """The victim's training process stops just before round KILL_AFTER + 1
+    (hung, or a slower GPU) while its daemon runs on and heartbeats; the others,
+    waiting for it in that round's collective, go on without it once the run's
+    phase timeout (2 s here) passes, every one of them naming it. Released, it
+    gets ``Evicted``, rejoins at the round's sync and trains on in agreement."""
+    with TrainingSwarm(3, phase_timeout=2.0) as sw:
+        survivors, victim, held = away_and_back(sw, method, pause_daemon=False)
+    assert_rejoined_and_agrees(method, survivors, victim, held)
+
+
+AWAY = KILL_AFTER + 3  # the survivors' round when the victim comes back
+
+
+def away_and_back(sw: TrainingSwarm, method: str,
+                  pause_daemon: bool) -> tuple[list[Worker], Worker, dict[str, Any]]:
+    """The victim stops at PHASES["before_reduce"] (its daemon SIGSTOPped too
+    with ``pause_daemon``) until the survivors reach round AWAY; then all
+    finish. Returns the survivors, the victim and its "held" event."""
+    k = per_round(method)
+    survivors = [sw.start_worker(d, job(method, hold_at=AWAY * H)) for d in sw.daemons[:2]]
+    victim = sw.start_worker(sw.daemons[2], job(method, hold_at=PHASES["before_reduce"]))
+    held = sw.wait_for("held", victim)
+    if pause_daemon:
+        sw.pause_daemon(victim)
+    for _ in survivors:  # in either order: wait_for drops the other workers' events
+        assert sw.wait_for("held")["outer_step"] == AWAY * k
+    if pause_daemon:
+        sw.resume_daemon(victim)
+    else:
+        # Its daemon, alive all along, learns from the others' heartbeat answers
+        # that they went on without it (as a resumed one does at once).
+        with sw.daemons[2].client(run=RUN) as c:
+            wait_until(lambda: evicted(c))
+    victim.release()
+    for w in survivors:
+        w.release()
+    sw.wait_finished([*survivors, victim])
+    return survivors, victim, held
+
+
+def evicted(c: Client) -> bool:
+    try:
+        c.view()
+    except Evicted:
+        return True
+    return False
+
+
+def assert_rejoined_and_agrees(method: str, survivors: list[Worker], victim: Worker,
+                               held: dict[str, Any]) -> None:
     k = per_round(method)
     same_params = method != "streaming"  # whose local weights are mixed, not replaced
-    away = KILL_AFTER + 3  # the survivors' round when the victim comes back
-    with TrainingSwarm(3) as sw:
-        survivors = [sw.start_worker(d, job(method, hold_at=away * H)) for d in sw.daemons[:2]]
-        victim = sw.start_worker(sw.daemons[2], job(method, hold_at=PHASES["before_reduce"]))
-        held = sw.wait_for("held", victim)
-        sw.pause_daemon(victim)
-        for _ in survivors:  # in either order: wait_for drops the other workers' events
-            assert sw.wait_for("held")["outer_step"] == away * k
-        sw.resume_daemon(victim)
-        victim.release()
-        for w in survivors:
-            w.release()
-        sw.wait_finished([*survivors, victim])
-
     reports = victim.outer()
     last = held["outer_step"]
     before = [r for r in reports if r["outer_step"] <= last]
@@ -175,7 +222,7 @@ def test_a_member_stopped_past_the_heartbeat_timeout_rejoins_and_trains_on(metho
     # One round dropped (the one it was evicted from); its sync received the state
     # the others reached, at their global step, no step applied twice.
     assert rejoin["skipped"] and rejoin["sync_bytes_received"] > 0, rejoin
-    assert rejoin["outer_step"] > away * k and after, reports
+    assert rejoin["outer_step"] > AWAY * k and after, reports
     me = peer_id(victim)
     # Up to its stop, and from its first step after rejoining, it agrees with the others.
     agreed = agreed_steps({peer_id(w): w.outer()[:last] for w in survivors} | {me: before},
