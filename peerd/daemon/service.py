@@ -262,6 +262,9 @@ class ControlService:
             if conns:
                 continue
             del self._held_by[run]
+            runs = getattr(self.node, "runs", None)
+            if callable(runs) and run not in runs():
+                continue  # its calls failed: this node never was in it, or left it
             event(log, "daemon.left_run", run=run,
                   reason="the client that took part in it went away without leaving")
             try:
