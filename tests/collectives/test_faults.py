@@ -390,12 +390,7 @@ async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_na
             assert "never started this all-reduce" in str(r)
             assert np.array_equal(arrays[p], data[p])
         out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
-        want = reference(data, survivors, True)
-        for r in out.values():
-            assert isinstance(r, AllReduceResult) and sorted(r.participants) == survivors, out
-        for p in survivors:
-            np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
-        assert same_bytes([arrays[p] for p in survivors])
+        assert sorted(assert_one_outcome(out, data, arrays)) == survivors, out
 
 
 @pytest.mark.parametrize("absent", ["p00", "p02"])
@@ -407,10 +402,5 @@ async def test_with_retry_the_survivors_of_an_absent_member_average_among_themse
         data = inputs(survivors, 97, seed=3)
         arrays = {p: v.copy() for p, v in data.items()}
         out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
-        for r in out.values():
-            assert isinstance(r, AllReduceResult), out
-            assert sorted(r.participants) == survivors and r.attempts == 2, out
-        want = reference(data, survivors, True)
-        for p in survivors:
-            np.testing.assert_allclose(arrays[p], want, rtol=1e-5, atol=1e-6)
-        assert same_bytes([arrays[p] for p in survivors])
+        assert sorted(assert_one_outcome(out, data, arrays)) == survivors, out
+        assert all(r.attempts == 2 for r in out.values()), out

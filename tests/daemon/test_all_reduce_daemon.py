@@ -159,12 +159,9 @@ def test_update_view_admits_a_joiner_into_a_loop_of_all_reduces(
         swarm: list[DaemonProcess]) -> None:
     """A custom loop of all-reduces admits nobody by itself; the members'
     ``update_view()`` is the round boundary that lets a waiting joiner in."""
-    run = "grows"
-    members = [swarm[0].client(run=run), swarm[1].client(run=run)]
-    joiner = swarm[2].client(run=run)
-    everyone = [*members, joiner]
-    founders = [c.peer_id for c in members]
-    try:
+    with clients_of("grows", swarm) as everyone:
+        members, joiner = everyone[:2], everyone[2]
+        founders = [c.peer_id for c in members]
         on_all(members, lambda i, c: c.join(founders, timeout=30.0))
 
         def member(i: int, c: Client) -> tuple[int, np.ndarray]:
@@ -192,22 +189,17 @@ def test_update_view_admits_a_joiner_into_a_loop_of_all_reduces(
         assert all(b >= 1 for b, _ in results[:2])
         for _, x in results:
             assert np.array_equal(x, np.full(10, 2.0, np.float32))  # (0 + 1 + 5) / 3
-    finally:
-        for c in everyone:
-            with contextlib.suppress(Exception):
-                c.leave()
-            c.close()
 
 
 def test_a_training_process_gone_without_leaving_takes_its_daemon_out_of_the_run(
         swarm: list[DaemonProcess], wait_until: Callable[..., None]) -> None:
-    """The daemon leaves the runs its client joined when that client's
-    connection closes (the script ended, crashed or was killed): the others'
-    next round goes on without it at once, not after a phase deadline."""
+    """The daemon leaves the runs whose collectives its client took part in
+    when that client's connection closes (the script ended, crashed or was
+    killed): the others' next round goes on without it at once, not after a
+    phase deadline."""
     run = "orphaned"
-    clients = [dm.client(run=run) for dm in swarm]
-    ids = [c.peer_id for c in clients]
-    try:
+    with clients_of(run, swarm) as clients:
+        ids = [c.peer_id for c in clients]
         on_all(clients, lambda i, c: c.join(ids, timeout=30.0))
         on_all(clients, lambda i, c: c.all_reduce(np.ones(10, np.float32)))
         clients[2].close()  # no leave(): the process just ends
@@ -221,11 +213,6 @@ def test_a_training_process_gone_without_leaving_takes_its_daemon_out_of_the_run
             assert set(r.participants) == set(ids[:2])
             assert np.array_equal(x, np.full(10, 0.5, np.float32))
         assert all(set(c.view().members) == set(ids[:2]) for c in survivors)
-    finally:
-        for c in clients[:2]:
-            with contextlib.suppress(Exception):
-                c.leave()
-            c.close()
 
 
 def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
@@ -234,11 +221,9 @@ def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
     is alive and connected but never calls the all-reduce. The other two go
     on without it, both naming it; its own next call is told it was left out,
     and it comes back in at the next round boundary."""
-    run = "straggler"
-    clients = [dm.client(run=run) for dm in swarm]
-    ids = [c.peer_id for c in clients]
-    late, survivors = clients[0], clients[1:]
-    try:
+    with clients_of("straggler", swarm) as clients:
+        ids = [c.peer_id for c in clients]
+        late, survivors = clients[0], clients[1:]
         on_all(clients, lambda i, c: c.join(ids, timeout=30.0, phase_timeout=2.0))
         with ThreadPoolExecutor(2) as pool:
             lost = list(pool.map(lambda c: _lost_in(c), survivors))
@@ -268,14 +253,23 @@ def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
         results = on_all(clients, lambda i, c: c.all_reduce(xs[i]))
         assert all(set(r.participants) == set(ids) for r in results)
         assert all(np.array_equal(x, np.full(10, 1.0, np.float32)) for x in xs)
-    finally:
-        for c in clients:
-            with contextlib.suppress(Exception):
-                c.leave()
-            c.close()
 
 
 def _lost_in(c: Client) -> PeerLost:
     with pytest.raises(PeerLost) as caught:
         c.all_reduce(np.ones(10, np.float32), retry=False)
     return caught.value
+
+
+@contextlib.contextmanager
+def clients_of(run: str, daemons: list[DaemonProcess]) -> Iterator[list[Client]]:
+    """A client of ``run`` on each daemon; on the way out each leaves the run
+    (where it still can: a test may have closed it) and is closed."""
+    clients = [dm.client(run=run) for dm in daemons]
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.leave()
+            c.close()

@@ -299,7 +299,7 @@ async def test_missing_features_are_named(short_dir: Path) -> None:
 
 class BuggyNode(FakeNode):
     async def join_run(self, run: str, members: list[str] | None = None,
-                       timeout: float | None = None) -> None:
+                       config: EngineConfig | None = None, timeout: float | None = None) -> None:
         raise RuntimeError("a bug under join_run")
 
 
