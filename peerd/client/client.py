@@ -43,6 +43,10 @@ COLLECTIVE_TIMEOUT = 3600.0  # a round may wait long for stragglers to join
 DEFAULT_RUN = "default"
 
 
+def _view(reply: p.ViewReply) -> View:
+    return View(reply.run, reply.revision, reply.members, reply.me)
+
+
 def _op_name(op: ReduceOp | str) -> str:
     if isinstance(op, ReduceOp):
         return op.name.lower()
@@ -185,14 +189,14 @@ class Client:
         reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout,
                                                       phase_timeout),
                            COLLECTIVE_TIMEOUT if timeout is None else timeout + 5.0)
-        return View(reply.run, reply.revision, reply.members, reply.me)
+        return _view(reply)
 
     def leave(self, *, run: str | None = None) -> None:
         self._call(lambda r: p.LeaveRunRequest(r, run or self.run))
 
     def view(self, *, run: str | None = None) -> View:
         reply = self._call(lambda r: p.ViewRequest(r, run or self.run))
-        return View(reply.run, reply.revision, reply.members, reply.me)
+        return _view(reply)
 
     def update_view(self, *, run: str | None = None) -> View:
         """A round boundary: agree the next view with the run's members and
@@ -202,7 +206,7 @@ class Client:
         all-reduces are not: a loop of all-reduces alone admits nobody."""
         reply = self._call(lambda r: p.UpdateViewRequest(r, run or self.run),
                            COLLECTIVE_TIMEOUT)
-        return View(reply.run, reply.revision, reply.members, reply.me)
+        return _view(reply)
 
     def all_reduce_async(self, array: Any, op: ReduceOp | str = ReduceOp.AVG, *,
                          tag: str = "default", quant: Quant = Quant.NONE, retry: bool = True,

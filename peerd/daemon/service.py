@@ -217,7 +217,7 @@ class ControlService:
     async def _view(self, msg: p.ViewRequest, conn: Conn) -> p.ViewReply:
         v = await _maybe_await(self._feature("view")(msg.run))
         self.runs.add(msg.run)
-        return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
+        return _view_reply(msg.req_id, v)
 
     async def _join_run(self, msg: p.JoinRunRequest, conn: Conn) -> p.ViewReply:
         join_run = self._feature("join_run")
@@ -233,7 +233,7 @@ class ControlService:
     async def _update_view(self, msg: p.UpdateViewRequest, conn: Conn) -> p.ViewReply:
         self._take_part(msg.run, conn)
         v = await self._feature("update_view")(msg.run)
-        return p.ViewReply(msg.req_id, v.run, v.revision, tuple(v.members), v.me)
+        return _view_reply(msg.req_id, v)
 
     async def _leave_run(self, msg: p.LeaveRunRequest, conn: Conn) -> p.Ok:
         self._held_by.pop(msg.run, None)
@@ -344,6 +344,10 @@ class ControlService:
     async def _store_set(self, msg: p.StoreSetRequest, conn: Conn) -> p.Ok:
         self._feature("store").doc(msg.doc).set(msg.key, msg.value)
         return p.Ok(msg.req_id)
+
+
+def _view_reply(req_id: int, v: Any) -> p.ViewReply:
+    return p.ViewReply(req_id, v.run, v.revision, tuple(v.members), v.me)
 
 
 def _peer(text: str) -> PeerId:
