@@ -88,6 +88,7 @@ class OuterLoop:
         self.rejoins = 0  # times this member was evicted and rejoined
         self._sync_sent = 0
         self._sync_received = 0
+        self._superseded = False
 
     # -- subclass interface -------------------------------------------------------------------
     def shared_state(self) -> dict[str, torch.Tensor]:
@@ -149,7 +150,14 @@ class OuterLoop:
         if self._receive_only_syncs > 0:
             self._receive_only_syncs -= 1
             strategy = SyncStrategy.RECEIVE_ONLY
+        before = self.outer_steps
         res = self.collective.sync_state(self.shared_state(), self.outer_steps, strategy=strategy)
+        # A sync that moved the outer-step counter of a member with rounds behind
+        # it replaced this round with the run's state: the member was evicted
+        # (here, or already when its collective failed) and rejoined, or was out
+        # of line. Its own round then counts as dropped, even where its collective
+        # had completed (an overlapped one, finished before the member stopped).
+        self._superseded = bool(self.records) and self.outer_steps != before
         self.members = res.participants
         self.revision = res.revision
         self._sync_sent = res.bytes_sent
@@ -165,16 +173,20 @@ class OuterLoop:
         skipped: bool,
         fragment: int = 0,
     ) -> RoundRecord:
-        """Append a round record; call right after ``sync`` so its bytes are included."""
+        """Append a round record; call right after ``sync`` so its bytes are included.
+        A round that the sync replaced with the run's state is recorded as skipped,
+        with no participants: the round it reports is the run's, which this member
+        did not take part in."""
+        superseded, self._superseded = self._superseded, False
         rec = RoundRecord(
             round=len(self.records),
             step=self.global_step,
-            participants=participants,
+            participants=() if superseded else participants,
             bytes_sent=bytes_sent,
             bytes_received=bytes_received,
             sync_bytes_sent=self._sync_sent,
             sync_bytes_received=self._sync_received,
-            skipped=skipped,
+            skipped=skipped or superseded,
             fragment=fragment,
         )
         self.records.append(rec)

@@ -23,7 +23,8 @@ def check_monotone(reports: list[Report], first: int = 1) -> None:
 
 
 def agreed_steps(by_member: dict[str, list[Report]], *, params_identical: bool = True,
-                 start: dict[str, int] | None = None) -> dict[int, Report]:
+                 start: dict[str, int] | None = None,
+                 in_flight: dict[str, int] | None = None) -> dict[int, Report]:
     """Check every member's reports of one run and return one agreed report per step.
 
     ``by_member`` maps peer id -> that member's "outer" reports in order;
@@ -34,6 +35,11 @@ def agreed_steps(by_member: dict[str, list[Report]], *, params_identical: bool =
     are exactly the reporters; and no member had to download shared state in
     the round's sync, so they were bit-identical before the sync repaired
     anything.
+
+    ``in_flight`` maps a member that stopped to the outer step whose collective
+    was in flight then (Streaming DiLoCo's overlapped fragment round): its
+    daemon may have completed that collective with it before it stopped, so it
+    may be among that step's participants without reporting the step.
     """
     at: dict[int, dict[str, Report]] = defaultdict(dict)
     for member, reports in by_member.items():
@@ -46,8 +52,12 @@ def agreed_steps(by_member: dict[str, list[Report]], *, params_identical: bool =
         for key in keys:
             values = {m: r[key] for m, r in reps.items()}
             assert len(set(values.values())) == 1, f"step {step}: {key} differs: {values}"
+        stopped = {m for m, when in (in_flight or {}).items() if when == step and m not in reps}
         for member, r in reps.items():
-            assert sorted(r["participants"]) == sorted(reps), (step, member, r["participants"])
+            took_part = set(r["participants"])
+            assert len(took_part) == len(r["participants"]), (step, member, r["participants"])
+            assert set(reps) <= took_part <= set(reps) | stopped, (
+                step, member, r["participants"])
             assert r["sync_bytes_received"] == 0, (step, member, "state drifted")
             assert not r["skipped"], (step, member)
         agreed[step] = next(iter(reps.values()))

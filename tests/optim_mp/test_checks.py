@@ -58,3 +58,21 @@ def test_a_repairing_sync_counts_as_drift() -> None:
     reports["m0"][2] = {**reports["m0"][2], "sync_bytes_received": 1024}
     with pytest.raises(AssertionError, match="drifted"):
         agreed_steps(reports)
+
+
+def test_a_stopped_member_may_appear_only_in_the_round_in_flight_when_it_stopped() -> None:
+    reports = run(steps=3)
+    gone = reports.pop("m2")[:1]  # m2 reported step 1 only, then stopped
+    for r in reports["m0"][1:2] + reports["m1"][1:2]:
+        r["participants"] = ["m0", "m1", "m2"]  # its daemon finished step 2 with it
+    for r in reports["m0"][2:] + reports["m1"][2:]:
+        r["participants"] = ["m0", "m1"]
+    reports["m2"] = gone
+    assert sorted(agreed_steps(reports, in_flight={"m2": 2})) == [1, 2, 3]
+    with pytest.raises(AssertionError):
+        agreed_steps(reports)  # without the allowance: not exactly the reporters
+    with pytest.raises(AssertionError):
+        agreed_steps(reports, in_flight={"m2": 3})  # only the step that was in flight
+    reports["m0"][2]["participants"] = ["m0", "m1", "m2"]
+    with pytest.raises(AssertionError):
+        agreed_steps(reports, in_flight={"m2": 2})  # claimed again a step later
