@@ -123,6 +123,19 @@ class EngineConfig:
         return threads_pay(self.worker_threads)
 
 
+def phase_config(seconds: float) -> EngineConfig:
+    """The engine config of a run whose members wait ``seconds`` for one another
+    (``ConfigError`` saying what to pass where it cannot be one): in every
+    collective (plus the tensor's size at the minimum bandwidth), and at round
+    boundaries, where the coordinator waits that long for every member's ready.
+    A member stuck before ``sync_state`` (Streaming DiLoCo's overlapped rounds
+    wait there, not in a collective) is then dropped as soon as one stuck
+    before an all-reduce, and a run that lets slow members take longer lets
+    them take longer at its boundaries too."""
+    seconds = check_phase_timeout(seconds)
+    return EngineConfig(phase_timeout=seconds, timing=Timing(view_timeout=seconds))
+
+
 @dataclass(frozen=True)
 class EngineStats:
     revision: int | None
@@ -250,8 +263,10 @@ class MembershipDriver(Liveness):
 
     async def update_view(self) -> View:
         """Round boundary: agree the next view with every member (joiners
-        admitted). A stranded peer instead waits here to be admitted again."""
-        if self.core.stranded:
+        admitted). A peer the run went on without (stranded, or left out of
+        the view it installed) instead waits here to be admitted again, as
+        its ``Evicted`` said it would be."""
+        if self.core.view is not None and self.current_view() is None:
             return await self.join()
         await self._change_view(admit=True, after=None)
         return self.view()

@@ -23,7 +23,7 @@ import trio
 
 from collectives.api import Quant, SyncStrategy
 from collectives.arrays import Flat, Kind
-from collectives.driver import EngineConfig, check_phase_timeout
+from collectives.driver import phase_config
 from peerd.daemon import protocol as p
 from peerd.daemon.shm import Segment, SegmentTable
 from peerd.dhtrpc import dht_key
@@ -225,8 +225,8 @@ class ControlService:
         if msg.phase_timeout is None:
             await join_run(msg.run, members, timeout=msg.timeout)
         else:
-            config = EngineConfig(phase_timeout=check_phase_timeout(msg.phase_timeout))
-            await join_run(msg.run, members, config=config, timeout=msg.timeout)
+            await join_run(msg.run, members, config=phase_config(msg.phase_timeout),
+                           timeout=msg.timeout)
         self.runs.add(msg.run)
         return await self._view(p.ViewRequest(msg.req_id, msg.run), conn)
 

@@ -237,22 +237,50 @@ def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
             assert np.array_equal(x, np.full(10, 1.5, np.float32))
         with pytest.raises(Evicted):
             late.all_reduce(np.ones(10, np.float32))
+        _readmitted_and_averaging(clients, late, lambda: late.join(timeout=30.0))
 
-        def boundary(i: int, c: Client) -> View:
-            if c is late:
-                return c.join(timeout=30.0)
+
+def test_a_member_that_never_comes_to_the_boundary_is_dropped_at_the_phase_timeout(
+        swarm: list[DaemonProcess]) -> None:
+    """As above, at a round boundary: one member's training process never
+    calls ``update_view`` (as a Streaming DiLoCo member stuck before its
+    ``sync_state``, its overlapped collective done). The others' boundary
+    goes on without it after the run's phase timeout (2 s), not the default
+    view timeout (60 s); it comes back in at the boundary after."""
+    with clients_of("absent-at-boundary", swarm) as clients:
+        ids = [c.peer_id for c in clients]
+        late, survivors = clients[0], clients[1:]
+        on_all(clients, lambda i, c: c.join(ids, timeout=30.0, phase_timeout=2.0))
+        on_all(clients, lambda i, c: c.all_reduce(np.ones(10, np.float32)))  # all take part
+        with ThreadPoolExecutor(2) as pool:
+            views = [pool.submit(c.update_view) for c in survivors]
+            # A deadline, not a wait: without the run's timeout this takes 60 s.
+            assert all(set(v.result(timeout=20).members) == set(ids[1:]) for v in views)
+        # Its own next boundary takes it back in: a boundary is where the dropped rejoin.
+        _readmitted_and_averaging(clients, late, late.update_view)
+
+
+def _readmitted_and_averaging(clients: list[Client], late: Client,
+                              come_back: Callable[[], View]) -> None:
+    """``late`` comes back with ``come_back`` while the others run their loop
+    (a boundary per step) until a view includes it; then all three average."""
+    def boundary(i: int, c: Client) -> View:
+        if c is late:
+            return come_back()
+        view = c.update_view()
+        ends = time.monotonic() + 60.0  # bounded: a failed come-back fails the test
+        while late.peer_id not in view.members and time.monotonic() < ends:
+            time.sleep(0.05)  # a step of the loop
             view = c.update_view()
-            while late.peer_id not in view.members:
-                time.sleep(0.05)  # a step of the loop
-                view = c.update_view()
-            return view
+        return view
 
-        views = on_all(clients, boundary)
-        assert all(set(v.members) == set(ids) for v in views)
-        xs = [np.full(10, float(i), np.float32) for i in range(3)]
-        results = on_all(clients, lambda i, c: c.all_reduce(xs[i]))
-        assert all(set(r.participants) == set(ids) for r in results)
-        assert all(np.array_equal(x, np.full(10, 1.0, np.float32)) for x in xs)
+    ids = {c.peer_id for c in clients}
+    views = on_all(clients, boundary)
+    assert all(set(v.members) == ids for v in views)
+    xs = [np.full(10, float(i), np.float32) for i in range(3)]
+    results = on_all(clients, lambda i, c: c.all_reduce(xs[i]))
+    assert all(set(r.participants) == ids for r in results)
+    assert all(np.array_equal(x, np.full(10, 1.0, np.float32)) for x in xs)
 
 
 def _lost_in(c: Client) -> PeerLost:

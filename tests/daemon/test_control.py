@@ -402,3 +402,4 @@ async def test_join_passes_a_phase_timeout_and_refuses_a_bad_one(short_dir: Path
     assert len(node.configs) == 2  # the bad ones never reached the node
     assert node.configs[0] is None
     assert node.configs[1] is not None and node.configs[1].phase_timeout == 600.0
+    assert node.configs[1].timing.view_timeout == 600.0  # its round boundaries wait as long
