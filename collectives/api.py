@@ -96,6 +96,13 @@ class Collective(Protocol):
         """The current round view (after the last round boundary)."""
         ...
 
+    def update_view(self) -> View:
+        """A round boundary without shared state: agree the next view with every
+        member (joiners are admitted here, as at ``sync_state``). Every member
+        calls it at the same point of its loop; a member the run went on
+        without rejoins here."""
+        ...
+
     def all_reduce(
         self,
         array: Any,

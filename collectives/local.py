@@ -11,9 +11,10 @@ Failure and membership:
   operation it had not finished is retried over the survivors when the caller
   passed ``retry=True`` (the result names exactly who took part), otherwise it
   fails with ``PeerLost`` on every survivor; inputs are left untouched.
-- ``group.add_member()`` creates a joiner. Its first call must be
-  ``sync_state``; it is admitted when the current members finish their next
-  ``sync_state`` (the round boundary), never in the middle of an operation.
+- ``group.add_member()`` creates a joiner. Its first call must be a round
+  boundary, ``sync_state`` or ``update_view``; it is admitted when the current
+  members finish their next boundary of that kind, never in the middle of an
+  operation.
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ from collectives.local_ops import (
 from peerd.errors import ConfigError, PeerLost, Timeout
 
 OP_TIMEOUT = 120.0  # seconds a member waits for the others before giving up
+# Round boundaries (op kinds), where joiners are admitted, and their tags.
+BOUNDARIES = {"sync": "state", "view": "view"}
 
 
 @dataclass
 class _Op:
     seq: int
-    kind: str  # "reduce" | "gather" | "sync"
+    kind: str  # "reduce" | "gather" | "sync" | "view"
     tag: str
     participants: list[str]
     revision: int
@@ -82,7 +85,8 @@ class LocalGroup:
         self._dead: set[str] = set()
         self._next_seq: dict[str, int] = {m: 0 for m in self._members}
         self._ops: dict[int, _Op] = {}
-        self._joiners: dict[str, Any] = {}  # name -> sync contribution (once it arrives)
+        # name -> (boundary kind, contribution) once its first call arrives
+        self._joiners: dict[str, tuple[str, Any] | None] = {}
         self._admitted: dict[str, int] = {}  # joiner name -> seq of the sync that admitted it
 
     # -- membership ---------------------------------------------------------------------------
@@ -121,11 +125,11 @@ class LocalGroup:
             self._cond.notify_all()
 
     def wait_for_joiners(self, n: int = 1) -> None:
-        """Block until ``n`` joiners have called ``sync_state`` (tests use this to make
-        the admitting round deterministic)."""
+        """Block until ``n`` joiners have called ``sync_state`` or ``update_view``
+        (tests use this to make the admitting round deterministic)."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
-            while sum(p is not None for p in self._joiners.values()) < n:
+            while sum(e is not None for e in self._joiners.values()) < n:
                 self._wait(deadline, "joiners")
 
     def members(self) -> tuple[str, ...]:
@@ -142,11 +146,12 @@ class LocalGroup:
         with self._cond:
             self._check_alive(name)
             if name in self._joiners:
-                if kind != "sync":
-                    raise ConfigError("a joining member must call sync_state first")
-                self._joiners[name] = payload
+                if kind not in BOUNDARIES:
+                    raise ConfigError("a joining member must call sync_state or update_view "
+                                      "first: a round boundary is where it is admitted")
+                self._joiners[name] = (kind, payload)
                 if not self._members:
-                    self._admit_alone()
+                    self._admit_alone(kind)
                 self._cond.notify_all()  # wakes wait_for_joiners
                 return -1
             seq = self._next_seq[name]
@@ -203,24 +208,26 @@ class LocalGroup:
         if name in self._dead:
             raise PeerLost([name], "this member was removed from the group")
 
-    def _admit_alone(self) -> None:
+    def _admit_alone(self, kind: str) -> None:
         # With no member left, waiting joiners form the group among themselves.
         seq = max(self._next_seq.values(), default=0)
         while seq in self._ops:
             seq += 1
-        op = _Op(seq, "sync", "state", [], self._revision, True)
+        op = _Op(seq, kind, BOUNDARIES[kind], [], self._revision, True)
         self._ops[seq] = op
         self._maybe_complete(op)
         self._cond.notify_all()
 
     def _admit_joiners(self, op: _Op) -> None:
-        ready = [j for j, p in self._joiners.items() if p is not None]
-        for j in ready:
+        # Each at a boundary of the kind it called (its result is what it awaits).
+        ready = {j: e[1] for j, e in self._joiners.items() if e is not None and e[0] == op.kind}
+        for j, contribution in ready.items():
+            del self._joiners[j]
             self._members.append(j)
             self._next_seq[j] = op.seq + 1
             self._admitted[j] = op.seq
             op.participants.append(j)
-            op.contributions[j] = self._joiners.pop(j)
+            op.contributions[j] = contribution
         if ready:
             self._revision += 1
 
@@ -229,7 +236,7 @@ class LocalGroup:
             return
         if not set(op.participants) <= set(op.contributions):
             return
-        if op.kind == "sync":
+        if op.kind in BOUNDARIES:
             self._admit_joiners(op)
             op.revision = self._revision
         order = list(op.participants)
@@ -239,7 +246,7 @@ class LocalGroup:
             op.result = reduce_in_order(arrays, reduce_op)
         elif op.kind == "gather":
             op.result = [op.contributions[m] for m in order]
-        else:
+        elif op.kind == "sync":
             op.result = popular_state({m: op.contributions[m] for m in order})
         op.participants = order
         op.done = True
@@ -268,6 +275,11 @@ class LocalCollective:
 
     def view(self) -> View:
         return self.group.view_of(self.name)
+
+    def update_view(self) -> View:
+        seq = self.group.submit(self.name, "view", BOUNDARIES["view"], (), True)
+        op, _ = self.group.collect(self.name, seq)
+        return View(self.group.run, op.revision, tuple(op.participants), self.name)
 
     def all_reduce(
         self,

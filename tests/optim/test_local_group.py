@@ -13,7 +13,7 @@ from collectives.api import SyncStrategy
 from collectives.local import LocalGroup
 from collectives.local_ops import LocalArrays, popular_state
 from optim.harness import run_threads
-from peerd.errors import PeerLost
+from peerd.errors import ConfigError, PeerLost
 
 
 def test_all_reduce_is_identical_on_every_member_and_reports_bytes() -> None:
@@ -87,6 +87,42 @@ def test_joiner_is_admitted_at_the_next_sync_and_receives_the_popular_state() ->
     out = run_threads(3, member)
     assert all(o == ([7.0] * 3, ("m0", "m1", "m2"), 3) for o in out)
     assert joined.is_set()
+
+
+def test_update_view_is_a_boundary_that_admits_a_joiner_calling_it() -> None:
+    """A custom loop of all-reduces with ``update_view`` between them, as on a
+    daemon: the joiner's ``update_view`` returns once a boundary admits it,
+    and from the next all-reduce on it takes part."""
+    group = LocalGroup(2, timeout=20)
+    j = group.add_member()
+    passed = threading.Event()  # the members' first boundary is behind them
+
+    def member(i: int) -> tuple[tuple[str, ...], tuple[str, ...], int, float]:
+        coll = group.member(i)
+        if i == j:
+            assert passed.wait(20)
+            first = coll.update_view()
+        else:
+            r = coll.all_reduce(torch.ones(2))  # the joiner is not part of this round
+            assert r.participants == ("m0", "m1")
+            assert coll.update_view().members == ("m0", "m1")  # a boundary with nobody new
+            passed.set()
+            group.wait_for_joiners(1)
+            first = coll.update_view()
+        arr = torch.tensor([float(i)])
+        after = coll.all_reduce(arr, "sum")
+        return first.members, after.participants, first.revision, arr.item()
+
+    out = run_threads(3, member)
+    assert all(o == (("m0", "m1", "m2"), ("m0", "m1", "m2"), 2, 3.0) for o in out), out
+    assert group.members() == ("m0", "m1", "m2")
+
+
+def test_a_joiner_must_come_in_at_a_boundary() -> None:
+    group = LocalGroup(1, timeout=5)
+    coll = group.member(group.add_member())
+    with pytest.raises(ConfigError, match="sync_state or update_view first"):
+        coll.all_reduce(torch.ones(2))
 
 
 def test_popular_state_majority_then_revision_then_digest() -> None:
