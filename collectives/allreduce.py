@@ -98,6 +98,9 @@ class RingJob:
     prefix: bytes  # unique per (run, view, tag, sequence number)
     reduce_deadline: float  # trio clock
     gather_deadline: float
+    # By when every member has started (sent its history): the phase timeout,
+    # without the data phases' allowance for the tensor's size.
+    start_deadline: float
     # This peer's last commit of the tag (``collectives.history``); members
     # exchange it before one uses another's data.
     history: bytes = NO_HISTORY
@@ -255,10 +258,12 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     failed: set[str] = set()
     late: set[str] = set()  # blamed only because a deadline passed
     details: list[str] = []
-    # Members' histories received in this attempt (see ``_absent``), and the
-    # members whose history is being or was received (a key is received once).
+    me = job.ring[rank]
+    # Members' histories received in this attempt: the left neighbour's by
+    # ``check_left``, every other's by ``watch_starts``.
     heard: dict[str, bytes] = {}
-    claimed: set[str] = {left}
+    left_heard, others_heard = trio.Event(), trio.Event()
+    never_started = False  # a member was not heard from by the start deadline
     out_of_line: list[Diverged] = []
     checked = trio.Event()  # the left neighbour's history matches: its data may be used
     history_key = job.key(b"h", 0, 0)
@@ -269,21 +274,35 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
     async def check_left() -> None:
         theirs = heard[left] = bytes(await fabric.recv_data(left, history_key))
+        left_heard.set()
         if not diverged(job.history, theirs):
             checked.set()
             return
         # Who is out of line is for the majority to say: hear every member.
-        async with trio.open_nursery() as inner:
-            for peer in job.ring:
-                if peer not in claimed and peer != job.ring[rank]:
-                    claimed.add(peer)
-                    inner.start_soon(_hear, fabric, peer, history_key, heard, math.inf)
-        odd = odd_histories({job.ring[rank]: job.history, **heard})
-        me = job.ring[rank]
+        await others_heard.wait()
+        odd = odd_histories({me: job.history, **heard})
         detail = "committed a result that the other members did not (or the reverse)"
         if me in odd:
             raise Diverged([me], f"this peer {detail}")
         raise PeerLost(odd or {left}, detail)
+
+    async def watch_starts() -> None:
+        # Every member tells its history as it starts the attempt. One not
+        # heard from by the start deadline never started it (its training
+        # process hung, or fell behind by more than the phase timeout): the
+        # ring stops then, not at the data phases' deadlines, which add the
+        # tensor's size at the minimum bandwidth (350 s for 100M fp32).
+        nonlocal never_started
+        with trio.move_on_at(job.start_deadline):
+            async with trio.open_nursery() as inner:
+                for peer in job.ring:
+                    if peer not in (me, left):
+                        inner.start_soon(_hear, fabric, peer, history_key, heard)
+            others_heard.set()
+            await left_heard.wait()
+            return
+        never_started = True
+        nursery.cancel_scope.cancel()
 
     async def send(key: bytes, data: memoryview | bytes) -> None:
         # Only the transfer itself has a deadline: waiting for work to forward
@@ -361,11 +380,11 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
         never = math.inf
         # Every member hears this peer's history (not counted in the bytes
-        # sent, which are the tensor's); only a peer whose left neighbour's
-        # differs reads the others'.
+        # sent, which are the tensor's) and reads every other's (``watch_starts``).
         for peer in job.ring:
-            if peer != job.ring[rank]:
+            if peer != me:
                 nursery.start_soon(tell_history, peer)
+        nursery.start_soon(watch_starts)
         nursery.start_soon(guarded(check_left, job.reduce_deadline, left, "history check"))
         nursery.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
         nursery.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
@@ -373,11 +392,13 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         nursery.start_soon(guarded(ag_sender, never, right, "all-gather send"))
     if out_of_line:
         raise out_of_line[0]
-    if late:
-        absent = await _absent(fabric, job, history_key, heard, claimed)
+    if late or never_started:
+        # A member that never calls the all-reduce stalls the whole ring: every
+        # peer's left neighbour is late. Were each to blame its own, the
+        # survivors would disagree on who is gone and agree on no view among
+        # them; every one names the members it never heard from instead.
+        absent = {p for p in job.ring if p != me and p not in heard}
         if absent:
-            # The ring stalled because these never started the attempt; the
-            # left neighbours that a deadline points at waited on them too.
             late = absent
             details.append(f"{', '.join(sorted(absent))} never started this all-reduce")
         failed |= late
@@ -386,35 +407,9 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     return out
 
 
-# How long a member's history, sent as it starts an attempt, may still take to
-# be read once a phase deadline (30 s or more) has passed: it is buffered by
-# then unless the member never started.
-ABSENT_GRACE = 1.0
-
-
-async def _hear(fabric: Fabric, peer: str, key: bytes, heard: dict[str, bytes],
-                grace: float) -> None:
-    with suppress(PeerLost), trio.move_on_after(grace):
+async def _hear(fabric: Fabric, peer: str, key: bytes, heard: dict[str, bytes]) -> None:
+    with suppress(PeerLost):
         heard[peer] = bytes(await fabric.recv_data(peer, key))
-
-
-async def _absent(fabric: Fabric, job: RingJob, key: bytes, heard: dict[str, bytes],
-                  claimed: set[str]) -> set[str]:
-    """The members that never started this attempt (no history from them) when a
-    phase deadline passed.
-
-    A deadline blames the left neighbour, but a member that never calls the
-    all-reduce (its training process hung, or slower by more than the
-    deadline) stalls the whole ring: every peer's left neighbour is late. Were
-    each to blame its own, the survivors would disagree on who is gone and
-    no view among them could be agreed; every member names the absent one."""
-    me = job.ring[job.rank]
-    async with trio.open_nursery() as nursery:
-        for peer in job.ring:
-            if peer != me and peer not in claimed:
-                claimed.add(peer)
-                nursery.start_soon(_hear, fabric, peer, key, heard, ABSENT_GRACE)
-    return {p for p in job.ring if p != me and p not in heard}
 
 
 async def commit(job: RingJob, gathered: np.ndarray) -> None:

@@ -191,6 +191,7 @@ class Engine(MembershipDriver):
             prefix,
             now + phase,
             now + 2 * phase,
+            now + self.config.phase_timeout,
             self._history.of(tag),
             self.config.use_threads(),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -391,6 +392,29 @@ async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_na
             assert np.array_equal(arrays[p], data[p])
         out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
         assert sorted(assert_one_outcome(out, data, arrays)) == survivors, out
+
+
+@pytest.mark.parametrize("absent", ["p00", "p02"])
+async def test_an_absent_member_is_found_at_the_phase_timeout_whatever_the_tensors_size(
+    mock_clock: trio.testing.MockClock, absent: str
+) -> None:
+    """The data phases' deadlines add the tensor's size at the minimum
+    bandwidth (here 1 byte/s: over 30 minutes; 350 s for 100M fp32 at the
+    default 10 Mbit/s). A member that never starts is named when the phase
+    timeout passes since the survivors started, not at those deadlines."""
+    config = dataclasses.replace(FAST, min_bandwidth=1.0)
+    async with swarm(3, config) as s:
+        survivors = [p for p in s.alive() if p != absent]
+        data = inputs(survivors, 503)
+        arrays = {p: v.copy() for p, v in data.items()}
+        start = trio.current_time()
+        out = await s.each(lambda p, e: e.all_reduce(arrays[p], retry=False), survivors)
+        waited = trio.current_time() - start
+        assert FAST.phase_timeout <= waited < FAST.phase_timeout + 10, waited
+        for p, r in out.items():
+            assert isinstance(r, PeerLost) and r.peers == (absent,), (p, r)
+            assert "never started this all-reduce" in str(r)
+            assert np.array_equal(arrays[p], data[p])
 
 
 @pytest.mark.parametrize("absent", ["p00", "p02"])
