@@ -264,6 +264,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     heard: dict[str, bytes] = {}
     left_heard, others_heard = trio.Event(), trio.Event()
     never_started = False  # a member was not heard from by the start deadline
+    watching = trio.CancelScope()  # ``watch_starts``, ended with the ring's own tasks
     out_of_line: list[Diverged] = []
     checked = trio.Event()  # the left neighbour's history matches: its data may be used
     history_key = job.key(b"h", 0, 0)
@@ -292,17 +293,20 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # process hung, or fell behind by more than the phase timeout): the
         # ring stops then, not at the data phases' deadlines, which add the
         # tensor's size at the minimum bandwidth (350 s for 100M fp32).
+        # A ring that completed does not wait on it: every member started then
+        # (a history held up behind other data on a slow link can be late).
         nonlocal never_started
-        with trio.move_on_at(job.start_deadline):
-            async with trio.open_nursery() as inner:
-                for peer in job.ring:
-                    if peer not in (me, left):
-                        inner.start_soon(_hear, fabric, peer, history_key, heard)
-            others_heard.set()
-            await left_heard.wait()
-            return
-        never_started = True
-        nursery.cancel_scope.cancel()
+        with watching:
+            with trio.move_on_at(job.start_deadline):
+                async with trio.open_nursery() as inner:
+                    for peer in job.ring:
+                        if peer not in (me, left):
+                            inner.start_soon(_hear, fabric, peer, history_key, heard)
+                others_heard.set()
+                await left_heard.wait()
+                return
+            never_started = True
+            nursery.cancel_scope.cancel()
 
     async def send(key: bytes, data: memoryview | bytes) -> None:
         # Only the transfer itself has a deadline: waiting for work to forward
@@ -357,11 +361,16 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         await _send_from(send, _drain(ag_rx), SEND_AHEAD)
 
     async with trio.open_nursery() as nursery:
+        running = 0  # the ring's own tasks (``guarded``) not yet ended
 
         def guarded(
             fn: Callable[[], Awaitable[None]], deadline: float, blame: str, phase: str
         ) -> Callable[[], Awaitable[None]]:
+            nonlocal running
+            running += 1
+
             async def run() -> None:
+                nonlocal running
                 try:
                     with trio.move_on_at(deadline) as scope:
                         await fn()
@@ -375,6 +384,10 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
                     if isinstance(exc, Diverged):
                         out_of_line.append(exc)
                     nursery.cancel_scope.cancel()
+                finally:
+                    running -= 1
+                    if not running:
+                        watching.cancel()
 
             return run
 

@@ -417,6 +417,47 @@ async def test_an_absent_member_is_found_at_the_phase_timeout_whatever_the_tenso
             assert np.array_equal(arrays[p], data[p])
 
 
+class HistoryNeverReaches:
+    """A member's fabric whose history messages to ``peer`` never arrive (held
+    up, as behind other data on a slow link): everything else goes through."""
+
+    def __init__(self, inner: MemFabric, peer: str) -> None:
+        self._inner, self._peer, self.held = inner, peer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def me(self) -> str:
+        return self._inner.me
+
+    async def send_data(self, peer: str, key: bytes, data: Any) -> None:
+        if peer == self._peer and key.startswith(b"ar/") and key.endswith(b"/h/0.0"):
+            self.held += 1
+            return
+        await self._inner.send_data(peer, key, data)
+
+
+async def test_a_ring_that_completed_never_waits_for_a_late_history(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p02's history never reaches p00 (not its neighbour in the ring of 4):
+    once p00's part of the ring is done, every member had started, and p00
+    neither waits for the message nor names p02 at the phase timeout."""
+    fabrics: list[HistoryNeverReaches] = []
+
+    def wrap(f: MemFabric) -> HistoryNeverReaches:
+        fabrics.append(HistoryNeverReaches(f, "p00"))
+        return fabrics[-1]
+
+    async with swarm(4, wrap={"p02": wrap}) as s:
+        start = trio.current_time()
+        data, arrays, out = await run_round(s, 4 * 16, retry=False)
+        assert trio.current_time() - start < FAST.phase_timeout
+        assert fabrics[0].held == 1
+        assert sorted(assert_one_outcome(out, data, arrays)) == s.alive(), out
+
+
 @pytest.mark.parametrize("absent", ["p00", "p02"])
 async def test_with_retry_the_survivors_of_an_absent_member_average_among_themselves(
     mock_clock: trio.testing.MockClock, absent: str
