@@ -18,6 +18,7 @@ from peerd.errors import Evicted, PeerLost
 from tests.collectives.conftest import (
     FAST,
     Swarm,
+    WrappedFabric,
     inputs,
     reference,
     same_bytes,
@@ -216,20 +217,14 @@ async def test_a_broken_data_link_confirms_a_kill_at_once(
             assert isinstance(r, AllReduceResult) and r.participants == tuple(survivors), r
 
 
-class SuspectsAfterLastBlock:
+class SuspectsAfterLastBlock(WrappedFabric):
     """p01's fabric: once p01 has received its last all-gather block (it has
     forwarded everything the others need, so their rings complete), its engine
     wrongly declares ``victim`` gone, as a missed heartbeat under load would."""
 
     def __init__(self, inner: MemFabric, s: list[Swarm], victim: str, blocks: int) -> None:
-        self._inner, self._swarm, self._victim, self._left = inner, s, victim, blocks
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def me(self) -> str:
-        return self._inner.me
+        super().__init__(inner)
+        self._swarm, self._victim, self._left = s, victim, blocks
 
     async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None:
         await self._inner.recv_data_into(peer, key, out)
@@ -304,20 +299,14 @@ async def test_a_peer_that_committed_a_round_the_others_did_not_is_left_out(
         assert same_bytes(list(arrays.values()))
 
 
-class DropsOneCallSession:
+class DropsOneCallSession(WrappedFabric):
     """A fabric whose first call of ``method`` (a heartbeat unless told) to
     ``peer`` fails with ``PeerLost``, as a call does on a session closed under
     it as a duplicate of another."""
 
     def __init__(self, inner: MemFabric, peer: str, method: str = "hb") -> None:
-        self._inner, self._peer, self._method, self.dropped = inner, peer, method, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def me(self) -> str:
-        return self._inner.me
+        super().__init__(inner)
+        self._peer, self._method, self.dropped = peer, method, 0
 
     async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
         if peer == self._peer and method.endswith("/" + self._method) and not self.dropped:
@@ -417,19 +406,13 @@ async def test_an_absent_member_is_found_at_the_phase_timeout_whatever_the_tenso
             assert np.array_equal(arrays[p], data[p])
 
 
-class HistoryNeverReaches:
+class HistoryNeverReaches(WrappedFabric):
     """A member's fabric whose history messages to ``peer`` never arrive (held
     up, as behind other data on a slow link): everything else goes through."""
 
     def __init__(self, inner: MemFabric, peer: str) -> None:
-        self._inner, self._peer, self.held = inner, peer, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def me(self) -> str:
-        return self._inner.me
+        super().__init__(inner)
+        self._peer, self.held = peer, 0
 
     async def send_data(self, peer: str, key: bytes, data: Any) -> None:
         if peer == self._peer and key.startswith(b"ar/") and key.endswith(b"/h/0.0"):

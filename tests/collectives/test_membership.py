@@ -10,11 +10,19 @@ import trio.testing
 
 from collectives import messages as m
 from collectives.api import AllReduceResult
-from collectives.memfabric import MemFabric
 from collectives.run import Engine
 from peerd.errors import PeerLost
 from peerd.wire import encode
-from tests.collectives.conftest import FAST, RUN, Swarm, inputs, reference, same_bytes, swarm
+from tests.collectives.conftest import (
+    FAST,
+    RUN,
+    Swarm,
+    WrappedFabric,
+    inputs,
+    reference,
+    same_bytes,
+    swarm,
+)
 
 
 async def start_joiner(s: Swarm, peer: str) -> trio.Event:
@@ -264,14 +272,8 @@ async def test_restarted_member_is_dropped_at_once_and_joins_again(
         assert got.revision > before + 1  # a view without the old process came first
 
 
-class TopBallotVoter:
+class TopBallotVoter(WrappedFabric):
     """A member whose every vote refuses, naming the highest ballot there is."""
-
-    def __init__(self, inner: MemFabric) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     def register(self, method: str, handler: Any) -> None:
         if method.endswith(("/prepare", "/accept")):

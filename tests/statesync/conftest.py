@@ -11,6 +11,7 @@ from collectives.statebuf import capture, describe
 from tests.collectives.conftest import (
     FAST,
     Swarm,
+    WrappedFabric,
     ids,
     mock_clock,
     one_view_per_revision,
@@ -33,19 +34,12 @@ def digest_of(state: dict[str, Any]) -> dict[str, bytes]:
     return {n: describe(r).digest for n, r in capture(state).items()}
 
 
-class CorruptingFabric:
+class CorruptingFabric(WrappedFabric):
     """A fabric that flips one byte of every state piece it serves."""
 
     def __init__(self, inner: MemFabric) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.corrupted = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    @property
-    def me(self) -> str:
-        return self._inner.me
 
     async def send_data(self, peer: str, key: bytes, data: Any) -> None:
         if key.startswith(b"ss/") and key[-1:].isdigit():  # a piece, not a control message
