@@ -178,14 +178,15 @@ class Client:
         engine's join timeout, 300 s); the daemon is then not in the run, and
         a later ``join`` starts afresh.
 
-        ``phase_timeout``: how long this daemon waits in a collective for the
-        other members before it goes on without those missing (default 30 s,
-        plus the tensor's size at 10 Mbit/s), and at a round boundary
-        (``sync_state``, ``update_view``; default 60 s). Peers slower than
-        that, a slow GPU at an outer step, are dropped from the round and
-        rejoin at the next boundary; raise it where members' steps differ by
-        more. Give every member the same value. It applies when the daemon
-        joins, not to a run it is already in."""
+        ``phase_timeout``: how long this daemon waits for the other members
+        to come to a collective before it goes on without those missing
+        (default 30 s; its data phases add the tensor's size at 10 Mbit/s),
+        and to a round boundary (``sync_state``, ``update_view``; default
+        60 s). Peers slower than that, a slow GPU at an outer step, are
+        dropped from the round and rejoin at the next boundary; raise it
+        where members' steps differ by more. Give every member the same
+        value. It applies when the daemon joins, not to a run it is already
+        in."""
         ms = tuple(members) if members is not None else None
         reply = self._call(lambda r: p.JoinRunRequest(r, run or self.run, ms, timeout,
                                                       phase_timeout),
