@@ -262,7 +262,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     # Members' histories received in this attempt: the left neighbour's by
     # ``check_left``, every other's by ``watch_starts``.
     heard: dict[str, bytes] = {}
-    left_heard, others_heard = trio.Event(), trio.Event()
+    others_heard = trio.Event()
     never_started = False  # a member was not heard from by the start deadline
     watching = trio.CancelScope()  # ``watch_starts``, ended with the ring's own tasks
     out_of_line: list[Diverged] = []
@@ -275,7 +275,6 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
     async def check_left() -> None:
         theirs = heard[left] = bytes(await fabric.recv_data(left, history_key))
-        left_heard.set()
         if not diverged(job.history, theirs):
             checked.set()
             return
@@ -292,9 +291,11 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # heard from by the start deadline never started it (its training
         # process hung, or fell behind by more than the phase timeout): the
         # ring stops then, not at the data phases' deadlines, which add the
-        # tensor's size at the minimum bandwidth (350 s for 100M fp32).
-        # A ring that completed does not wait on it: every member started then
-        # (a history held up behind other data on a slow link can be late).
+        # tensor's size at the minimum bandwidth (350 s for 100M fp32); the
+        # others learn it from this peer's report. Not the left neighbour:
+        # its history shares the link with its data and may queue behind it
+        # on a slow link, so ``check_left`` judges it by the data deadline.
+        # A ring that completed does not wait on it: every member started then.
         nonlocal never_started
         with watching:
             with trio.move_on_at(job.start_deadline):
@@ -303,7 +304,6 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
                         if peer not in (me, left):
                             inner.start_soon(_hear, fabric, peer, history_key, heard)
                 others_heard.set()
-                await left_heard.wait()
                 return
             never_started = True
             nursery.cancel_scope.cancel()
@@ -411,6 +411,8 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # survivors would disagree on who is gone and agree on no view among
         # them; every one names the members it never heard from instead.
         absent = {p for p in job.ring if p != me and p not in heard}
+        if never_started:
+            absent.discard(left)  # not judged yet (see ``watch_starts``)
         if absent:
             late = absent
             details.append(f"{', '.join(sorted(absent))} never started this all-reduce")
