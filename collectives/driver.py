@@ -266,10 +266,15 @@ class MembershipDriver(Liveness):
         admitted). A peer the run went on without (stranded, or left out of
         the view it installed) instead waits here to be admitted again, as
         its ``Evicted`` said it would be."""
-        if self.core.view is not None and self.current_view() is None:
-            return await self.join()
-        await self._change_view(admit=True, after=None)
-        return self.view()
+        if self.core.view is None or self.current_view() is not None:
+            try:
+                await self._change_view(admit=True, after=None)
+                return self.view()
+            except Evicted:
+                if self.core.view is None or self.current_view() is not None:
+                    raise
+                # Left out of the view agreed here, as the coordinator said.
+        return await self.join()
 
     async def join(self, timeout: float | None = None) -> View:
         """Ask the run's members to admit this peer; returns once a view includes it."""
@@ -858,11 +863,15 @@ class MembershipDriver(Liveness):
             msg = decode_untrusted(reply)
             if isinstance(msg, m.ViewCommit) and msg.run == self.run:
                 if self.me not in msg.members:
+                    # The run went on without this peer: it rejoins (``update_view``).
+                    self._answered(coord, msg.revision, excluded=True)
                     raise Evicted(self.me, f"not in revision {msg.revision}")
                 self._install(Decision(msg.revision, msg.members))
                 if self.core.view is not None and self.core.view.revision > start:
                     return
             elif isinstance(msg, m.ViewRefused) and msg.reason == m.RefuseReason.NOT_MEMBER:
+                # The view the coordinator chose after ``start`` leaves this peer out.
+                self._answered(coord, start + 1, excluded=True)
                 raise Evicted(self.me, msg.detail)
             else:
                 await trio.sleep(self.config.timing.heartbeat_interval)

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from collectives import messages as m
-from collectives.api import AllReduceResult
+from collectives.api import AllReduceResult, View
 from collectives.run import Engine
 from peerd.errors import PeerLost
 from peerd.wire import encode
@@ -203,6 +203,37 @@ async def test_update_view_without_changes_keeps_members(
         stats = {p: e.statistics() for p, e in s.engines.items()}
         assert [(p, st.ballots, st.ballots_failed) for p, st in stats.items()
                 if st.ballots] == [("p00", 1, 0)], stats
+
+
+async def test_a_member_left_out_at_a_boundary_rejoins_at_its_own_next_one(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p02 does not come to a boundary (its training process is elsewhere); the
+    others agree a view without it once the view timeout passes. Its own
+    update_view, before any heartbeat told it, is refused by the coordinator:
+    that boundary readmits it (it joins, and the others' next boundary takes
+    it in) rather than raising ``Evicted`` at every call."""
+    async with swarm(3) as s:
+        views = await s.each(lambda p, e: e.update_view(), ["p00", "p01"])
+        assert all(sorted(v.members) == ["p00", "p01"] for v in views.values()), views
+        p02 = s.engines["p02"]
+        assert p02.current_view() is not None  # it does not know yet
+
+        async def boundary(p: str, e: Engine) -> View:
+            if p == "p02":
+                return await e.update_view()
+            for _ in range(30):  # a training loop's steps, each ending at a boundary
+                v = await e.update_view()
+                if "p02" in v.members:
+                    return v
+                await trio.sleep(FAST.timing.heartbeat_interval)
+            raise AssertionError("p02 was never admitted again")
+
+        views = await s.each(boundary)
+        assert all(sorted(v.members) == s.alive() for v in views.values()), views
+        assert len({v.revision for v in views.values()}) == 1
+        out = await s.each(lambda p, e: e.all_reduce(np.ones(48, np.float32)))
+        assert all(r.participants == tuple(s.alive()) for r in out.values()), out
 
 
 async def test_coordinator_dies_during_view_change(mock_clock: trio.testing.MockClock) -> None:
