@@ -32,6 +32,9 @@ from collectives.api import Collective, SyncResult, SyncStrategy
 from peerd.errors import ConfigError, Evicted, PeerLost
 
 OnPeerLost = Literal["retry", "skip"]
+# Syncs a member tries in a row while the others go on without it (each
+# ``Evicted`` one is followed by a receive-only one that rejoins).
+SYNC_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -145,13 +148,24 @@ class OuterLoop:
             raise exc
 
     def sync(self) -> SyncResult:
-        """Round boundary: make the shared state identical (popular state wins)."""
-        strategy = SyncStrategy.ENFORCE_POPULAR
-        if self._receive_only_syncs > 0:
-            self._receive_only_syncs -= 1
-            strategy = SyncStrategy.RECEIVE_ONLY
+        """Round boundary: make the shared state identical (popular state wins).
+        A member the others went on without during the sync itself (``Evicted``
+        there) rejoins at once, receiving the run's state, as one evicted from
+        the round's collective does at this sync."""
         before = self.outer_steps
-        res = self.collective.sync_state(self.shared_state(), self.outer_steps, strategy=strategy)
+        for attempt in range(1, SYNC_ATTEMPTS + 1):
+            strategy = SyncStrategy.ENFORCE_POPULAR
+            if self._receive_only_syncs > 0:
+                self._receive_only_syncs -= 1
+                strategy = SyncStrategy.RECEIVE_ONLY
+            try:
+                res = self.collective.sync_state(self.shared_state(), self.outer_steps,
+                                                 strategy=strategy)
+                break
+            except Evicted as exc:
+                if attempt == SYNC_ATTEMPTS:
+                    raise
+                self.round_lost(exc)
         # A sync that moved the outer-step counter of a member with rounds behind
         # it replaced this round with the run's state: the member was evicted
         # (here, or already when its collective failed) and rejoined, or was out

@@ -87,7 +87,9 @@ class DilocoSoak:
             m.first = event["outer_step"] + 1
         elif kind in ("error", "exit") and m.alive:
             detail = event.get("message", "") or m.worker.stderr_tail(800)
-            self.report.violations.append(f"worker {index} failed: {kind} {detail}")
+            where = event.get("trace", "")[-600:]  # where it came from, for the report
+            self.report.violations.append(f"worker {index} failed: {kind} {detail}"
+                                          + (f"\n{where}" if where else ""))
             m.alive = False
 
     def live(self) -> list[Member]:

@@ -12,6 +12,7 @@ from collectives.local import LocalGroup
 from examples import toy
 from optim import DelayedDiLoCo, DiLoCo, SparseLoCo, StreamingDiLoCo
 from optim.outer import OuterLoop
+from peerd.errors import Evicted
 
 torch.set_num_threads(1)
 
@@ -24,8 +25,12 @@ class _RejoinAtSync:
     outer steps without it. Every collective before it completed, with this
     member: as an overlapped round in flight when the member stopped does."""
 
-    def __init__(self, inner: Any, at: int, steps_per_outer: int) -> None:
+    def __init__(self, inner: Any, at: int, steps_per_outer: int,
+                 evicted_first: bool = False) -> None:
         self.inner, self.at, self.steps_per_outer, self.calls = inner, at, steps_per_outer, 0
+        # The sync before is the one the others went on without this member in.
+        self.evicted_first = evicted_first
+        self.strategies: list[SyncStrategy] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -33,6 +38,9 @@ class _RejoinAtSync:
     def sync_state(self, state: Any, revision: int, *,
                    strategy: SyncStrategy = SyncStrategy.ENFORCE_POPULAR) -> SyncResult:
         self.calls += 1
+        self.strategies.append(strategy)
+        if self.evicted_first and self.calls == self.at - 1:
+            raise Evicted("m0", "test: the others went on without it during the sync")
         res: SyncResult = self.inner.sync_state(state, revision, strategy=strategy)
         if self.calls != self.at:
             return res
@@ -77,6 +85,25 @@ def test_a_round_replaced_by_the_runs_state_is_recorded_as_dropped(
     assert not outer.records[0].skipped
     rest = outer.records[2:]
     assert rest and all(not r.skipped and r.participants for r in rest), outer.records
+
+
+def test_a_member_evicted_during_the_sync_rejoins_in_it() -> None:
+    """Left out while the sync itself agreed (a restarted daemon admitted just
+    before the others noticed its restart): the loop syncs again, receive-only,
+    and goes on from the run's state instead of failing the training."""
+    model = toy.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    coll = _RejoinAtSync(LocalGroup(1).member(0), 4, 2, evicted_first=True)
+    outer = DiLoCo(model, opt, coll, sync_every=2)  # type: ignore[arg-type]
+    for s in range(8):
+        toy.inner_step(model, opt, 0, s)
+        outer.step()
+    # Sync 3 (the second round's) raised; sync 4 rejoined it, receiving the run's state.
+    assert coll.strategies[2:4] == [SyncStrategy.ENFORCE_POPULAR, SyncStrategy.RECEIVE_ONLY]
+    assert outer.rejoins == 1
+    second = outer.records[1]
+    assert second.skipped and second.participants == () and second.step == 2 + (AHEAD + 1) * 2
+    assert [r.skipped for r in outer.records] == [False, True, False, False]
 
 
 def test_a_normal_round_is_not_marked_dropped() -> None:
