@@ -198,6 +198,14 @@ class PointToPoint:
         got: dict[str, Any] = {}
         marks: dict[str, bytes] = {}
         lost: set[str] = set(d.members) & self.driver.core.suspects
+        # A loss ends the exchange at once, for the status round to fail the
+        # attempt everywhere: a member that already knew of it when it came
+        # sends nothing, and waiting for its data would last to the deadline.
+        exchange = trio.CancelScope()
+
+        def lose(exc: PeerLost) -> None:
+            lost.update(exc.peers)
+            exchange.cancel()
 
         async def put(peer: str) -> None:
             try:
@@ -205,7 +213,7 @@ class PointToPoint:
                     await send_to(self.driver, peer, prefix + b"m", history, deadline)
                 await self._put(peer, prefix, outgoing[peer], deadline)
             except PeerLost as exc:
-                lost.update(exc.peers)
+                lose(exc)
 
         async def get(peer: str) -> None:
             try:
@@ -214,15 +222,16 @@ class PointToPoint:
                                                         deadline, what))
                 got[peer] = await self._get(peer, prefix, deadline, what)
             except PeerLost as exc:
-                lost.update(exc.peers)
+                lose(exc)
 
         if not lost:
-            async with trio.open_nursery() as nursery:
-                for peer in live_others(self.driver, d):
-                    if peer in outgoing:
-                        nursery.start_soon(put, peer)
-                    if peer in sources:
-                        nursery.start_soon(get, peer)
+            with exchange:
+                async with trio.open_nursery() as nursery:
+                    for peer in live_others(self.driver, d):
+                        if peer in outgoing:
+                            nursery.start_soon(put, peer)
+                        if peer in sources:
+                            nursery.start_soon(get, peer)
         me = self.driver.me
         if history is not None and any(diverged(history, m) for m in marks.values()):
             odd = odd_histories({**marks, me: history})

@@ -165,6 +165,27 @@ async def test_all_gather_retries_over_survivors_and_broadcast_fails_everywhere(
             assert not np.any(arrays[p])
 
 
+async def test_a_member_that_knew_of_a_loss_before_it_came_holds_nobody_up(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p02 is killed; p00 knows before its all_gather starts (it sends nothing
+    then), p01 learns during it. p01 must not wait for p00's data until the
+    deadline: the retry over the two goes on at once (it took 30 s, and ended
+    in no quorum, with SparseLoCo's survivors of a kill on real daemons)."""
+    async with swarm(3) as s:
+        s.kill("p02")
+        s.engines["p00"].lost({"p02"}, "test: p00 noticed first")
+        assert "p02" not in s.engines["p01"].core.suspects
+        start = trio.current_time()
+        mine = {p: np.full(2, i, np.float64) for i, p in enumerate(ids(2))}
+        res = await s.each(lambda p, e: p2p(e).all_gather(mine[p]))
+        assert trio.current_time() - start < s.config.phase_timeout / 2
+        for p, r in res.items():
+            arrays, peers = r
+            assert peers == ("p00", "p01"), (p, r)
+            assert [float(a[0]) for a in arrays] == [0.0, 1.0]
+
+
 async def test_a_member_that_gathered_a_round_the_others_did_not_is_left_out(
     mock_clock: trio.testing.MockClock,
 ) -> None:
