@@ -361,16 +361,11 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         await _send_from(send, _drain(ag_rx), SEND_AHEAD)
 
     async with trio.open_nursery() as nursery:
-        running = 0  # the ring's own tasks (``guarded``) not yet ended
 
         def guarded(
             fn: Callable[[], Awaitable[None]], deadline: float, blame: str, phase: str
         ) -> Callable[[], Awaitable[None]]:
-            nonlocal running
-            running += 1
-
             async def run() -> None:
-                nonlocal running
                 try:
                     with trio.move_on_at(deadline) as scope:
                         await fn()
@@ -384,10 +379,6 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
                     if isinstance(exc, Diverged):
                         out_of_line.append(exc)
                     nursery.cancel_scope.cancel()
-                finally:
-                    running -= 1
-                    if not running:
-                        watching.cancel()
 
             return run
 
@@ -398,11 +389,13 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
             if peer != me:
                 nursery.start_soon(tell_history, peer)
         nursery.start_soon(watch_starts)
-        nursery.start_soon(guarded(check_left, job.reduce_deadline, left, "history check"))
-        nursery.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
-        nursery.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
-        nursery.start_soon(guarded(ag_receiver, job.gather_deadline, left, "all-gather"))
-        nursery.start_soon(guarded(ag_sender, never, right, "all-gather send"))
+        async with trio.open_nursery() as ring:
+            ring.start_soon(guarded(check_left, job.reduce_deadline, left, "history check"))
+            ring.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
+            ring.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
+            ring.start_soon(guarded(ag_receiver, job.gather_deadline, left, "all-gather"))
+            ring.start_soon(guarded(ag_sender, never, right, "all-gather send"))
+        watching.cancel()
     if out_of_line:
         raise out_of_line[0]
     if late or never_started:

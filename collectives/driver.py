@@ -266,15 +266,19 @@ class MembershipDriver(Liveness):
         admitted). A peer the run went on without (stranded, or left out of
         the view it installed) instead waits here to be admitted again, as
         its ``Evicted`` said it would be."""
-        if self.core.view is None or self.current_view() is not None:
+        if not self._left_out():
             try:
                 await self._change_view(admit=True, after=None)
                 return self.view()
             except Evicted:
-                if self.core.view is None or self.current_view() is not None:
+                if not self._left_out():
                     raise
                 # Left out of the view agreed here, as the coordinator said.
         return await self.join()
+
+    def _left_out(self) -> bool:
+        """A member of the run whose view no longer counts it (stranded, or not in it)."""
+        return self.core.view is not None and self.current_view() is None
 
     async def join(self, timeout: float | None = None) -> View:
         """Ask the run's members to admit this peer; returns once a view includes it."""
