@@ -324,27 +324,38 @@ class DataPlane:
                 self._out[key] = link
             return link
 
-    async def inbound(self, peer: PeerId, purpose: str, session_closed: trio.Event) -> DataLink:
+    async def inbound(self, peer: PeerId, purpose: str,
+                      session_closed: Callable[[], trio.Event | None]) -> DataLink:
         """The live inbound link from ``peer``; waits for the peer to open one,
-        raising ``PeerLost`` if its session ends first."""
+        raising ``PeerLost`` once no session to it is left. ``session_closed``
+        gives the closed-event of the live session (None without one), asked
+        again when that one closes: of two sessions dialled at once one is
+        closed as a duplicate, and the peer is still there on the other."""
         while True:
             link = self._in.get((peer, purpose))
             if link is not None and not link.failed:
                 return link
-            if session_closed.is_set():
+            closed = session_closed()
+            if closed is None or closed.is_set():
                 raise PeerLost([peer.text], "session closed")
             changed = self._in_changed
             async with trio.open_nursery() as nursery:
-                async def watch() -> None:
-                    await session_closed.wait()
+                async def watch(ended: trio.Event) -> None:
+                    await ended.wait()
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(watch)
+                nursery.start_soon(watch, closed)
                 await changed.wait()
                 nursery.cancel_scope.cancel()
 
     def discard(self, prefix: bytes) -> None:
         for link in self._in.values():
             link.discard(prefix)
+
+    def received_from(self, peer: PeerId, purpose: str) -> int:
+        """Payload bytes the inbound link of ``purpose`` from ``peer`` has
+        received (0 without one; a replaced link starts again from 0)."""
+        link = self._in.get((peer, purpose))
+        return link.bytes_received if link is not None else 0
 
     def peer_lost(self, peer: PeerId) -> None:
         for table in (self._out, self._in):

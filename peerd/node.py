@@ -421,7 +421,13 @@ class Node(RunsMixin):
 
     async def accept_data_channels(self, peer: PeerId, purpose: str = "user") -> DataLink:
         """The link ``peer`` opened to us for ``purpose`` (waits for it)."""
-        return await self.data.inbound(peer, purpose, self.session(peer).conn.closed_event)
+        self.session(peer)  # not connected: PeerLost at once
+
+        def closed() -> trio.Event | None:
+            live = self._live_session(peer)
+            return live.conn.closed_event if live is not None else None
+
+        return await self.data.inbound(peer, purpose, closed)
 
     async def data_out(self, peer: PeerId, purpose: str = "fabric") -> DataLink:
         """A cached outbound link for bulk sends, reopened after a failure."""

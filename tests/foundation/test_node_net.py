@@ -7,9 +7,11 @@ import socket
 import struct
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
@@ -229,6 +231,34 @@ async def test_a_closed_session_in_use_falls_back_to_a_live_duplicate_at_once() 
         assert b.peers() == [a.peer_id]  # no await yet: nothing was promoted
         assert b.session(a.peer_id) is spare
         assert await b.call(a.peer_id, "echo", b"x") == b.peer_id.raw + b"x"
+
+
+async def test_a_wait_for_a_data_link_outlives_a_duplicate_session_closing() -> None:
+    """b waits for a's data link on the one session between them; a dials b
+    again and retires that first session as a duplicate. a is still there on
+    the other one, so b's wait goes on and gets the link (before: ``PeerLost
+    ("session closed")``, which failed an all-reduce in a swarm just started,
+    about 1 run in 10)."""
+    async with open_node(KEY) as a, open_node(KEY) as b:
+        await a.connect(b.listen_address)
+        await wait_until(lambda: a.peer_id in b._sessions)
+        first = b._sessions[a.peer_id]
+        link: list[Any] = []
+
+        async def accept() -> None:
+            link.append(await b.accept_data_channels(a.peer_id, "dup"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            await trio.testing.wait_all_tasks_blocked()
+            await a.connect(b.listen_address)  # a keeps the newer and retires `first`
+            await wait_until(lambda: first.conn.closed)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not link  # still waiting, not failed
+            out = await a.open_data_channels(b.peer_id, 1, purpose="dup")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.send, b"k", b"over the survivor")
+            assert await link[0].receive(b"k") == b"over the survivor"
 
 
 async def test_a_restarted_peer_replaces_its_old_session_at_once() -> None:
