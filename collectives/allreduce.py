@@ -268,14 +268,41 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     out_of_line: list[Diverged] = []
     checked = trio.Event()  # the left neighbour's history matches: its data may be used
     history_key = job.key(b"h", 0, 0)
+    # Data received from the left neighbour once half its start window had
+    # passed without its history (``judge_left``).
+    left_mark: list[int] = []
+    judging = trio.CancelScope()  # ``judge_left``, until the left neighbour's history came
+
+    def left_busy() -> bool:
+        """Whether data kept coming from the left neighbour meanwhile."""
+        return bool(left_mark) and fabric.data_received(left) != left_mark[0]
 
     async def tell_history(peer: str) -> None:
         with trio.move_on_at(job.reduce_deadline), suppress(PeerLost):
             await fabric.send_data(peer, history_key, job.history)
 
+    async def judge_left() -> None:
+        # The left neighbour is judged by the start deadline as every other
+        # member is (see ``watch_starts``): its history leaves before its
+        # data and ahead of any queued stripes (``DataLink``). Unless data
+        # kept coming from it in the second half of that window (not a probe
+        # at its start): its history may then be queued behind another tag's
+        # stripes on a slow link, and the data deadline judges it.
+        nonlocal never_started
+        with judging:
+            await trio.sleep_until((trio.current_time() + job.start_deadline) / 2)
+            left_mark.append(fabric.data_received(left))
+            await trio.sleep_until(job.start_deadline)
+            if not left_busy():
+                never_started = True
+                nursery.cancel_scope.cancel()
+
     async def check_left() -> None:
-        theirs = heard[left] = bytes(await fabric.recv_data(left, history_key))
-        if not diverged(job.history, theirs):
+        try:
+            heard[left] = bytes(await fabric.recv_data(left, history_key))
+        finally:
+            judging.cancel()  # judged: heard, or lost
+        if not diverged(job.history, heard[left]):
             checked.set()
             return
         # Who is out of line is for the majority to say: hear every member.
@@ -292,10 +319,9 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # process hung, or fell behind by more than the phase timeout): the
         # ring stops then, not at the data phases' deadlines, which add the
         # tensor's size at the minimum bandwidth (350 s for 100M fp32); the
-        # others learn it from this peer's report. Not the left neighbour:
-        # its history shares the link with its data and may queue behind it
-        # on a slow link, so ``check_left`` judges it by the data deadline.
-        # A ring that completed does not wait on it: every member started then.
+        # others learn it from this peer's report. The left neighbour is
+        # ``check_left``'s to judge. A ring that completed does not wait on
+        # it: every member started then.
         nonlocal never_started
         with watching:
             with trio.move_on_at(job.start_deadline):
@@ -318,6 +344,9 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         raise PeerLost([right], "send deadline passed")
 
     async def rs_sender() -> None:
+        # The right neighbour hears our history before any of our data, so
+        # that it can judge us by the start deadline (``check_left``).
+        await tell_history(right)
         first = rs[0].send
         # This peer's own blocks are encoded one at a time as they are sent
         # (a quantizing codec allocates each); then forward received partials.
@@ -386,10 +415,11 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # Every member hears this peer's history (not counted in the bytes
         # sent, which are the tensor's) and reads every other's (``watch_starts``).
         for peer in job.ring:
-            if peer != me:
+            if peer not in (me, right):
                 nursery.start_soon(tell_history, peer)
         nursery.start_soon(watch_starts)
         async with trio.open_nursery() as ring:
+            ring.start_soon(judge_left)
             ring.start_soon(guarded(check_left, job.reduce_deadline, left, "history check"))
             ring.start_soon(guarded(rs_sender, never, right, "reduce-scatter send"))
             ring.start_soon(guarded(rs_receiver, job.reduce_deadline, left, "reduce-scatter"))
@@ -404,8 +434,8 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # survivors would disagree on who is gone and agree on no view among
         # them; every one names the members it never heard from instead.
         absent = {p for p in job.ring if p != me and p not in heard}
-        if never_started:
-            absent.discard(left)  # not judged yet (see ``watch_starts``)
+        if never_started and left_busy():
+            absent.discard(left)  # busy sending: judged by the data deadline (``check_left``)
         if absent:
             late = absent
             details.append(f"{', '.join(sorted(absent))} never started this all-reduce")

@@ -59,4 +59,10 @@ class Fabric(Protocol):
 
     def drop_data(self, prefix: bytes) -> None: ...
 
+    def data_received(self, peer: str) -> int:
+        """Payload bytes received from ``peer`` so far, under any key: a sign
+        that its data link carries something, even when what a collective
+        waits for is queued behind it."""
+        ...
+
     def peers(self) -> set[str]: ...

@@ -223,5 +223,8 @@ class MemFabric:
         for slot in [s for s in mail if s[1] == self._me and s[2].startswith(prefix)]:
             del mail[slot]
 
+    def data_received(self, peer: str) -> int:
+        return self._net.bytes_sent.get((peer, self._me), 0)
+
     def peers(self) -> set[str]:
         return {p for p in self._net._nodes if p != self._me and not self._net.broken(self._me, p)}

@@ -13,6 +13,7 @@ call raises ``PeerLost([peer])``.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -107,7 +108,10 @@ class DataLink:
         self._closing = False
         self._channels = tuple(channels)
         self._cfg = config
-        self._jobs_in, self._jobs_out = trio.open_memory_channel[_Job](float("inf"))
+        # Stripes in order; a ``None`` wakes a sender for a small message in
+        # ``_urgent``, which every sender takes before its next stripe.
+        self._jobs_in, self._jobs_out = trio.open_memory_channel[_Job | None](float("inf"))
+        self._urgent: deque[_Job] = deque()
         self._error: PeerLost | None = None
         self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
@@ -152,11 +156,12 @@ class DataLink:
         self._jobs_in.close()
         while True:  # wake every send waiting for stripes nobody will send now
             try:
-                job = self._jobs_out.receive_nowait()
+                job = self._urgent.popleft() if self._urgent else self._jobs_out.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            job.op.failed = True
-            job.op.part_over()
+            if job is not None:
+                job.op.failed = True
+                job.op.part_over()
 
     async def _guard(self, fn: Callable[[DataChannel], Awaitable[None]], chan: DataChannel) -> None:
         try:
@@ -184,25 +189,41 @@ class DataLink:
         self._check()
         view = as_bytes_view(payload)
         total = len(view)
-        if total < self._cfg.min_part and not self._queued:
+        if total < self._cfg.min_part:
             # One stripe with nothing queued: onto an idle channel from this
             # task, sparing the hand-off to a sender task and back (most of a
             # small message's cost: status reports, the ring's small blocks).
-            chan = next((c for c in self._channels if not c.sending), None)
+            chan = None if self._queued else next((c for c in self._channels if not c.sending),
+                                                  None)
             if chan is not None:
                 await self._send_direct(chan, Part(key, 0, 1, 0, total), view)
                 return
+            # With the channels busy, ahead of the queued stripes: a small
+            # message (a member's history, a status report, another tag's
+            # round) waits for one stripe on the wire, not for all of a large
+            # transfer queued before it; on a slow link that is seconds.
+            await self._queue([_Job(Part(key, 0, 1, 0, total), view, _SendOp(1, self._part_done))],
+                              urgent=True)
+            return
         # Stripe over the channels that are idle: a lone message uses them
         # all, while concurrent sends each go whole (up to ``part_size``) on
         # one channel, which spares records, wakeups and reassembly.
         idle = max(1, len(self._channels) - self._queued)
         count = choose_part_count(total, idle, self._cfg.part_size, self._cfg.min_part)
         op = _SendOp(count, self._part_done)
-        self._queued += count
-        for i in range(count):
-            off, length = part_bounds(i, count, total)
-            self._jobs_in.send_nowait(_Job(Part(key, i, count, off, total),
-                                           view[off : off + length], op))
+        await self._queue([_Job(Part(key, i, count, off, total), view[off : off + length], op)
+                           for i in range(count)
+                           for off, length in [part_bounds(i, count, total)]])
+
+    async def _queue(self, jobs: list[_Job], urgent: bool = False) -> None:
+        """Queue the stripes of one send (all of one ``_SendOp``) and wait
+        until each is in the kernel or given up."""
+        op = jobs[0].op
+        self._queued += len(jobs)
+        for job in jobs:
+            if urgent:
+                self._urgent.append(job)
+            self._jobs_in.send_nowait(None if urgent else job)
         try:
             await op.done.wait()
         except trio.Cancelled:
@@ -244,22 +265,28 @@ class DataLink:
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
-            op = job.op
-            if op.cancelled or self._error is not None:
-                op.failed = True
-                op.part_over()
-                continue
-            op.inflight += 1
-            try:
-                await chan.send(encode_part(job.part), job.view)
-            except BaseException:
-                op.failed = True
-                raise
-            finally:
-                op.inflight -= 1
-                op.part_over()
-            self._n[0] += len(job.view)
-            self._n[1] += 1
+            while self._urgent:
+                await self._send_job(chan, self._urgent.popleft())
+            if job is not None:
+                await self._send_job(chan, job)
+
+    async def _send_job(self, chan: DataChannel, job: _Job) -> None:
+        op = job.op
+        if op.cancelled or self._error is not None:
+            op.failed = True
+            op.part_over()
+            return
+        op.inflight += 1
+        try:
+            await chan.send(encode_part(job.part), job.view)
+        except BaseException:
+            op.failed = True
+            raise
+        finally:
+            op.inflight -= 1
+            op.part_over()
+        self._n[0] += len(job.view)
+        self._n[1] += 1
 
     # ------------------------------------------------------------ receiving
 
@@ -278,6 +305,11 @@ class DataLink:
         """Drop unclaimed payloads whose key starts with ``prefix`` (e.g. of an
         aborted round) and ignore stripes of such keys that arrive later."""
         return self._inbox.discard(prefix)
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes of every stripe received whole so far."""
+        return self._inbox.bytes_received
 
     @property
     def failed(self) -> bool:

@@ -75,6 +75,9 @@ class NodeFabric:
     def drop_data(self, prefix: bytes) -> None:
         self._node.data.discard(prefix)
 
+    def data_received(self, peer: str) -> int:
+        return self._node.data.received_from(_peer(peer), _PURPOSE)
+
     def peers(self) -> set[str]:
         return {p.text for p in self._node.peers()}
 

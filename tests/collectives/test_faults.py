@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from collectives.api import AllReduceResult
 from collectives.history import NO_HISTORY, diverged, odd_histories
 from collectives.history import mark as last_commit_mark
 from collectives.memfabric import MemFabric
+from collectives.run import Engine
 from peerd.errors import Evicted, PeerLost
 from tests.collectives.conftest import (
     FAST,
@@ -357,8 +359,8 @@ async def test_a_ready_cut_off_by_a_replaced_session_keeps_the_coordinator(
         assert len(assert_one_outcome(out, data, arrays)) == 3
 
 
-@pytest.mark.parametrize(("size", "absent"), [(3, 0), (3, 1), (3, 2), (4, 0), (4, 1), (4, 2),
-                                             (4, 3)])
+@pytest.mark.parametrize(("size", "absent"), [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (4, 0),
+                                             (4, 1), (4, 2), (4, 3)])
 async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_names(
     mock_clock: trio.testing.MockClock, size: int, absent: int
 ) -> None:
@@ -379,22 +381,26 @@ async def test_a_member_that_never_starts_the_round_is_the_one_every_survivor_na
             assert isinstance(r, PeerLost) and r.peers == (victim,), (p, r)
             assert "never started this all-reduce" in str(r)
             assert np.array_equal(arrays[p], data[p])
+        if size == 2:
+            return  # one of two is no majority: the survivor cannot go on alone
         out = await s.each(lambda p, e: e.all_reduce(arrays[p]), survivors)
         assert sorted(assert_one_outcome(out, data, arrays)) == survivors, out
 
 
-@pytest.mark.parametrize("absent", ["p00", "p01", "p02"])
+@pytest.mark.parametrize(("size", "absent"), [(2, "p00"), (2, "p01"), (3, "p00"), (3, "p01"),
+                                             (3, "p02")])
 async def test_an_absent_member_is_found_at_the_phase_timeout_whatever_the_tensors_size(
-    mock_clock: trio.testing.MockClock, absent: str
+    mock_clock: trio.testing.MockClock, size: int, absent: str
 ) -> None:
     """The data phases' deadlines add the tensor's size at the minimum
     bandwidth (here 1 byte/s: over 30 minutes; 350 s for 100M fp32 at the
     default 10 Mbit/s). A member that never starts is named when the phase
-    timeout passes since the survivors started, not at those deadlines: by
-    the member it is not the left neighbour of, and from its report by the
-    one it is (which judges its left neighbour by the data deadline)."""
+    timeout passes since the survivors started, not at those deadlines, by
+    every survivor: the one it is the left neighbour of too (in a ring of
+    two, the only other member), since a member's history reaches its right
+    neighbour before its data."""
     config = dataclasses.replace(FAST, min_bandwidth=1.0)
-    async with swarm(3, config) as s:
+    async with swarm(size, config) as s:
         survivors = [p for p in s.alive() if p != absent]
         data = inputs(survivors, 503)
         arrays = {p: v.copy() for p, v in data.items()}
@@ -441,6 +447,62 @@ async def test_a_ring_that_completed_never_waits_for_a_late_history(
         assert trio.current_time() - start < FAST.phase_timeout
         assert fabrics[0].held == 1
         assert sorted(assert_one_outcome(out, data, arrays)) == s.alive(), out
+
+
+class HistoryBehindOtherData(WrappedFabric):
+    """A member whose history to ``peer`` is held up for ``hold`` seconds
+    behind another transfer (a ``filler``-byte message each second, under a
+    key of no collective: another tag's stripes on a slow link), or behind
+    nothing when ``filler`` is 0."""
+
+    def __init__(self, inner: MemFabric, peer: str, hold: float, filler: int) -> None:
+        super().__init__(inner)
+        self._peer, self._hold, self._filler = peer, hold, filler
+
+    async def send_data(self, peer: str, key: bytes, data: Any) -> None:
+        if peer == self._peer and key.endswith(b"/h/0.0"):
+            for i in range(math.ceil(self._hold)):  # stripes of it arrive all along
+                if self._filler:
+                    await self._inner.send_data(peer, b"other/%d/" % i + key, bytes(self._filler))
+                await trio.sleep(1.0)
+        await self._inner.send_data(peer, key, data)
+
+
+@pytest.mark.parametrize("filler", [0, 1000])
+async def test_a_left_neighbour_whose_link_is_busy_is_not_named_at_the_start_deadline(
+    mock_clock: trio.testing.MockClock, filler: int
+) -> None:
+    """In a ring of two, p01's history reaches p00 only after the phase
+    timeout. With data arriving from p01 meanwhile (its history queued
+    behind it), p00 waits on to the data deadline and the round completes;
+    with a silent link, p00 names p01 as never started at the phase timeout."""
+
+    def wrap(f: MemFabric) -> HistoryBehindOtherData:
+        return HistoryBehindOtherData(f, "p00", FAST.phase_timeout + 2, filler)
+
+    # The data deadline far beyond the phase timeout, as for a large tensor.
+    config = dataclasses.replace(FAST, min_bandwidth=1.0)
+    async with swarm(2, config, wrap={"p01": wrap}) as s:
+        start = trio.current_time()
+        data = inputs(s.alive(), 64)
+        arrays = {p: v.copy() for p, v in data.items()}
+        ended: dict[str, float] = {}
+
+        async def all_reduce(p: str, e: Engine) -> AllReduceResult:
+            try:
+                return await e.all_reduce(arrays[p], retry=False)
+            finally:
+                ended[p] = trio.current_time()
+
+        out = await s.each(all_reduce)
+        waited = ended["p00"] - start
+        assert FAST.phase_timeout <= waited < FAST.phase_timeout + 10, waited
+        if filler:
+            assert sorted(assert_one_outcome(out, data, arrays)) == s.alive(), out
+        else:
+            assert isinstance(out["p00"], PeerLost) and out["p00"].peers == ("p01",), out
+            assert "never started this all-reduce" in str(out["p00"])
+            assert all(np.array_equal(arrays[p], data[p]) for p in s.alive())
 
 
 @pytest.mark.parametrize("absent", ["p00", "p02"])

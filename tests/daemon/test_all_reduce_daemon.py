@@ -240,6 +240,26 @@ def test_a_member_that_never_starts_the_round_is_dropped_at_the_phase_timeout(
         _readmitted_and_averaging(clients, late, lambda: late.join(timeout=30.0))
 
 
+def test_in_a_pair_a_member_that_never_starts_is_named_at_the_phase_timeout(
+        swarm: list[DaemonProcess]) -> None:
+    """Two daemons, a 2 s phase timeout and a 20 MB tensor, whose data phases
+    allow 2 s + 20 MB at the minimum bandwidth (18 s). The member whose
+    training process never calls is the other's left (and right) neighbour;
+    its absence is found at the phase timeout all the same."""
+    with clients_of("pair", swarm[:2]) as clients:
+        ids = [c.peer_id for c in clients]
+        late, waiting = clients
+        on_all(clients, lambda i, c: c.join(ids, timeout=30.0, phase_timeout=2.0))
+        x = np.ones(5_000_000, np.float32)
+        start = time.monotonic()
+        with pytest.raises(PeerLost) as caught:
+            waiting.all_reduce(x, retry=False)
+        assert time.monotonic() - start < 12.0  # the data deadline is 18 s away
+        assert caught.value.peers == (late.peer_id,)
+        assert "never started this all-reduce" in str(caught.value)
+        assert np.array_equal(x, np.ones(5_000_000, np.float32))
+
+
 def test_a_member_that_never_comes_to_the_boundary_is_dropped_at_the_phase_timeout(
         swarm: list[DaemonProcess]) -> None:
     """As above, at a round boundary: one member's training process never

@@ -8,6 +8,7 @@ import blake3
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from peerd import datainbox
 from peerd.datachan import DataConfig
@@ -311,3 +312,38 @@ def test_spare_buffers_are_bounded_and_exact() -> None:
     assert spare.take(MIB) is not bufs[0] and spare.hits == 3  # dropped
     spare.give(bytearray(6 * MIB))  # larger than max_bytes: not kept
     assert len(spare.take(6 * MIB)) == 6 * MIB and spare.hits == 3
+
+
+async def test_a_small_message_goes_ahead_of_queued_stripes() -> None:
+    """With every channel busy, a small message (a member's history, a status
+    report) waits for the stripe on the wire, not behind all the stripes of
+    a large transfer queued before it."""
+    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
+    rx_cfg = LinkConfig(part_size=MIB, min_part=64 * 1024, max_buffered=2 * MIB)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(1)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, rx_cfg) as rx:
+            big = np.random.default_rng(5).integers(0, 256, 64 * MIB, dtype=np.uint8)
+            out = np.empty_like(big)
+            order: list[bytes] = []
+
+            async def receive_big() -> None:
+                await rx.receive_into(b"big", out)
+                order.append(b"big")
+
+            async def receive_small() -> None:
+                assert await rx.receive(b"small") == b"status"
+                order.append(b"small")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tx.send, b"big", big)
+                # Unclaimed, the big one fills the receiver's buffer and then the
+                # sockets: the sender blocks with most of its 64 stripes queued.
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(tx.send, b"small", b"status")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(receive_big)
+                nursery.start_soon(receive_small)
+            assert order == [b"small", b"big"]
+            assert np.array_equal(out, big)
+            assert tx.statistics().parts_sent == 65
