@@ -265,8 +265,14 @@ class DataLink:
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
-            while self._urgent:
-                await self._send_job(chan, self._urgent.popleft())
+            try:
+                while self._urgent:
+                    await self._send_job(chan, self._urgent.popleft())
+            except BaseException:
+                if job is not None:  # taken from the queue: nobody else will end it
+                    job.op.failed = True
+                    job.op.part_over()
+                raise
             if job is not None:
                 await self._send_job(chan, job)
 

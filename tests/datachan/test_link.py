@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import blake3
 import numpy as np
@@ -347,3 +348,43 @@ async def test_a_small_message_goes_ahead_of_queued_stripes() -> None:
             assert order == [b"small", b"big"]
             assert np.array_equal(out, big)
             assert tx.statistics().parts_sent == 65
+
+
+async def test_a_channel_failing_on_a_small_message_fails_the_stripe_its_sender_held() -> None:
+    """A sender takes a stripe from the queue, then sends the small message
+    waiting ahead of it first; the channel fails on that one. The stripe it
+    held must fail with the rest (before, its send would wait for ever)."""
+    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(1)
+        chan, real_send = a[0], a[0].send
+        first_out, gate = trio.Event(), trio.Event()
+
+        async def send(header: bytes, view: memoryview) -> None:
+            if len(view) == len(b"status"):
+                raise RuntimeError("the channel broke")
+            if not first_out.is_set():
+                first_out.set()
+                await gate.wait()  # the first stripe on the wire: the rest queue up
+            await real_send(header, view)
+
+        chan.send = send  # type: ignore[method-assign]
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg):
+            big = np.zeros(4 * MIB, np.uint8)
+            errors: list[BaseException] = []
+
+            async def attempt(key: bytes, data: Any) -> None:
+                try:
+                    await tx.send(key, data)
+                except PeerLost as exc:
+                    errors.append(exc)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(attempt, b"big", big)
+                    await first_out.wait()
+                    nursery.start_soon(attempt, b"small", b"status")
+                    await trio.testing.wait_all_tasks_blocked()
+                    gate.set()
+            assert len(errors) == 2
+            assert tx.statistics().failed
