@@ -320,7 +320,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # ring stops then, not at the data phases' deadlines, which add the
         # tensor's size at the minimum bandwidth (350 s for 100M fp32); the
         # others learn it from this peer's report. The left neighbour is
-        # ``check_left``'s to judge. A ring that completed does not wait on
+        # ``judge_left``'s to judge. A ring that completed does not wait on
         # it: every member started then.
         nonlocal never_started
         with watching:
@@ -345,7 +345,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
 
     async def rs_sender() -> None:
         # The right neighbour hears our history before any of our data, so
-        # that it can judge us by the start deadline (``check_left``).
+        # that it can judge us by the start deadline (``judge_left``).
         await tell_history(right)
         first = rs[0].send
         # This peer's own blocks are encoded one at a time as they are sent
@@ -435,7 +435,7 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # them; every one names the members it never heard from instead.
         absent = {p for p in job.ring if p != me and p not in heard}
         if never_started and left_busy():
-            absent.discard(left)  # busy sending: judged by the data deadline (``check_left``)
+            absent.discard(left)  # busy sending: judged by the data deadline (``judge_left``)
         if absent:
             late = absent
             details.append(f"{', '.join(sorted(absent))} never started this all-reduce")

@@ -2,7 +2,9 @@
 
 ``send(key, payload)`` cuts the payload into stripes (``peerd.dataproto.Part``)
 that idle channels pick from a shared queue, so a slow connection simply carries
-fewer stripes. One reader task per channel routes each arriving stripe by key:
+fewer stripes; a small message (under ``min_part``) goes ahead of the stripes
+queued, so a status report or a member's history never waits for a whole
+bulk transfer. One reader task per channel routes each arriving stripe by key:
 straight into the buffer of a waiting ``receive_into``, into a fresh buffer for
 a waiting ``receive``, or into a buffer held until someone asks (bounded by
 ``max_buffered``; beyond it the readers stop reading and TCP pushes back on the
