@@ -212,6 +212,16 @@ first, pays it; later blocks print no memory figures. Both ends of one
 4-channel link in one process (2 cores): 18-26 Gbit/s at 0.33-0.48 CPU-s/GiB
 with messages on the event loop, 20-25 Gbit/s at 0.49-0.59 with them on
 worker threads: a spare core bought no throughput.
+
+Session 23 (the same kind of VM), ``--repeat 3`` medians over five runs at
+10M: in place 1.48, 1.53, 1.37, 1.40, 1.30; into out= 1.40, 1.22, 1.23,
+1.31, 1.16 (gloo 0.035-0.052 s). 100M once: 1.22 (blocks 1.22, 1.21, 1.44)
+and 1.23 (1.23, 1.19, 1.27); gloo 0.376-0.384 s. From the third run on,
+each peer's result checks (sha256 of the result, the input-intact check)
+wait until every peer has returned: made right after a peer's own call,
+they took CPU from the peers still timing theirs (interleaved A/B: 10M 0.970
+and 0.990 of the time with them inline, 100M 1.006). ``--netns --rate
+200mbit`` at 10M: bus bandwidth / limit 0.95.
 """
 
 from __future__ import annotations
