@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peerd import aead
-from peerd.datasock import DEFAULT_CONGESTION, check_congestion
+from peerd.datasock import DEFAULT_CONGESTION, DEFAULT_NOTSENT_LOWAT, check_congestion
 from peerd.errors import ConfigError
 from peerd.record import DEFAULT_MAX_PLAINTEXT
 from peerd.rpc import RpcLimits
@@ -72,6 +72,11 @@ class NodeConfig:
     # "bbr", ...) or "system" for the host's default (see
     # ``peerd.datasock.DEFAULT_CONGESTION`` for why CUBIC).
     data_congestion: str = DEFAULT_CONGESTION
+    # Unsent bytes each data socket may hold, so that a small message (a
+    # status report, another tag's round) queues behind this much rather than
+    # a whole send buffer (``peerd.datasock.DEFAULT_NOTSENT_LOWAT``); 0: the
+    # kernel's default.
+    data_notsent_lowat: int = DEFAULT_NOTSENT_LOWAT
     rpc: RpcLimits = field(default_factory=RpcLimits)
 
     def __post_init__(self) -> None:
@@ -88,3 +93,6 @@ class NodeConfig:
             except ValueError as exc:
                 raise ConfigError(f"data_ciphers: {exc}") from None
         check_congestion(self.data_congestion)
+        if not 0 <= self.data_notsent_lowat <= 1 << 30:
+            raise ConfigError(f"data_notsent_lowat = {self.data_notsent_lowat} is out of range; "
+                              "use 0 (the kernel's default) to 1 GiB")

@@ -101,6 +101,13 @@ class DataConfig:
     # TCP congestion control of this end's data sockets (each end picks its
     # own; see ``peerd.datasock.DEFAULT_CONGESTION``); "system": the host's.
     congestion: str = DEFAULT_CONGESTION
+    # Unsent bytes each data socket may hold (``peerd.datasock.DEFAULT_NOTSENT_LOWAT``,
+    # a node's default: ``NodeConfig.data_notsent_lowat``); 0: the kernel's
+    # default, a whole send buffer. 0 here: a bare channel's send returns once
+    # its message is in the kernel, and with a bound a message larger than the
+    # bound and the far end's window waits for the far end to read; a data
+    # link's readers always do.
+    notsent_lowat: int = 0
 
     def offload(self) -> bool:
         if self.crypto_threads is not None:
@@ -161,7 +168,7 @@ async def dial_data_channel(
     transport = SocketTransport(sock)
     try:
         with trio.fail_after(DATA_HANDSHAKE_TIMEOUT):
-            tune_socket(sock, config.socket_buffer, config.congestion)
+            tune_socket(sock, config.socket_buffer, config.congestion, config.notsent_lowat)
             try:
                 await sock.connect((host, port))
             except OSError as exc:
@@ -242,7 +249,8 @@ class DataListener:
         with lsock:
             lsock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             # Inherited by accepted sockets.
-            tune_socket(lsock, self._config.socket_buffer, self._config.congestion)
+            tune_socket(lsock, self._config.socket_buffer, self._config.congestion,
+                        self._config.notsent_lowat)
             await lsock.bind((self._host, self._want_port))
             lsock.listen(128)
             self.port = lsock.getsockname()[1]

@@ -88,7 +88,7 @@ async def simultaneous_open(
     try:
         with trio.fail_after(timeout):
             while True:
-                tune_socket(sock, config.socket_buffer, config.congestion)
+                tune_socket(sock, config.socket_buffer, config.congestion, config.notsent_lowat)
                 try:
                     await sock.connect(remote)
                     break

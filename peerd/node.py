@@ -126,7 +126,8 @@ class Node(RunsMixin):
         self.nat = NatState([self.endpoint.local_address])
         data_config = DataConfig(max_record=config.data_record,
                                  crypto_threads=config.data_threads,
-                                 congestion=config.data_congestion)
+                                 congestion=config.data_congestion,
+                                 notsent_lowat=config.data_notsent_lowat)
         self.data = DataPlane(self.peer_id, nursery, self.endpoint.local_address[0],
                               self.call_session, data_config)
         self.register(DATA_OPEN_METHOD, self._handle_data_open)
