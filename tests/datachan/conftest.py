@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
 
 from peerd import aead, datapump
+from peerd.config import NodeConfig
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.dataproto import TokenTable
 from peerd.datastream import DataChannel
+from peerd.identity import SwarmKey
+from peerd.node import open_node
 from peerd.record import Keying
 
 
@@ -87,3 +91,17 @@ def record_loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(datapump, "_enabled", loops == "native")
     monkeypatch.setenv("PEERD_CIPHERS", cipher)
     return str(loops)
+
+
+async def node_link_sockets(config: NodeConfig, read: Callable[[Any], Any]) -> set[Any]:
+    """``read`` of every data socket of both ends of a link between two nodes
+    of ``config``, once a message went through it."""
+    key = SwarmKey(b"n" * 32)
+    async with open_node(key, config=config) as a, open_node(key, config=config) as b:
+        await a.connect(b.listen_address)
+        out = await a.open_data_channels(b.peer_id, 2)
+        inbound = await b.accept_data_channels(a.peer_id)
+        with trio.fail_after(10):
+            await out.send(b"k", b"hello")
+            assert bytes(await inbound.receive(b"k")) == b"hello"
+        return {read(c._t.sock) for link in (out, inbound) for c in link._channels}

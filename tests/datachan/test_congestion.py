@@ -9,7 +9,6 @@ import logging
 import socket
 
 import pytest
-import trio
 
 from peerd.config import NodeConfig
 from peerd.datachan import DataConfig
@@ -22,9 +21,8 @@ from peerd.datasock import (
 from peerd.datastream import DataChannel
 from peerd.errors import ConfigError
 from peerd.identity import SwarmKey
-from peerd.node import open_node
 
-from .conftest import open_rig
+from .conftest import node_link_sockets, open_rig
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"),
                                 reason="TCP_CONGESTION is Linux's")
@@ -88,13 +86,4 @@ def test_a_name_that_cannot_be_one_is_a_config_error_saying_what_to_write() -> N
 async def test_nodes_dial_and_accept_with_their_configured_congestion_control() -> None:
     """Through the node: its config reaches both ends' data sockets."""
     want = _other_than_default()
-    cfg = NodeConfig(data_congestion=want)
-    async with open_node(KEY, config=cfg) as a, open_node(KEY, config=cfg) as b:
-        await a.connect(b.listen_address)
-        out = await a.open_data_channels(b.peer_id, 2)
-        inbound = await b.accept_data_channels(a.peer_id)
-        with trio.fail_after(10):
-            await out.send(b"k", b"hello")
-            assert bytes(await inbound.receive(b"k")) == b"hello"
-        running = {_running(c) for link in (out, inbound) for c in link._channels}
-        assert running == {want}
+    assert await node_link_sockets(NodeConfig(data_congestion=want), running_congestion) == {want}

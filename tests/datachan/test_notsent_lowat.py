@@ -17,9 +17,8 @@ from peerd.datasock import DEFAULT_NOTSENT_LOWAT
 from peerd.datastream import DataChannel
 from peerd.errors import ConfigError
 from peerd.identity import SwarmKey
-from peerd.node import open_node
 
-from .conftest import open_rig
+from .conftest import node_link_sockets, open_rig
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"),
                                 reason="TCP_NOTSENT_LOWAT is Linux's")
@@ -67,12 +66,7 @@ def test_an_out_of_range_bound_is_a_config_error_saying_what_to_write() -> None:
 
 
 async def test_a_nodes_config_reaches_both_ends_data_sockets() -> None:
-    cfg = NodeConfig(data_notsent_lowat=128 * 1024)
-    async with open_node(KEY, config=cfg) as a, open_node(KEY, config=cfg) as b:
-        await a.connect(b.listen_address)
-        out = await a.open_data_channels(b.peer_id, 2)
-        inbound = await b.accept_data_channels(a.peer_id)
-        with trio.fail_after(10):
-            await out.send(b"k", b"hello")
-            assert bytes(await inbound.receive(b"k")) == b"hello"
-        assert {_lowat(c) for link in (out, inbound) for c in link._channels} == {128 * 1024}
+    got = await node_link_sockets(
+        NodeConfig(data_notsent_lowat=128 * 1024),
+        lambda sock: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT))
+    assert got == {128 * 1024}
