@@ -57,7 +57,7 @@ async def main(mode: str, conns: int, count: int, secret: bytes, tokens: list[by
             await ready.wait()
         else:
             lsock = trio.socket.socket()
-            tune_socket(lsock, sockbuf, cfg.congestion)
+            tune_socket(lsock, sockbuf, cfg.congestion, cfg.notsent_lowat)
             await lsock.bind(("127.0.0.1", 0))
             lsock.listen(conns)
             print(f"port {lsock.getsockname()[1]}", flush=True)

@@ -270,12 +270,12 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
     history_key = job.key(b"h", 0, 0)
     # Data received from the left neighbour once half its start window had
     # passed without its history (``judge_left``).
-    left_mark: list[int] = []
+    left_mark: int | None = None
     judging = trio.CancelScope()  # ``judge_left``, until the left neighbour's history came
 
     def left_busy() -> bool:
         """Whether data kept coming from the left neighbour meanwhile."""
-        return bool(left_mark) and fabric.data_received(left) != left_mark[0]
+        return left_mark is not None and fabric.data_received(left) != left_mark
 
     async def tell_history(peer: str) -> None:
         with trio.move_on_at(job.reduce_deadline), suppress(PeerLost):
@@ -288,10 +288,10 @@ async def _ring(fabric: Fabric, job: RingJob, counters: Counters, out: np.ndarra
         # kept coming from it in the second half of that window (not a probe
         # at its start): its history may then be queued behind another tag's
         # stripes on a slow link, and the data deadline judges it.
-        nonlocal never_started
+        nonlocal never_started, left_mark
         with judging:
             await trio.sleep_until((trio.current_time() + job.start_deadline) / 2)
-            left_mark.append(fabric.data_received(left))
+            left_mark = fabric.data_received(left)
             await trio.sleep_until(job.start_deadline)
             if not left_busy():
                 never_started = True

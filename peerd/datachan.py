@@ -101,12 +101,11 @@ class DataConfig:
     # TCP congestion control of this end's data sockets (each end picks its
     # own; see ``peerd.datasock.DEFAULT_CONGESTION``); "system": the host's.
     congestion: str = DEFAULT_CONGESTION
-    # Unsent bytes each data socket may hold (``peerd.datasock.DEFAULT_NOTSENT_LOWAT``,
-    # a node's default: ``NodeConfig.data_notsent_lowat``); 0: the kernel's
-    # default, a whole send buffer. 0 here: a bare channel's send returns once
-    # its message is in the kernel, and with a bound a message larger than the
-    # bound and the far end's window waits for the far end to read; a data
-    # link's readers always do.
+    # Unsent bytes each data socket may hold (``peerd.datasock.DEFAULT_NOTSENT_LOWAT``);
+    # 0: the kernel's default, a whole send buffer. Nodes set the bound
+    # (``NodeConfig.data_notsent_lowat``): their links' readers always read.
+    # A bare channel keeps the kernel's: with a bound, a send larger than the
+    # bound and the far end's window waits until the far end reads.
     notsent_lowat: int = 0
 
     def offload(self) -> bool:

@@ -192,14 +192,14 @@ class DataLink:
         view = as_bytes_view(payload)
         total = len(view)
         if total < self._cfg.min_part:
-            # One stripe with nothing queued: onto an idle channel from this
-            # task, sparing the hand-off to a sender task and back (most of a
-            # small message's cost: status reports, the ring's small blocks).
-            chan = None if self._queued else next((c for c in self._channels if not c.sending),
-                                                  None)
-            if chan is not None:
-                await self._send_direct(chan, Part(key, 0, 1, 0, total), view)
-                return
+            if not self._queued:
+                # One stripe with nothing queued: onto an idle channel from this
+                # task, sparing the hand-off to a sender task and back (most of a
+                # small message's cost: status reports, the ring's small blocks).
+                chan = next((c for c in self._channels if not c.sending), None)
+                if chan is not None:
+                    await self._send_direct(chan, Part(key, 0, 1, 0, total), view)
+                    return
             # With the channels busy, ahead of the queued stripes: a small
             # message (a member's history, a status report, another tag's
             # round) waits for one stripe on the wire, not for all of a large

@@ -268,13 +268,12 @@ DEFAULT_NOTSENT_LOWAT = 256 * 1024
 
 
 def tune_socket(sock: trio.socket.SocketType, buffer_size: int,
-                congestion: str = SYSTEM_CONGESTION,
-                notsent_lowat: int = DEFAULT_NOTSENT_LOWAT) -> None:
+                congestion: str = SYSTEM_CONGESTION, notsent_lowat: int = 0) -> None:
     """Options every data socket gets; call before connect/listen so the TCP
     window scale is negotiated for the buffers (and accepted sockets inherit
     the listener's). ``buffer_size`` is asked for each direction where the
     kernel grants more than its autotuning reaches (``fixed_buffer``);
-    ``notsent_lowat``: see ``DEFAULT_NOTSENT_LOWAT``."""
+    ``notsent_lowat``: see ``DEFAULT_NOTSENT_LOWAT`` (0: the kernel's default)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     limits = buffer_limits()
     sndbuf = fixed_buffer(buffer_size, limits.wmem_max, limits.tcp_wmem_max)
