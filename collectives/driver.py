@@ -31,6 +31,7 @@ went elsewhere are sent it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -184,7 +185,8 @@ class MembershipDriver(Liveness):
         self.run = run
         self.me = fabric.me
         self.config = config or EngineConfig()
-        self.core = Membership(self.me, self.config.timing)
+        self.incarnation = new_incarnation()
+        self.core = Membership(self.me, self.config.timing, self.incarnation)
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()  # replaced whenever the view or the suspects change
         self._reform_lock = trio.Lock()
@@ -205,7 +207,7 @@ class MembershipDriver(Liveness):
         self._on_lost: list[Callable[[frozenset[str], str], None]] = []
         self._member_scopes: set[trio.CancelScope] = set()  # see ``_while_member``
         self._probe_seq = 0
-        self.incarnation = new_incarnation()
+        self._refusal = ""  # why a member refused this peer's join outright (a version)
         self._incarnations = Incarnations()
         self.view_changes = 0
         self.peers_lost = 0
@@ -293,6 +295,8 @@ class MembershipDriver(Liveness):
             asked = len(self.fabric.peers())
             whom = (f"none of the {asked} connected peer(s) admitted it" if asked else
                     "no peer is connected to this node")
+            if self._refusal:
+                whom += f" (refused by {self._refusal})"
             raise Timeout(
                 f"not admitted to run {self.run!r} within {limit:g} s: {whom}. To join a "
                 "running run, connect to one of its members first; a new run starts when "
@@ -333,7 +337,9 @@ class MembershipDriver(Liveness):
         async with trio.open_nursery() as nursery:
             for peer in self.core.others():
                 nursery.start_soon(self._quiet_call, peer, "leave", msg)
-        self._install(Decision(d.revision + 1, tuple(p for p in d.members if p != self.me)))
+        rest = tuple(p for p in d.members if p != self.me)
+        self._install(Decision(d.revision + 1, rest,
+                               tuple(d.incarnation_of(p) for p in rest) if d.incarnations else ()))
 
     async def step_out(self, why: PeerLost) -> Evicted:
         """This peer's history is out of line with the others' (``collectives.history``):
@@ -451,8 +457,7 @@ class MembershipDriver(Liveness):
 
     def _install(self, decision: Decision) -> None:
         before = self.core.view
-        if self.core.install(decision, trio.current_time()):
-            self._incarnations.forget(set(decision.members))
+        self.core.install(decision, trio.current_time())
         self._sync(before)
 
     def _sync(self, before: Decision | None) -> None:
@@ -460,6 +465,12 @@ class MembershipDriver(Liveness):
         now_view = self.core.view
         if now_view is before or now_view is None:
             return
+        # What this peer heard of a member's process holds only if it was in
+        # the view before this one: one that skipped a view may have missed a
+        # member's restart and its new process's admission.
+        follows = (before is not None and self.me in before.members
+                   and now_view.revision == before.revision + 1)
+        self._incarnations.adopt(now_view, fresh=not follows)
         self.view_changes += 1
         self._retries = 0
         event(
@@ -475,6 +486,10 @@ class MembershipDriver(Liveness):
     async def _quiet_call(self, peer: str, name: str, payload: bytes) -> None:
         with contextlib.suppress(PeerLost, Timeout, RemoteError):
             await self.fabric.call(peer, self._method(name), payload, self.config.call_timeout)
+
+    def _commit(self, decision: Decision) -> bytes:
+        return encode(m.ViewCommit(self.run, decision.revision, decision.members,
+                                   decision.incarnations))
 
     def _decode(self, payload: bytes, cls: type[Any]) -> Any:
         msg = decode_untrusted(payload, expect=cls)
@@ -523,7 +538,9 @@ class MembershipDriver(Liveness):
             self._answers[peer] = trio.current_time()
             msg = decode_untrusted(reply)
             if isinstance(msg, m.ViewCommit) and msg.run == self.run and self.me in msg.members:
-                self._install(Decision(msg.revision, msg.members))
+                self._install(_decision_of(msg))
+            elif isinstance(msg, m.ViewRefused) and msg.reason == m.RefuseReason.VERSION:
+                self._refusal = f"{peer}: {msg.detail}"
         finally:
             joint.pending -= 1
             if not joint.pending and joint.news:
@@ -537,6 +554,11 @@ class MembershipDriver(Liveness):
     async def _on_join(self, peer: str, payload: bytes) -> bytes:
         msg: m.JoinRequest = self._decode(payload, m.JoinRequest)
         d = self.core.view
+        if msg.version != m.PROTOCOL_VERSION:
+            return encode(m.ViewRefused(
+                self.run, m.RefuseReason.VERSION,
+                f"the run's members speak collectives protocol {m.PROTOCOL_VERSION}, this "
+                f"joiner {msg.version}: run the same peerd version as they do"))
         if d is None or not self.core.is_member:
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY, "not a member"))
         if self._restarted(peer, msg.incarnation) or peer in self.core.suspects:
@@ -546,12 +568,12 @@ class MembershipDriver(Liveness):
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         "an earlier process of this peer is being dropped"))
         self.core.join_request(peer, trio.current_time(), frozenset(msg.reaches))
-        return encode(m.ViewCommit(self.run, d.revision, d.members))
+        return self._commit(d)
 
     async def _on_commit(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewCommit = self._decode(payload, m.ViewCommit)
         if self.me in msg.members:
-            self._install(Decision(msg.revision, msg.members))
+            self._install(_decision_of(msg))
         return self._ack(peer)
 
     # ------------------------------------------------------------ view agreement
@@ -568,7 +590,7 @@ class MembershipDriver(Liveness):
         joiners = sorted(self.core.joiners(trio.current_time()))[:m.MAX_MEMBERS] if admit else []
         return m.ViewReady(
             self.run, d.revision, d.members, tuple(sorted(self.core.suspects)), admit, links,
-            tuple(joiners),
+            tuple(joiners), d.incarnations,
         )
 
     def _poll_round(self) -> None:
@@ -578,7 +600,15 @@ class MembershipDriver(Liveness):
         candidate = self.core.proposal(trio.current_time())
         if candidate is not None:
             self._proposing = True
-            self._nursery.start_soon(self._propose, candidate)
+            self._nursery.start_soon(self._propose, self._stamped(candidate))
+
+    def _stamped(self, candidate: Decision) -> Decision:
+        """``candidate`` with the process of each member that this peer knows:
+        its own, and the latest it heard from each of the others (members of
+        the view it installed, and joiners by their requests)."""
+        return dataclasses.replace(candidate, incarnations=tuple(
+            self.incarnation if p == self.me else self._incarnations.of(p)
+            for p in candidate.members))
 
     async def _propose(self, candidate: Decision) -> None:
         """Get a view chosen after the current one (``collectives.ballot``) and
@@ -601,7 +631,7 @@ class MembershipDriver(Liveness):
         # The readies waiting here are answered with it; the other members are
         # told (a joiner sent none, and a member may have given up on this
         # coordinator for another, which may never learn the view).
-        msg = encode(m.ViewCommit(self.run, chosen.revision, chosen.members))
+        msg = self._commit(chosen)
         for peer in chosen.members:
             if peer != self.me and peer not in self._waiting:
                 self._spawn(self._quiet_call, peer, "commit", msg)
@@ -634,7 +664,8 @@ class MembershipDriver(Liveness):
             proposal = value
             accepts = await self._poll_voters(
                 base, "accept",
-                encode(m.ViewAccept(self.run, base.revision, wire, proposal.members)),
+                encode(m.ViewAccept(self.run, base.revision, wire, proposal.members,
+                                    proposal.incarnations)),
                 lambda a: a.accept(ballot, proposal))
             value = proposal if accepts is not None else None
         if value is None:
@@ -670,7 +701,7 @@ class MembershipDriver(Liveness):
                         # Chosen already. Installed even where it leaves this
                         # peer out: the readies waiting here then get their
                         # answer, and this peer rejoins (``Evicted``).
-                        self._install(Decision(reply.revision, reply.members))
+                        self._install(_decision_of(reply))
                 if self.core.view is not base or settled(base.members, yes()):
                     nursery.cancel_scope.cancel()
 
@@ -690,7 +721,7 @@ class MembershipDriver(Liveness):
             raise ProtocolError(f"{peer} sent a ballot of {ballot.coordinator}")
         state = self.core.acceptor(base)
         if isinstance(state, Decision):
-            return encode(m.ViewCommit(self.run, state.revision, state.members))
+            return self._commit(state)
         if state is None:
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         f"no say in the view after revision {base}"))
@@ -698,7 +729,8 @@ class MembershipDriver(Liveness):
         promised, accepted = vote.promised, vote.accepted
         return encode(m.ViewVote(
             self.run, vote.ok, _ballot_id(promised) if promised else None,
-            _ballot_id(accepted[0]) if accepted else None, accepted[1].members if accepted else ()))
+            _ballot_id(accepted[0]) if accepted else None, accepted[1].members if accepted else (),
+            accepted[1].incarnations if accepted else ()))
 
     async def _on_prepare(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewPrepare = self._decode(payload, m.ViewPrepare)
@@ -706,7 +738,7 @@ class MembershipDriver(Liveness):
 
     async def _on_accept(self, peer: str, payload: bytes) -> bytes:
         msg: m.ViewAccept = self._decode(payload, m.ViewAccept)
-        proposal = Decision(msg.revision + 1, msg.members)
+        proposal = Decision(msg.revision + 1, msg.members, msg.incarnations)
         return self._cast(peer, msg.revision, msg.ballot, lambda a, b: a.accept(b, proposal))
 
     async def _offer(self, peer: str, msg: m.ViewReady) -> bytes:
@@ -718,6 +750,7 @@ class MembershipDriver(Liveness):
             msg.admit,
             {r.peer: LinkEstimate(r.bandwidth, r.latency) for r in msg.links},
             frozenset(msg.joiners),
+            msg.incarnations,
         )
         if self.core.view is not None and ready.revision == self.core.view.revision:
             # Go through lost(), not just the core, so our own collectives abort too.
@@ -732,7 +765,7 @@ class MembershipDriver(Liveness):
             finally:
                 self._waiting.discard(peer)
         if isinstance(outcome, Decision):
-            return encode(m.ViewCommit(self.run, outcome.revision, outcome.members))
+            return self._commit(outcome)
         reason = (
             m.RefuseReason.NOT_MEMBER if isinstance(outcome, NotMember) else m.RefuseReason.RETRY
         )
@@ -870,7 +903,7 @@ class MembershipDriver(Liveness):
                     # The run went on without this peer: it rejoins (``update_view``).
                     self._answered(coord, msg.revision, excluded=True)
                     raise Evicted(self.me, f"not in revision {msg.revision}")
-                self._install(Decision(msg.revision, msg.members))
+                self._install(_decision_of(msg))
                 if self.core.view is not None and self.core.view.revision > start:
                     return
             elif isinstance(msg, m.ViewRefused) and msg.reason == m.RefuseReason.NOT_MEMBER:
@@ -896,10 +929,15 @@ def _ballot_of(wire: m.BallotId) -> Ballot:
     return Ballot(wire.number, wire.coordinator)
 
 
+def _decision_of(msg: m.ViewCommit) -> Decision:
+    return Decision(msg.revision, msg.members, msg.incarnations)
+
+
 def _vote_of(msg: m.ViewVote, revision: int) -> Vote:
     """A vote off the wire; an accepted view is of ``revision`` (the one chosen)."""
     promised = _ballot_of(msg.promised) if msg.promised else None
     accepted = None
     if msg.accepted is not None:
-        accepted = (_ballot_of(msg.accepted), Decision(revision, msg.accepted_members))
+        accepted = (_ballot_of(msg.accepted),
+                    Decision(revision, msg.accepted_members, msg.accepted_incarnations))
     return Vote(msg.ok, promised, accepted)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import secrets
 
+from collectives.view import Decision
+
 MAX_INCARNATION = 2**63 - 1
 
 
@@ -35,6 +37,29 @@ class Incarnations:
         before = self._latest.get(peer)
         self._latest[peer] = incarnation
         return before is not None and before != incarnation
+
+    def of(self, peer: str) -> int:
+        """The latest incarnation known for ``peer``; 0 if none."""
+        return self._latest.get(peer, 0)
+
+    def adopt(self, decision: Decision, fresh: bool) -> None:
+        """Take the processes an installed view counts on as the latest.
+
+        The view is trusted over what this node heard: what it heard may be
+        stale (the view that dropped a restarted member, and the one that
+        admitted its new process, both passed it by), or newer (the member
+        restarted again since), and a later message tells which. ``fresh``: this
+        node was not in the view before this one, so what it heard of members the
+        view does not name says nothing about them now. The table keeps only the
+        view's members.
+        """
+        for peer in decision.members:
+            incarnation = decision.incarnation_of(peer)
+            if incarnation:
+                self._latest[peer] = incarnation
+            elif fresh:
+                self._latest.pop(peer, None)
+        self.forget(set(decision.members))
 
     def forget(self, keep: set[str] | frozenset[str]) -> None:
         """Drop peers outside ``keep``, so the table is bounded by the run's members."""

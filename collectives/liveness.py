@@ -231,7 +231,9 @@ class Liveness:
     async def _transfer(self, peer: str, n: int) -> None:
         """Send ``n`` bytes of probe data; returns once ``peer`` has them all."""
         self._probe_seq += 1
-        key = f"probe/{self.run}/{self._probe_seq}".encode()
+        # The incarnation keeps a restarted process's probes apart from any of
+        # its predecessor's still undelivered.
+        key = f"probe/{self.run}/{self.incarnation:x}/{self._probe_seq}".encode()
         await self.fabric.send_data(peer, key, bytes(n))
         await self.fabric.call(
             peer, self._method("probe"), encode(m.Probe(self.run, key, n)),

@@ -56,8 +56,9 @@ Outcome = Decision | Pending | NotMember | Retry
 
 
 class Membership:
-    def __init__(self, me: str, timing: Timing = Timing()) -> None:
+    def __init__(self, me: str, timing: Timing = Timing(), incarnation: int = 0) -> None:
         self.me = me
+        self.incarnation = incarnation  # this process (``collectives.incarnation``)
         self.timing = timing
         self.view: Decision | None = None
         self.suspects: set[str] = set()
@@ -86,6 +87,11 @@ class Membership:
     def install(self, decision: Decision, now: float) -> bool:
         """Adopt a decided view if it is newer than ours; returns whether it was."""
         if self.view is not None and decision.revision <= self.view.revision:
+            return False
+        if decision.incarnation_of(self.me) not in (0, self.incarnation):
+            # It counts on an earlier process of this peer (a crash and a
+            # restart): this one has none of that process's round state, and
+            # is admitted as itself once the view has dropped the other.
             return False
         outside = not self.is_member  # a joiner, or back from a lost partition
         self.view = decision
@@ -266,7 +272,7 @@ class Membership:
             return Retry("no view installed yet")
         if ready.revision > self.view.revision and self.me in ready.members:
             # The sender saw a view decided while this peer missed the commit.
-            self.install(Decision(ready.revision, ready.members), now)
+            self.install(Decision(ready.revision, ready.members, ready.incarnations), now)
         if self.speaks_for_view(ready.peer, ready.revision):
             self.suspect(ready.suspects - {self.me}, observed=False)
         if ready.peer not in self.view.members:

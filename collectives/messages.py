@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from collectives.incarnation import MAX_INCARNATION
 from peerd.wire import message
 
-PROTOCOL_VERSION = 1
+# 2: views carry their members' incarnations (``ViewCommit``, ``ViewReady``,
+# ``ViewAccept``, ``ViewVote``), so peers of version 1 cannot decode them.
+PROTOCOL_VERSION = 2
 MAX_MEMBERS = 4096
 MAX_ID = 256
 MAX_BALLOT = 2**62  # ballot numbers stay below (a peer's refusal can name any up to it)
@@ -46,6 +48,14 @@ def _check_run(run: str, revision: int = 0) -> None:
 def _check_incarnation(incarnation: int) -> None:
     if not 0 <= incarnation <= MAX_INCARNATION:
         raise ValueError("incarnation out of range")
+
+
+def _check_incarnations(incarnations: tuple[int, ...], members: tuple[str, ...]) -> None:
+    """A view's incarnations: one per member, or none at all (not known)."""
+    if incarnations and len(incarnations) != len(members):
+        raise ValueError("a view's incarnations must match its members one to one")
+    for incarnation in incarnations:
+        _check_incarnation(incarnation)
 
 
 @message(200)
@@ -111,10 +121,12 @@ class ViewCommit:
     run: str
     revision: int
     members: tuple[str, ...]
+    incarnations: tuple[int, ...] = ()  # of the members (``collectives.view.Decision``)
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
+        _check_incarnations(self.incarnations, self.members)
 
 
 @message(204)
@@ -146,10 +158,12 @@ class ViewReady:
     admit: bool  # may joiners be admitted (explicit boundary) or not (failure retry)
     links: tuple[LinkReport, ...]
     joiners: tuple[str, ...] = ()  # joiners whose requests reached the sender lately
+    incarnations: tuple[int, ...] = ()  # of the sender's view's members
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
+        _check_incarnations(self.incarnations, self.members)
         _check_ids(self.suspects, "suspects")
         _check_ids(self.joiners, "joiners")
         if len(self.links) > MAX_MEMBERS:
@@ -159,6 +173,7 @@ class ViewReady:
 class RefuseReason(enum.IntEnum):
     NOT_MEMBER = 1  # the asker is not in the decided view: it was evicted
     RETRY = 2  # the receiver cannot decide now (not coordinator, no view yet)
+    VERSION = 3  # the joiner speaks another collectives protocol (``PROTOCOL_VERSION``)
 
 
 @message(206)
@@ -259,12 +274,14 @@ class ViewAccept:
     revision: int
     ballot: BallotId
     members: tuple[str, ...]
+    incarnations: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run(self.run, self.revision)
         _check_ids(self.members, "members")
         if not self.members:
             raise ValueError("a view needs members")
+        _check_incarnations(self.incarnations, self.members)
 
 
 @message(213)
@@ -279,9 +296,11 @@ class ViewVote:
     promised: BallotId | None
     accepted: BallotId | None = None
     accepted_members: tuple[str, ...] = ()
+    accepted_incarnations: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_run(self.run)
         _check_ids(self.accepted_members, "accepted members")
         if (self.accepted is None) != (not self.accepted_members):
             raise ValueError("accepted members come with their ballot, and only with it")
+        _check_incarnations(self.accepted_incarnations, self.accepted_members)

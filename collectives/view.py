@@ -42,12 +42,31 @@ class Ready:
     admit: bool = True
     links: Mapping[str, LinkEstimate] = field(default_factory=dict)
     joiners: frozenset[str] = frozenset()  # joiners whose requests reached this member
+    incarnations: tuple[int, ...] = ()  # of ``members``, as in ``Decision``
 
 
 @dataclass(frozen=True)
 class Decision:
+    """A view: its revision, its members in ring order, and the process of each
+    member it counts on (``collectives.incarnation``).
+
+    A peer id names a key, not a process. The incarnations say which process
+    of each id was chosen, so that a member that missed a view (stranded, or
+    away when a peer restarted and was admitted again) learns the new process
+    from the view itself, instead of taking its first word for a restart, and
+    a restarted process is never handed its predecessor's place. 0 (or an
+    empty tuple: all of them) means the chooser had not heard that member's.
+    """
+
     revision: int
     members: tuple[str, ...]  # ring order
+    incarnations: tuple[int, ...] = ()
+
+    def incarnation_of(self, peer: str) -> int:
+        """The process of ``peer`` this view counts on; 0 if not known."""
+        if not self.incarnations or peer not in self.members:
+            return 0
+        return self.incarnations[self.members.index(peer)]
 
 
 def coordinator_of(members: Iterable[str], suspects: Iterable[str] = ()) -> str | None:

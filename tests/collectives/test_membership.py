@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
 from collectives import messages as m
 from collectives.api import AllReduceResult, View
 from collectives.run import Engine
-from peerd.errors import PeerLost
-from peerd.wire import encode
+from peerd.errors import PeerLost, Timeout
+from peerd.wire import decode_untrusted, encode
 from tests.collectives.conftest import (
     FAST,
     RUN,
@@ -301,6 +303,105 @@ async def test_restarted_member_is_dropped_at_once_and_joins_again(
         got = reborn.view()
         assert (got.revision, got.members) == (views["p00"].revision, views["p00"].members)
         assert got.revision > before + 1  # a view without the old process came first
+
+
+class SlowToHear(WrappedFabric):
+    """A member whose heartbeats to the peers in ``deaf_to`` go unanswered
+    (their answers are late: a busy machine, a long path)."""
+
+    deaf_to: frozenset[str] = frozenset()
+
+    async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
+        if peer in self.deaf_to and method.endswith("/hb"):
+            raise Timeout(f"call {method} to {peer} took longer than {timeout}s")
+        reply: bytes = await self._inner.call(peer, method, payload, timeout)
+        return reply
+
+
+async def test_a_member_away_while_another_restarted_takes_its_new_process_from_the_view(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """p04 is stopped while p02 crashes and restarts; the others drop both,
+    then admit p02's new process. The new process was not connected to p04 and
+    its answers to p04 are slow, so p04 has heard only the old process when it
+    is admitted again. The view it is admitted to names p02's new process:
+    p04 must take that, not the new process's first word, for p02's restart
+    (it dropped p02 again, and every member with it, in the soak that found
+    this). Five rounds later nobody has lost anyone and all five reduce."""
+    async with swarm(5, wrap={"p04": SlowToHear}) as s:
+        await trio.sleep(3 * FAST.timing.heartbeat_interval)  # incarnations heard
+        away = s.engines["p04"]
+        s.fabrics["p04"].deaf_to = frozenset({"p02"})
+        s.net.cut("p02", "p04")
+        s.net.stall("p04")
+        s.scopes["p02"].cancel()
+        del s.engines["p02"]
+        await trio.testing.wait_all_tasks_blocked()
+        reborn = await s.start("p02", None)
+        joined = trio.Event()
+
+        async def join() -> None:
+            await reborn.join()
+            joined.set()
+
+        s.nursery.start_soon(join)
+        here = ["p00", "p01", "p03"]
+        await trio.sleep(FAST.timing.heartbeat_timeout + 1)  # p04 is silent too
+        views = await s.each(lambda p, e: e.update_view(), here)
+        assert all(v.members == views["p00"].members for v in views.values()), views
+        assert sorted(views["p00"].members) == here
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p02's requests are pending
+        await s.each(lambda p, e: e.update_view(), here)
+        await joined.wait()
+
+        s.net.heal("p02", "p04")
+        s.net.resume("p04")
+        back = trio.Event()
+
+        async def rejoin() -> None:
+            await away.update_view()
+            back.set()
+
+        s.nursery.start_soon(rejoin)
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p04's requests are pending
+        views = await s.each(lambda p, e: e.update_view(), [*here, "p02"])
+        await back.wait()
+        admitted = away.view()
+        assert sorted(admitted.members) == s.alive(), admitted
+        lost = {p: e.statistics().peers_lost for p, e in s.engines.items()}
+
+        s.fabrics["p04"].deaf_to = frozenset()
+        await trio.sleep(5 * FAST.timing.heartbeat_interval)
+        assert {p: e.statistics().peers_lost for p, e in s.engines.items()} == lost
+        assert {e.view().revision for e in s.engines.values()} == {admitted.revision}
+        await exact_round(s, s.alive(), seed=4)
+
+
+class NextVersionJoiner(WrappedFabric):
+    """A joiner that speaks a later collectives protocol than the members."""
+
+    async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
+        if method.endswith("/join"):
+            request = decode_untrusted(payload, expect=m.JoinRequest)
+            payload = encode(dataclasses.replace(request, version=m.PROTOCOL_VERSION + 1))
+        reply: bytes = await self._inner.call(peer, method, payload, timeout)
+        return reply
+
+
+async def test_a_joiner_of_another_protocol_version_is_told_what_to_change(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Views travel in a form only peers of one protocol version read, so a
+    joiner of another is refused, and its timeout says why and what to do."""
+    async with swarm(2) as s:
+        s.add_fabric("p02", NextVersionJoiner)
+        joiner = await s.start("p02", None)
+        with pytest.raises(Timeout) as caught:
+            await joiner.join(timeout=3 * FAST.timing.heartbeat_interval)
+        assert f"collectives protocol {m.PROTOCOL_VERSION}, this joiner " in str(caught.value)
+        assert "run the same peerd version" in str(caught.value)
+        views = await s.each(lambda p, e: e.update_view(), ["p00", "p01"])
+        assert all(v.members == ("p00", "p01") for v in views.values()), views
 
 
 class TopBallotVoter(WrappedFabric):

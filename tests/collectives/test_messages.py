@@ -20,8 +20,10 @@ SAMPLES = [
     m.JoinRequest("r", incarnation=1),
     m.JoinRequest("r", incarnation=1, reaches=("a", "b")),
     m.ViewCommit("r", 9, ("b", "a", "c")),
+    m.ViewCommit("r", 9, ("b", "a"), (7, 0)),
     m.ViewReady("r", 2, ("a", "b"), ("c",), True, (m.LinkReport("b", 1e6, 0.01),)),
     m.ViewReady("r", 2, ("a", "b"), (), True, (), ("x", "y")),
+    m.ViewReady("r", 2, ("a", "b"), (), True, (), (), (1, 2)),
     m.ViewRefused("r", m.RefuseReason.NOT_MEMBER, "gone"),
     m.Abort("r", 1, ("c",), "deadline"),
     m.Abort("r", 1, ("c", "d"), "silent", ("c",)),
@@ -29,9 +31,11 @@ SAMPLES = [
     m.Probe("r", b"k", 10),
     m.ViewPrepare("r", 3, m.BallotId(2, "b")),
     m.ViewAccept("r", 3, m.BallotId(0, "a"), ("a", "c")),
+    m.ViewAccept("r", 3, m.BallotId(0, "a"), ("a", "c"), (5, 2**63 - 1)),
     m.ViewVote("r", True, m.BallotId(2, "b")),
     m.ViewVote("r", False, m.BallotId(5, "c"), m.BallotId(0, "a"), ("a", "b")),
     m.ViewVote("r", True, None),
+    m.ViewVote("r", True, None, m.BallotId(0, "a"), ("a", "b"), (3, 4)),
 ]
 
 
@@ -70,6 +74,12 @@ def test_type_ids_in_our_range() -> None:
         lambda: m.ViewAccept("r", 0, m.BallotId(1, "a"), ("a", "a")),
         lambda: m.ViewVote("r", True, None, m.BallotId(1, "a")),  # accepted, but no members
         lambda: m.ViewVote("r", True, None, None, ("a",)),  # members without their ballot
+        # a view's incarnations: one per member (or none), each in range
+        lambda: m.ViewCommit("r", 1, ("a", "b"), (1,)),
+        lambda: m.ViewCommit("r", 1, ("a",), (2**63,)),
+        lambda: m.ViewReady("r", 0, ("a",), (), True, (), (), (-1,)),
+        lambda: m.ViewAccept("r", 0, m.BallotId(1, "a"), ("a",), (1, 2)),
+        lambda: m.ViewVote("r", True, None, m.BallotId(1, "a"), ("a",), (1, 1)),
     ],
 )
 def test_invalid_values_are_refused(make) -> None:  # type: ignore[no-untyped-def]

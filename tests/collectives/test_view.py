@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from collectives.incarnation import Incarnations
 from collectives.membership import Membership, NotMember, Pending, Retry, Timing
 from collectives.view import (
     Decision,
@@ -297,6 +298,42 @@ def test_install_ignores_older_views() -> None:
     assert not c.install(Decision(2, ("a",)), 1.0)
     assert c.install(Decision(4, ("a", "b")), 1.0)
     assert c.is_member and c.others() == ("b",)
+
+
+def test_install_refuses_a_view_of_an_earlier_process_of_this_peer() -> None:
+    """A view that counts on another process of this peer's id (the one before
+    a crash and restart) is not this process's to install: it has none of
+    that one's round state. One that names this process, or does not know, is."""
+    c = Membership("b", T, incarnation=7)
+    assert not c.install(Decision(1, ("a", "b"), (3, 6)), 0.0)
+    assert c.view is None
+    assert c.install(Decision(1, ("a", "b"), (3, 7)), 0.0)
+    assert c.install(Decision(2, ("a", "b"), (3, 0)), 0.0)
+    assert c.install(Decision(3, ("a", "b")), 0.0) and c.is_member
+
+
+def test_incarnations_take_the_installed_views_word() -> None:
+    """A view's incarnations replace what was heard (which may be stale or
+    newer: a later message tells); a member the view does not know keeps
+    what was heard only when this peer was in the view before (``fresh``
+    False), and peers outside the view are forgotten."""
+    t = Incarnations()
+    for peer, inc in (("a", 1), ("b", 2), ("c", 3), ("x", 9)):
+        t.restarted(peer, inc)
+    t.adopt(Decision(5, ("a", "b", "c"), (1, 20, 0)), fresh=False)
+    assert (t.of("a"), t.of("b"), t.of("c"), t.of("x")) == (1, 20, 3, 0)
+    assert not t.restarted("b", 20) and t.restarted("b", 2)
+    t.adopt(Decision(8, ("a", "b", "c"), (1, 2, 0)), fresh=True)
+    assert (t.of("a"), t.of("b"), t.of("c")) == (1, 2, 0)
+    assert not t.restarted("c", 30)  # nothing stale to compare with
+    t.adopt(Decision(9, ("a", "c")), fresh=False)
+    assert (t.of("a"), t.of("b"), t.of("c")) == (1, 0, 30)
+
+
+def test_a_views_incarnation_of_a_member() -> None:
+    d = Decision(1, ("b", "a"), (5, 6))
+    assert (d.incarnation_of("a"), d.incarnation_of("b"), d.incarnation_of("z")) == (6, 5, 0)
+    assert Decision(1, ("a",)).incarnation_of("a") == 0
 
 
 @pytest.mark.parametrize("dead", [set(), {"a"}, {"a", "b"}, {"c"}, {"b", "d"}])
