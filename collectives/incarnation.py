@@ -53,8 +53,8 @@ class Incarnations:
         view does not name says nothing about them now. The table keeps only the
         view's members.
         """
-        for peer in decision.members:
-            incarnation = decision.incarnation_of(peer)
+        known = decision.incarnations or (0,) * len(decision.members)
+        for peer, incarnation in zip(decision.members, known, strict=True):
             if incarnation:
                 self._latest[peer] = incarnation
             elif fresh:
