@@ -37,8 +37,15 @@ SEND_DRAIN_TIMEOUT: Final = 10.0
 
 @dataclass(frozen=True)
 class LinkConfig:
-    part_size: int = 4 * 1024 * 1024
-    min_part: int = 256 * 1024
+    part_size: int = 4 * 1024 * 1024  # the largest stripe
+    min_part: int = 256 * 1024  # smaller messages go whole, ahead of queued stripes
+    # A stripe is cut to take about this long on one channel at the rate the
+    # link's channels last drained (never below ``min_stripe``): a small message
+    # waits for the stripe on the wire ahead of it, so for about this long at
+    # most per hop, however slow the link. On fast links stripes stay at
+    # ``part_size``, where the cost per stripe would tell.
+    stripe_seconds: float = 0.05
+    min_stripe: int = 64 * 1024
     max_buffered: int = 1 << 30
     max_total: int = 1 << 40
 
@@ -118,6 +125,9 @@ class DataLink:
         self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
         self._n = [0, 0]  # payload bytes sent, parts sent
+        # Seconds per byte of the stripes sent lately (a moving average): what a
+        # channel drains at now (``_stripe_size``); 0 until a stripe was timed.
+        self._pace = 0.0
         self._queued = 0  # stripes queued or on the wire
 
     # ------------------------------------------------------------ lifecycle
@@ -211,7 +221,7 @@ class DataLink:
         # all, while concurrent sends each go whole (up to ``part_size``) on
         # one channel, which spares records, wakeups and reassembly.
         idle = max(1, len(self._channels) - self._queued)
-        count = choose_part_count(total, idle, self._cfg.part_size, self._cfg.min_part)
+        count = choose_part_count(total, idle, self._stripe_size(), self._cfg.min_part)
         op = _SendOp(count, self._part_done)
         await self._queue([_Job(Part(key, i, count, off, total), view[off : off + length], op)
                            for i in range(count)
@@ -265,6 +275,14 @@ class DataLink:
     def _part_done(self) -> None:
         self._queued -= 1
 
+    def _stripe_size(self) -> int:
+        """The stripe to cut now: ``stripe_seconds`` at the pace stripes drained
+        lately, within ``min_stripe`` and ``part_size``."""
+        cfg = self._cfg
+        if self._pace <= 0:
+            return cfg.part_size
+        return max(cfg.min_stripe, min(cfg.part_size, int(cfg.stripe_seconds / self._pace)))
+
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
             try:
@@ -285,6 +303,7 @@ class DataLink:
             op.part_over()
             return
         op.inflight += 1
+        start = trio.current_time()
         try:
             await chan.send(encode_part(job.part), job.view)
         except BaseException:
@@ -293,7 +312,14 @@ class DataLink:
         finally:
             op.inflight -= 1
             op.part_over()
-        self._n[0] += len(job.view)
+        n = len(job.view)
+        if n >= self._cfg.min_stripe:
+            # A send returns once its bytes are in the kernel: a stripe that
+            # fits the socket's buffer reads as fast, and the pace follows
+            # what the channels can take now.
+            pace = (trio.current_time() - start) / n
+            self._pace = pace if self._pace <= 0 else 0.7 * self._pace + 0.3 * pace
+        self._n[0] += n
         self._n[1] += 1
 
     # ------------------------------------------------------------ receiving

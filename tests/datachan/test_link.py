@@ -388,3 +388,26 @@ async def test_a_channel_failing_on_a_small_message_fails_the_stripe_its_sender_
                     gate.set()
             assert len(errors) == 2
             assert tx.statistics().failed
+
+
+@pytest.mark.parametrize("stripe_seconds, parts", [(1e-9, 16), (1e6, 2)])
+async def test_stripes_take_about_stripe_seconds_at_the_pace_the_link_drained(
+        stripe_seconds: float, parts: int) -> None:
+    """Once stripes were timed, a large send is cut so that each stripe takes
+    about ``stripe_seconds`` at that pace (never below ``min_stripe``): on a
+    slow link a small message then waits for a short stripe on the wire, not a
+    long one. On a link that drains fast enough, stripes stay whole (one per
+    idle channel here)."""
+    cfg = LinkConfig(part_size=MIB, min_part=16 * 1024, stripe_seconds=stripe_seconds,
+                     min_stripe=64 * 1024)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, cfg) as rx:
+            first = os.urandom(4 * MIB)
+            await tx.send(b"first", first)  # not timed yet: cut by part_size
+            assert tx.statistics().parts_sent == 4
+            assert await rx.receive(b"first") == first
+            second = os.urandom(MIB)
+            await tx.send(b"second", second)
+            assert tx.statistics().parts_sent - 4 == parts
+            assert await rx.receive(b"second") == second
