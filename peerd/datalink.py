@@ -15,6 +15,7 @@ call raises ``PeerLost([peer])``.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -48,6 +49,14 @@ class LinkConfig:
     min_stripe: int = 64 * 1024
     max_buffered: int = 1 << 30
     max_total: int = 1 << 40
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_stripe <= self.part_size:
+            raise ValueError(f"min_stripe ({self.min_stripe}) must be 1..part_size "
+                             f"({self.part_size}) bytes")
+        if not (math.isfinite(self.stripe_seconds) and self.stripe_seconds > 0):
+            raise ValueError(f"stripe_seconds must be a positive number, not "
+                             f"{self.stripe_seconds!r}")
 
 
 @dataclass(frozen=True)

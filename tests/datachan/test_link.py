@@ -411,3 +411,10 @@ async def test_stripes_take_about_stripe_seconds_at_the_pace_the_link_drained(
             await tx.send(b"second", second)
             assert tx.statistics().parts_sent - 4 == parts
             assert await rx.receive(b"second") == second
+
+
+@pytest.mark.parametrize("bad", [dict(min_stripe=0), dict(min_stripe=2 * MIB, part_size=MIB),
+                                 dict(stripe_seconds=0.0), dict(stripe_seconds=float("nan"))])
+def test_a_link_config_that_cannot_cut_stripes_says_which_field(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LinkConfig(**bad)
