@@ -34,6 +34,7 @@ _log = logging.getLogger("peerd.datalink")
 # How long a cancelled send may wait for stripes already on the wire before it
 # gives up on the link (it cannot return while a channel still reads its buffer).
 SEND_DRAIN_TIMEOUT: Final = 10.0
+PACE_WINDOW: Final = 8  # stripes whose pace sets the next stripes' size
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ class DataLink:
         self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
         self._n = [0, 0]  # payload bytes sent, parts sent
-        # Seconds per byte of the stripes sent lately (a moving average): what a
-        # channel drains at now (``_stripe_size``); 0 until a stripe was timed.
-        self._pace = 0.0
+        # Seconds per byte of the last stripes sent: the fastest of them is what
+        # a channel drains at now (``_stripe_size``). The fastest, as a stall
+        # at either end (a busy core, a collection) only ever slows a stripe,
+        # and must not cut a fast link's stripes short; a slow link is slow
+        # throughout.
+        self._paces: deque[float] = deque(maxlen=PACE_WINDOW)
         self._queued = 0  # stripes queued or on the wire
 
     # ------------------------------------------------------------ lifecycle
@@ -288,9 +292,10 @@ class DataLink:
         """The stripe to cut now: ``stripe_seconds`` at the pace stripes drained
         lately, within ``min_stripe`` and ``part_size``."""
         cfg = self._cfg
-        if self._pace <= 0:
+        pace = min(self._paces, default=0.0)
+        if pace <= 0:
             return cfg.part_size
-        return max(cfg.min_stripe, min(cfg.part_size, int(cfg.stripe_seconds / self._pace)))
+        return max(cfg.min_stripe, min(cfg.part_size, int(cfg.stripe_seconds / pace)))
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
@@ -324,10 +329,8 @@ class DataLink:
         n = len(job.view)
         if n >= self._cfg.min_stripe:
             # A send returns once its bytes are in the kernel: a stripe that
-            # fits the socket's buffer reads as fast, and the pace follows
-            # what the channels can take now.
-            pace = (trio.current_time() - start) / n
-            self._pace = pace if self._pace <= 0 else 0.7 * self._pace + 0.3 * pace
+            # fits the socket's buffer reads as fast.
+            self._paces.append((trio.current_time() - start) / n)
         self._n[0] += n
         self._n[1] += 1
 
