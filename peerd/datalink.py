@@ -135,12 +135,12 @@ class DataLink:
         self._inbox = Inbox(peer, config.max_buffered, config.max_total, lambda: self._error)
         self._scope: trio.CancelScope | None = None
         self._n = [0, 0]  # payload bytes sent, parts sent
-        # Seconds per byte of the last stripes sent: the fastest of them is what
-        # a channel drains at now (``_stripe_size``). The fastest, as a stall
-        # at either end (a busy core, a collection) only ever slows a stripe,
-        # and must not cut a fast link's stripes short; a slow link is slow
-        # throughout.
-        self._paces: deque[float] = deque(maxlen=PACE_WINDOW)
+        # (seconds, bytes) of the last stripes sent: the pace a channel drains
+        # at now is their time over their bytes (``_stripe_size``). Not the
+        # fastest stripe's: one that fits in the socket's buffer goes at once
+        # even on a slow link. Weighed by bytes, a stall at either end (a busy
+        # core) among fast stripes hardly moves it.
+        self._timed: deque[tuple[float, int]] = deque(maxlen=PACE_WINDOW)
         self._queued = 0  # stripes queued or on the wire
 
     # ------------------------------------------------------------ lifecycle
@@ -292,7 +292,8 @@ class DataLink:
         """The stripe to cut now: ``stripe_seconds`` at the pace stripes drained
         lately, within ``min_stripe`` and ``part_size``."""
         cfg = self._cfg
-        pace = min(self._paces, default=0.0)
+        sent = sum(n for _, n in self._timed)
+        pace = sum(t for t, _ in self._timed) / sent if sent else 0.0
         if pace <= 0:
             return cfg.part_size
         return max(cfg.min_stripe, min(cfg.part_size, int(cfg.stripe_seconds / pace)))
@@ -328,9 +329,8 @@ class DataLink:
             op.part_over()
         n = len(job.view)
         if n >= self._cfg.min_stripe:
-            # A send returns once its bytes are in the kernel: a stripe that
-            # fits the socket's buffer reads as fast.
-            self._paces.append((trio.current_time() - start) / n)
+            # A send returns once its bytes are in the kernel.
+            self._timed.append((trio.current_time() - start, n))
         self._n[0] += n
         self._n[1] += 1
 
