@@ -22,14 +22,15 @@ What is left is the stripe each hop waits for on the wire (a whole stripe
 goes before the next message on its connection).
 
 Session 24: stripes are cut to take about ``LinkConfig.stripe_seconds``
-(0.05 s) at the pace the link drained lately. Bounded, small during large:
-0.68-0.72 s in four runs, against 0.78-0.94 s in five with stripes cut by
-size alone (one interleaved pair: 0.68 against 0.94, 0.69 against 0.88). The
-rest is the tbf queue (50 ms per hop), the unsent bytes ahead in each socket
-(a 64 KiB bound took it to 0.54-0.65 s, at the price of four times the
-write wakeups on fast links) and the shorter stripe still ahead. On
-loopback stripes stay at ``part_size`` (4 MiB; 10M and 100M: all but a few
-of some 1300), and the large transfer's time did not move.
+(0.05 s) at the pace the link's last stripes drained. Bounded, small during
+large: 0.68-0.79 s in five runs (median 0.72), against 0.78-0.94 s in eight
+with stripes cut by size alone; three interleaved pairs 0.72/0.83, 0.72/0.80,
+0.70/0.93. The rest is the tbf queue (50 ms per hop), the unsent bytes ahead
+in each socket (a 64 KiB bound took it to 0.54-0.65 s, at the price of four
+times the write wakeups on fast links) and the shorter stripe still ahead.
+On loopback stripes stay at ``part_size`` (4 MiB; 10M and 100M: 7 sends of
+2712 cut finer, one of them into more stripes), and the large transfer's
+time did not move.
 The last line is the ratio bounded / unbounded of the small one's time.
 """
 
