@@ -1,15 +1,17 @@
 """All data channels to one peer, used as one keyed, striped message pipe.
 
 ``send(key, payload)`` cuts the payload into stripes (``peerd.dataproto.Part``)
-that idle channels pick from a shared queue, so a slow connection simply carries
-fewer stripes; a small message (under ``min_part``) goes ahead of the stripes
-queued, so a status report or a member's history never waits for a whole
-bulk transfer. One reader task per channel routes each arriving stripe by key:
-straight into the buffer of a waiting ``receive_into``, into a fresh buffer for
-a waiting ``receive``, or into a buffer held until someone asks (bounded by
-``max_buffered``; beyond it the readers stop reading and TCP pushes back on the
-sender). Any channel failure fails the whole link: every pending and future
-call raises ``PeerLost([peer])``.
+that idle channels pick from a shared queue, so a slow connection simply
+carries fewer stripes; a stripe is sized to take ``LinkConfig.stripe_seconds``
+at the pace the link drained lately (up to ``part_size``); a small message
+(under ``min_part``) goes ahead of the stripes queued, so a status report or a
+member's history never waits for a whole bulk transfer. One reader task per
+channel routes each arriving stripe by key: straight into the buffer of a
+waiting ``receive_into``, into a fresh buffer for a waiting ``receive``, or
+into a buffer held until someone asks (bounded by ``max_buffered``; beyond it
+the readers stop reading and TCP pushes back on the sender). Any channel
+failure fails the whole link: every pending and future call raises
+``PeerLost([peer])``.
 """
 
 from __future__ import annotations
