@@ -379,6 +379,10 @@ class MembershipDriver(Liveness):
         abort collectives using them, tell the other members, in one message."""
         new = (self.core.suspect(set(peers) - set(found), observed=not reported)
                | self.core.suspect(found, observed=True))
+        for peer in new:
+            # Sends to it that the abort cancels must not wait on bytes it may
+            # never read (a stopped peer): that held the retry 10 s.
+            self.fabric.abandon(peer)
         d = self.core.view
         # Reported but not taken up (this peer would lose its quorum): still,
         # the reporter cannot reach them, so a collective that needs them all

@@ -22,6 +22,9 @@ Contract every implementation keeps:
   writable buffer of exactly their size; the real fabric decrypts straight
   into it). A payload of another size raises ``PeerLost([peer])``: the peer
   broke the protocol. If cancelled, ``out`` may hold part of the payload.
+- ``abandon`` says this node has given ``peer`` up: a send to it that was
+  cancelled stops waiting for bytes already on the wire (the real fabric
+  fails its link to the peer instead; a stopped peer reads none of them).
 - ``drop_data`` forgets buffered bytes whose key starts with ``prefix`` (an
   aborted collective leaves bytes nobody will receive).
 - ``peers`` is the set of peers currently connected.
@@ -58,6 +61,8 @@ class Fabric(Protocol):
     async def recv_data_into(self, peer: str, key: bytes, out: memoryview) -> None: ...
 
     def drop_data(self, prefix: bytes) -> None: ...
+
+    def abandon(self, peer: str) -> None: ...
 
     def data_received(self, peer: str) -> int:
         """Payload bytes received from ``peer`` so far, under any key: a sign

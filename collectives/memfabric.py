@@ -223,6 +223,9 @@ class MemFabric:
         for slot in [s for s in mail if s[1] == self._me and s[2].startswith(prefix)]:
             del mail[slot]
 
+    def abandon(self, peer: str) -> None:
+        """Nothing waits to drain here: a send to a stalled peer ends when cancelled."""
+
     def data_received(self, peer: str) -> int:
         return self._net.bytes_sent.get((peer, self._me), 0)
 

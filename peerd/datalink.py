@@ -94,8 +94,9 @@ class _SendOp:
             self.idle.set()
 
 
-async def _drained(op: _SendOp) -> None:
-    while op.inflight:
+async def _drained(op: _SendOp, stop: Callable[[], bool] = lambda: False) -> None:
+    """Until no stripe of ``op`` is on the wire (or ``stop()`` holds once woken)."""
+    while op.inflight and not stop():
         if op.idle.is_set():
             op.idle = trio.Event()
         await op.idle.wait()
@@ -144,6 +145,8 @@ class DataLink:
         # core) among fast stripes hardly moves it.
         self._timed: deque[tuple[float, int]] = deque(maxlen=PACE_WINDOW)
         self._queued = 0  # stripes queued or on the wire
+        self._abandoned = False  # see ``abandon``
+        self._draining: set[_SendOp] = set()  # cancelled sends waiting for their stripes
 
     # ------------------------------------------------------------ lifecycle
 
@@ -256,14 +259,20 @@ class DataLink:
         except trio.Cancelled:
             op.cancelled = True
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(SEND_DRAIN_TIMEOUT):
-                    await _drained(op)
+                self._draining.add(op)
+                try:
+                    with trio.move_on_after(SEND_DRAIN_TIMEOUT):
+                        await _drained(op, lambda: self._abandoned)
+                finally:
+                    self._draining.discard(op)
                 if op.inflight:
-                    self._fail(PeerLost([self.peer], "cancelled send could not drain"))
+                    why = "its peer was given up" if self._abandoned else "it could not drain"
+                    self._fail(PeerLost([self.peer], f"a cancelled send failed the link: {why}"))
                     await _drained(op)
             raise
         if op.failed:
             raise self._error or PeerLost([self.peer], "data link stopped")
+        self._abandoned = False
 
     async def _send_direct(self, chan: DataChannel, part: Part, view: memoryview) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # nothing is sent yet: a clean cancel
@@ -281,11 +290,23 @@ class DataLink:
             raise self._error or PeerLost([self.peer], "data link stopped") from None
         finally:
             self._queued -= 1
+        self._abandoned = False
         self._n[0] += len(view)
         self._n[1] += 1
         # A write that did not block yielded nowhere: a caller looping over
         # small sends must not starve the heartbeats.
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def abandon(self) -> None:
+        """The sender has given the peer up (a collective found it gone): a
+        cancelled send stops waiting for its stripes on the wire and fails the
+        link at once, instead of after ``SEND_DRAIN_TIMEOUT``. A stopped peer
+        (SIGSTOP, a frozen machine) reads nothing, so that wait lasted all of
+        it, and held the retry of the round it was dropped from. Until the
+        next send completes, a later cancelled send does the same."""
+        self._abandoned = True
+        for op in self._draining:
+            op.idle.set()
 
     def _part_done(self) -> None:
         self._queued -= 1

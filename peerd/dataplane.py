@@ -357,6 +357,12 @@ class DataPlane:
         link = self._in.get((peer, purpose))
         return link.bytes_received if link is not None else 0
 
+    def abandon(self, peer: PeerId, purpose: str) -> None:
+        """Cancelled sends to ``peer`` stop waiting to drain (``DataLink.abandon``)."""
+        link = self._out.get((peer, purpose))
+        if link is not None:
+            link.abandon()
+
     def peer_lost(self, peer: PeerId) -> None:
         for table in (self._out, self._in):
             for key in [k for k in table if k[0] == peer]:

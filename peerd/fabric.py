@@ -75,6 +75,9 @@ class NodeFabric:
     def drop_data(self, prefix: bytes) -> None:
         self._node.data.discard(prefix)
 
+    def abandon(self, peer: str) -> None:
+        self._node.data.abandon(_peer(peer), _PURPOSE)
+
     def data_received(self, peer: str) -> int:
         return self._node.data.received_from(_peer(peer), _PURPOSE)
 

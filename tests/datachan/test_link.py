@@ -13,7 +13,7 @@ import trio.testing
 
 from peerd import datainbox
 from peerd.datachan import DataConfig
-from peerd.datalink import DataLink, LinkConfig, open_data_link
+from peerd.datalink import SEND_DRAIN_TIMEOUT, DataLink, LinkConfig, open_data_link
 from peerd.errors import PeerLost, ProtocolError
 
 from .conftest import open_rig
@@ -418,3 +418,34 @@ async def test_stripes_take_about_stripe_seconds_at_the_pace_the_link_drained(
 def test_a_link_config_that_cannot_cut_stripes_says_which_field(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         LinkConfig(**bad)
+
+
+async def test_a_cancelled_send_to_a_peer_given_up_fails_the_link_at_once() -> None:
+    """A peer that stopped reads nothing, so a cancelled send's stripes on the
+    wire never drain; once the sender has given the peer up (``abandon``),
+    the send ends at once and the link fails, instead of after
+    ``SEND_DRAIN_TIMEOUT`` (which held the retry of an all-reduce 10 s)."""
+    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
+    rx_cfg = LinkConfig(part_size=MIB, min_part=64 * 1024, max_buffered=2 * MIB)
+    async with open_rig() as rig:
+        a, b = await rig.pairs(2)
+        async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, rx_cfg):
+            big = np.zeros(64 * MIB, np.uint8)
+            sending = trio.CancelScope()
+
+            async def send() -> None:
+                with sending:
+                    await tx.send(b"big", big)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                # Unclaimed, it fills the receiver's buffer and then the sockets.
+                await trio.testing.wait_all_tasks_blocked()
+                start = trio.current_time()
+                sending.cancel()
+                await trio.testing.wait_all_tasks_blocked()  # waiting for its stripes
+                tx.abandon()
+            assert trio.current_time() - start < SEND_DRAIN_TIMEOUT / 2
+            assert tx.statistics().failed
+            with pytest.raises(PeerLost, match="given up"):
+                await tx.send(b"next", b"x")
