@@ -38,7 +38,7 @@ from peerd.aead import KEY_SIZE
 from peerd.datachan import DataConfig, DataListener, dial_data_channel
 from peerd.datalink import LinkConfig, open_data_link
 from peerd.dataproto import TOKEN_SIZE, TokenTable
-from peerd.datastream import DataChannel, SocketTransport, tune_socket
+from peerd.datastream import DataChannel, SocketTransport
 from peerd.record import Keying, RecordOpener, RecordSealer, record_size
 
 MESSAGE = 64 * 1024 * 1024
@@ -47,7 +47,7 @@ MESSAGE = 64 * 1024 * 1024
 async def _plain_channels(n: int, cfg: DataConfig) -> tuple[list[DataChannel], list[DataChannel]]:
     """n connected plaintext channel pairs, tuned exactly like the real ones."""
     lsock = trio.socket.socket()
-    tune_socket(lsock, cfg.socket_buffer, cfg.congestion, cfg.notsent_lowat)
+    cfg.tune(lsock)
     await lsock.bind(("127.0.0.1", 0))
     lsock.listen(n)
     port = lsock.getsockname()[1]
@@ -55,7 +55,7 @@ async def _plain_channels(n: int, cfg: DataConfig) -> tuple[list[DataChannel], l
     b: list[DataChannel] = []
     for _ in range(n):
         s = trio.socket.socket()
-        tune_socket(s, cfg.socket_buffer, cfg.congestion, cfg.notsent_lowat)
+        cfg.tune(s)
         await s.connect(("127.0.0.1", port))
         c, _ = await lsock.accept()
         a.append(DataChannel(SocketTransport(s), None, None, "B", max_record=cfg.max_record))
@@ -211,7 +211,7 @@ async def measure_two_process(conns: int, secure: bool, total: int,
             chans = []
             for _ in range(conns):
                 s = trio.socket.socket()
-                tune_socket(s, cfg.socket_buffer, cfg.congestion, cfg.notsent_lowat)
+                cfg.tune(s)
                 await s.connect(("127.0.0.1", port))
                 chans.append(DataChannel(SocketTransport(s), None, None, "A",
                                          max_record=cfg.max_record))

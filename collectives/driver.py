@@ -337,10 +337,10 @@ class MembershipDriver(Liveness):
         async with trio.open_nursery() as nursery:
             for peer in self.core.others():
                 nursery.start_soon(self._quiet_call, peer, "leave", msg)
-        rest = [(p, i) for p, i in zip(d.members, d.incarnations or (0,) * len(d.members),
-                                       strict=True) if p != self.me]
-        self._install(Decision(d.revision + 1, tuple(p for p, _ in rest),
-                               tuple(i for _, i in rest) if d.incarnations else ()))
+        # A view without incarnations zips to none, as the one after it has.
+        self._install(Decision(
+            d.revision + 1, tuple(p for p in d.members if p != self.me),
+            tuple(i for p, i in zip(d.members, d.incarnations, strict=False) if p != self.me)))
 
     async def step_out(self, why: PeerLost) -> Evicted:
         """This peer's history is out of line with the others' (``collectives.history``):

@@ -108,6 +108,10 @@ class DataConfig:
     # bound and the far end's window waits until the far end reads.
     notsent_lowat: int = 0
 
+    def tune(self, sock: trio.socket.SocketType) -> None:
+        """This config's socket options on ``sock`` (``peerd.datasock.tune_socket``)."""
+        tune_socket(sock, self.socket_buffer, self.congestion, self.notsent_lowat)
+
     def offload(self) -> bool:
         if self.crypto_threads is not None:
             return self.crypto_threads
@@ -167,7 +171,7 @@ async def dial_data_channel(
     transport = SocketTransport(sock)
     try:
         with trio.fail_after(DATA_HANDSHAKE_TIMEOUT):
-            tune_socket(sock, config.socket_buffer, config.congestion, config.notsent_lowat)
+            config.tune(sock)
             try:
                 await sock.connect((host, port))
             except OSError as exc:
@@ -248,8 +252,7 @@ class DataListener:
         with lsock:
             lsock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             # Inherited by accepted sockets.
-            tune_socket(lsock, self._config.socket_buffer, self._config.congestion,
-                        self._config.notsent_lowat)
+            self._config.tune(lsock)
             await lsock.bind((self._host, self._want_port))
             lsock.listen(128)
             self.port = lsock.getsockname()[1]

@@ -25,7 +25,7 @@ import trio
 
 from nat.punch_tcp import reuse_socket
 from peerd.datachan import DataConfig, _confirm
-from peerd.datastream import DataChannel, SocketTransport, tune_socket
+from peerd.datastream import DataChannel, SocketTransport
 from peerd.errors import PeerLost, ProtocolError, Timeout
 from peerd.identity import PeerId
 from peerd.nat_pipe import StreamTransport
@@ -88,7 +88,7 @@ async def simultaneous_open(
     try:
         with trio.fail_after(timeout):
             while True:
-                tune_socket(sock, config.socket_buffer, config.congestion, config.notsent_lowat)
+                config.tune(sock)
                 try:
                     await sock.connect(remote)
                     break
