@@ -572,7 +572,7 @@ class MembershipDriver(Liveness):
             # view has dropped the old one.
             return encode(m.ViewRefused(self.run, m.RefuseReason.RETRY,
                                         "an earlier process of this peer is being dropped"))
-        self.core.join_request(peer, trio.current_time(), frozenset(msg.reaches))
+        self.core.join_request(peer, trio.current_time(), frozenset(msg.reaches), msg.incarnation)
         return self._commit(d)
 
     async def _on_commit(self, peer: str, payload: bytes) -> bytes:
@@ -609,10 +609,15 @@ class MembershipDriver(Liveness):
 
     def _stamped(self, candidate: Decision) -> Decision:
         """``candidate`` with the process of each member that this peer knows:
-        its own, and the latest it heard from each of the others (members of
-        the view it installed, and joiners by their requests)."""
+        its own, the latest it heard from each member of the view it installed,
+        and for a joiner the process that asked (a joiner is admitted only on
+        requests that reached the coordinator, ``decide_view``)."""
+        d = self.core.view
+        current = set(d.members) if d else set()
         return dataclasses.replace(candidate, incarnations=tuple(
-            self.incarnation if p == self.me else self._incarnations.of(p)
+            self.incarnation if p == self.me
+            else self._incarnations.of(p) if p in current
+            else self.core.joiner_incarnation(p) or self._incarnations.of(p)
             for p in candidate.members))
 
     async def _propose(self, candidate: Decision) -> None:

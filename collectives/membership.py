@@ -70,8 +70,9 @@ class Membership:
         # count is weighed again whenever this peer finds one itself (``_settle``).
         self._reported: dict[str, None] = {}
         self._last_seen: dict[str, float] = {}
-        # Each joiner: when its request last came, and the peers it said it reaches.
-        self._joiners: dict[str, tuple[float, frozenset[str]]] = {}
+        # Each joiner: when its request last came, the peers it said it reaches,
+        # and the process that sent it (``collectives.incarnation``).
+        self._joiners: dict[str, tuple[float, frozenset[str], int]] = {}
         self._readies: dict[str, Ready] = {}
         self._round_started: float | None = None
         # Votes in the choice of the view after each base revision (this one's,
@@ -244,22 +245,31 @@ class Membership:
 
     # -------------------------------------------------------------- joiners
 
-    def join_request(self, peer: str, now: float, reaches: frozenset[str] = frozenset()) -> None:
-        """``peer`` asks to join; ``reaches``: the peers it says it reaches."""
+    def join_request(self, peer: str, now: float, reaches: frozenset[str] = frozenset(),
+                     incarnation: int = 0) -> None:
+        """``peer``'s process ``incarnation`` asks to join; ``reaches``: the
+        peers it says it reaches."""
         if self.view is not None and peer in self.view.members:
             return
-        self._joiners[peer] = (now, reaches)
+        self._joiners[peer] = (now, reaches, incarnation)
         self._last_seen[peer] = now
 
     def joiners(self, now: float) -> frozenset[str]:
         """Joiners heard from within the heartbeat timeout."""
         limit = self.timing.heartbeat_timeout
-        return frozenset(j for j, (t, _) in self._joiners.items() if now - t <= limit)
+        return frozenset(j for j, (t, _, _) in self._joiners.items() if now - t <= limit)
 
     def joiner_reach(self, now: float) -> dict[str, frozenset[str]]:
         """Each joiner heard from within the heartbeat timeout, with the peers
         it said it reaches."""
         return {j: self._joiners[j][1] for j in self.joiners(now)}
+
+    def joiner_incarnation(self, peer: str) -> int:
+        """The process whose request to join came last from ``peer``; 0 if none
+        did (or it sent none). Kept with the request, so a view installed
+        meanwhile, which forgets what was heard of non-members, cannot lose it."""
+        entry = self._joiners.get(peer)
+        return entry[2] if entry else 0
 
     # -------------------------------------------------------------- agreement
 

@@ -13,6 +13,7 @@ import trio.testing
 from collectives import messages as m
 from collectives.api import AllReduceResult, View
 from collectives.run import Engine
+from collectives.view import Decision
 from peerd.errors import PeerLost, Timeout
 from peerd.wire import decode_untrusted, encode
 from tests.collectives.conftest import (
@@ -375,6 +376,44 @@ async def test_a_member_away_while_another_restarted_takes_its_new_process_from_
         assert {p: e.statistics().peers_lost for p, e in s.engines.items()} == lost
         assert {e.view().revision for e in s.engines.values()} == {admitted.revision}
         await exact_round(s, s.alive(), seed=4)
+
+
+class JoinsThrough(WrappedFabric):
+    """A joiner whose requests reach only the members in ``through``."""
+
+    through: frozenset[str] = frozenset()
+
+    async def call(self, peer: str, method: str, payload: bytes, timeout: float) -> bytes:
+        if method.endswith("/join") and peer not in self.through:
+            raise Timeout(f"call {method} to {peer} took longer than {timeout}s")
+        reply: bytes = await self._inner.call(peer, method, payload, timeout)
+        return reply
+
+
+async def test_a_joiner_is_admitted_as_the_process_that_asked(
+    mock_clock: trio.testing.MockClock, one_view_per_revision: dict[int, set[Decision]],
+) -> None:
+    """The coordinator (p00) heard p03's request, then installed a view without
+    it (the others had not heard p03 yet), which forgets what it heard of
+    non-members. p03's later requests reach only the others. The view that
+    admits p03 must still name the process that asked, or members that never
+    heard p03 take its first heartbeat on trust."""
+    async with swarm(3) as s:
+        s.add_fabric("p03", JoinsThrough)
+        s.fabrics["p03"].through = frozenset({"p00"})
+        joined = await start_joiner(s, "p03")
+        await trio.sleep(2 * FAST.timing.heartbeat_interval)  # p00 heard the request
+        views = await s.each(lambda p, e: e.update_view(), ["p00", "p01", "p02"])
+        assert all("p03" not in v.members for v in views.values()), views
+        s.fabrics["p03"].through = frozenset({"p01", "p02"})
+        await trio.sleep(FAST.timing.heartbeat_interval)  # the others heard it
+        await s.each(lambda p, e: e.update_view(), ["p00", "p01", "p02"])
+        await joined.wait()
+        admitted = max(one_view_per_revision)
+        (view,) = one_view_per_revision[admitted]
+        assert "p03" in view.members, view
+        assert view.incarnation_of("p03") == s.engines["p03"].incarnation, view
+        await exact_round(s, s.alive(), seed=5)
 
 
 class NextVersionJoiner(WrappedFabric):

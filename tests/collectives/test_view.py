@@ -232,6 +232,21 @@ def test_joiners_that_cannot_reach_each_other_come_one_at_a_time() -> None:
     assert isinstance(d, Decision) and set(d.members) == {"a", "b", "x"}, d
 
 
+def test_a_joiners_request_keeps_its_process_across_views() -> None:
+    """The process that asked last is what a view admitting the joiner names;
+    a view installed meanwhile does not lose it, admitting it does."""
+    c = core("a", members=("a", "b"))
+    assert c.joiner_incarnation("x") == 0
+    c.join_request("x", 0.5, incarnation=7)
+    c.join_request("x", 0.6, incarnation=9)  # restarted while asking
+    offer(c, ready("b", members=("a", "b"), joiners=frozenset()), 1.0)
+    d = offer(c, ready("a", members=("a", "b"), joiners=frozenset()), 1.0)
+    assert isinstance(d, Decision) and c.view == d and "x" not in d.members
+    assert c.joiner_incarnation("x") == 9
+    c.install(Decision(d.revision + 1, ("a", "b", "x")), 2.0)
+    assert c.joiner_incarnation("x") == 0  # a member now: the view says
+
+
 def test_stale_joiner_is_not_admitted() -> None:
     c = core("a", members=("a", "b"))
     c.join_request("x", 0.0)
