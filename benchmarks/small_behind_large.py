@@ -28,6 +28,12 @@ with stripes cut by size alone; three interleaved pairs 0.72/0.83, 0.72/0.80,
 0.70/0.93. The rest is the tbf queue (50 ms per hop), the unsent bytes ahead
 in each socket (a 64 KiB bound took it to 0.54-0.65 s, at the price of four
 times the write wakeups on fast links) and the shorter stripe still ahead.
+Session 25: below that bound each channel holds what it sends in about
+``LinkConfig.unsent_seconds`` (0.02 s) at the link's pace (here 32-64 KiB).
+Three interleaved pairs against the code before, bounded, small during
+large: 0.57/0.77, 0.64/0.73, 0.60/0.76 s (and 0.54 in a first run); the large
+one 1.93 s either way; the shaped ring's share of the link stayed 0.95 (two
+pairs) and the loopback ratios moved within their noise.
 On loopback stripes stay at ``part_size`` (4 MiB; 10M and 100M: 7 sends of
 2712 cut finer, one of them into more stripes), and the large transfer's
 time did not move.

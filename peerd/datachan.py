@@ -153,7 +153,7 @@ async def _confirm(
         raise ProtocolError("wrong key confirmation text")
     return DataChannel(
         transport, sealer, opener, peer, token, config.max_record, config.max_message,
-        config.offload(), config.use_native(),
+        config.offload(), config.use_native(), config.notsent_lowat,
     )
 
 

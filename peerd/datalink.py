@@ -3,9 +3,10 @@
 ``send(key, payload)`` cuts the payload into stripes (``peerd.dataproto.Part``)
 that idle channels pick from a shared queue, so a slow connection simply
 carries fewer stripes; a stripe is sized to take ``LinkConfig.stripe_seconds``
-at the pace the link drained lately (up to ``part_size``); a small message
-(under ``min_part``) goes ahead of the stripes queued, so a status report or a
-member's history never waits for a whole bulk transfer. One reader task per
+at the pace the link drained lately (up to ``part_size``), and each channel's
+socket holds unsent only what that pace sends in ``unsent_seconds``; a small
+message (under ``min_part``) goes ahead of the stripes queued, so a status
+report or a member's history never waits for a whole bulk transfer. One reader task per
 channel routes each arriving stripe by key: straight into the buffer of a
 waiting ``receive_into``, into a fresh buffer for a waiting ``receive``, or
 into a buffer held until someone asks (bounded by ``max_buffered``; beyond it
@@ -50,6 +51,11 @@ class LinkConfig:
     # ``part_size``, where the cost per stripe would tell.
     stripe_seconds: float = 0.05
     min_stripe: int = 64 * 1024
+    # What each channel's socket may hold unsent, at that pace: a small
+    # message queues behind it on top of the stripe. Long enough that the
+    # kernel's wakeup (at half of it left) finds the writer in time; on fast
+    # links the channel's bound (``DataConfig.notsent_lowat``) is the smaller.
+    unsent_seconds: float = 0.02
     max_buffered: int = 1 << 30
     max_total: int = 1 << 40
 
@@ -57,9 +63,10 @@ class LinkConfig:
         if not 1 <= self.min_stripe <= self.part_size:
             raise ValueError(f"min_stripe ({self.min_stripe}) must be 1..part_size "
                              f"({self.part_size}) bytes")
-        if not (math.isfinite(self.stripe_seconds) and self.stripe_seconds > 0):
-            raise ValueError(f"stripe_seconds must be a positive number, not "
-                             f"{self.stripe_seconds!r}")
+        for name in ("stripe_seconds", "unsent_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -315,11 +322,15 @@ class DataLink:
         """The stripe to cut now: ``stripe_seconds`` at the pace stripes drained
         lately, within ``min_stripe`` and ``part_size``."""
         cfg = self._cfg
-        sent = sum(n for _, n in self._timed)
-        pace = sum(t for t, _ in self._timed) / sent if sent else 0.0
+        pace = self._pace()
         if pace <= 0:
             return cfg.part_size
         return max(cfg.min_stripe, min(cfg.part_size, int(cfg.stripe_seconds / pace)))
+
+    def _pace(self) -> float:
+        """Seconds per byte the channels drained at lately; 0 before any stripe."""
+        sent = sum(n for _, n in self._timed)
+        return sum(t for t, _ in self._timed) / sent if sent else 0.0
 
     async def _sender(self, chan: DataChannel) -> None:
         async for job in self._jobs_out:
@@ -354,6 +365,9 @@ class DataLink:
         if n >= self._cfg.min_stripe:
             # A send returns once its bytes are in the kernel.
             self._timed.append((trio.current_time() - start, n))
+            pace = self._pace()
+            if pace > 0:
+                chan.limit_unsent(int(self._cfg.unsent_seconds / pace))
         self._n[0] += n
         self._n[1] += 1
 

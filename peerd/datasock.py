@@ -263,8 +263,16 @@ def fixed_buffer(requested: int, cap: int | None, autotune_max: int | None) -> i
 # against 0.061-0.065) or the shaped ring's share of the link (0.95). Data
 # already sent and in flight is not counted: the window a long fat pipe
 # needs is untouched. A node's sockets get it (``NodeConfig``); a bare
-# channel's keep the kernel's (``DataConfig``).
+# channel's keep the kernel's (``DataConfig``). A data link holds each of its
+# channels below it on slow links (``LinkConfig.unsent_seconds``).
 DEFAULT_NOTSENT_LOWAT = 256 * 1024
+
+
+def set_notsent_lowat(sock: trio.socket.SocketType, limit: int) -> None:
+    """Hold at most ``limit`` unsent bytes on ``sock`` (where the kernel has
+    ``TCP_NOTSENT_LOWAT``); may be changed at any time."""
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, limit)
 
 
 def tune_socket(sock: trio.socket.SocketType, buffer_size: int,
@@ -282,8 +290,8 @@ def tune_socket(sock: trio.socket.SocketType, buffer_size: int,
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    if notsent_lowat > 0 and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, notsent_lowat)
+    if notsent_lowat > 0:
+        set_notsent_lowat(sock, notsent_lowat)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)

@@ -42,6 +42,7 @@ from peerd.datasock import (
     read_exactly_blocking,
     recv_exactly,
     run_crypto,
+    set_notsent_lowat,
     tune_socket,
     wait_fd,
     write_all_blocking,
@@ -57,6 +58,10 @@ __all__ = [
 
 DEFAULT_SOCKET_BUFFER: Final = 8 * 1024 * 1024
 DEFAULT_MAX_MESSAGE: Final = 1 << 30
+# The least unsent bytes ``DataChannel.limit_unsent`` leaves a socket: the
+# kernel wakes a writer once half of them are left, and a writer that wakes
+# late leaves the link idle.
+MIN_UNSENT: Final = 32 * 1024
 # Below this many bytes a thread hop costs more than the work it would offload.
 OFFLOAD_MIN: Final = 64 * 1024
 # Worker threads only pay off when a core is free to run them: measured on a
@@ -117,6 +122,7 @@ class DataChannel:
         max_message: int = DEFAULT_MAX_MESSAGE,
         offload: bool = False,
         native: bool = False,
+        unsent_bound: int = 0,
     ) -> None:
         self.peer = peer
         self._offload_min = OFFLOAD_MIN if offload else 1 << 62
@@ -128,6 +134,10 @@ class DataChannel:
                 and sealer is not None and opener is not None else None)
         self._sock = sock if offload else None
         self._pump = sock if native else None
+        # The socket's unsent-bytes bound as configured (0: the kernel's
+        # default, left alone) and as now set (``limit_unsent``).
+        self._unsent_socket = transport if isinstance(transport, SocketTransport) else None
+        self._unsent_bound = self._unsent = unsent_bound
         # Set on abort: a native sender blocked on the socket looks at it.
         self._stop = bytearray(1)
         self._io_threads = 0  # worker threads using the socket; it closes after the last
@@ -170,6 +180,27 @@ class DataChannel:
         return self._send_lock.locked()
 
     # ------------------------------------------------------------ sending
+
+    def limit_unsent(self, limit: int) -> None:
+        """Hold about ``limit`` unsent bytes in the socket from now on (between
+        ``MIN_UNSENT`` and the bound the channel was built with; a channel
+        without a bound keeps the kernel's default). Rounded down to a power of
+        two, so a link that paces its channels changes it seldom."""
+        if not self._unsent_bound or self._unsent_socket is None:
+            return
+        rounded = 1 << (max(limit, 1).bit_length() - 1)
+        want = max(MIN_UNSENT, min(self._unsent_bound, rounded))
+        if want != self._unsent:
+            try:
+                set_notsent_lowat(self._unsent_socket.sock, want)
+            except OSError:
+                return  # closed under us: its failure surfaces where it is used
+            self._unsent = want
+
+    @property
+    def unsent_limit(self) -> int:
+        """The unsent bytes the socket holds at most now (0: the kernel's default)."""
+        return self._unsent
 
     def _lost(self, exc: BaseException, what: str) -> PeerLost:
         return PeerLost([self.peer], f"data channel {what}: {exc!r}")
