@@ -98,6 +98,7 @@ def run_gloo(world: int, elements: int, iters: int, port: int = 0,
         "min_s": min(per_iter),
         "median_s": statistics.median(per_iter),
         "peak_extra_bytes": max(r[2] for r in results),
+        "peaks": [r[2] for r in sorted(results, key=lambda r: r[0])],  # by rank
         **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), max(r[4] for r in results),
                    strict=True)),
         "congestion": ",".join(sorted({r[5] for r in results})),

@@ -275,7 +275,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
     per_iter: list[float] = []
     cpu: list[tuple[float, float, float, int]] = []
     phases: list[dict[str, float]] = []
-    peak = 0
+    peaks: list[int] = []
     sent = 0
     for i in range(iters + 2):
         size = WARMUP_ELEMENTS if i == 0 else elements
@@ -294,7 +294,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
             raise RuntimeError(f"peerd results differ between peers (sha256, revision, "
                                f"attempts, participants): {seen}")
         if i == 1:
-            peak = max(r["peak_extra_bytes"] for r in res)
+            peaks = [r["peak_extra_bytes"] for r in res]
         if i < 2:
             continue
         slowest = max(res, key=lambda r: r["seconds"])
@@ -304,7 +304,7 @@ def run_peerd(sw: LocalSwarm, elements: int, iters: int, quant: Quant,
                        for r in res))
         sent = max(r["bytes_sent"] for r in res)
     return {"median_s": statistics.median(per_iter), "min_s": min(per_iter),
-            "peak_extra_bytes": peak, "bytes_sent_per_peer": sent,
+            "peak_extra_bytes": max(peaks), "peaks": peaks, "bytes_sent_per_peer": sent,
             "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
             **dict(zip(("cpu_s", "user_s", "sys_s", "faults"), sorted(cpu)[len(cpu) // 2],
                        strict=True))}
@@ -320,6 +320,7 @@ def run_block(sw: LocalSwarm, args: argparse.Namespace, quant: Quant, congestion
         # The out= buffer is the caller's, made before the timer: counted
         # here as extra memory all the same.
         into["peak_extra_bytes"] += elements * 4
+        into["peaks"] = [p + elements * 4 for p in into["peaks"]]
         rows["peerd out="] = into
     if not args.no_gloo and not args.netns:
         rows["gloo"] = run_gloo(args.peers, elements, args.iters, congestion=congestion)
@@ -341,6 +342,10 @@ def print_rows(args: argparse.Namespace, rows: dict[str, dict[str, Any]], elemen
         theirs = f", gloo {rows['gloo']['congestion']}" if "gloo" in rows else ""
         print(f"{'':>12} TCP congestion control: peerd {effective(congestion)}"
               f"{theirs} (host default {host_congestion()})")
+    if memory:
+        for name, r in rows.items():
+            print(f"{'':>12} {name} peak extra MB of each peer: "
+                  + ", ".join(f"{p / 1e6:.1f}" for p in r["peaks"]))
     for name in ("peerd", "peerd out="):
         if name in rows:
             split = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rows[name]["phases"].items())
