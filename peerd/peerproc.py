@@ -419,8 +419,15 @@ class PeerProcess:
 
     def send(self, **cmd: Any) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            # Gone before the command: say why, as ``expect`` does.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            raise EOFError(f"peer {self.index} exited (code {self.proc.poll()}) before "
+                           f"{cmd.get('cmd')!r}: {self.stderr_tail()}") from None
 
     def expect(self, *events: str, timeout: float = 120.0) -> dict[str, Any]:
         """The next event line; raises if it is not one of ``events`` or the
@@ -454,7 +461,7 @@ class PeerProcess:
                 os.kill(self.pid, signal.SIGCONT)
                 self.send(cmd="quit")
                 self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired, ValueError):
+            except (OSError, EOFError, subprocess.TimeoutExpired, ValueError):
                 os.kill(self.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
