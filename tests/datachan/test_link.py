@@ -425,8 +425,13 @@ async def test_a_cancelled_send_to_a_peer_given_up_fails_the_link_at_once() -> N
     wire never drain; once the sender has given the peer up (``abandon``),
     the send ends at once and the link fails, instead of after
     ``SEND_DRAIN_TIMEOUT`` (which held the retry of an all-reduce 10 s)."""
-    cfg = LinkConfig(part_size=MIB, min_part=64 * 1024)
-    rx_cfg = LinkConfig(part_size=MIB, min_part=64 * 1024, max_buffered=2 * MIB)
+    # Stripes larger than what the receiver buffers and both sockets hold
+    # together: neither can end, so both are on the wire when the send is
+    # cancelled, however late the threads moving them (io-threads) start. With
+    # 1 MiB stripes a loaded CI host cancelled between them: nothing was left
+    # to drain and the link rightly stayed up.
+    cfg = LinkConfig(part_size=32 * MIB, min_part=64 * 1024)
+    rx_cfg = LinkConfig(part_size=32 * MIB, min_part=64 * 1024, max_buffered=2 * MIB)
     async with open_rig() as rig:
         a, b = await rig.pairs(2)
         async with open_data_link("l", a, cfg) as tx, open_data_link("d", b, rx_cfg):
