@@ -32,8 +32,10 @@ Session 25: below that bound each channel holds what it sends in about
 ``LinkConfig.unsent_seconds`` (0.02 s) at the link's pace (here 32-64 KiB).
 Three interleaved pairs against the code before, bounded, small during
 large: 0.57/0.77, 0.64/0.73, 0.60/0.76 s (and 0.54 in a first run); the large
-one 1.93 s either way; the shaped ring's share of the link stayed 0.95 (two
-pairs) and the loopback ratios moved within their noise.
+one 1.93 s either way; the shaped ring's share of the link
+(``allreduce.py --netns``) stayed 0.95 at 200 Mbit/s (two pairs), 0.96 at 100
+(two pairs) and 0.96 at 50 (one pair, 4M elements), where the channels hold
+32-64 KiB; the loopback ratios moved within their noise.
 On loopback stripes stay at ``part_size`` (4 MiB; 10M and 100M: 7 sends of
 2712 cut finer, one of them into more stripes), and the large transfer's
 time did not move.
