@@ -6,13 +6,13 @@ carries fewer stripes; a stripe is sized to take ``LinkConfig.stripe_seconds``
 at the pace the link drained lately (up to ``part_size``), and each channel's
 socket holds unsent only what that pace sends in ``unsent_seconds``; a small
 message (under ``min_part``) goes ahead of the stripes queued, so a status
-report or a member's history never waits for a whole bulk transfer. One reader task per
-channel routes each arriving stripe by key: straight into the buffer of a
-waiting ``receive_into``, into a fresh buffer for a waiting ``receive``, or
-into a buffer held until someone asks (bounded by ``max_buffered``; beyond it
-the readers stop reading and TCP pushes back on the sender). Any channel
-failure fails the whole link: every pending and future call raises
-``PeerLost([peer])``.
+report or a member's history never waits for a whole bulk transfer. One
+reader task per channel routes each arriving stripe by key: straight into the
+buffer of a waiting ``receive_into``, into a fresh buffer for a waiting
+``receive``, or into a buffer held until someone asks (bounded by
+``max_buffered``; beyond it the readers stop reading and TCP pushes back on
+the sender). Any channel failure fails the whole link: every pending and
+future call raises ``PeerLost([peer])``.
 """
 
 from __future__ import annotations
